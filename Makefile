@@ -1,0 +1,59 @@
+# Two commands for a fresh machine: `make serve` and `make test`. Everything else is a step they run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODELS ?= models
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test install proto models architectures lint bench clean
+
+# The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
+# that the tests need (the serving extras alone are what the Docker image gets).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[serve,cpu,export,batch,dev]'
+	touch $@
+
+install: $(STAMP)
+
+# gRPC stubs come from the build, never from git.
+PROTOS := $(wildcard proto/*.proto)
+PROTO_STAMP := proto/.generated
+$(PROTO_STAMP): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+proto: $(PROTO_STAMP)
+
+# The default model repository: two trained models (see export/defaults.py).
+MODEL_STAMP := $(MODELS)/.built
+$(MODEL_STAMP): $(STAMP) $(wildcard export/*.py)
+	$(PY) -m export defaults --repository $(MODELS)
+	touch $@
+
+models: $(MODEL_STAMP)
+
+serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
+	$(PY) -m service serve --repository $(MODELS)
+
+test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Not part of `make test`: exports every registry entry and rewrites docs/ARCHITECTURES.md.
+architectures: $(STAMP)
+	$(PY) -m export architectures --out docs/ARCHITECTURES.md
+
+bench: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(MODELS) proto/*_pb2*.py proto/*_pb2.pyi $(PROTO_STAMP)
