@@ -1,0 +1,134 @@
+"""Prometheus metrics of the service, shared by the HTTP and gRPC transports.
+
+BentoML serves `/metrics` from Prometheus' multiprocess files (`PROMETHEUS_MULTIPROC_DIR`), so the metrics
+are created by `Metrics()` in the worker at start-up, never at import time: a metric made before the worker
+set the directory would live only in memory and never appear. For the same reason the model info is a gauge
+(value 1, labelled name/version/provider), since `Info` does not work in multiprocess mode, and every gauge
+names its multiprocess mode.
+
+`Metrics` also implements the core's observer protocol (`queue_depth`, `queue_wait`, `preprocess`,
+`inference`), so the core reports batching figures without importing prometheus.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PREFIX = "cnn_serve"
+
+# Latency buckets from 1 ms to 30 s: CPU CNNs answer in tens to hundreds of milliseconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _prometheus() -> Any:
+    """prometheus_client, switched to multiprocess values if the worker set the directory after its import."""
+    import prometheus_client
+    from prometheus_client import values
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and values.ValueClass is values.MutexValue:
+        values.ValueClass = values.get_value_class()
+    return prometheus_client
+
+
+class Metrics:
+    """Every metric of one worker process; create it once, in the worker, at start-up."""
+
+    def __init__(self, registry: Any = None) -> None:
+        prom = _prometheus()
+        # A private registry: in multiprocess mode the values go to files whatever the registry, and a
+        # private one lets tests create several `Metrics` in one process without name clashes.
+        self.registry = registry if registry is not None else prom.CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = prom.Counter(
+            f"{PREFIX}_requests", "Requests answered, by model, endpoint, protocol and status.",
+            ["model", "endpoint", "protocol", "status"], registry=r,
+        )
+        self.request_seconds = prom.Histogram(
+            f"{PREFIX}_request_duration_seconds", "Total time to answer a request.",
+            ["model", "endpoint", "protocol"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait_seconds = prom.Histogram(
+            f"{PREFIX}_queue_wait_seconds", "Time a request waited in the batcher's queue.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.preprocess_seconds = prom.Histogram(
+            f"{PREFIX}_preprocess_seconds", "Time to decode and preprocess one request's images.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_seconds = prom.Histogram(
+            f"{PREFIX}_inference_seconds", "Time of one ONNX Runtime call (one batch).",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = prom.Histogram(
+            f"{PREFIX}_batch_size", "Images per ONNX Runtime call.",
+            ["model"], buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.queue_depth_gauge = prom.Gauge(
+            f"{PREFIX}_queue_depth", "Requests waiting in the batcher's queue.",
+            multiprocess_mode="livesum", registry=r,
+        )
+        self.in_flight_gauge = prom.Gauge(
+            f"{PREFIX}_in_flight_requests", "Requests being answered now, by protocol.",
+            ["protocol"], multiprocess_mode="livesum", registry=r,
+        )
+        self.model_info_gauge = prom.Gauge(
+            f"{PREFIX}_model_info", "Loaded models (value 1), labelled with name, version and provider.",
+            ["name", "version", "provider", "state"], multiprocess_mode="livemax", registry=r,
+        )
+
+    # --- transports -------------------------------------------------------------------------------------
+    def request(self, model: str, endpoint: str, protocol: str, status: str, seconds: float) -> None:
+        """Count one answered request and record its total latency."""
+        model = model or "-"
+        self.requests.labels(model, endpoint, protocol, str(status)).inc()
+        self.request_seconds.labels(model, endpoint, protocol).observe(max(0.0, seconds))
+
+    @contextmanager
+    def in_flight(self, protocol: str) -> Iterator[None]:
+        """Count a request as in flight while the block runs."""
+        gauge = self.in_flight_gauge.labels(protocol)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    @contextmanager
+    def timed_request(self, model: str, endpoint: str, protocol: str) -> Iterator[dict[str, str]]:
+        """In flight and timed; the caller sets `status` (and `model` if it learns it) in the yielded dict."""
+        outcome = {"status": "ok", "model": model}
+        start = time.perf_counter()
+        with self.in_flight(protocol):
+            try:
+                yield outcome
+            finally:
+                elapsed = time.perf_counter() - start
+                self.request(outcome["model"], endpoint, protocol, outcome["status"], elapsed)
+
+    def model_info(self, models: list[dict[str, Any]]) -> None:
+        """Publish one `model_info` sample per model (from `core.models()`)."""
+        for m in models:
+            self.model_info_gauge.labels(
+                str(m.get("name", "")), str(m.get("version", "")), str(m.get("provider", "") or ""),
+                str(m.get("state", "")),
+            ).set(1)
+
+    # --- the core's observer ----------------------------------------------------------------------------
+    def queue_depth(self, n: int) -> None:
+        self.queue_depth_gauge.set(n)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(max(0.0, seconds))
+
+    def preprocess(self, seconds: float) -> None:
+        self.preprocess_seconds.observe(max(0.0, seconds))
+
+    def inference(self, seconds: float, batch_size: int, model: str) -> None:
+        self.inference_seconds.labels(model).observe(max(0.0, seconds))
+        self.batch_size.labels(model).observe(batch_size)
