@@ -1,0 +1,138 @@
+"""Turn the user's INPUT (folder, glob, manifest; local or any fsspec filesystem) into a list of files.
+
+Each file carries its size and modification time: together with the path they key finished work, so a rerun
+skips what is done and scores a changed file again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MANIFEST_SUFFIXES = (".txt", ".csv", ".lst", ".manifest")
+GLOB_CHARS = ("*", "?", "[")
+
+
+class InputError(ValueError):
+    """The INPUT itself cannot be listed (missing folder, empty glob, unreadable manifest)."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # fully qualified (protocol included for non-local filesystems), as written to the output
+    size: int  # -1 when the file could not be stat-ed (it then gets an error row)
+    mtime: float  # seconds since the epoch, -1.0 when unknown
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        return (self.path, self.size, self.mtime)
+
+
+def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return -1.0
+
+
+def _entry(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any] | None) -> SourceFile:
+    if info is None:
+        try:
+            info = fs.info(path)
+        except (OSError, ValueError):
+            return SourceFile(_qualify(fs, path), -1, -1.0)
+    return SourceFile(_qualify(fs, path), int(info.get("size") or 0), _mtime(info))
+
+
+def _is_image(path: str, all_files: bool) -> bool:
+    return all_files or path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_manifest(text: str) -> list[str]:
+    """Paths from a manifest: one per line, or a CSV whose `path` column (else first column) holds them."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return []
+    if "," in lines[0]:
+        rows = list(csv.reader(io.StringIO("\n".join(lines))))
+        header = [cell.strip().lower() for cell in rows[0]]
+        column = header.index("path") if "path" in header else 0
+        body = rows[1:] if "path" in header else rows
+        return [row[column].strip() for row in body if len(row) > column and row[column].strip()]
+    return [line.strip() for line in lines]
+
+
+def list_inputs(spec: str, *, manifest: bool | None = None, all_files: bool = False,
+                storage_options: dict[str, Any] | None = None) -> list[SourceFile]:
+    """Every file INPUT names, sorted by path and without duplicates.
+
+    A folder is walked recursively (image suffixes only unless `all_files`), a glob is expanded, a manifest
+    (`.txt`/`.csv`, or `manifest=True`) lists paths relative to its own folder or absolute/URL.
+    """
+    fs, root = url_to_fs(spec, **(storage_options or {}))
+    if any(ch in spec for ch in GLOB_CHARS):
+        found = fs.glob(root, detail=True)
+        files = [_entry(fs, p, i) for p, i in found.items() if i.get("type") != "directory"]
+        if not files:
+            raise InputError(f"the glob {spec!r} matches no file")
+        return _dedupe(files)
+    if not fs.exists(root):
+        raise InputError(f"input {spec!r} does not exist")
+    if fs.isdir(root):
+        found = fs.find(root, detail=True)
+        files = [_entry(fs, p, i) for p, i in found.items() if _is_image(p, all_files)]
+        if not files:
+            raise InputError(f"the folder {spec!r} holds no image file")
+        return _dedupe(files)
+    if manifest or (manifest is None and root.lower().endswith(MANIFEST_SUFFIXES)):
+        try:
+            with fs.open(root, "rt", encoding="utf-8") as handle:
+                names = read_manifest(handle.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the manifest {spec!r}: {exc}") from None
+        base = root.rsplit("/", 1)[0] if "/" in root else ""
+        files = []
+        for name in names:
+            if "://" in name:
+                other_fs, other_path = url_to_fs(name, **(storage_options or {}))
+                files.append(_entry(other_fs, other_path, None))
+            else:
+                path = name if name.startswith("/") or not base else f"{base}/{name}"
+                files.append(_entry(fs, path, None))
+        if not files:
+            raise InputError(f"the manifest {spec!r} lists no path")
+        return _dedupe(files)
+    return [_entry(fs, root, None)]
+
+
+def _dedupe(files: list[SourceFile]) -> list[SourceFile]:
+    unique = {f.path: f for f in files}
+    return [unique[p] for p in sorted(unique)]
+
+
+def open_bytes(path: str, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The file's bytes, at most `max_bytes + 1` of them (the caller refuses the oversized ones)."""
+    fs, local = url_to_fs(path, **(storage_options or {}))
+    with fs.open(local, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    return data
