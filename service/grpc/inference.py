@@ -1,0 +1,161 @@
+"""`inference.GRPCInferenceService`: the Open Inference Protocol v2 over gRPC (KServe / Triton clients).
+
+Wire details only: tensors come from `raw_input_contents` (what Triton's client sends) or from typed
+`contents` (what KServe's typed clients send) and go to `service.oip`; outputs are answered in the same form
+as the inputs came (raw in, raw out), which is what each kind of client reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from proto import grpc_predict_v2_pb2 as pb
+from proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from service import oip
+from service.errors import InvalidArgument
+from service.grpc.calls import Calls, deadline_from
+
+# Which repeated field of InferTensorContents holds each datatype (FP16/BF16 only travel raw).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
+
+
+def parameters_of(mapping: Any) -> dict[str, Any]:
+    return {key: parameter_value(value) for key, value in mapping.items()}
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
+    """The request's input tensors, from raw_input_contents or typed contents (never both)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
+        )
+    tensors = []
+    for i, tensor in enumerate(request.inputs):
+        shape = [int(d) for d in tensor.shape]
+        if not tensor.datatype:
+            raise InvalidArgument(f"input {tensor.name!r} has no datatype")
+        has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
+        if raw:
+            if has_typed:
+                raise InvalidArgument(f"input {tensor.name!r} has both typed contents and raw_input_contents")
+            data = oip.decode_raw(tensor.datatype, shape, raw[i])
+        else:
+            field = CONTENTS_FIELD.get(tensor.datatype)
+            if field is None:
+                raise InvalidArgument(
+                    f"input {tensor.name!r}: datatype {tensor.datatype} must be sent in raw_input_contents"
+                    if tensor.datatype in ("FP16", "BF16")
+                    else f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}"
+                )
+            values = list(getattr(tensor.contents, field))
+            data = oip.from_list(tensor.datatype, shape, values)
+        tensors.append(
+            oip.Tensor(tensor.name, tensor.datatype, shape, data, parameters_of(tensor.parameters))
+        )
+    return tensors
+
+
+def encode_outputs(result: oip.InferResult, raw: bool, response: pb.ModelInferResponse) -> None:
+    for tensor in result.outputs:
+        out = response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if raw:
+            response.raw_output_contents.append(oip.encode_raw(tensor))
+        elif tensor.datatype == "BYTES":
+            out.contents.bytes_contents.extend(tensor.data)  # type: ignore[arg-type]
+        else:
+            field = CONTENTS_FIELD[tensor.datatype]
+            getattr(out.contents, field).extend(np.asarray(tensor.data).ravel().tolist())
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: Any, settings: Any, calls: Calls) -> None:
+        self.core = core
+        self.settings = settings
+        self.calls = calls
+        self.protocol = oip.OpenInference(core)
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(request_id: str) -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=self.protocol.server_live())
+
+        return await self.calls.run(context, "ServerLive", "", body, authenticate=False)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(request_id: str) -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self.protocol.server_ready())
+
+        return await self.calls.run(context, "ServerReady", "", body, authenticate=False)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(request_id: str) -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(
+                ready=self.protocol.model_ready(request.name, request.version or None)
+            )
+
+        return await self.calls.run(context, "ModelReady", request.name, body, authenticate=False)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(request_id: str) -> pb.ServerMetadataResponse:
+            meta = self.protocol.server_metadata()
+            return pb.ServerMetadataResponse(
+                name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+            )
+
+        return await self.calls.run(context, "ServerMetadata", "", body)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(request_id: str) -> pb.ModelMetadataResponse:
+            meta = self.protocol.model_metadata(request.name, request.version or None)
+            tensors = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=meta["name"],
+                versions=meta["versions"],
+                platform=meta["platform"],
+                inputs=[tensors(**t) for t in meta["inputs"]],
+                outputs=[tensors(**t) for t in meta["outputs"]],
+            )
+
+        return await self.calls.run(context, "ModelMetadata", request.name, body)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def body(request_id: str) -> pb.ModelInferResponse:
+            if not request.model_name:
+                raise InvalidArgument("model_name is required")
+            inputs = decode_inputs(request)
+            result = await self.protocol.infer(
+                request.model_name,
+                request.model_version or None,
+                inputs,
+                [o.name for o in request.outputs] or None,
+                parameters_of(request.parameters),
+                deadline=deadline_from(context, self.settings.request_timeout_s),
+            )
+            response = pb.ModelInferResponse(
+                model_name=result.model_name, model_version=result.model_version, id=request.id
+            )
+            encode_outputs(result, raw=bool(request.raw_input_contents), response=response)
+            return response
+
+        return await self.calls.run(context, "ModelInfer", request.model_name, body)

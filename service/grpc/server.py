@@ -1,0 +1,202 @@
+"""The grpc.aio server that runs beside BentoML's HTTP worker, in the same process and on the same core.
+
+It serves `cnnserve.v1.ImageClassifier`, `inference.GRPCInferenceService`, `grpc.health.v1.Health` (the
+server "" and each model name, SERVING only once ready) and server reflection. With TLS configured, a
+second, plaintext port (Settings.grpc_health_port) serves only health, for Kubernetes' gRPC probe, which
+sends neither TLS nor metadata. The port is bound with SO_REUSEPORT off, so that a second server on the same
+port fails loudly instead of silently sharing the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from service.grpc.calls import REQUEST_ID_KEY, Calls, bearer_ok, request_id_from
+from service.grpc.classifier import ImageClassifierServicer
+from service.grpc.inference import InferenceServicer
+
+log = logging.getLogger("service.grpc")
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
+INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_REFRESH_S = 0.5
+# Room for the answer to a full batch (probabilities of 1000 classes per image) whatever the receive limit.
+MIN_SEND_BYTES = 16 * 1024 * 1024
+
+
+class GrpcServer:
+    """Start and stop the gRPC transport; `port` is the bound port (useful with grpc_port=0)."""
+
+    def __init__(self, core: Any, settings: Any, metrics: Any = None) -> None:
+        self.core = core
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.health_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task | None = None
+
+    def _options(self) -> list[tuple[str, Any]]:
+        limit = int(self.settings.max_request_bytes)
+        return [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", max(limit, MIN_SEND_BYTES)),
+        ]
+
+    def _address(self, port: int) -> str:
+        host = self.settings.host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        if not self.settings.grpc_tls_cert:
+            return None
+        key = Path(self.settings.grpc_tls_key).read_bytes()
+        cert = Path(self.settings.grpc_tls_cert).read_bytes()
+        return grpc.ssl_server_credentials([(key, cert)])
+
+    async def start(self) -> None:
+        """Bind and serve; raises RuntimeError if a port cannot be bound (e.g. already in use)."""
+        calls = Calls(self.settings, self.metrics)
+        interceptors = [_ReflectionAuth(self.settings.auth_token)] if self.settings.auth_token else []
+        server = grpc.aio.server(options=self._options(), interceptors=interceptors)
+        classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
+            ImageClassifierServicer(self.core, self.settings, calls), server
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.core, self.settings, calls), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (CLASSIFIER_SERVICE, INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        credentials = self._credentials()
+        self.port = _bind(server, self._address(self.settings.grpc_port), credentials)
+        health_server = None
+        if credentials is not None and self.settings.grpc_health_port:
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_port = _bind(health_server, self._address(self.settings.grpc_health_port), None)
+        await self._refresh_health()
+        await server.start()
+        if health_server is not None:
+            await health_server.start()
+        self._server, self._health_server = server, health_server
+        self._watch = asyncio.create_task(self._watch_health(), name="grpc-health")
+        log.info(
+            "gRPC serving on port %s (%s)%s",
+            self.port,
+            "TLS" if credentials else "plaintext",
+            f", health only on plaintext port {self.health_port}" if self.health_port else "",
+        )
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight calls finish within `grace` seconds."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        await self.health.enter_graceful_shutdown()
+        servers = [s for s in (self._server, self._health_server) if s is not None]
+        await asyncio.gather(*(s.stop(grace) for s in servers))
+        self._server = self._health_server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _refresh_health(self) -> None:
+        """SERVING for "" and the services once the core is ready; per model by its state."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        ready = bool(self.core.ready)
+        for service in ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE):
+            await self.health.set(service, serving if ready else not_serving)
+        for model in self.core.models():
+            name = str(model.get("name", ""))
+            if name:
+                state = model.get("state") == "ready" and ready
+                await self.health.set(name, serving if state else not_serving)
+
+    async def _watch_health(self) -> None:
+        while True:
+            try:
+                await self._refresh_health()
+            except Exception:  # noqa: BLE001 - keep watching; a failed refresh leaves the last status
+                log.exception("gRPC health refresh failed")
+            await asyncio.sleep(HEALTH_REFRESH_S)
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(f"gRPC cannot bind {address} (in use?): {exc}") from None
+    if not port:
+        raise RuntimeError(f"gRPC cannot bind {address} (in use?)")
+    return port
+
+
+class _ReflectionAuth(grpc.aio.ServerInterceptor):
+    """The bearer token for reflection too; health and this service's own methods check it themselves."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{reflection.SERVICE_NAME}/"):
+            return handler
+        metadata = {k.lower(): v for k, v in details.invocation_metadata or ()}
+        header = metadata.get("authorization", "")
+        if bearer_ok(header, self.token):
+            return handler
+
+        async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            request_id = request_id_from(context)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"missing or wrong bearer token in 'authorization' metadata (request id {request_id})",
+                trailing_metadata=((REQUEST_ID_KEY, request_id),),
+            )
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                deny, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                deny, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                deny, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            deny, handler.request_deserializer, handler.response_serializer
+        )
+
+
+__all__ = ["GrpcServer"]
