@@ -21,8 +21,25 @@ from typing import Any
 PREFIX = "cnn_serve"
 
 # Latency buckets from 1 ms to 30 s: CPU CNNs answer in tens to hundreds of milliseconds.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                   10.0, 30.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -46,40 +63,63 @@ class Metrics:
         self.registry = registry if registry is not None else prom.CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = prom.Counter(
-            f"{PREFIX}_requests", "Requests answered, by model, endpoint, protocol and status.",
-            ["model", "endpoint", "protocol", "status"], registry=r,
+            f"{PREFIX}_requests",
+            "Requests answered, by model, endpoint, protocol and status.",
+            ["model", "endpoint", "protocol", "status"],
+            registry=r,
         )
         self.request_seconds = prom.Histogram(
-            f"{PREFIX}_request_duration_seconds", "Total time to answer a request.",
-            ["model", "endpoint", "protocol"], buckets=LATENCY_BUCKETS, registry=r,
+            f"{PREFIX}_request_duration_seconds",
+            "Total time to answer a request.",
+            ["model", "endpoint", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait_seconds = prom.Histogram(
-            f"{PREFIX}_queue_wait_seconds", "Time a request waited in the batcher's queue.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            f"{PREFIX}_queue_wait_seconds",
+            "Time a request waited in the batcher's queue.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.preprocess_seconds = prom.Histogram(
-            f"{PREFIX}_preprocess_seconds", "Time to decode and preprocess one request's images.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            f"{PREFIX}_preprocess_seconds",
+            "Time to decode and preprocess one request's images.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = prom.Histogram(
-            f"{PREFIX}_inference_seconds", "Time of one ONNX Runtime call (one batch).",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            f"{PREFIX}_inference_seconds",
+            "Time of one ONNX Runtime call (one batch).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = prom.Histogram(
-            f"{PREFIX}_batch_size", "Images per ONNX Runtime call.",
-            ["model"], buckets=BATCH_BUCKETS, registry=r,
+            f"{PREFIX}_batch_size",
+            "Images per ONNX Runtime call.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth_gauge = prom.Gauge(
-            f"{PREFIX}_queue_depth", "Requests waiting in the batcher's queue.",
-            multiprocess_mode="livesum", registry=r,
+            f"{PREFIX}_queue_depth",
+            "Requests waiting in the batcher's queue.",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.in_flight_gauge = prom.Gauge(
-            f"{PREFIX}_in_flight_requests", "Requests being answered now, by protocol.",
-            ["protocol"], multiprocess_mode="livesum", registry=r,
+            f"{PREFIX}_in_flight_requests",
+            "Requests being answered now, by protocol.",
+            ["protocol"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.model_info_gauge = prom.Gauge(
-            f"{PREFIX}_model_info", "Loaded models (value 1), labelled with name, version and provider.",
-            ["name", "version", "provider", "state"], multiprocess_mode="livemax", registry=r,
+            f"{PREFIX}_model_info",
+            "Loaded models (value 1), labelled with name, version and provider.",
+            ["name", "version", "provider", "state"],
+            multiprocess_mode="livemax",
+            registry=r,
         )
 
     # --- transports -------------------------------------------------------------------------------------
@@ -115,7 +155,9 @@ class Metrics:
         """Publish one `model_info` sample per model (from `core.models()`)."""
         for m in models:
             self.model_info_gauge.labels(
-                str(m.get("name", "")), str(m.get("version", "")), str(m.get("provider", "") or ""),
+                str(m.get("name", "")),
+                str(m.get("version", "")),
+                str(m.get("provider", "") or ""),
                 str(m.get("state", "")),
             ).set(1)
 

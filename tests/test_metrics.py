@@ -33,21 +33,31 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     m.model_info([{"name": "lenet5", "version": "1", "provider": "CPUExecutionProvider", "state": "ready"}])
     fams = _families(generate_latest(m.registry).decode())
 
-    reqs = {(s.labels["status"], s.labels["protocol"]): s.value for s in fams["cnn_serve_requests"].samples
-            if s.name == "cnn_serve_requests_total"}
+    reqs = {
+        (s.labels["status"], s.labels["protocol"]): s.value
+        for s in fams["cnn_serve_requests"].samples
+        if s.name == "cnn_serve_requests_total"
+    }
     assert reqs == {("200", "http"): 1.0, ("400", "http"): 1.0}
     in_flight = [s for s in inside["cnn_serve_in_flight_requests"].samples if s.labels["protocol"] == "grpc"]
     assert in_flight[0].value == 1.0
     after = [s for s in fams["cnn_serve_in_flight_requests"].samples if s.labels["protocol"] == "grpc"]
     assert after[0].value == 0.0
     assert fams["cnn_serve_queue_depth"].samples[0].value == 3.0
-    batch = {s.labels.get("le"): s.value for s in fams["cnn_serve_batch_size"].samples
-             if s.name.endswith("_bucket")}
+    batch = {
+        s.labels.get("le"): s.value
+        for s in fams["cnn_serve_batch_size"].samples
+        if s.name.endswith("_bucket")
+    }
     assert batch["4.0"] == 0.0 and batch["8.0"] == 1.0
     info = fams["cnn_serve_model_info"].samples[0]
     assert info.labels["provider"] == "CPUExecutionProvider" and info.value == 1.0
-    for name in ("cnn_serve_request_duration_seconds", "cnn_serve_queue_wait_seconds",
-                 "cnn_serve_preprocess_seconds", "cnn_serve_inference_seconds"):
+    for name in (
+        "cnn_serve_request_duration_seconds",
+        "cnn_serve_queue_wait_seconds",
+        "cnn_serve_preprocess_seconds",
+        "cnn_serve_inference_seconds",
+    ):
         count = [s for s in fams[name].samples if s.name == name + "_count"]
         assert sum(s.value for s in count) >= 1.0
 
@@ -75,8 +85,15 @@ def test_multiprocess_mode_writes_files_read_by_the_collector(tmp_path: Path) ->
         r = CollectorRegistry(); MultiProcessCollector(r); print(generate_latest(r).decode())
         """
     )
-    out = subprocess.run([sys.executable, "-c", reader], check=True, cwd=ROOT, capture_output=True, text=True,
-                         env={**env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", reader],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        timeout=60,
+    ).stdout
     fams = _families(out)
     total = [s for s in fams["cnn_serve_requests"].samples if s.name == "cnn_serve_requests_total"]
     assert total[0].labels["protocol"] == "grpc" and total[0].value == 1.0

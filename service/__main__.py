@@ -1,0 +1,71 @@
+"""`python -m service serve [--flags]`: the HTTP + gRPC service; `python -m service score ...`: batch scoring.
+
+`serve` reads the settings once (environment, then flags), validates them here so that a bad flag fails
+before BentoML starts, and replaces this process with `bentoml serve` (same pid: SIGTERM from a supervisor
+reaches BentoML's arbiter directly) with the settings in the environment of the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import add_arguments, from_args
+
+SERVICE_TARGET = "service.http.service:ClassifierService"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The `bentoml serve` command line and environment for these flags."""
+    parser = argparse.ArgumentParser(prog="python -m service serve", description="Serve HTTP and gRPC.")
+    add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    settings = from_args(args)
+    env = {**os.environ, **settings.to_env()}
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE_TARGET,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.http_port),
+        "--working-dir",
+        str(ROOT),
+        # uvicorn finishes in-flight requests for this long after SIGTERM; gRPC drains in on_shutdown.
+        "--timeout-graceful-shutdown",
+        str(max(1, int(round(settings.drain_timeout_s)))),
+    ]
+    return cmd, env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m service {serve,score} [options]")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        try:
+            cmd, env = serve_command(rest)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        os.execve(sys.executable, cmd, env)
+    if command == "score":
+        from service.score import main as score_main
+
+        return int(score_main(rest) or 0)
+    print(f"unknown command {command!r}; use serve or score", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""ASGI middleware around every HTTP route (BentoML's and ours): request id, bearer token, access log.
+
+Pure ASGI (no BaseHTTPMiddleware) so that streaming bodies and graceful shutdown are untouched. The request id
+comes from `x-request-id` when the client sent a sane one, else it is made here; it is echoed in every answer
+and written in the JSON access log line, one per request, on the `cnn_serve.access` logger.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+from service.config import Settings
+
+from .responses import plain_error
+
+ASGIApp = Any
+
+# Probes and scrapers send no token: Kubernetes' probes and Prometheus must work with auth on.
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def access_logger() -> logging.Logger:
+    """A logger that writes bare JSON lines to stderr, whatever BentoML did to the root logger."""
+    logger = logging.getLogger("cnn_serve.access")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+class RequestContextMiddleware:
+    """Request id, optional bearer token and the structured access log."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.token = settings.auth_token.encode() if settings.auth_token else b""
+        self.log = access_logger()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        start = time.perf_counter()
+        status = {"code": 500, "bytes": 0}
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                raw = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                raw.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": raw}
+            elif message["type"] == "http.response.body":
+                status["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            path = scope.get("path", "")
+            if (
+                self.token
+                and path not in OPEN_PATHS
+                and not self._authorized(headers.get("authorization", ""))
+            ):
+                response = plain_error(
+                    401,
+                    "unauthenticated",
+                    "missing or wrong bearer token",
+                    request_id,
+                    headers={"WWW-Authenticate": 'Bearer realm="cnn-serve"'},
+                )
+                await response(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.log.info(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "type": "access",
+                        "request_id": request_id,
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "status": status["code"],
+                        "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                        "bytes_out": status["bytes"],
+                        "bytes_in": int(headers.get("content-length", "0") or 0)
+                        if headers.get("content-length", "").isdigit()
+                        else None,
+                        "client": (scope.get("client") or ("", 0))[0],
+                        "model": state.get("model"),
+                    }
+                )
+            )
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)

@@ -1,0 +1,159 @@
+"""Open Inference Protocol v2 over REST: JSON tensors and Triton's binary tensor data extension.
+
+The protocol's rules live in `service.oip`; this module only turns HTTP bodies into `Tensor`s and back.
+Binary form (what tritonclient sends by default): the `Inference-Header-Content-Length` header gives the size
+of the JSON header at the start of the body; inputs with `parameters.binary_data_size` take their data, in
+order, from the bytes after it (BYTES elements length-prefixed). Outputs are binary when the request says
+`parameters.binary_data_output: true` or the output's own `parameters.binary_data: true`.
+In JSON form, BYTES image elements are base64 strings (raw image bytes are not valid JSON text).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import numpy as np
+from starlette.responses import JSONResponse, Response
+
+from service import oip
+from service.errors import InvalidArgument
+
+from .requests import refuse_url
+
+HEADER_LENGTH = "inference-header-content-length"
+TRANSPORT_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], list[oip.Tensor]]:
+    """The request document and its decoded input tensors."""
+    if header_length is not None:
+        if not header_length.strip().isdigit():
+            raise InvalidArgument("Inference-Header-Content-Length is not a number")
+        n = int(header_length)
+        if n > len(body):
+            raise InvalidArgument(
+                f"Inference-Header-Content-Length {n} exceeds the body of {len(body)} bytes"
+            )
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        doc = json.loads(head or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("inference request header is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise InvalidArgument("inference request must be a JSON object with an 'inputs' list")
+    tensors: list[oip.Tensor] = []
+    offset = 0
+    for i, spec in enumerate(doc["inputs"]):
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"input {i} must be an object")
+        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+        if (
+            not isinstance(name, str)
+            or not isinstance(datatype, str)
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        ):
+            raise InvalidArgument(
+                f"input {i} needs a string 'name', a string 'datatype' and an integer 'shape'"
+            )
+        params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidArgument(f"input {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidArgument(f"input {name!r}: binary_data_size {size!r} does not fit the body")
+            data = oip.decode_raw(datatype, shape, binary[offset : offset + size])
+            offset += size
+        elif "data" in spec:
+            data = _json_data(name, datatype, shape, spec["data"])
+        else:
+            raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        if datatype == "BYTES":
+            for j, element in enumerate(data):  # type: ignore[arg-type]
+                refuse_url(element, f"input {name!r} element {j}")
+        extra = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMETERS}
+        tensors.append(oip.Tensor(name, datatype, list(shape), data, extra))
+    if offset != len(binary):
+        raise InvalidArgument(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    return doc, tensors
+
+
+def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> oip.TensorData:
+    if datatype != "BYTES":
+        return oip.from_list(datatype, shape, data)
+    flat = oip._flatten(data) if isinstance(data, list) else [data]
+    decoded: list[bytes] = []
+    for j, element in enumerate(flat):
+        if not isinstance(element, str):
+            raise InvalidArgument(f"input {name!r} element {j}: BYTES elements in JSON are base64 strings")
+        refuse_url(element, f"input {name!r} element {j}")
+        try:
+            decoded.append(base64.b64decode(element, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidArgument(f"input {name!r} element {j} is not valid base64") from None
+    return oip.from_list("BYTES", shape, decoded)
+
+
+def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, bool]]:
+    """Names of the requested outputs (None: all) and which of them are wanted in binary form."""
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be an object")
+    all_binary = bool(params.get("binary_data_output", False))
+    outputs = doc.get("outputs")
+    if outputs is None:
+        return None, {name: all_binary for name in oip.OUTPUT_NAMES}
+    if not isinstance(outputs, list):
+        raise InvalidArgument("'outputs' must be a list")
+    names, binary = [], {}
+    for out in outputs:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise InvalidArgument("each requested output needs a string 'name'")
+        out_params = out.get("parameters") or {}
+        names.append(out["name"])
+        binary[out["name"]] = bool(out_params.get("binary_data", all_binary))
+    return names, binary
+
+
+def request_parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    params = doc.get("parameters") or {}
+    return {k: v for k, v in params.items() if k not in TRANSPORT_PARAMETERS}
+
+
+def infer_response(
+    result: oip.InferResult, request_id: str | None, binary: dict[str, bool], headers: dict[str, str]
+) -> Response:
+    """JSON answer, or JSON header plus binary outputs when any output is wanted in binary."""
+    outputs, blobs = [], []
+    for tensor in result.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if binary.get(tensor.name):
+            raw = oip.encode_raw(tensor)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif tensor.datatype == "BYTES":
+            entry["data"] = [e.decode("utf-8", "replace") for e in tensor.data]  # type: ignore[union-attr]
+        else:
+            entry["data"] = np.asarray(tensor.data).reshape(-1).tolist()
+        outputs.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "outputs": outputs,
+    }
+    if request_id is not None:
+        doc["id"] = request_id
+    if not blobs:
+        return JSONResponse(doc, headers=headers)
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return Response(
+        head + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={**headers, "Inference-Header-Content-Length": str(len(head))},
+    )

@@ -1,0 +1,156 @@
+"""Reading what HTTP clients send: capped bodies, images from multipart/raw/JSON bodies, query parameters.
+
+This service never fetches a URL: a string that looks like one, sent where an image belongs, is refused with
+400 before anything else happens (BentoML's own file inputs would download it; our routes do not use them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from service.config import Settings
+from service.errors import InvalidArgument, RequestTooLarge
+
+_URL_PREFIXES = (b"http://", b"https://", b"ftp://", b"file://", b"s3://", b"gs://")
+FILE_FIELDS = ("file", "image", "files", "images")
+
+
+class UrlNotAllowed(InvalidArgument):
+    code = "url_not_allowed"
+
+
+def refuse_url(data: bytes | str, where: str) -> None:
+    """400 for a URL sent in place of image bytes: nothing is fetched."""
+    head = (data.encode("latin-1", "replace") if isinstance(data, str) else bytes(data[:16])).strip()[:16]
+    if head.lower().startswith(_URL_PREFIXES):
+        raise UrlNotAllowed(
+            f"{where} is a URL; this service never fetches URLs, send the image bytes instead"
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidArgument("Content-Length is not a number")
+        if int(declared) > limit:
+            raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser reads the cached body instead of the spent stream.
+    return body
+
+
+@dataclass
+class ImageRequest:
+    images: list[bytes]
+    names: list[str]
+    params: dict[str, str]
+
+
+async def read_images(request: Request, settings: Settings, *, many: bool) -> ImageRequest:
+    """Images and parameters from multipart form, a JSON body (base64 images) or a raw image body."""
+    body = await read_body(request, settings.max_request_bytes)
+    params = {k: v for k, v in request.query_params.items()}
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    images: list[bytes] = []
+    names: list[str] = []
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(
+                max_files=settings.max_images_per_request + 1, max_fields=64, max_part_size=1024 * 1024
+            )
+        except Exception as exc:  # starlette raises its own HTTPException / MultiPartException types
+            raise InvalidArgument(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                refuse_url(data, f"file {value.filename or key!r}")
+                images.append(data)
+                names.append(value.filename or key)
+            elif key in FILE_FIELDS:
+                refuse_url(value, f"field {key!r}")
+                raise InvalidArgument(f"field {key!r} must be a file upload, not a text value")
+            else:
+                params[key] = value
+    elif ctype == "application/json":
+        try:
+            doc = json.loads(body or b"null")
+        except ValueError:
+            raise InvalidArgument("body is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("JSON body must be an object with 'image' or 'images' (base64)")
+        raw = doc.get("images") if many else doc.get("image")
+        if raw is None:
+            raw = doc.get("image") if many else None
+        items = raw if isinstance(raw, list) else [raw] if raw is not None else []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise InvalidArgument(f"image {i} must be a base64 string")
+            refuse_url(item, f"image {i}")
+            try:
+                images.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError):
+                raise InvalidArgument(f"image {i} is not valid base64") from None
+            names.append(str(i))
+        for key in ("model", "version", "top_k", "tta"):
+            if key in doc and doc[key] is not None:
+                params[key] = str(doc[key])
+    else:
+        if body:
+            refuse_url(body, "the request body")
+            images.append(body)
+            names.append("body")
+    if not images:
+        raise InvalidArgument(
+            "no image in the request: send a multipart file, a raw image body or JSON base64"
+        )
+    if not many and len(images) > 1:
+        raise InvalidArgument(f"/classify takes one image, got {len(images)}; use /classify_batch")
+    if len(images) > settings.max_images_per_request:
+        raise InvalidArgument(
+            f"{len(images)} images in one request; the limit is {settings.max_images_per_request}"
+        )
+    return ImageRequest(images, names, params)
+
+
+def int_param(params: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(str(raw))
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an integer, not {raw!r}") from None
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def deadline_of(request: Request, settings: Settings) -> float:
+    """Absolute `time.monotonic()` deadline: `x-request-timeout-ms` if sent, else the configured timeout."""
+    raw = request.headers.get("x-request-timeout-ms")
+    seconds = settings.request_timeout_s
+    if raw is not None:
+        try:
+            seconds = float(raw) / 1000.0
+        except ValueError:
+            raise InvalidArgument(f"x-request-timeout-ms must be a number, not {raw!r}") from None
+        if seconds <= 0:
+            raise InvalidArgument("x-request-timeout-ms must be positive")
+    return time.monotonic() + seconds

@@ -1,0 +1,42 @@
+"""JSON answers and the mapping of typed service errors to HTTP statuses, shared by every route."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from service.errors import Overloaded, ServiceError
+
+log = logging.getLogger("cnn_serve.http")
+
+
+def request_id_of(scope_state: dict[str, Any]) -> str:
+    return str(scope_state.get("request_id", ""))
+
+
+def error_response(
+    error: ServiceError, request_id: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one error body: `{code, message, request_id}`; 503 overload answers carry Retry-After."""
+    extra = dict(headers or {})
+    if isinstance(error, Overloaded):
+        extra["Retry-After"] = str(int(getattr(error, "retry_after_s", 1) or 1))
+    body = {"code": error.code, "message": error.message, "request_id": request_id}
+    return JSONResponse(body, status_code=error.http_status, headers=extra)
+
+
+def internal_error(request_id: str) -> JSONResponse:
+    """An unexpected failure: logged with its traceback here, never sent to the client."""
+    log.exception("unhandled error in request %s", request_id)
+    body = {"code": "internal", "message": "internal server error", "request_id": request_id}
+    return JSONResponse(body, status_code=500)
+
+
+def plain_error(
+    status: int, code: str, message: str, request_id: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"code": code, "message": message, "request_id": request_id}, status_code=status, headers=headers
+    )

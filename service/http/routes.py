@@ -1,0 +1,221 @@
+"""Every route of our own, as one Starlette app that the BentoML service mounts at `/`.
+
+BentoML's `@bentoml.api` routes are POST-only and its file inputs download URLs, so the classify routes, the
+GET routes and the Open Inference Protocol REST routes live here; BentoML itself serves `/livez`, `/readyz`
+(through the service's `__is_ready__`) and `/metrics`. Each handler is wrapped by `endpoint()`, which maps
+typed errors to JSON answers and records the request metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.config import Settings
+from service.errors import InvalidArgument, ModelUnavailable, ServiceError
+from service.metrics import Metrics
+from service.oip import OpenInference
+
+from . import oip_rest
+from .requests import deadline_of, int_param, read_body, read_images
+from .responses import error_response, internal_error, plain_error
+
+
+@dataclass
+class Runtime:
+    """What the routes share, attached to the app's state by the BentoML service at start-up."""
+
+    settings: Settings
+    core: Any
+    metrics: Metrics
+    oip: OpenInference
+
+
+Handler = Callable[[Request, Runtime], Awaitable[Response]]
+
+
+def _rid(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def endpoint(name: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Errors as JSON, metrics counted, and a 503 while the service is still starting."""
+
+    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        @functools.wraps(handler)
+        async def route(request: Request) -> Response:
+            runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+            rid = _rid(request)
+            if runtime is None:
+                return plain_error(503, "unavailable", "the service is starting", rid, {"Retry-After": "1"})
+            start = time.perf_counter()
+            state = request.scope.setdefault("state", {})
+            with runtime.metrics.in_flight("http"):
+                try:
+                    response = await handler(request, runtime)
+                except ServiceError as exc:
+                    response = error_response(exc, rid)
+                except Exception:
+                    response = internal_error(rid)
+            runtime.metrics.request(
+                str(state.get("model") or "-"),
+                name,
+                "http",
+                str(response.status_code),
+                time.perf_counter() - start,
+            )
+            return response
+
+        return route
+
+    return wrap
+
+
+def _model_params(params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
+    s = runtime.settings
+    model = params.get("model") or s.default_model
+    version = params.get("version") or None
+    tta = params.get("tta") or "none"
+    top_k = int_param(params, "top_k", 5, 1, s.max_top_k)
+    return {"model": model, "version": version, "top_k": top_k, "tta": tta}
+
+
+@endpoint("classify")
+async def classify(request: Request, runtime: Runtime) -> Response:
+    req = await read_images(request, runtime.settings, many=False)
+    kwargs = _model_params(req.params, runtime)
+    request.scope["state"]["model"] = kwargs["model"]
+    results = await runtime.core.classify(
+        req.images, deadline=deadline_of(request, runtime.settings), **kwargs
+    )
+    result = results[0]
+    if isinstance(result, ServiceError):
+        raise result
+    return JSONResponse({**result.to_dict(), "request_id": _rid(request)})
+
+
+@endpoint("classify_batch")
+async def classify_batch(request: Request, runtime: Runtime) -> Response:
+    req = await read_images(request, runtime.settings, many=True)
+    kwargs = _model_params(req.params, runtime)
+    request.scope["state"]["model"] = kwargs["model"]
+    results = await runtime.core.classify(
+        req.images, deadline=deadline_of(request, runtime.settings), **kwargs
+    )
+    entries = []
+    for i, (name, result) in enumerate(zip(req.names, results, strict=True)):
+        if isinstance(result, ServiceError):
+            entries.append({"index": i, "filename": name, "error": result.to_dict()})
+        else:
+            entries.append({"index": i, "filename": name, **result.to_dict()})
+    failed = sum(1 for e in entries if "error" in e)
+    return JSONResponse(
+        {
+            "results": entries,
+            "succeeded": len(entries) - failed,
+            "failed": failed,
+            "request_id": _rid(request),
+        }
+    )
+
+
+def _public(info: dict[str, Any]) -> dict[str, Any]:
+    """A model's metadata without its 1000-entry label list (the count is kept)."""
+    out = {k: v for k, v in info.items() if k not in ("labels",)}
+    out["label_count"] = len(info.get("labels") or [])
+    return out
+
+
+@endpoint("models")
+async def models(request: Request, runtime: Runtime) -> Response:
+    return JSONResponse(
+        {
+            "models": [_public(m) for m in runtime.core.models()],
+            "default_model": runtime.settings.default_model,
+        }
+    )
+
+
+@endpoint("v2_live")
+async def v2_live(request: Request, runtime: Runtime) -> Response:
+    return JSONResponse({"live": runtime.oip.server_live()})
+
+
+@endpoint("v2_ready")
+async def v2_ready(request: Request, runtime: Runtime) -> Response:
+    ready = runtime.oip.server_ready()
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@endpoint("v2_metadata")
+async def v2_metadata(request: Request, runtime: Runtime) -> Response:
+    return JSONResponse(runtime.oip.server_metadata())
+
+
+def _name_version(request: Request) -> tuple[str, str | None]:
+    name = request.path_params["name"]
+    request.scope["state"]["model"] = name
+    return name, request.path_params.get("version") or None
+
+
+@endpoint("v2_model_metadata")
+async def v2_model_metadata(request: Request, runtime: Runtime) -> Response:
+    name, version = _name_version(request)
+    return JSONResponse(runtime.oip.model_metadata(name, version))
+
+
+@endpoint("v2_model_ready")
+async def v2_model_ready(request: Request, runtime: Runtime) -> Response:
+    name, version = _name_version(request)
+    ready = runtime.oip.model_ready(name, version)
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@endpoint("v2_infer")
+async def v2_infer(request: Request, runtime: Runtime) -> Response:
+    name, version = _name_version(request)
+    body = await read_body(request, runtime.settings.max_request_bytes)
+    doc, tensors = oip_rest.parse_infer_request(body, request.headers.get(oip_rest.HEADER_LENGTH))
+    outputs, binary = oip_rest.requested_outputs(doc)
+    try:
+        result = await runtime.oip.infer(
+            name,
+            version,
+            tensors,
+            outputs,
+            oip_rest.request_parameters(doc),
+            deadline=deadline_of(request, runtime.settings),
+        )
+    except ModelUnavailable:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"invalid inference request: {exc}") from None
+    request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    return oip_rest.infer_response(result, request_id, binary, {})
+
+
+def build_app() -> Starlette:
+    base = "/v2/models/{name}"
+    routes = [
+        Route("/classify", classify, methods=["POST"]),
+        Route("/classify_batch", classify_batch, methods=["POST"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/v2/health/live", v2_live, methods=["GET"]),
+        Route("/v2/health/ready", v2_ready, methods=["GET"]),
+        Route("/v2", v2_metadata, methods=["GET"]),
+        Route(base, v2_model_metadata, methods=["GET"]),
+        Route(base + "/versions/{version}", v2_model_metadata, methods=["GET"]),
+        Route(base + "/ready", v2_model_ready, methods=["GET"]),
+        Route(base + "/versions/{version}/ready", v2_model_ready, methods=["GET"]),
+        Route(base + "/infer", v2_infer, methods=["POST"]),
+        Route(base + "/versions/{version}/infer", v2_infer, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)

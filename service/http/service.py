@@ -1,0 +1,96 @@
+"""The BentoML service: one worker per process, holding the inference core, the metrics and the gRPC server.
+
+`python -m service serve` runs `bentoml serve service.http.service:ClassifierService` with the settings in the
+environment (`Settings.to_env()`), read here once. Everything heavy happens in the worker at start-up: the
+metrics are created there (Prometheus multiprocess mode), the models load in the background so that `/livez`
+answers at once while `/readyz` (`__is_ready__`) stays 503 until every model is loaded and warmed up, and the
+gRPC server starts in the same process so both transports share the core and its batcher.
+
+Shutdown: on SIGTERM uvicorn stops accepting and finishes in-flight HTTP requests (up to the graceful timeout
+that `python -m service serve` sets from `drain_timeout_s`); then `on_shutdown` drains gRPC and the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import bentoml
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.oip import OpenInference
+
+from .middleware import RequestContextMiddleware
+from .routes import Runtime, build_app
+
+log = logging.getLogger("cnn_serve.http")
+
+SETTINGS = Settings.from_env()
+app = build_app()
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="cnn_serve",
+    workers=1,
+    traffic={"timeout": max(1.0, SETTINGS.request_timeout_s + SETTINGS.drain_timeout_s)},
+    http={"host": SETTINGS.host, "port": SETTINGS.http_port},
+)
+class ClassifierService:
+    """Owns the process-wide objects; the routes reach them through `app.state.runtime`."""
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.core: Any = None
+        self.grpc: Any = None
+        self.metrics: Metrics | None = None
+        self.load_task: asyncio.Task | None = None
+        self.load_error: BaseException | None = None
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        from service.core import InferenceCore
+
+        self.metrics = Metrics()
+        self.core = InferenceCore(self.settings, observer=self.metrics)
+        app.state.runtime = Runtime(self.settings, self.core, self.metrics, OpenInference(self.core))
+        self.load_task = asyncio.create_task(self._load())
+        if self.settings.grpc_port > 0:
+            from service.grpc.server import GrpcServer
+
+            self.grpc = GrpcServer(self.core, self.settings, self.metrics)
+            await self.grpc.start()
+
+    async def _load(self) -> None:
+        try:
+            await self.core.start()
+        except Exception as exc:  # a failed start-up keeps the process alive but never ready, and says why
+            self.load_error = exc
+            log.error("inference core failed to start: %s", exc)
+            return
+        assert self.metrics is not None
+        self.metrics.model_info(self.core.models())
+        log.info(
+            "models ready: %s", ", ".join(f"{m.get('name')}/{m.get('version')}" for m in self.core.models())
+        )
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        grace = self.settings.drain_timeout_s
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
+        if self.load_task is not None and not self.load_task.done():
+            self.load_task.cancel()
+        if self.core is not None:
+            await self.core.stop()
+
+    def __is_ready__(self) -> bool:
+        return bool(self.core is not None and self.core.ready and self.load_error is None)
+
+    def __is_alive__(self) -> bool:
+        return self.load_error is None
+
+
+ClassifierService.add_asgi_middleware(RequestContextMiddleware, settings=SETTINGS)
