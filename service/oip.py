@@ -39,6 +39,9 @@ PROBABILITIES_OUTPUT = "probabilities"
 TOP_K_OUTPUT = "top_k"
 OUTPUT_NAMES = (PROBABILITIES_OUTPUT, TOP_K_OUTPUT)
 DEFAULT_TOP_K = 5
+# Request parameters that Triton's and KServe's clients add on their own; accepted and ignored here (the
+# transports handle binary output themselves, and the deadline comes from the transport).
+IGNORED_PARAMETERS = ("binary_data_output", "priority", "timeout", "headers")
 
 # Datatype names of the protocol and their NumPy element types (BYTES has none: a list of bytes).
 DATATYPES: dict[str, np.dtype] = {
@@ -279,7 +282,7 @@ class OpenInference:
         tta = parameters.get("tta", "none")
         if not isinstance(tta, str):
             raise InvalidArgument("parameter 'tta' must be a string")
-        unknown = set(parameters) - {"top_k", "tta"}
+        unknown = set(parameters) - {"top_k", "tta"} - set(IGNORED_PARAMETERS)
         if unknown:
             raise InvalidArgument(f"unknown parameters {sorted(unknown)}; this model takes 'top_k' and 'tta'")
         outputs = list(requested_outputs or OUTPUT_NAMES)
