@@ -120,7 +120,8 @@ class ResultStore:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
 
     def parts(self) -> list[str]:
-        return [n for n in self._names() if n.startswith("part-") and n.endswith(self.ext)]
+        """Finished part files: ours (`part-*`) and Ray's `write_parquet` ones (any non-hidden name)."""
+        return [n for n in self._names() if not n.startswith((".", "_")) and n.endswith(self.ext)]
 
     # -- reading --------------------------------------------------------------------------------------------
     def read_part(self, name: str) -> list[dict[str, Any]]:

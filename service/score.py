@@ -1,0 +1,138 @@
+"""Offline batch scoring: `python -m service.score INPUT --model NAME --out PATH`.
+
+INPUT is a folder (walked recursively), a glob, or a manifest (text or CSV of paths), on the local disk or any
+fsspec filesystem. PATH's extension picks Parquet, CSV or JSON Lines; PATH is a folder of part files (see
+docs/BATCH.md). Rerunning the same command resumes: only files whose (path, size, mtime) has no row yet are
+scored. Exit status: 0 every image scored, 1 some images failed (each has a row with its error), 2 bad
+arguments/input/model, 3 the output cannot be written, 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from service.config import Settings, add_arguments, from_args
+from service.errors import ServiceError
+from service.scoring.results import OutputError, ResultStore, output_format
+from service.scoring.sources import InputError, SourceFile, list_inputs
+
+EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service.score", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    parser.add_argument("input", metavar="INPUT", help="folder, glob or manifest; local or fsspec URL")
+    parser.add_argument("--model", required=True, help="model name in the repository")
+    parser.add_argument("--version", default=None, help="model version (default: the latest)")
+    parser.add_argument("--out", required=True, help="output folder: NAME.parquet, NAME.csv or NAME.jsonl")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--tta", default="none", help="test-time augmentation views (as the service's `tta`)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images (views) per ONNX Runtime run")
+    parser.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in-process)")
+    parser.add_argument("--chunk-size", type=int, default=1000, help="rows per part file (unit of resume)")
+    parser.add_argument("--manifest", action="store_true", default=None, help="INPUT is a manifest")
+    parser.add_argument("--all-files", action="store_true", help="take every file of folders")
+    parser.add_argument("--retry-failed", action="store_true", help="rescore files with an error row")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to connect to (default: start one)")
+    parser.add_argument("--ray-actors", type=int, default=2, help="inference actors in the Ray pool")
+    group = parser.add_argument_group("service settings (also CNN_SERVE_* variables)")
+    add_arguments(group)  # type: ignore[arg-type]
+    return parser
+
+
+def plan(files: list[SourceFile], store: ResultStore, retry_failed: bool) -> tuple[list[SourceFile], int]:
+    """What is left to score, after dropping rows made stale by a changed file (or failed, when retried)."""
+    done = store.done()
+    todo: list[SourceFile] = []
+    stale: list[str] = []
+    for source in files:
+        row = done.get(source.path)
+        if row is None:
+            todo.append(source)
+        elif (row["size"], row["mtime"]) != (source.size, source.mtime) or (retry_failed and row["error"]):
+            stale.append(source.path)
+            todo.append(source)
+    if stale:
+        store.drop(stale, done)
+    return todo, len(files) - len(todo)
+
+
+def check_args(args: argparse.Namespace, settings: Settings) -> None:
+    if args.top_k < 1 or args.top_k > settings.max_top_k:
+        raise InputError(f"--top-k must be between 1 and {settings.max_top_k}")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if args.chunk_size < 1:
+        raise InputError("--chunk-size must be at least 1")
+    if args.workers < 0:
+        raise InputError("--workers must not be negative")
+    output_format(args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = from_args(args)
+        check_args(args, settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        files = list_inputs(args.input, manifest=args.manifest, all_files=args.all_files)
+    except (InputError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = ResultStore(args.out)
+    try:
+        store.prepare()
+        todo, skipped = plan(files, store, args.retry_failed)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    try:
+        if args.engine == "ray":
+            from service.scoring.ray_engine import score_ray  # Ray only here, never in the serving path
+
+            summary = score_ray(todo, store, settings, model=args.model, version=args.version,
+                                top_k=args.top_k, tta=args.tta, batch_size=args.batch_size,
+                                actors=args.ray_actors, address=args.ray_address)
+        else:
+            summary = _score_local(todo, store, settings, args)
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    except (ServiceError, InputError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    summary.skipped = skipped
+    print(summary.line(), flush=True)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED_IMAGES if summary.failed else EXIT_OK
+
+
+def _score_local(todo: list[SourceFile], store: ResultStore, settings: Settings,
+                 args: argparse.Namespace) -> Any:
+    from tqdm import tqdm
+
+    from service.scoring.local import score_local
+    from service.scoring.pipeline import ModelRunner, PrepareSpec
+
+    runner = ModelRunner(settings, args.model, args.version, args.batch_size)
+    spec = PrepareSpec(settings=settings, model=runner.name, version=runner.version, tta=args.tta,
+                       preprocessing=runner.preprocessing)
+    spec.check()
+    with tqdm(total=len(todo), unit="img", disable=args.no_progress or None, dynamic_ncols=True,
+              desc=f"{runner.name}:{runner.version}") as bar:
+        return score_local(todo, store, runner, spec, top_k=args.top_k, batch_size=args.batch_size,
+                           workers=args.workers, chunk_size=args.chunk_size, progress=bar.update)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The single-machine engine: decode in worker processes, overlapped with batched ONNX Runtime inference.
+
+Workers read and decode files (the core's decoding and preprocessing, so limits and EXIF apply) while the
+main process runs the session on full batches; a bounded window of outstanding work keeps memory flat when
+decoding outruns inference. Rows are handed to the result store in chunks, each written atomically.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_file
+from service.scoring.results import ResultStore
+from service.scoring.sources import SourceFile
+
+TASK_FILES = 4  # files per worker task: amortizes inter-process overhead without starving the batcher
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    skipped: int = 0  # already done by an earlier run
+    scored: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        state = "interrupted" if self.interrupted else "done"
+        return (f"{state}: scored {self.scored}, failed {self.failed}, skipped (already done) "
+                f"{self.skipped}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s")
+
+
+def result_row(source: SourceFile, runner: ModelRunner, top: list[Any] | None, error: str) -> dict[str, Any]:
+    return {
+        "path": source.path,
+        "size": source.size,
+        "mtime": source.mtime,
+        "model": runner.name,
+        "version": runner.version,
+        "top_k_indices": [int(c.index) for c in top] if top else [],
+        "top_k_ids": [str(c.id) for c in top] if top else [],
+        "top_k_labels": [str(c.label) for c in top] if top else [],
+        "top_k_probabilities": [float(c.probability) for c in top] if top else [],
+        "error": error,
+    }
+
+
+_WORKER_SPEC: PrepareSpec | None = None
+
+
+def _init_worker(spec: PrepareSpec) -> None:
+    """Workers ignore Ctrl-C: the main process decides what to keep and stops them."""
+    global _WORKER_SPEC
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_SPEC = spec
+
+
+def _prepare_many(files: list[SourceFile]) -> list[tuple[np.ndarray | None, str]]:
+    assert _WORKER_SPEC is not None
+    return [prepare_file(f.path, _WORKER_SPEC) for f in files]
+
+
+class _Batch:
+    """Views waiting for one session run; `owners` maps each file to its rows in the stacked tensor."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+        self.owners: list[tuple[SourceFile, int]] = []
+        self.views = 0
+
+    def add(self, source: SourceFile, views: np.ndarray) -> None:
+        self.arrays.append(views)
+        self.owners.append((source, len(views)))
+        self.views += len(views)
+
+
+def score_local(files: list[SourceFile], store: ResultStore, runner: ModelRunner, spec: PrepareSpec, *,
+                top_k: int, batch_size: int, workers: int, chunk_size: int,
+                progress: Callable[[int], None] | None = None) -> Summary:
+    """Score `files` (all still to do) and write their rows; Ctrl-C keeps every row scored so far."""
+    summary = Summary(total=len(files))
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    batch = _Batch()
+
+    def flush_rows(force: bool = False) -> None:
+        nonlocal rows
+        while rows and (force or len(rows) >= chunk_size):
+            chunk, rows = rows[:chunk_size], rows[chunk_size:]
+            summary.parts.append(store.write_chunk(chunk))
+
+    def run_batch() -> None:
+        nonlocal batch
+        if not batch.owners:
+            return
+        for (source, _), top in zip(batch.owners, runner.score(batch.arrays, top_k), strict=True):
+            rows.append(result_row(source, runner, top, ""))
+            summary.scored += 1
+        if progress:
+            progress(len(batch.owners))
+        batch = _Batch()
+        flush_rows()
+
+    def take(source: SourceFile, views: np.ndarray | None, error: str) -> None:
+        if views is None:
+            rows.append(result_row(source, runner, None, error))
+            summary.failed += 1
+            if progress:
+                progress(1)
+            flush_rows()
+            return
+        batch.add(source, views)
+        if batch.views >= batch_size:
+            run_batch()
+
+    tasks = [files[i:i + TASK_FILES] for i in range(0, len(files), TASK_FILES)]
+    pool = None
+    try:
+        if workers <= 0:
+            for task in tasks:
+                for source in task:
+                    take(source, *prepare_file(source.path, spec))
+        else:
+            context = multiprocessing.get_context("spawn")
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(spec,))
+            window = max(2, (batch_size * 2) // TASK_FILES + workers * 2)
+            pending: deque = deque()
+            next_task = 0
+            while next_task < len(tasks) or pending:
+                while next_task < len(tasks) and len(pending) < window:
+                    pending.append((tasks[next_task], pool.apply_async(_prepare_many, (tasks[next_task],))))
+                    next_task += 1
+                task, handle = pending.popleft()
+                for source, (views, error) in zip(task, handle.get(), strict=True):
+                    take(source, views, error)
+        run_batch()
+        flush_rows(force=True)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        flush_rows(force=True)  # rows already scored are complete: keep them, the rest is redone on resume
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        summary.seconds = time.perf_counter() - started
+    return summary

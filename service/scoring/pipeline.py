@@ -1,0 +1,115 @@
+"""The core's pieces as batch scoring drives them: file → views tensor in a worker, tensor batch → top-k.
+
+Decoding (`service.decoding`, limits and EXIF), preprocessing (`service.preprocessing`) and test-time views
+(`service.augmentation`) are the core's own code; this module only arranges them so that decoding can run in
+other processes (everything a worker needs is in the picklable `PrepareSpec`) while the main process owns
+the ONNX Runtime session.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service import augmentation, postprocessing, repository
+from service.config import Settings
+from service.decoding import Limits, decode
+from service.errors import ImageTooLarge, ServiceError
+from service.postprocessing import ClassScore
+from service.preprocessing import Preprocessor, Spec
+from service.scoring.sources import open_bytes
+from service.sessions import ModelSession
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """Everything a decoding worker needs (picklable): limits, the model's preprocessing, the TTA mode."""
+
+    settings: Settings
+    model: str
+    version: str
+    tta: str = "none"
+    preprocessing: str = field(default="", compare=False)  # the card's preprocessing as JSON
+
+    def check(self) -> None:
+        """Refuse a bad --tta (or preprocessing) before any worker starts."""
+        _preparer(self)
+
+
+_PREPARERS: dict[tuple[str, str, str, str], tuple[Preprocessor, Limits]] = {}
+
+
+def _preparer(spec: PrepareSpec) -> tuple[Preprocessor, Limits]:
+    key = (spec.model, spec.version, spec.tta, spec.preprocessing)
+    if key not in _PREPARERS:
+        augmentation.check_mode(spec.tta)
+        settings = spec.settings
+        preprocessor = Preprocessor(Spec.from_card(json.loads(spec.preprocessing)), settings.preprocess_mode)
+        limits = Limits(max_pixels=settings.max_image_pixels, max_aspect_ratio=settings.max_aspect_ratio)
+        _PREPARERS[key] = (preprocessor, limits)
+    return _PREPARERS[key]
+
+
+def describe(exc: BaseException) -> str:
+    """The `error` column: a stable code, then a message for people."""
+    if isinstance(exc, ServiceError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, FileNotFoundError):
+        return "not_found: the file does not exist (deleted or moved after listing)"
+    if isinstance(exc, PermissionError):
+        return "permission_denied: the file cannot be read (permission denied)"
+    if isinstance(exc, IsADirectoryError):
+        return "unreadable: the path is a folder"
+    if isinstance(exc, OSError):
+        return f"unreadable: {exc.strerror or errno.errorcode.get(exc.errno or 0, '') or exc}"
+    return f"internal: {type(exc).__name__}: {exc}"
+
+
+def prepare_bytes(data: bytes, spec: PrepareSpec) -> tuple[np.ndarray | None, str]:
+    """(views tensor (V, C, H, W), "") or (None, error) for one image's bytes."""
+    try:
+        if len(data) > spec.settings.max_request_bytes:
+            raise ImageTooLarge(f"file is larger than {spec.settings.max_request_bytes} bytes")
+        preprocessor, limits = _preparer(spec)
+        img = decode(data, channels=preprocessor.spec.channels, limits=limits,
+                     min_short_side=augmentation.max_short_side(preprocessor.spec, spec.tta),
+                     draft=preprocessor.decode_draft)
+        return preprocessor(img, augmentation.plan_views(preprocessor.spec, spec.tta, img.size)), ""
+    except Exception as exc:  # one bad image becomes one error row, never a failed run
+        return None, describe(exc)
+
+
+def prepare_file(path: str, spec: PrepareSpec) -> tuple[np.ndarray | None, str]:
+    """Read (at most the size limit + 1 bytes) and prepare one file; errors become the row's `error`."""
+    try:
+        data = open_bytes(path, spec.settings.max_request_bytes)
+    except Exception as exc:
+        return None, describe(exc)
+    return prepare_bytes(data, spec)
+
+
+class ModelRunner:
+    """One model version's session (the core's `ModelSession`: providers, GPU, precision) in this process."""
+
+    def __init__(self, settings: Settings, model: str, version: str | None = None,
+                 batch_size: int = 32) -> None:
+        versions = repository.scan(settings.repository)
+        self.version = repository.resolve(versions, model, version)
+        self.name = model
+        self.card = repository.read_card(Path(settings.repository) / model / self.version)
+        self.labels = self.card.labels
+        self.session = ModelSession(self.card, settings.replace(max_batch_size=max(1, batch_size)))
+        self.preprocessing = json.dumps(self.card.preprocessing, sort_keys=True)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return postprocessing.to_probabilities(self.session.run(batch), self.card.output_kind)
+
+    def score(self, views: list[np.ndarray], k: int) -> list[list[ClassScore]]:
+        """Top-k per image of one session run over every view of `views` (softmax averaged per image)."""
+        probabilities = self.probabilities(np.concatenate(views, axis=0))
+        averaged = postprocessing.average_views(probabilities, [len(v) for v in views])
+        return [postprocessing.top_k(p, k, self.labels) for p in averaged]

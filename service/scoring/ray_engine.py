@@ -1,0 +1,98 @@
+"""The same scoring job on Ray Data: files read as bytes with their paths, an actor pool holding the session.
+
+Ray's own image reader is not used: it applies no EXIF orientation or size limits, and one bad file fails the
+whole job. Here each actor decodes with this project's core, so a bad file becomes a row with its error. This
+is the only module that imports Ray; nothing on the serving path imports it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from service.config import Settings
+from service.scoring.local import Summary, result_row
+from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_bytes
+from service.scoring.results import SCHEMA, ResultStore
+from service.scoring.sources import SourceFile
+
+
+class RayScorer:
+    """One actor: loads the model once, then decodes and scores the batches Ray Data hands it."""
+
+    def __init__(self, spec: PrepareSpec, top_k: int, batch_size: int,
+                 keys: dict[str, tuple[str, int, float]]) -> None:
+        self.spec = spec
+        self.top_k = top_k
+        self.batch_size = batch_size
+        self.keys = keys  # Ray's path (protocol stripped) -> (path as listed, size, mtime)
+        self.runner = ModelRunner(spec.settings, spec.model, spec.version, batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        ready: list[tuple[SourceFile, np.ndarray]] = []
+        columns = (batch.column("bytes").to_pylist(), batch.column("path").to_pylist())
+        for data, ray_path in zip(*columns, strict=True):
+            path, size, mtime = self.keys.get(ray_path, (ray_path, len(data), -1.0))
+            source = SourceFile(path, size, mtime)
+            views, error = prepare_bytes(data, self.spec)
+            if views is None:
+                rows.append(result_row(source, self.runner, None, error))
+            else:
+                ready.append((source, views))
+        for start in range(0, len(ready), max(1, self.batch_size)):
+            group = ready[start:start + self.batch_size]
+            tops = self.runner.score([v for _, v in group], self.top_k)
+            for (source, _), top in zip(group, tops, strict=True):
+                rows.append(result_row(source, self.runner, top, ""))
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _ray_path(path: str) -> str:
+    return path.split("://", 1)[1] if "://" in path else path
+
+
+def score_ray(todo: list[SourceFile], store: ResultStore, settings: Settings, *, model: str,
+              version: str | None, top_k: int, tta: str, batch_size: int, actors: int,
+              address: str | None) -> Summary:
+    """Score `todo` on Ray (a new local Ray, or the cluster at `address`) and write Parquet into the store."""
+    import ray
+
+    if store.format != "parquet":
+        raise ValueError("--engine ray writes Parquet: give --out a .parquet folder")
+    summary = Summary(total=len(todo))
+    started = time.perf_counter()
+    runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
+    spec = PrepareSpec(settings=settings, model=runner.name, version=runner.version, tta=tta,
+                       preprocessing=runner.preprocessing)
+    spec.check()
+    missing = [f for f in todo if f.size < 0]
+    if missing:  # vanished before listing finished: Ray could not read them, record them here
+        store.write_chunk([result_row(f, runner, None, "not_found: file does not exist or cannot be read")
+                           for f in missing])
+    present = [f for f in todo if f.size >= 0]
+    if present:
+        if not ray.is_initialized():
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        keys = {_ray_path(f.path): (f.path, f.size, f.mtime) for f in present}
+        dataset = ray.data.read_binary_files([f.path for f in present], include_paths=True)
+        scored = dataset.map_batches(
+            RayScorer,
+            fn_constructor_kwargs={"spec": spec, "top_k": top_k, "batch_size": batch_size, "keys": keys},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=max(1, actors),
+        )
+        scored.write_parquet(store.out)
+    done = store.done()
+    for f in todo:
+        row = done.get(f.path)
+        if row is None or row["error"]:
+            summary.failed += 1
+        else:
+            summary.scored += 1
+    summary.seconds = time.perf_counter() - started
+    return summary
