@@ -1,0 +1,420 @@
+"""The HTTP transport end to end: a real server on loopback, real photos, every error, OIP JSON and binary."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from skimage import data as photos
+
+from tests.test_http_server_helpers import Server, jpeg, png, running_server
+
+CAT_WORDS = ("cat", "tabby", "lynx", "tiger")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("http")
+    with running_server(
+        tmp, "--max-request-bytes", str(3 * 1024 * 1024), "--max-images-per-request", "4"
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def chelsea() -> bytes:
+    return jpeg(photos.chelsea())
+
+
+@pytest.fixture(scope="module")
+def coffee() -> bytes:
+    return png(photos.coffee())
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"code", "message", "request_id"}, body
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert "Traceback" not in r.text and "/work/" not in r.text
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def test_classify_multipart_photo(client: httpx.Client, chelsea: bytes) -> None:
+    r = client.post(
+        "/classify",
+        files={"file": ("chelsea.jpg", chelsea, "image/jpeg")},
+        headers={"x-request-id": "test-chelsea-1"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-request-id"] == "test-chelsea-1" == body["request_id"]
+    assert body["model"] == "efficientnet_lite0" and body["version"]
+    preds = body["predictions"]
+    assert len(preds) == 5
+    assert [p["probability"] for p in preds] == sorted((p["probability"] for p in preds), reverse=True)
+    assert any(w in preds[0]["label"].lower() for w in CAT_WORDS), preds
+
+
+def test_classify_raw_body_with_parameters(client: httpx.Client, coffee: bytes) -> None:
+    r = client.post(
+        "/classify",
+        params={"top_k": 3, "model": "efficientnet_lite0", "version": "1"},
+        content=coffee,
+        headers={"content-type": "image/png"},
+    )
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 3
+    assert any(w in " ".join(p["label"].lower() for p in preds) for w in ("espresso", "cup", "coffee"))
+    assert len(r.headers["x-request-id"]) >= 16  # made by the server when the client sends none
+
+
+def test_classify_json_base64_and_tta(client: httpx.Client, chelsea: bytes) -> None:
+    r = client.post(
+        "/classify", json={"image": base64.b64encode(chelsea).decode(), "top_k": 2, "tta": "flip"}
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 2
+
+
+def test_classify_lenet_digits(client: httpx.Client) -> None:
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[4:24, 13:16] = 255  # a "1"
+    r = client.post("/classify", params={"model": "lenet5", "top_k": 10}, content=png(digit))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert sorted(p["id"] for p in preds) == [str(i) for i in range(10)]
+    assert abs(sum(p["probability"] for p in preds) - 1.0) < 1e-3
+
+
+def test_classify_batch_bad_image_fails_only_itself(
+    client: httpx.Client, chelsea: bytes, coffee: bytes
+) -> None:
+    files = [
+        ("files", ("a.jpg", chelsea, "image/jpeg")),
+        ("files", ("bad.jpg", b"not an image", "image/jpeg")),
+        ("files", ("c.png", coffee, "image/png")),
+    ]
+    r = client.post("/classify_batch", files=files, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["succeeded"] == 2 and body["failed"] == 1
+    ok, bad, ok2 = body["results"]
+    assert ok["filename"] == "a.jpg" and len(ok["predictions"]) == 2
+    assert bad["filename"] == "bad.jpg" and bad["error"]["code"] in ("invalid_image", "unsupported_format")
+    assert len(ok2["predictions"]) == 2
+
+
+def test_models_lists_metadata(client: httpx.Client) -> None:
+    r = client.get("/models")
+    assert r.status_code == 200
+    models = {m["name"]: m for m in r.json()["models"]}
+    assert {"efficientnet_lite0", "lenet5"} <= set(models)
+    eff = models["efficientnet_lite0"]
+    assert eff["label_count"] == 1000 and eff["state"] == "ready" and "provider" in eff
+    assert "labels" not in eff and eff["input"]["shape"][1:] == [3, 224, 224]
+    assert models["lenet5"]["label_count"] == 10
+
+
+def test_health_and_readiness(client: httpx.Client) -> None:
+    for path in ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers.get("x-request-id")
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_errors_bad_input(client: httpx.Client) -> None:
+    assert_error(client.post("/classify", content=b"\x89PNG garbage"), 400)
+    assert_error(client.post("/classify", content=b""), 400, "invalid_argument")
+    assert_error(client.post("/classify", params={"top_k": 0}, content=b"x"), 400, "invalid_argument")
+    assert_error(client.post("/classify", params={"top_k": "many"}, content=b"x"), 400, "invalid_argument")
+    assert_error(client.post("/classify", json={"image": "***"}), 400, "invalid_argument")
+    assert_error(client.post("/classify", content=b"{", headers={"content-type": "application/json"}), 400)
+    body = assert_error(
+        client.post(
+            "/classify", params={"model": "no_such_model"}, content=png(np.zeros((8, 8, 3), np.uint8))
+        ),
+        404,
+        "not_found",
+    )
+    assert "no_such_model" in body["message"]
+
+
+def test_errors_limits(client: httpx.Client, chelsea: bytes) -> None:
+    big = b"\xff\xd8" + bytes(3 * 1024 * 1024)
+    assert_error(client.post("/classify", content=big), 413, "request_too_large")
+    five = [("files", (f"{i}.jpg", chelsea, "image/jpeg")) for i in range(5)]
+    body = assert_error(client.post("/classify_batch", files=five), 400, "invalid_argument")
+    assert "limit is 4" in body["message"]
+    two = five[:2]
+    assert_error(client.post("/classify", files=two), 400, "invalid_argument")
+
+
+def test_deadline_exceeded_is_504(client: httpx.Client, chelsea: bytes) -> None:
+    r = client.post("/classify", content=chelsea, headers={"x-request-timeout-ms": "0.001"})
+    assert_error(r, 504, "deadline_exceeded")
+
+
+class Listener:
+    """A local TCP listener that records whether anything connected to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                conn.close()
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_url_as_image_is_refused_and_never_fetched(client: httpx.Client) -> None:
+    listener = Listener()
+    url = f"http://127.0.0.1:{listener.port}/cat.jpg"
+    try:
+        cases = [
+            client.post("/classify", content=url.encode(), headers={"content-type": "text/plain"}),
+            client.post("/classify", data={"file": url}),
+            client.post("/classify", files={"file": ("cat.jpg", url.encode(), "image/jpeg")}),
+            client.post("/classify", json={"image": url}),
+            client.post("/classify_batch", json={"images": [url]}),
+            client.post(
+                "/v2/models/efficientnet_lite0/infer",
+                json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [url]}]},
+            ),
+        ]
+        for r in cases:
+            body = assert_error(r, 400, "url_not_allowed")
+            assert "never fetches" in body["message"]
+    finally:
+        listener.close()
+    assert listener.connections == 0
+
+
+def test_oip_metadata_routes(client: httpx.Client) -> None:
+    meta = client.get("/v2").json()
+    assert meta["name"] and "binary_tensor_data" in meta["extensions"]
+    model = client.get("/v2/models/efficientnet_lite0").json()
+    assert model["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
+    assert model["outputs"][0]["shape"] == [-1, 1000]
+    assert client.get("/v2/models/efficientnet_lite0/versions/1").status_code == 200
+    assert client.get("/v2/models/efficientnet_lite0/ready").json()["ready"] is True
+    assert client.get("/v2/models/lenet5/versions/1/ready").status_code == 200
+    assert_error(client.get("/v2/models/nope"), 404, "not_found")
+    assert_error(client.get("/v2/models/nope/ready"), 404, "not_found")
+    assert_error(client.get("/v2/models/lenet5/versions/99"), 404, "not_found")
+
+
+def test_oip_infer_json_images_and_fp32(client: httpx.Client, chelsea: bytes) -> None:
+    req = {
+        "id": "req-7",
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(chelsea).decode()]}
+        ],
+        "parameters": {"top_k": 3},
+    }
+    r = client.post("/v2/models/efficientnet_lite0/infer", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-7" and body["model_name"] == "efficientnet_lite0"
+    outs = {o["name"]: o for o in body["outputs"]}
+    probs = np.asarray(outs["probabilities"]["data"]).reshape(outs["probabilities"]["shape"])
+    assert probs.shape == (1, 1000) and abs(probs.sum() - 1) < 1e-3
+    top = outs["top_k"]["data"]
+    assert len(top) == 3 and any(w in top[0].lower() for w in CAT_WORDS)
+    assert int(top[0].split(":")[1]) == int(probs.argmax())
+
+    meta = client.get("/v2/models/lenet5").json()
+    fp32 = meta["inputs"][1]
+    shape = [2 if d < 0 else d for d in fp32["shape"]]
+    tensor = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    r = client.post(
+        "/v2/models/lenet5/infer",
+        json={
+            "inputs": [
+                {
+                    "name": fp32["name"],
+                    "datatype": "FP32",
+                    "shape": shape,
+                    "data": tensor.reshape(-1).tolist(),
+                }
+            ],
+            "outputs": [{"name": "probabilities"}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    outs = r.json()["outputs"]
+    assert [o["name"] for o in outs] == ["probabilities"] and outs[0]["shape"] == [2, 10]
+
+
+def _binary_request(doc: dict, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(doc).encode()
+    return head + b"".join(blobs), {
+        "Inference-Header-Content-Length": str(len(head)),
+        "content-type": "application/octet-stream",
+    }
+
+
+def _parse_binary_response(r: httpx.Response) -> dict[str, np.ndarray | list[bytes]]:
+    n = int(r.headers["inference-header-content-length"])
+    doc = json.loads(r.content[:n])
+    offset, out = n, {}
+    for o in doc["outputs"]:
+        size = o["parameters"]["binary_data_size"]
+        raw = r.content[offset : offset + size]
+        offset += size
+        if o["datatype"] == "BYTES":
+            items, i = [], 0
+            while i < len(raw):
+                (length,) = struct.unpack_from("<I", raw, i)
+                items.append(raw[i + 4 : i + 4 + length])
+                i += 4 + length
+            out[o["name"]] = items
+        else:
+            out[o["name"]] = np.frombuffer(raw, dtype="<f4").reshape(o["shape"])
+    assert offset == len(r.content)
+    return out
+
+
+def test_oip_infer_binary_extension(client: httpx.Client, chelsea: bytes, coffee: bytes) -> None:
+    elements = b"".join(struct.pack("<I", len(b)) + b for b in (chelsea, coffee))
+    doc = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [2],
+                "parameters": {"binary_data_size": len(elements)},
+            }
+        ],
+        "parameters": {"binary_data_output": True, "top_k": 2},
+    }
+    body, headers = _binary_request(doc, [elements])
+    r = client.post("/v2/models/efficientnet_lite0/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text[:500]
+    assert r.headers["content-type"] == "application/octet-stream"
+    out = _parse_binary_response(r)
+    assert out["probabilities"].shape == (2, 1000)
+    assert len(out["top_k"]) == 4 and any(w in out["top_k"][0].decode().lower() for w in CAT_WORDS)
+
+    # Binary FP32 input, one output asked for in binary and the other in JSON.
+    tensor = np.zeros((1, 3, 224, 224), dtype="<f4")
+    doc = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 3, 224, 224],
+                "parameters": {"binary_data_size": tensor.nbytes},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}, {"name": "top_k"}],
+    }
+    meta_in = client.get("/v2/models/efficientnet_lite0").json()["inputs"][1]["name"]
+    doc["inputs"][0]["name"] = meta_in
+    body, headers = _binary_request(doc, [tensor.tobytes()])
+    r = client.post("/v2/models/efficientnet_lite0/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text[:500]
+    n = int(r.headers["inference-header-content-length"])
+    head = json.loads(r.content[:n])
+    assert head["outputs"][1]["name"] == "top_k" and len(head["outputs"][1]["data"]) == 5
+    probs = np.frombuffer(r.content[n:], dtype="<f4")
+    assert probs.shape == (1000,) and abs(probs.sum() - 1) < 1e-3
+
+
+def test_oip_infer_errors(client: httpx.Client) -> None:
+    url = "/v2/models/efficientnet_lite0/infer"
+    assert_error(client.post(url, content=b"{}", headers={"Inference-Header-Content-Length": "99"}), 400)
+    assert_error(client.post(url, content=b"not json"), 400)
+    assert_error(
+        client.post(
+            url,
+            json={
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 10},
+                    }
+                ]
+            },
+        ),
+        400,
+    )
+    assert_error(
+        client.post(
+            url, json={"inputs": [{"name": "bogus", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+        ),
+        400,
+    )
+    assert_error(
+        client.post(
+            url,
+            json={
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "data": [base64.b64encode(b"junk").decode()],
+                    }
+                ]
+            },
+        ),
+        400,
+    )
+    assert_error(client.post("/v2/models/nope/infer", json={"inputs": []}), 404, "not_found")
+    bad_len = struct.pack("<I", 1000) + b"abc"
+    doc = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "parameters": {"binary_data_size": len(bad_len)},
+            }
+        ]
+    }
+    body, headers = _binary_request(doc, [bad_len])
+    assert_error(client.post(url, content=body, headers=headers), 400, "invalid_argument")
+
+
+def test_access_log_is_json_with_request_id(server: Server, client: httpx.Client) -> None:
+    client.get("/models", headers={"x-request-id": "access-log-probe"})
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith('{"ts"')]
+    mine = [entry for entry in lines if entry.get("request_id") == "access-log-probe"]
+    assert mine and mine[0]["path"] == "/models" and mine[0]["status"] == 200 and mine[0]["duration_ms"] >= 0

@@ -1,0 +1,75 @@
+"""Bearer token and overload on a real server: 401 without the token, open probes, 503 + Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from skimage import data as photos
+
+from tests.test_http_server_helpers import Server, jpeg, running_server
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("auth")
+    # A one-slot queue and single-image batches make overload easy to reach with a few clients.
+    with running_server(
+        tmp,
+        "--auth-token",
+        TOKEN,
+        "--queue-size",
+        "1",
+        "--max-batch-size",
+        "1",
+        "--models",
+        "efficientnet_lite0",
+    ) as s:
+        yield s
+
+
+def test_token_required_on_api_routes(server: Server) -> None:
+    image = jpeg(photos.chelsea())
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = c.post("/classify", content=image, headers=headers)
+            assert r.status_code == 401, r.text
+            body = r.json()
+            assert body["code"] == "unauthenticated" and body["request_id"] == r.headers["x-request-id"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        assert c.get("/models").status_code == 401
+        assert c.get("/v2/models/efficientnet_lite0").status_code == 401
+        ok = c.post("/classify", content=image, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200, ok.text
+        assert c.get("/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+
+
+def test_probes_and_metrics_need_no_token(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for path in ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+            assert c.get(path).status_code == 200, path
+
+
+def test_overload_answers_503_with_retry_after(server: Server) -> None:
+    image = jpeg(photos.astronaut())
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as c:
+            return await asyncio.gather(
+                *(c.post("/classify", content=image, params={"tta": "ten_crop"}) for _ in range(24))
+            )
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    overloaded = [r for r in responses if r.status_code == 503]
+    assert overloaded and 200 in statuses, statuses
+    for r in overloaded:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["code"] == "overloaded"

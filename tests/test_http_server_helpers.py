@@ -1,0 +1,120 @@
+"""Starting the real service (`python -m service serve`) on loopback for the tests that need a server.
+
+No test here: the helpers that `test_http*`, `test_metrics_http`, `test_shutdown`, `test_serve_only` share.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    grpc_port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@contextmanager
+def running_server(
+    tmp: Path,
+    *flags: str,
+    env_extra: dict[str, str] | None = None,
+    python: str = sys.executable,
+    ready_timeout: float = 240.0,
+) -> Iterator[Server]:
+    """The service as a subprocess on free loopback ports, ready (every model warmed) when yielded."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "PROMETHEUS_"))}
+    env.update(env_extra or {})
+    env["BENTOML_HOME"] = str(tmp / "bentoml")
+    log_path = tmp / f"server-{http_port}.log"
+    cmd = [
+        python,
+        "-m",
+        "service",
+        "serve",
+        "--repository",
+        str(MODELS),
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--intra-op-threads",
+        "1",
+        *flags,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{http_port}"
+    server = Server(proc, url, grpc_port, log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready in {ready_timeout}s:\n{server.log()[-4000:]}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        stop(server)
+
+
+def stop(server: Server, timeout: float = 60.0) -> int | None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(10)
+    return server.proc.returncode

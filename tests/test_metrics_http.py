@@ -1,0 +1,67 @@
+"""`/metrics` of a real server, parsed with prometheus_client: HTTP and gRPC requests, batching, models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from skimage import data as photos
+
+from proto import classifier_pb2, classifier_pb2_grpc
+from tests.test_http_server_helpers import Server, jpeg, running_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("metrics")) as s:
+        yield s
+
+
+def scrape(server: Server) -> dict:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_metrics_count_http_and_grpc(server: Server) -> None:
+    image = jpeg(photos.chelsea())
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for _ in range(3):
+            assert c.post("/classify", content=image).status_code == 200
+        assert c.post("/classify", content=b"junk").status_code == 400
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = classifier_pb2_grpc.ImageClassifierStub(channel)
+        reply = stub.Classify(classifier_pb2.ClassifyRequest(image=image, top_k=2), timeout=60)
+        assert reply is not None
+
+    fams = scrape(server)
+    samples = [s for s in fams["cnn_serve_requests"].samples if s.name == "cnn_serve_requests_total"]
+    http_ok = [
+        s
+        for s in samples
+        if s.labels["protocol"] == "http"
+        and s.labels["endpoint"] == "classify"
+        and s.labels["status"] == "200"
+    ]
+    assert http_ok and http_ok[0].value >= 3 and http_ok[0].labels["model"] == "efficientnet_lite0"
+    assert any(s.labels["protocol"] == "http" and s.labels["status"] == "400" for s in samples)
+    grpc_samples = [s for s in samples if s.labels["protocol"] == "grpc"]
+    assert grpc_samples and sum(s.value for s in grpc_samples) >= 1, samples
+
+    def count(name: str) -> float:
+        return sum(s.value for s in fams[name].samples if s.name == name + "_count")
+
+    assert count("cnn_serve_request_duration_seconds") >= 5
+    assert count("cnn_serve_inference_seconds") >= 1
+    assert count("cnn_serve_batch_size") >= 1
+    assert count("cnn_serve_queue_wait_seconds") >= 1
+    assert count("cnn_serve_preprocess_seconds") >= 1
+    assert "cnn_serve_queue_depth" in fams
+    in_flight = {s.labels["protocol"]: s.value for s in fams["cnn_serve_in_flight_requests"].samples}
+    assert in_flight.get("http") == 0.0
+    info = {
+        (s.labels["name"], s.labels["provider"]) for s in fams["cnn_serve_model_info"].samples if s.value == 1
+    }
+    assert ("efficientnet_lite0", "CPUExecutionProvider") in info and any(n == "lenet5" for n, _ in info)
