@@ -299,7 +299,7 @@ class OpenInference:
         if tensor.name == IMAGE_INPUT:
             probabilities = await self._classify_images(tensor, name, resolved_version, tta, deadline)
         elif tensor.name == fp32_name:
-            probabilities = await self._run_tensor(tensor, name, resolved_version, card_input)
+            probabilities = await self._run_tensor(tensor, name, resolved_version, card_input, deadline)
         else:
             raise InvalidArgument(
                 f"unknown input {tensor.name!r}; model {name!r} takes {IMAGE_INPUT!r} (BYTES) "
@@ -354,7 +354,7 @@ class OpenInference:
         return np.stack(rows)
 
     async def _run_tensor(
-        self, tensor: Tensor, model: str, version: str, card_input: Mapping[str, Any]
+        self, tensor: Tensor, model: str, version: str, card_input: Mapping[str, Any], deadline: float | None
     ) -> np.ndarray:
         if tensor.datatype != "FP32":
             raise InvalidArgument(f"input {tensor.name!r} must be FP32, not {tensor.datatype}")
@@ -374,7 +374,7 @@ class OpenInference:
             raise InvalidArgument(f"{array.shape[0]} samples in one request; the limit is {limit}")
         if not np.isfinite(array).all():
             raise InvalidArgument(f"input {tensor.name!r} holds NaN or infinite values")
-        probabilities = await self.core.infer_tensor(model, version, np.ascontiguousarray(array))
+        probabilities = await self.core.infer_tensor(model, version, np.ascontiguousarray(array), deadline)
         return np.asarray(probabilities, dtype=np.float32)
 
 

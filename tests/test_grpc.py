@@ -1,0 +1,574 @@
+"""The gRPC transport against real servers on loopback: a real InferenceCore on the model repository, the
+real grpc.aio server, and clients using the generated stubs (no mocks anywhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from skimage import data
+
+from proto import classifier_pb2, classifier_pb2_grpc
+from proto import grpc_predict_v2_pb2 as pb
+from proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from service import oip
+from service.config import Settings
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx", "tiger", "cougar"}
+
+
+def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_models() -> Path:
+    if not (REPOSITORY / "efficientnet_lite0").is_dir() or not (REPOSITORY / "lenet5").is_dir():
+        pytest.skip("models/ is not built: run `make models`")
+    return REPOSITORY
+
+
+class Loop:
+    """An asyncio loop in a thread: the servers live there while the tests call them synchronously."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 300) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Served:
+    """A core and the gRPC servers started on it (several servers can share one core)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from service.core import InferenceCore
+        from service.grpc import GrpcServer
+        from service.metrics import Metrics
+
+        self.loop = Loop()
+        self.settings = settings
+        self.metrics = Metrics()
+        self.core = InferenceCore(settings, observer=self.metrics)
+        self.loop.run(self.core.start())
+        self.servers: list[Any] = []
+        self._server_class = GrpcServer
+        self.server = self.add(settings)
+
+    def add(self, settings: Settings) -> Any:
+        server = self._server_class(self.core, settings, self.metrics)
+        self.loop.run(server.start())
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            self.loop.run(server.stop(1.0))
+        self.loop.run(self.core.stop())
+        self.loop.close()
+
+
+def settings_for(repository: Path, **changes: Any) -> Settings:
+    return Settings(repository=str(repository), host="127.0.0.1", grpc_port=0, http_port=0).replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    s = Served(settings_for(need_models()))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def channel(served: Served) -> Iterator[grpc.Channel]:
+    limit = 64 * 1024 * 1024
+    with grpc.insecure_channel(
+        f"127.0.0.1:{served.server.port}",
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+    ) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def classifier(channel: grpc.Channel) -> classifier_pb2_grpc.ImageClassifierStub:
+    return classifier_pb2_grpc.ImageClassifierStub(channel)
+
+
+@pytest.fixture(scope="module")
+def inference(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def trailing(call: Any) -> dict[str, str]:
+    return {k: v for k, v in call.trailing_metadata() or ()}
+
+
+def fails(func: Any, request: Any, code: grpc.StatusCode, **kwargs: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        func(request, timeout=60, **kwargs)
+    err = info.value
+    assert err.code() == code, (err.code(), err.details())
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageClassifier
+
+
+def test_classify_chelsea(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    response, call = classifier.Classify.with_call(
+        classifier_pb2.ClassifyRequest(image=jpeg(data.chelsea()), top_k=3),
+        metadata=(("x-request-id", "cat-42"),),
+        timeout=60,
+    )
+    result = response.result
+    assert result.model == "efficientnet_lite0"
+    assert result.version == "1"
+    assert len(result.predictions) == 3
+    assert result.predictions[0].label in CATS, result.predictions
+    probs = [p.probability for p in result.predictions]
+    assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+    assert trailing(call)["x-request-id"] == "cat-42"
+
+
+def test_classify_other_model_and_tta(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    digit = Image.new("L", (28, 28), 0)
+    digit.paste(255, (12, 4, 16, 24))  # a vertical bar: a "1"
+    response = classifier.Classify(
+        classifier_pb2.ClassifyRequest(image=png(digit), model="lenet5", top_k=10, tta="flip"), timeout=60
+    )
+    assert response.result.model == "lenet5"
+    assert len(response.result.predictions) == 10
+    assert {p.id for p in response.result.predictions} == {str(d) for d in range(10)}
+    assert sum(p.probability for p in response.result.predictions) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_classify_batch_bad_image_fails_only_its_entry(
+    classifier: classifier_pb2_grpc.ImageClassifierStub,
+) -> None:
+    images = [jpeg(data.chelsea()), b"this is not an image", jpeg(data.coffee())]
+    response = classifier.ClassifyBatch(
+        classifier_pb2.ClassifyBatchRequest(images=images, top_k=5), timeout=60
+    )
+    assert len(response.results) == 3
+    first, bad, third = response.results
+    assert first.WhichOneof("outcome") == "result" and first.result.predictions[0].label in CATS
+    assert bad.WhichOneof("outcome") == "error"
+    assert bad.error.status == "INVALID_ARGUMENT" and bad.error.code and bad.error.message
+    assert third.WhichOneof("outcome") == "result"
+    assert third.result.predictions[0].label != first.result.predictions[0].label
+
+
+def test_list_models(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    response = classifier.ListModels(classifier_pb2.ListModelsRequest(), timeout=30)
+    models = {m.name: m for m in response.models}
+    assert {"efficientnet_lite0", "lenet5"} <= set(models)
+    assert response.default_model == "efficientnet_lite0"
+    eff, lenet = models["efficientnet_lite0"], models["lenet5"]
+    assert list(eff.input_shape)[1:] == [3, 224, 224] and eff.label_count == 1000
+    assert lenet.label_count == 10 and lenet.trained
+    assert eff.state == "ready" and eff.provider == "CPUExecutionProvider" and eff.version == "1"
+
+
+def test_ten_megabyte_jpeg(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    rng = np.random.default_rng(7)
+    side = 1600
+    noisy = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    image = jpeg(noisy, quality=100)
+    while len(image) < 10 * 1024 * 1024:
+        side += 300
+        image = jpeg(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), quality=100)
+    assert len(image) >= 10 * 1024 * 1024
+    response = classifier.Classify(classifier_pb2.ClassifyRequest(image=image, top_k=1), timeout=120)
+    assert len(response.result.predictions) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: every one a status code, a message and the request id
+
+
+def test_invalid_image_is_invalid_argument(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    err = fails(
+        classifier.Classify,
+        classifier_pb2.ClassifyRequest(image=b"GIF89a-truncated"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        metadata=(("x-request-id", "bad-1"),),
+    )
+    assert "bad-1" in err.details()
+    meta = trailing(err)
+    assert meta["x-request-id"] == "bad-1" and meta["x-error-code"]
+    assert "Traceback" not in err.details()
+
+
+def test_empty_image_and_empty_batch_are_invalid_argument(
+    classifier: classifier_pb2_grpc.ImageClassifierStub,
+) -> None:
+    fails(classifier.Classify, classifier_pb2.ClassifyRequest(image=b""), grpc.StatusCode.INVALID_ARGUMENT)
+    fails(classifier.ClassifyBatch, classifier_pb2.ClassifyBatchRequest(), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_bad_top_k_and_tta_are_invalid_argument(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    image = jpeg(data.chelsea())
+    fails(
+        classifier.Classify,
+        classifier_pb2.ClassifyRequest(image=image, top_k=5000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    fails(
+        classifier.Classify,
+        classifier_pb2.ClassifyRequest(image=image, tta="sideways"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+def test_too_many_images_is_invalid_argument(
+    served: Served, classifier: classifier_pb2_grpc.ImageClassifierStub
+) -> None:
+    images = [b"x"] * (served.settings.max_images_per_request + 1)
+    err = fails(
+        classifier.ClassifyBatch,
+        classifier_pb2.ClassifyBatchRequest(images=images),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "limit" in err.details()
+
+
+def test_unknown_model_and_version_are_not_found(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
+    image = jpeg(data.chelsea())
+    err = fails(
+        classifier.Classify,
+        classifier_pb2.ClassifyRequest(image=image, model="nope"),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert "nope" in err.details() and trailing(err)["x-request-id"]
+    fails(
+        classifier.Classify,
+        classifier_pb2.ClassifyRequest(image=image, model="lenet5", version="99"),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+def test_request_over_the_size_limit_is_refused(served: Served) -> None:
+    small = served.add(settings_for(need_models(), max_request_bytes=1024 * 1024))
+    with grpc.insecure_channel(f"127.0.0.1:{small.port}") as ch:
+        stub = classifier_pb2_grpc.ImageClassifierStub(ch)
+        fails(
+            stub.Classify,
+            classifier_pb2.ClassifyRequest(image=b"\xff" * (2 * 1024 * 1024)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+
+
+def test_second_server_on_the_same_port_fails_loudly(served: Served) -> None:
+    from service.grpc import GrpcServer
+
+    clash = GrpcServer(served.core, settings_for(need_models(), grpc_port=served.server.port), served.metrics)
+    with pytest.raises(RuntimeError, match="cannot bind"):
+        served.loop.run(clash.start())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open Inference Protocol v2
+
+
+def test_oip_server_calls(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    assert inference.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+    assert inference.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    meta = inference.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+    assert meta.name == oip.SERVER_NAME and "binary_tensor_data" in meta.extensions
+    assert inference.ModelReady(pb.ModelReadyRequest(name="lenet5"), timeout=10).ready
+    assert inference.ModelReady(pb.ModelReadyRequest(name="lenet5", version="1"), timeout=10).ready
+    fails(inference.ModelReady, pb.ModelReadyRequest(name="nope"), grpc.StatusCode.NOT_FOUND)
+
+
+def test_oip_model_metadata(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    meta = inference.ModelMetadata(pb.ModelMetadataRequest(name="efficientnet_lite0"), timeout=10)
+    assert meta.name == "efficientnet_lite0" and list(meta.versions) == ["1"]
+    assert meta.platform == "onnxruntime_onnx"
+    first, second = meta.inputs
+    assert (first.name, first.datatype, list(first.shape)) == ("image", "BYTES", [-1])
+    assert second.datatype == "FP32" and list(second.shape)[1:] == [3, 224, 224]
+    outputs = {o.name: o for o in meta.outputs}
+    assert list(outputs["probabilities"].shape) == [-1, 1000] and outputs["top_k"].datatype == "BYTES"
+    fails(inference.ModelMetadata, pb.ModelMetadataRequest(name="nope"), grpc.StatusCode.NOT_FOUND)
+
+
+def _bytes_input(images: list[bytes]) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[len(images)])
+
+
+def test_oip_infer_bytes_in_typed_contents(
+    inference: pb_grpc.GRPCInferenceServiceStub, classifier: classifier_pb2_grpc.ImageClassifierStub
+) -> None:
+    image = jpeg(data.chelsea())
+    tensor = _bytes_input([image])
+    tensor.contents.bytes_contents.append(image)
+    request = pb.ModelInferRequest(model_name="efficientnet_lite0", id="req-7", inputs=[tensor])
+    request.parameters["top_k"].int64_param = 3
+    response = inference.ModelInfer(request, timeout=60)
+    assert (
+        response.model_name == "efficientnet_lite0"
+        and response.model_version == "1"
+        and response.id == "req-7"
+    )
+    assert not response.raw_output_contents  # typed in, typed out
+    outputs = {o.name: o for o in response.outputs}
+    probs = np.asarray(outputs["probabilities"].contents.fp32_contents, dtype=np.float32)
+    assert list(outputs["probabilities"].shape) == [1, 1000] and probs.sum() == pytest.approx(1.0, abs=1e-3)
+    top = [e.decode().split(":", 2) for e in outputs["top_k"].contents.bytes_contents]
+    assert list(outputs["top_k"].shape) == [1, 3] and len(top) == 3
+    assert int(top[0][1]) == int(probs.argmax()) and top[0][2] in CATS
+    # The same answer as the project's own API.
+    own = classifier.Classify(classifier_pb2.ClassifyRequest(image=image, top_k=1), timeout=60).result
+    assert own.predictions[0].index == int(probs.argmax())
+    assert own.predictions[0].probability == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def test_oip_infer_raw_input_contents_like_triton(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    images = [jpeg(data.chelsea()), jpeg(data.coffee())]
+    request = pb.ModelInferRequest(
+        model_name="efficientnet_lite0",
+        inputs=[_bytes_input(images)],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        raw_input_contents=[oip.encode_bytes_elements(images)],
+    )
+    response = inference.ModelInfer(request, timeout=60)
+    assert [o.name for o in response.outputs] == ["probabilities"]
+    assert len(response.raw_output_contents) == 1
+    probs = oip.decode_raw("FP32", list(response.outputs[0].shape), response.raw_output_contents[0])
+    assert probs.shape == (2, 1000)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+    assert probs[0].argmax() != probs[1].argmax()
+
+
+def test_oip_infer_fp32_preprocessed_tensor(
+    served: Served, inference: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    from service.preprocessing import Preprocessor, Spec
+
+    info = served.core.model_info("efficientnet_lite0")
+    photo = Image.fromarray(data.chelsea()).resize((256, 256))
+    tensor = Preprocessor(Spec.from_card(info["preprocessing"]), mode="fast")(photo)
+    assert tensor.shape == (1, 3, 224, 224)
+    fp32 = pb.ModelInferRequest.InferInputTensor(
+        name=info["input"]["name"], datatype="FP32", shape=tensor.shape
+    )
+    raw = inference.ModelInfer(
+        pb.ModelInferRequest(
+            model_name="efficientnet_lite0", inputs=[fp32], raw_input_contents=[tensor.tobytes()]
+        ),
+        timeout=60,
+    )
+    from_tensor = oip.decode_raw("FP32", list(raw.outputs[0].shape), raw.raw_output_contents[0])
+    # The same tensor in typed contents gives the same answer.
+    fp32.contents.fp32_contents.extend(tensor.ravel().tolist())
+    typed = inference.ModelInfer(
+        pb.ModelInferRequest(model_name="efficientnet_lite0", inputs=[fp32]), timeout=60
+    )
+    np.testing.assert_allclose(
+        np.asarray(typed.outputs[0].contents.fp32_contents), from_tensor.ravel(), atol=1e-6
+    )
+    # And the server's own preprocessing of the same pixels agrees.
+    image = _bytes_input([png(photo)])
+    image.contents.bytes_contents.append(png(photo))
+    from_image = inference.ModelInfer(
+        pb.ModelInferRequest(model_name="efficientnet_lite0", inputs=[image]), timeout=60
+    )
+    np.testing.assert_allclose(
+        np.asarray(from_image.outputs[0].contents.fp32_contents), from_tensor.ravel(), atol=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda r: r.inputs.add(name="image", datatype="BYTES", shape=[2]).contents.bytes_contents.append(
+                b"x"
+            ),
+            "needs 2 elements",
+        ),
+        (
+            lambda r: r.inputs.add(name="pixels", datatype="FP32", shape=[1]).contents.fp32_contents.append(
+                1.0
+            ),
+            "unknown input",
+        ),
+        (
+            lambda r: r.inputs.add(name="image", datatype="FP32", shape=[1]).contents.fp32_contents.append(
+                1.0
+            ),
+            "must be BYTES",
+        ),
+        (lambda r: r.inputs.add(name="input", datatype="FP32", shape=[1, 3, 8, 8]), "needs 192 elements"),
+        (
+            lambda r: (
+                r.inputs.add(name="image", datatype="BYTES", shape=[1]),
+                r.raw_input_contents.append(b"\x09"),
+            ),
+            "length prefix",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x"),
+                r.outputs.add(name="logits"),
+            ),
+            "unknown output",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x"),
+            ),
+            "image 0",
+        ),
+        (lambda r: r.inputs.add(name="image", datatype="FP16", shape=[1]), "raw_input_contents"),
+        (lambda r: None, "exactly one input"),
+    ],
+)
+def test_oip_infer_bad_requests_are_invalid_argument(
+    inference: pb_grpc.GRPCInferenceServiceStub, build: Any, message: str
+) -> None:
+    request = pb.ModelInferRequest(model_name="efficientnet_lite0")
+    build(request)
+    err = fails(inference.ModelInfer, request, grpc.StatusCode.INVALID_ARGUMENT)
+    assert message in err.details()
+
+
+def test_oip_unknown_parameter_and_bad_top_k(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    image = jpeg(data.chelsea())
+    for key, field, value, message in (
+        ("colour", "string_param", "red", "unknown parameters"),
+        ("top_k", "int64_param", 0, "top_k"),
+    ):
+        request = pb.ModelInferRequest(model_name="efficientnet_lite0", inputs=[_bytes_input([image])])
+        request.inputs[0].contents.bytes_contents.append(image)
+        setattr(request.parameters[key], field, value)
+        err = fails(inference.ModelInfer, request, grpc.StatusCode.INVALID_ARGUMENT)
+        assert message in err.details()
+
+
+def test_oip_infer_unknown_model_is_not_found(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="nope", inputs=[_bytes_input([b"x"])])
+    request.inputs[0].contents.bytes_contents.append(b"x")
+    fails(inference.ModelInfer, request, grpc.StatusCode.NOT_FOUND)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Health, reflection, metrics
+
+
+def test_health_server_and_each_model(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for service in ("", "efficientnet_lite0", "lenet5", "inference.GRPCInferenceService"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == serving
+    fails(stub.Check, health_pb2.HealthCheckRequest(service="nope"), grpc.StatusCode.NOT_FOUND)
+
+
+def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {
+        "cnnserve.v1.ImageClassifier",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
+    (answer,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    assert answer.file_descriptor_response.file_descriptor_proto
+
+
+def test_grpc_requests_are_counted_in_metrics(
+    served: Served, classifier: classifier_pb2_grpc.ImageClassifierStub
+) -> None:
+    from prometheus_client import generate_latest
+
+    classifier.ListModels(classifier_pb2.ListModelsRequest(), timeout=10)
+    fails(
+        classifier.Classify, classifier_pb2.ClassifyRequest(image=b"junk"), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    text = generate_latest(served.metrics.registry).decode()
+    samples = [
+        s
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "cnn_serve_requests_total"
+    ]
+    grpc_samples = {
+        (s.labels["endpoint"], s.labels["status"]): s.value for s in samples if s.labels["protocol"] == "grpc"
+    }
+    assert grpc_samples[("ListModels", "OK")] >= 1
+    assert grpc_samples[("Classify", "INVALID_ARGUMENT")] >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A model that fails to load: UNAVAILABLE, and health NOT_SERVING for it while the others serve
+
+
+def test_unavailable_model(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(need_models() / "lenet5", repo / "lenet5")
+    shutil.copytree(need_models() / "lenet5", repo / "broken")
+    card = repo / "broken" / "1" / "model.json"
+    card.write_text(card.read_text().replace('"name": "lenet5"', '"name": "broken"'))
+    for onnx_file in (repo / "broken" / "1").glob("*.onnx"):
+        onnx_file.write_bytes(onnx_file.read_bytes()[:-10] + b"corrupted!")
+    s = Served(settings_for(repo, default_model="lenet5"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.server.port}") as ch:
+            stub = classifier_pb2_grpc.ImageClassifierStub(ch)
+            digit = png(Image.new("L", (28, 28), 0))
+            assert (
+                stub.Classify(classifier_pb2.ClassifyRequest(image=digit), timeout=30).result.model
+                == "lenet5"
+            )
+            err = fails(
+                stub.Classify,
+                classifier_pb2.ClassifyRequest(image=digit, model="broken"),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+            assert "broken" in err.details() or "sha256" in err.details()
+            health = health_pb2_grpc.HealthStub(ch)
+            check = health.Check(health_pb2.HealthCheckRequest(service="broken"), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            check = health.Check(health_pb2.HealthCheckRequest(service="lenet5"), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.close()
