@@ -1,0 +1,202 @@
+"""The adaptive batcher shared by every caller (HTTP, gRPC, batch scoring) of the core.
+
+Requests are admitted against a bound (`queue_size` images between admission and answer); a full pipeline
+answers `Overloaded` at once instead of queueing without limit. Admitted images are decoded and preprocessed
+in a thread pool (the core's), in parallel with inference, then queued here as jobs of one or more views.
+
+One worker thread forms batches: it takes the oldest job and, while images are still being preprocessed and
+the batch is below `max_batch_size` views, waits up to `max_wait_ms` for more jobs of the same model. When
+nothing else is on its way it runs at once, so a lone request pays no waiting; under load batches grow by
+themselves while the previous batch runs (that is the "adaptive" part). Jobs whose deadline has passed, or
+whose caller gave up, are dropped before inference.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, Overloaded, ServiceError
+
+
+@dataclass
+class Job:
+    key: Hashable  # which session runs it (model name, version)
+    views: np.ndarray  # (V, C, H, W) float32
+    future: Future  # resolves to the (V, outputs) raw network outputs
+    deadline: float  # time.monotonic() seconds
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a future unless the caller already cancelled it (deadline) or it is resolved."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[Hashable, np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_size: int,
+        observer: Any,
+        model_name: Callable[[Hashable], str] = str,
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self.observer = observer
+        self._model_name = model_name
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._outstanding = 0  # admitted images not yet answered
+        self._preparing = 0  # admitted images still in decoding/preprocessing
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- admission ----
+    def admit(self, n: int, preparing: bool = True) -> None:
+        """Reserve room for n images, or raise Overloaded at once."""
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the service is shutting down")
+            if self._outstanding + n > self.queue_size:
+                raise Overloaded(
+                    f"{self._outstanding} images waiting; the queue holds {self.queue_size}, retry shortly"
+                )
+            self._outstanding += n
+            if preparing:
+                self._preparing += n
+
+    def release(self, n: int = 1) -> None:
+        with self._cond:
+            self._outstanding -= n
+
+    def prepared(self, n: int = 1) -> None:
+        """n admitted images left preprocessing without a job (they failed); wake the worker."""
+        with self._cond:
+            self._preparing -= n
+            self._cond.notify_all()
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    # -- queue ----
+    def submit(self, job: Job, from_preparing: bool = True) -> None:
+        self.start()
+        with self._cond:
+            self._queue.append(job)
+            if from_preparing:
+                self._preparing -= 1
+            depth = len(self._queue)
+            self._cond.notify_all()
+        self.observer.queue_depth(depth)
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._cond:
+                if self._thread is None or not self._thread.is_alive():
+                    self._stopping = False
+                    self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                    self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- worker ----
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            wait_until = first.enqueued + self.max_wait_s
+            while True:
+                views = sum(j.views.shape[0] for j in self._queue if j.key == first.key)
+                now = time.monotonic()
+                if (
+                    views >= self.max_batch_size
+                    or self._preparing <= 0
+                    or now >= wait_until
+                    or self._stopping
+                ):
+                    break
+                self._cond.wait(wait_until - now)
+            taken, rest, total = [], deque(), 0
+            for job in self._queue:
+                n = job.views.shape[0]
+                if job.key == first.key and (not taken or total + n <= self.max_batch_size):
+                    taken.append(job)
+                    total += n
+                else:
+                    rest.append(job)
+            self._queue = rest
+            depth = len(rest)
+        self.observer.queue_depth(depth)
+        return taken
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            now = time.monotonic()
+            live = []
+            for job in jobs:
+                self.observer.queue_wait(now - job.enqueued)
+                if job.future.cancelled():
+                    continue
+                if now >= job.deadline:
+                    settle(job.future, error=DeadlineExceeded("deadline passed while waiting for inference"))
+                    continue
+                live.append(job)
+            if live:
+                self._execute(live)
+
+    def _execute(self, jobs: list[Job]) -> None:
+        key = jobs[0].key
+        batch = jobs[0].views if len(jobs) == 1 else np.concatenate([j.views for j in jobs])
+        try:
+            outputs = []
+            for i in range(0, batch.shape[0], self.max_batch_size):  # one call per max_batch_size views
+                chunk = batch[i : i + self.max_batch_size]
+                t0 = time.perf_counter()
+                outputs.append(self._run(key, chunk))
+                self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), self._model_name(key))
+            out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        except ServiceError as e:
+            for job in jobs:
+                settle(job.future, error=e)
+            return
+        except Exception as e:  # an ONNX Runtime failure fails this batch, never the worker
+            for job in jobs:
+                settle(job.future, error=ServiceError(f"inference failed: {type(e).__name__}"))
+            return
+        start = 0
+        for job in jobs:
+            n = job.views.shape[0]
+            settle(job.future, out[start : start + n])
+            start += n

@@ -1,0 +1,353 @@
+"""`InferenceCore`: image bytes in, top-k predictions out; the facade every transport calls.
+
+It owns the loaded models (one ONNX Runtime session each), a decoding/preprocessing thread pool and the one
+adaptive batcher. It knows nothing of HTTP, gRPC or Prometheus: metrics flow through the `Observer` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from service import augmentation, decoding, postprocessing
+from service.batching import Batcher, Job, settle
+from service.config import Settings
+from service.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelUnavailable,
+    ServiceError,
+)
+from service.postprocessing import ClassScore
+from service.preprocessing import Preprocessor, Spec
+from service.repository import ModelCard, read_card, resolve, scan
+from service.sessions import GpuRequired, ModelSession
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClassScore", "InferenceCore", "NullObserver", "Observer", "Prediction"]
+
+
+class Observer(Protocol):
+    """What the core reports from the batcher (service/metrics.py implements it with Prometheus)."""
+
+    def queue_depth(self, n: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def preprocess(self, seconds: float) -> None: ...
+    def inference(self, seconds: float, batch_size: int, model: str) -> None: ...
+
+
+class NullObserver:
+    def queue_depth(self, n: int) -> None:
+        pass
+
+    def queue_wait(self, seconds: float) -> None:
+        pass
+
+    def preprocess(self, seconds: float) -> None:
+        pass
+
+    def inference(self, seconds: float, batch_size: int, model: str) -> None:
+        pass
+
+
+@dataclass
+class Prediction:
+    model: str
+    version: str
+    top_k: list[ClassScore]
+    probabilities: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "predictions": [c.to_dict() for c in self.top_k],
+        }
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard | None
+    name: str
+    version: str
+    state: str = "loading"  # loading | ready | unavailable
+    reason: str = ""
+    session: ModelSession | None = None
+    spec: Spec | None = None
+    preprocessor: Preprocessor | None = None
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.card.metadata() if self.card else {}
+        out.update({"name": self.name, "version": self.version, "state": self.state, "reason": self.reason})
+        if self.session is not None:
+            out.update(self.session.describe())
+        else:
+            out.setdefault("provider", "")
+        return out
+
+
+class InferenceCore:
+    def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
+        self.settings = settings or Settings()
+        self.observer: Observer = observer or NullObserver()
+        self.ready = False
+        self.limits = decoding.Limits(self.settings.max_image_pixels, self.settings.max_aspect_ratio)
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._versions: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, self.settings.decode_threads), thread_name_prefix="preprocess"
+        )
+        self.batcher = Batcher(
+            self._run_batch,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_s=self.settings.max_wait_ms / 1000.0,
+            queue_size=self.settings.queue_size,
+            observer=self.observer,
+            model_name=lambda key: key[0],
+        )
+
+    # -- lifecycle ----
+    def load(self) -> None:
+        """Load and warm up every model version; failures are kept with their reason (GpuRequired raises)."""
+        versions = scan(self.settings.repository)
+        if self.settings.models:
+            missing = [m for m in self.settings.models if m not in versions]
+            if missing:
+                log.warning("models %s are not in the repository %s", missing, self.settings.repository)
+            versions = {k: v for k, v in versions.items() if k in self.settings.models}
+        self._versions = versions
+        for name, vs in versions.items():
+            for v in vs:
+                self._models[(name, v)] = LoadedModel(None, name, v)
+        for (name, v), entry in self._models.items():
+            try:
+                card = read_card(entry_path(self.settings.repository, name, v))
+                entry.card = card
+                entry.spec = Spec.from_card(card.preprocessing)
+                entry.preprocessor = Preprocessor(entry.spec, self.settings.preprocess_mode)
+                session = ModelSession(card, self.settings)
+                session.warm_up()
+                entry.session = session
+                entry.state = "ready"
+                log.info("model %s:%s ready on %s (%s)", name, v, session.provider, session.precision)
+            except GpuRequired:
+                raise
+            except Exception as e:  # one broken model must not take the others down
+                entry.state = "unavailable"
+                entry.reason = f"{type(e).__name__}: {e}"[:500]
+                log.error("model %s:%s unavailable: %s", name, v, entry.reason)
+        self.batcher.start()
+        self.ready = any(m.state == "ready" for m in self._models.values())
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.load)
+
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        """Drain: queued jobs finish, then the worker and the pool end."""
+        self.ready = False
+        self.batcher.stop(self.settings.drain_timeout_s)
+        self._pool.shutdown(wait=True)
+
+    # -- metadata ----
+    def models(self) -> list[dict[str, Any]]:
+        return [m.info() for m in self._models.values()]
+
+    def model_info(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        return self._entry(name, version, require_ready=False).info()
+
+    def _entry(self, name: str | None, version: str | None, require_ready: bool = True) -> LoadedModel:
+        name = name or self._default_model()
+        v = resolve(self._versions, name, None if version is None else str(version))
+        entry = self._models[(name, v)]
+        if require_ready and entry.state != "ready":
+            raise ModelUnavailable(
+                f"model {name!r} version {v} is {entry.state}: {entry.reason or 'not loaded'}"
+            )
+        return entry
+
+    def _default_model(self) -> str:
+        if self.settings.default_model in self._versions or not self._versions:
+            return self.settings.default_model
+        return next(iter(self._versions))
+
+    # -- inference ----
+    def _run_batch(self, key: tuple[str, str], batch: np.ndarray) -> np.ndarray:
+        session = self._models[key].session
+        assert session is not None
+        return session.run(batch)
+
+    def _submit(
+        self, images: Sequence[bytes], entry: LoadedModel, tta: str, deadline: float
+    ) -> list[concurrent.futures.Future]:
+        """Admit, then decode+preprocess each image in the pool; each future resolves to raw view outputs."""
+        self.batcher.admit(len(images))
+        futures = []
+        for data in images:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.add_done_callback(lambda _f: self.batcher.release(1))
+            futures.append(fut)
+            self._pool.submit(self._prepare, data, entry, tta, deadline, fut)
+        return futures
+
+    def _prepare(
+        self, data: bytes, entry: LoadedModel, tta: str, deadline: float, fut: concurrent.futures.Future
+    ) -> None:
+        queued = False
+        try:
+            if fut.cancelled():
+                return
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline passed before decoding")
+            t0 = time.perf_counter()
+            views = self.preprocess(data, entry, tta)
+            self.observer.preprocess(time.perf_counter() - t0)
+            self.batcher.submit(
+                Job(key=(entry.name, entry.version), views=views, future=fut, deadline=deadline)
+            )
+            queued = True
+        except ServiceError as e:
+            settle(fut, error=e)
+        except Exception as e:  # never leak a stack trace to clients
+            settle(fut, error=ServiceError(f"preprocessing failed: {type(e).__name__}"))
+        finally:
+            if not queued:
+                self.batcher.prepared(1)
+
+    def preprocess(self, data: bytes, entry: LoadedModel, tta: str) -> np.ndarray:
+        """Bytes -> (views, C, H, W) float32 for one image (runs in the pool)."""
+        assert entry.spec is not None and entry.preprocessor is not None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("each image must be bytes")
+        img = decoding.decode(
+            bytes(data),
+            channels=entry.spec.channels,
+            limits=self.limits,
+            min_short_side=augmentation.max_short_side(entry.spec, tta),
+            draft=entry.preprocessor.decode_draft,
+        )
+        return entry.preprocessor(img, augmentation.plan_views(entry.spec, tta, img.size))
+
+    def _check(self, images: Sequence[bytes], model: str | None, version: str | None, top_k: int, tta: str):
+        entry = self._entry(model, version)
+        augmentation.check_mode(tta)
+        assert entry.card is not None
+        k = postprocessing.check_top_k(top_k, entry.card.num_classes, self.settings.max_top_k)
+        if not images:
+            raise InvalidArgument("no image given")
+        if len(images) > self.settings.max_images_per_request:
+            raise InvalidArgument(
+                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}"
+            )
+        return entry, k
+
+    def _finish(self, entry: LoadedModel, k: int, outcome: Any) -> Prediction | ServiceError:
+        if isinstance(outcome, ServiceError):
+            return outcome
+        if isinstance(outcome, BaseException):
+            return ServiceError(f"classification failed: {type(outcome).__name__}")
+        assert entry.card is not None
+        probs = postprocessing.to_probabilities(outcome, entry.card.output_kind)
+        avg = postprocessing.average_views(probs, [probs.shape[0]])[0]
+        return Prediction(entry.name, entry.version, postprocessing.top_k(avg, k, entry.card.labels), avg)
+
+    def _deadline(self, deadline: float | None) -> float:
+        return deadline if deadline is not None else time.monotonic() + self.settings.request_timeout_s
+
+    async def classify(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        top_k: int = 5,
+        tta: str = "none",
+        deadline: float | None = None,
+    ) -> list[Prediction | ServiceError]:
+        """One entry per image; a bad image fails only itself. Request-level problems raise."""
+        entry, k = self._check(images, model, version, top_k, tta)
+        deadline = self._deadline(deadline)
+        futures = self._submit(images, entry, tta, deadline)
+        wrapped = [asyncio.wrap_future(f) for f in futures]
+        timeout = max(0.0, deadline - time.monotonic())
+        done, pending = await asyncio.wait(wrapped, timeout=timeout)
+        for f in futures:
+            if not f.done():
+                f.cancel()
+        results: list[Prediction | ServiceError] = []
+        for w in wrapped:
+            if w in pending:
+                results.append(DeadlineExceeded("deadline passed before the image was classified"))
+            elif w.cancelled():
+                results.append(DeadlineExceeded("request cancelled"))
+            else:
+                results.append(self._finish(entry, k, w.exception() or w.result()))
+        return results
+
+    def classify_sync(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        top_k: int = 5,
+        tta: str = "none",
+        deadline: float | None = None,
+    ) -> list[Prediction | ServiceError]:
+        """The same as `classify`, for threads without an event loop (batch scoring)."""
+        entry, k = self._check(images, model, version, top_k, tta)
+        deadline = self._deadline(deadline)
+        futures = self._submit(images, entry, tta, deadline)
+        concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        results: list[Prediction | ServiceError] = []
+        for f in futures:
+            if not f.done():
+                f.cancel()
+                results.append(DeadlineExceeded("deadline passed before the image was classified"))
+            elif f.cancelled():
+                results.append(DeadlineExceeded("request cancelled"))
+            else:
+                results.append(self._finish(entry, k, f.exception() or f.result()))
+        return results
+
+    async def infer_tensor(
+        self, model: str | None, version: str | None, array: np.ndarray, deadline: float | None = None
+    ) -> np.ndarray:
+        """Probabilities (N, classes) for an already-preprocessed fp32 NCHW tensor, through the batcher."""
+        entry = self._entry(model, version)
+        assert entry.session is not None and entry.card is not None
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        expected = entry.session.input_shape
+        if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+            raise InvalidArgument(
+                f"tensor must have shape [N, {', '.join(map(str, expected))}], got {list(array.shape)}"
+            )
+        deadline = self._deadline(deadline)
+        self.batcher.admit(1, preparing=False)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.add_done_callback(lambda _f: self.batcher.release(1))
+        self.batcher.submit(Job((entry.name, entry.version), array, fut, deadline), from_preparing=False)
+        try:
+            out = await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise DeadlineExceeded("deadline passed before inference finished") from None
+        return postprocessing.to_probabilities(out, entry.card.output_kind)
+
+
+def entry_path(repository: str, name: str, version: str):
+    from pathlib import Path
+
+    return Path(repository) / name / version

@@ -1,0 +1,231 @@
+"""Image bytes -> an upright 8-bit PIL image in the model's channels, with limits checked before decoding.
+
+Order matters for safety: the container is recognised from its magic bytes, the header is parsed (cheap) and
+the pixel count and aspect ratio are checked against `Settings` *before* any pixel is decoded, so a few-KB
+decompression bomb never allocates its gigabytes. Pillow's own `DecompressionBombError` is a second guard.
+
+Alpha rule: transparent pixels (LA, RGBA, PA, P with a transparency entry) are composited onto WHITE, the
+background a browser shows and the one photos of objects are usually taken against; a black background would
+turn transparent logos into dark blobs.
+
+JPEG decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale (Pillow's `draft`), choosing the
+smallest scale that is still no smaller than asked. We ask for the size whose *shorter side* is the largest
+shorter side any requested view needs, computed in the stored (pre-EXIF) orientation, since EXIF rotation by
+90 degrees swaps width and height but never changes which side is shorter.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey-filled
+
+# Magic bytes of the containers we decode; Pillow is only asked to open these.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a client image may be; built from `Settings` (max_image_pixels, max_aspect_ratio)."""
+
+    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 20.0
+
+
+def sniff(data: bytes) -> str:
+    """The container format from magic bytes; typed errors for everything we refuse."""
+    if not data:
+        raise InvalidImage("empty image (0 bytes)")
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"%PDF"):
+        raise UnsupportedFormat("PDF documents are not images; send JPEG, PNG, WebP, BMP, GIF or TIFF")
+    lowered = head.lower()
+    if lowered.startswith(b"<?xml") or lowered.startswith(b"<svg") or b"<svg" in lowered:
+        raise UnsupportedFormat("SVG (vector) images are not supported; send a raster image")
+    if _looks_like_text(data[:1024]):
+        raise UnsupportedFormat("the data is text, not an image; send JPEG, PNG, WebP, BMP, GIF or TIFF")
+    raise InvalidImage("not a recognised image (JPEG, PNG, WebP, BMP, GIF or TIFF expected)")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
+
+
+def check_size(width: int, height: int, limits: Limits, resize_to: int | None = None) -> None:
+    """Header-level limits: pixel count, aspect ratio and the size the image would have after resizing."""
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageTooLarge(
+            f"image aspect ratio {ratio:.1f} ({width}x{height}) exceeds the limit {limits.max_aspect_ratio:g}"
+        )
+    if resize_to:
+        scale = resize_to / min(width, height)
+        resized = math.ceil(width * scale) * math.ceil(height * scale)
+        if resized > limits.max_pixels:
+            raise ImageTooLarge(
+                f"image would be {resized} pixels after resizing; the limit is {limits.max_pixels}"
+            )
+
+
+def decode(
+    data: bytes,
+    *,
+    channels: int = 3,
+    limits: Limits | None = None,
+    min_short_side: int | None = None,
+    draft: bool = True,
+) -> Image.Image:
+    """Decode to an upright image in mode RGB (channels=3) or L (channels=1).
+
+    `min_short_side`: the largest shorter side any view will be resized to; JPEGs are then decoded at the
+    smallest DCT scale that keeps the shorter side at least that big (when `draft` is True; exact mode turns
+    it off to match torchvision, which decodes at full size).
+    """
+    limits = limits or Limits()
+    fmt = sniff(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge("image header declares too many pixels (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(f"corrupt or unreadable {fmt} image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise InvalidImage(f"corrupt {fmt} image: {_short(e)}") from None
+    source = img
+    try:
+        width, height = img.size
+        check_size(width, height, limits, min_short_side)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # GIF: first frame; TIFF: first page; APNG/WebP: first frame
+        if draft and fmt == "JPEG" and min_short_side:
+            scale = min_short_side / min(width, height)
+            if scale < 1:
+                img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        exif_orientation = _orientation(img)
+        img = to_channels(img, channels)
+        if exif_orientation not in (None, 1):
+            img = _apply_orientation(img, exif_orientation)
+        return img
+    except (ImageTooLarge, InvalidImage, UnsupportedFormat):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge("image declares too many pixels (decompression bomb)") from None
+    except MemoryError:
+        raise ImageTooLarge("image is too large to decode") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        raise InvalidImage(f"corrupt or truncated {fmt} image: {_short(e)}") from None
+    finally:
+        if img is not source:  # the decoded copy lives on; the file-backed original is done
+            source.close()
+
+
+def _short(e: Exception) -> str:
+    return str(e).split("\n")[0][:200] or type(e).__name__
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block must not reject an otherwise good photo
+        return None
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+_TRANSPOSE = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+
+
+def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
+    """Same mapping as `ImageOps.exif_transpose`, applied after mode conversion (fewer bytes to move)."""
+    for op in _TRANSPOSE[orientation]:
+        img = img.transpose(op)
+    return img
+
+
+def to_channels(img: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB or L; alpha composited on white (see the module docstring)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _high_depth_to_l(img)
+        mode = "L"
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        img = Image.alpha_composite(background, rgba)
+        mode = "RGBA"
+    if channels == 1:
+        return img if img.mode == "L" else img.convert("L")
+    if channels == 3:
+        return img if img.mode == "RGB" else img.convert("RGB")
+    raise ValueError(f"models take 1 or 3 channels, not {channels}")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer or float grey -> 8 bit by scaling the full 16-bit range, not clipping."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
+        out = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)
+    else:
+        arr = arr.astype(np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+        out = np.clip(arr * (255.0 / top), 0, 255)
+    return Image.fromarray(np.round(out).astype(np.uint8), "L")
+
+
+def orientation_swaps(data: bytes) -> bool:
+    """Whether the EXIF orientation swaps width and height (5..8); for callers that plan view sizes."""
+    with Image.open(io.BytesIO(data)) as img:
+        return (_orientation(img) or 1) >= 5

@@ -1,0 +1,77 @@
+"""Network outputs -> probabilities -> ranked top-k, like Keras' `decode_predictions`.
+
+Ties are broken by class index (stable sort), so the same probabilities always give the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    id: str
+    label: str
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "label": self.label, "probability": self.probability}
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float32 (max subtracted)."""
+    x = np.asarray(x, dtype=np.float32)
+    z = x - x.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+def to_probabilities(outputs: np.ndarray, kind: str) -> np.ndarray:
+    """Softmax unless the card says the graph already outputs probabilities."""
+    if kind == "probabilities":
+        return np.asarray(outputs, dtype=np.float32)
+    return softmax(outputs)
+
+
+def average_views(probabilities: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    """Split a (sum(counts), classes) array per image and average each image's views."""
+    out, start = [], 0
+    for n in counts:
+        out.append(probabilities[start : start + n].mean(axis=0, dtype=np.float64).astype(np.float32))
+        start += n
+    return out
+
+
+def check_top_k(top_k: Any, classes: int, limit: int | None = None) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise InvalidArgument(f"top_k must be an integer, not {top_k!r}")
+    upper = min(classes, limit) if limit else classes
+    if not 1 <= int(top_k) <= upper:
+        raise InvalidArgument(f"top_k must be between 1 and {upper}, got {top_k}")
+    return int(top_k)
+
+
+def top_k(probabilities: np.ndarray, k: int, labels: Sequence[dict[str, Any]]) -> list[ClassScore]:
+    """The k most probable classes, best first; equal probabilities in ascending class index."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    result = []
+    for i in order:
+        i = int(i)
+        meta = labels[i] if i < len(labels) else {}
+        result.append(
+            ClassScore(
+                index=i,
+                id=str(meta.get("id", i)),
+                label=str(meta.get("name", meta.get("label", str(i)))),
+                probability=float(probabilities[i]),
+            )
+        )
+    return result

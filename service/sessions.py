@@ -1,0 +1,183 @@
+"""One ONNX Runtime session per model: provider choice, precision, I/O binding on GPU, warm-up.
+
+ONNX Runtime silently drops to CPU when CUDA or cuDNN libraries are missing; we compare the providers the
+session really got with the ones asked for and, with `require_gpu`, refuse to start instead of serving slowly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.config import Settings
+from service.repository import ModelCard, RepositoryError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class GpuRequired(RuntimeError):
+    """`require_gpu` is set and the session would run on CPU."""
+
+
+def requested_providers(settings: Settings) -> list[str]:
+    """Settings.providers if given, else CUDA (when this onnxruntime build has it) then CPU."""
+    if settings.providers:
+        return list(settings.providers)
+    available = ort.get_available_providers()
+    return [p for p in (CUDA, CPU) if p in available]
+
+
+def batch_buckets(max_batch_size: int, fixed: int | None = None) -> list[int]:
+    """Batch sizes warmed up (and padded to on GPU): powers of two up to the max, and the max itself."""
+    if fixed:
+        return [fixed]
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+class ModelSession:
+    """An ONNX Runtime session for one model card; `run` takes fp32 NCHW and returns fp32 outputs."""
+
+    def __init__(self, card: ModelCard, settings: Settings) -> None:
+        self.card = card
+        self.settings = settings
+        providers = requested_providers(settings)
+        if settings.require_gpu and CUDA not in providers:
+            raise GpuRequired(f"require_gpu is set but {CUDA} is not available to this onnxruntime build")
+        on_gpu_requested = bool(providers) and providers[0] == CUDA
+        precision = settings.precision
+        if precision == "auto":
+            precision = "fp16" if on_gpu_requested else "fp32"
+        fname = self._pick_file(card, precision)
+        path = card.verify(fname)  # sha256 before ONNX Runtime reads a byte
+        self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
+        self.session = ort.InferenceSession(
+            str(path), sess_options=self._options(card, fname), providers=self._provider_options(providers)
+        )
+        self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
+        if settings.require_gpu and self.provider != CUDA:
+            raise GpuRequired(
+                f"require_gpu is set but the session fell back to {self.provider} (CUDA or cuDNN missing?)"
+            )
+        self.on_gpu = self.provider == CUDA
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_name = self.session.get_outputs()[0].name
+        first = inp.shape[0] if inp.shape else None
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        self.input_shape = tuple(int(d) for d in card.data["input"]["shape"][1:])
+        self.buckets = batch_buckets(settings.max_batch_size, self.fixed_batch)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _pick_file(card: ModelCard, precision: str) -> str:
+        files = card.data.get("files") or {}
+        for fname, meta in files.items():
+            if (meta or {}).get("precision", "fp32") == precision:
+                return fname
+        if precision == "fp16":  # no fp16 graph in the card: serve fp32 rather than nothing
+            for fname, meta in files.items():
+                if (meta or {}).get("precision", "fp32") == "fp32":
+                    return fname
+        raise RepositoryError(f"no {precision} graph listed in the card")
+
+    def _options(self, card: ModelCard, fname: str) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        level = str((card.data["files"][fname] or {}).get("optimization", "all"))
+        so.graph_optimization_level = _OPT_LEVELS.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        if self.settings.intra_op_threads:
+            so.intra_op_num_threads = self.settings.intra_op_threads
+        if self.settings.inter_op_threads:
+            so.inter_op_num_threads = self.settings.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        return so
+
+    def _provider_options(self, providers: Sequence[str]) -> list[str | tuple[str, dict[str, str]]]:
+        out: list[str | tuple[str, dict[str, str]]] = []
+        for p in providers:
+            if p == CUDA:
+                opts = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}
+                if self.settings.gpu_mem_limit_mb:
+                    opts["gpu_mem_limit"] = str(self.settings.gpu_mem_limit_mb * 1024 * 1024)
+                out.append((p, opts))
+            else:
+                out.append(p)
+        return out
+
+    def bucket(self, n: int) -> int:
+        """The smallest warmed batch size holding n (GPU pads to it; CPU runs n as is)."""
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return n
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Raw network outputs (fp32) for an fp32 NCHW batch of any size (split by the fixed batch if any)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.fixed_batch and batch.shape[0] != self.fixed_batch:
+            parts = []
+            for i in range(0, batch.shape[0], self.fixed_batch):
+                chunk = batch[i : i + self.fixed_batch]
+                n = chunk.shape[0]
+                if n < self.fixed_batch:
+                    chunk = np.concatenate(
+                        [chunk, np.zeros((self.fixed_batch - n, *chunk.shape[1:]), np.float32)]
+                    )
+                parts.append(self._run(chunk)[:n])
+            return np.concatenate(parts)
+        n = batch.shape[0]
+        if self.on_gpu:
+            b = self.bucket(n)
+            if b > n:  # fixed shapes keep cuDNN's tuned algorithms
+                batch = np.concatenate([batch, np.zeros((b - n, *batch.shape[1:]), np.float32)])
+            return self._run_bound(batch)[:n]
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        out = self.session.run([self.output_name], {self.input_name: batch})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
+        """GPU: I/O binding, so ONNX Runtime copies the input once and allocates the output on the device."""
+        with self._lock:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, batch)
+            binding.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def warm_up(self) -> None:
+        """One run per batch-size bucket: first runs allocate arenas and (on GPU) pick kernels."""
+        for b in self.buckets:
+            self.run(np.zeros((b, *self.input_shape), dtype=np.float32))
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "provider": self.provider,
+            "providers": list(self.providers),
+            "precision": self.precision,
+            "batch_buckets": list(self.buckets),
+            "io_binding": self.on_gpu,
+        }
+
+
+def model_file(card: ModelCard, fname: str) -> Path:
+    return card.path / fname

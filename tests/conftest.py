@@ -1,0 +1,149 @@
+"""Shared fixtures: the real model repository, a tiny generated repository, real photos and image bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_tiny_model(
+    root: Path,
+    name: str = "tiny",
+    version: str = "1",
+    channels: int = 3,
+    size: int = 32,
+    classes: int = 10,
+    seed: int = 0,
+    kind: str = "logits",
+) -> Path:
+    """A small position-sensitive ONNX classifier (conv stride 2 -> flatten -> gemm) with a schema-1 card."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    feat = 4 * ((size - 3) // 2 + 1) ** 2
+    w = numpy_helper.from_array(rng.normal(0, 0.5, (4, channels, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "b")
+    fc = numpy_helper.from_array(rng.normal(0, 0.05, (feat, classes)).astype(np.float32), "fc")
+    fcb = numpy_helper.from_array(np.zeros(classes, np.float32), "fcb")
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"]),
+    ]
+    out_name = "logits"
+    if kind == "probabilities":
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+        out_name = "probs"
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size, size])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", classes])],
+        [w, b, fc, fcb],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder = root / name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    card = {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "architecture": "imported",
+        "source": "tests:onnx.helper",
+        "trained": False,
+        "description": "tiny test classifier",
+        "input": {"name": "input", "shape": [-1, channels, size, size], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": out_name, "shape": [-1, classes], "kind": kind},
+        "preprocessing": {
+            "input_size": [channels, size, size],
+            "resize": int(size / 0.875),
+            "crop_pct": 0.875,
+            "interpolation": "bilinear",
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+            "channels": channels,
+        },
+        "labels": [{"index": i, "id": f"c{i}", "name": f"class {i}"} for i in range(classes)],
+        "files": {
+            "model.onnx": {
+                "sha256": _sha256(folder / "model.onnx"),
+                "bytes": (folder / "model.onnx").stat().st_size,
+                "precision": "fp32",
+                "provider": "any",
+                "optimization": "extended",
+            }
+        },
+        "opset": 17,
+        "weights": None,
+        "accuracy": None,
+    }
+    (folder / "model.json").write_text(json.dumps(card, indent=1))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated repository: `tiny` (RGB, versions 1 and 2), `tinygray` (1 channel), `tinyprob` (softmax)."""
+    root = tmp_path_factory.mktemp("repo")
+    write_tiny_model(root, "tiny", "1", seed=1)
+    write_tiny_model(root, "tiny", "2", seed=2)
+    write_tiny_model(root, "tinygray", "1", channels=1, seed=3)
+    write_tiny_model(root, "tinyprob", "1", seed=4, kind="probabilities")
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_repo() -> Path:
+    """The default repository built by `make models`; its absence is a build error, not a skip."""
+    if not (MODELS / "efficientnet_lite0").is_dir() or not (MODELS / "lenet5").is_dir():
+        pytest.fail(f"{MODELS} lacks efficientnet_lite0/lenet5: run `make models` first (make test does)")
+    return MODELS
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())
+
+
+@pytest.fixture(scope="session")
+def coffee() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.coffee())
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def chelsea_jpeg(chelsea: Image.Image) -> bytes:
+    return encode(chelsea, "JPEG", quality=92)
