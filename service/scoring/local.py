@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_file
+from service.scoring.pipeline import ModelRunner, PrepareSpec, describe, prepare_bytes, prepare_file
 from service.scoring.results import ResultStore
-from service.scoring.sources import SourceFile
+from service.scoring.sources import SourceFile, open_bytes
 
 TASK_FILES = 4  # files per worker task: amortizes inter-process overhead without starving the batcher
+PROCESS_LOCAL = ("memory://",)  # filesystems whose files exist only in this process
 
 
 @dataclass
@@ -69,9 +70,28 @@ def _init_worker(spec: PrepareSpec) -> None:
     _WORKER_SPEC = spec
 
 
-def _prepare_many(files: list[SourceFile]) -> list[tuple[np.ndarray | None, str]]:
+Prepared = tuple[np.ndarray | None, str]
+
+
+def _prepare_many(files: list[SourceFile], payloads: list[bytes | str] | None) -> list[Prepared]:
+    """Worker task: read (unless the main process already did) and prepare a few files."""
     assert _WORKER_SPEC is not None
-    return [prepare_file(f.path, _WORKER_SPEC) for f in files]
+    if payloads is None:
+        return [prepare_file(f.path, _WORKER_SPEC) for f in files]
+    return [prepare_bytes(p, _WORKER_SPEC) if isinstance(p, bytes) else (None, p) for p in payloads]
+
+
+def _read_here(files: list[SourceFile], spec: PrepareSpec) -> list[bytes | str] | None:
+    """Bytes (or an error) of files on a filesystem other processes cannot see (`memory://`); else None."""
+    if not any(f.path.startswith(PROCESS_LOCAL) for f in files):
+        return None
+    out: list[bytes | str] = []
+    for f in files:
+        try:
+            out.append(open_bytes(f.path, spec.settings.max_request_bytes))
+        except Exception as exc:
+            out.append(describe(exc))
+    return out
 
 
 class _Batch:
@@ -142,7 +162,8 @@ def score_local(files: list[SourceFile], store: ResultStore, runner: ModelRunner
             next_task = 0
             while next_task < len(tasks) or pending:
                 while next_task < len(tasks) and len(pending) < window:
-                    pending.append((tasks[next_task], pool.apply_async(_prepare_many, (tasks[next_task],))))
+                    task = tasks[next_task]
+                    pending.append((task, pool.apply_async(_prepare_many, (task, _read_here(task, spec)))))
                     next_task += 1
                 task, handle = pending.popleft()
                 for source, (views, error) in zip(task, handle.get(), strict=True):

@@ -1,0 +1,231 @@
+"""`python -m service.score` end to end: real ONNX Runtime model, real image files, real processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from service.config import Settings
+from service.core import InferenceCore
+from service.score import main
+from service.scoring.results import ResultStore
+from tests.score_helpers import image_folder, jpeg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_repo) -> Path:
+    """conftest's generated repository; `tiny` resolves to its latest version, 2."""
+    return tiny_repo
+
+
+def score(args: list[str], repo: Path) -> int:
+    return main([*args, "--model", "tiny", "--repository", str(repo), "--no-progress"])
+
+
+def rows_of(out: Path) -> list[dict]:
+    return ResultStore(str(out)).read_all()
+
+
+def test_folder_to_parquet_matches_the_core_and_bad_files_get_rows(tmp_path, repo, capsys):
+    images = image_folder(tmp_path / "in", 10)
+    (tmp_path / "in" / "notes.jpg").write_text("this is text, not a picture")
+    (tmp_path / "in" / "cut.jpg").write_bytes(images[0].read_bytes()[:300])  # truncated JPEG
+    out = tmp_path / "out.parquet"
+    rc = score([str(tmp_path / "in"), "--out", str(out), "--top-k", "3", "--workers", "2",
+                "--batch-size", "4", "--chunk-size", "4"], repo)
+    assert rc == 1  # some images failed
+    summary = capsys.readouterr().out
+    assert "scored 10, failed 2" in summary and "images/s" in summary
+    rows = {r["path"]: r for r in rows_of(out)}
+    assert len(rows) == 12 and len(ResultStore(str(out)).parts()) == 3
+    assert rows[str(tmp_path / "in" / "notes.jpg")]["error"].startswith("unsupported_format:")
+    assert rows[str(tmp_path / "in" / "cut.jpg")]["error"].startswith("invalid_image:")
+    core = InferenceCore(Settings(repository=str(repo)))
+    core.load()
+    expected = core.classify_sync([p.read_bytes() for p in images], model="tiny", top_k=3)
+    for path, prediction in zip(images, expected, strict=True):
+        row = rows[str(path)]
+        assert row["error"] == "" and row["model"] == "tiny" and row["version"] == "2"
+        assert row["top_k_ids"] == [c.id for c in prediction.top_k]
+        assert row["top_k_labels"] == [c.label for c in prediction.top_k]
+        np.testing.assert_allclose(row["top_k_probabilities"], [c.probability for c in prediction.top_k],
+                                   atol=1e-5)
+        assert row["size"] == path.stat().st_size
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_glob_and_manifest_inputs_to_csv_and_jsonl(tmp_path, repo, ext):
+    images = image_folder(tmp_path / "in", 5)
+    out = tmp_path / f"out.{ext}"
+    assert score([str(tmp_path / "in" / "set0" / "*.jpg"), "--out", str(out), "--workers", "0"], repo) == 0
+    globbed = sorted(str(p) for p in images if p.parent.name == "set0" and p.suffix == ".jpg")
+    assert sorted(r["path"] for r in rows_of(out)) == globbed
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,note\n" + "".join(f"{p.relative_to(tmp_path)},x\n" for p in images))
+    out2 = tmp_path / f"all.{ext}"
+    assert score([str(manifest), "--out", str(out2), "--workers", "1", "--top-k", "2"], repo) == 0
+    rows = rows_of(out2)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images)
+    assert all(len(r["top_k_ids"]) == 2 and r["top_k_probabilities"][0] >= r["top_k_probabilities"][1]
+               for r in rows)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_memory_filesystem_input_and_output(tmp_path, repo, workers):
+    fs = fsspec.filesystem("memory")
+    images = image_folder(tmp_path / "in", 4)
+    for p in images:
+        fs.pipe(f"/bucket{workers}/{p.name}", p.read_bytes())
+    fs.pipe(f"/bucket{workers}/broken.png", b"\x89PNG\r\n\x1a\nnot really")
+    try:
+        out = f"memory://results{workers}.jsonl"
+        rc = score([f"memory://bucket{workers}", "--out", out, "--workers", workers], repo)
+        assert rc == 1
+        rows = ResultStore(f"memory://results{workers}.jsonl").read_all()
+        assert len(rows) == 5
+        assert [r["path"] for r in rows if r["error"]] == [f"memory:///bucket{workers}/broken.png"]
+    finally:
+        fs.rm(f"/bucket{workers}", recursive=True)
+        fs.rm(f"/results{workers}.jsonl", recursive=True)
+
+
+def test_rerun_scores_only_missing_and_changed_files(tmp_path, repo, capsys):
+    images = image_folder(tmp_path / "in", 6)
+    out = tmp_path / "out.parquet"
+    args = [str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--chunk-size", "2"]
+    assert score(args, repo) == 0
+    before = {r["path"]: r for r in rows_of(out)}
+    capsys.readouterr()
+    assert score(args, repo) == 0
+    assert "scored 0, failed 0, skipped (already done) 6" in capsys.readouterr().out
+    changed = images[2]
+    changed.write_bytes(jpeg(np.full((64, 80, 3), 200, np.uint8)))
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    new = tmp_path / "in" / "set0" / "new.jpg"
+    new.write_bytes(images[0].read_bytes())
+    assert score(args, repo) == 0
+    assert "scored 2, failed 0, skipped (already done) 5" in capsys.readouterr().out
+    rows = rows_of(out)
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted({*before, str(new)})  # every image exactly once
+    row = next(r for r in rows if r["path"] == str(changed))
+    assert row["size"] == changed.stat().st_size != before[str(changed)]["size"]
+
+
+def test_limits_vanished_and_unknown_inputs_give_error_rows(tmp_path, repo):
+    images = image_folder(tmp_path / "in", 3)
+    big = tmp_path / "in" / "big.png"
+    from PIL import Image
+
+    Image.new("RGB", (900, 900), (10, 20, 30)).save(big)
+    manifest = tmp_path / "list.txt"
+    listed = [*map(str, images), str(big), str(tmp_path / "gone.jpg"), str(tmp_path / "in")]
+    manifest.write_text("\n".join(listed))
+    out = tmp_path / "out.jsonl"
+    rc = score([str(manifest), "--out", str(out), "--workers", "1", "--max-image-pixels", "500000"], repo)
+    assert rc == 1
+    errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
+    assert errors["big.png"].startswith("image_too_large:")
+    assert errors["gone.jpg"].startswith("not_found:")
+    assert errors["in"].startswith("unreadable:")
+    assert [errors[p.name] for p in images] == ["", "", ""]
+
+
+def test_bad_arguments_and_unwritable_output_exit_with_a_clear_error(tmp_path, repo, capsys):
+    image_folder(tmp_path / "in", 2)
+    assert score([str(tmp_path / "in"), "--out", str(tmp_path / "o.parquet"), "--tta", "sideways"], repo) == 2
+    assert "unknown tta" in capsys.readouterr().err
+    assert main([str(tmp_path / "in"), "--model", "nope", "--out", str(tmp_path / "o.csv"),
+                 "--repository", str(repo)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert score([str(tmp_path / "missing"), "--out", str(tmp_path / "o.csv")], repo) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert score([str(tmp_path / "in"), "--out", str(tmp_path / "file" / "o.csv")], repo) == 3
+    assert "cannot write results" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a read-only tmpfs")
+def test_read_only_output_filesystem(tmp_path, repo, capsys):
+    image_folder(tmp_path / "in", 2)
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("tmpfs mount refused")
+    try:
+        assert score([str(tmp_path / "in"), "--out", str(mnt / "o.parquet")], repo) == 3
+        assert "Read-only file system" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
+    """As root (which reads every file) the run drops the capabilities that bypass file permissions."""
+    images = image_folder(tmp_path / "in", 3)
+    locked = images[1]
+    locked.chmod(0)
+    out = tmp_path / "out.csv"
+    cmd = [sys.executable, "-m", "service.score", str(tmp_path / "in"), "--model", "tiny", "--out", str(out),
+           "--repository", str(repo), "--workers", "1", "--no-progress"]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: every file is readable")
+        drop = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", "--bounding-set", drop, "--inh-caps", drop, *cmd]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
+    assert errors[locked.name].startswith("permission_denied:")
+    assert sorted(e for e in errors.values() if not e) == ["", ""]
+
+
+def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tuple[Path, list[Path], list]:
+    images = image_folder(tmp_path / "in", 120)
+    out = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "service.score", str(tmp_path / "in"), "--model", "tiny", "--out", str(out),
+           "--repository", str(repo), "--workers", "1", "--batch-size", "2", "--chunk-size", chunk,
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and any(n.startswith("part-") for n in os.listdir(out)):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return out, images, cmd
+
+
+def _check_resume(out: Path, images: list[Path], cmd: list[str]) -> int:
+    partial = len(ResultStore(str(out)).read_all())
+    assert 0 < partial < len(images)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipped (already done) {partial}" in proc.stdout
+    paths = [r["path"] for r in ResultStore(str(out)).read_all()]
+    assert sorted(paths) == sorted(str(p) for p in images)  # every image exactly once
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    return partial
+
+
+def test_ctrl_c_keeps_scored_rows_and_the_rerun_completes(tmp_path, repo):
+    out, images, cmd = _run_and_interrupt(tmp_path, repo, signal.SIGINT, "10")
+    _check_resume(out, images, cmd)
+
+
+def test_sigkill_in_the_middle_of_a_chunk_then_resume(tmp_path, repo):
+    out, images, cmd = _run_and_interrupt(tmp_path, repo, signal.SIGKILL, "10")
+    partial = _check_resume(out, images, cmd)
+    assert partial % 10 == 0  # only complete chunks survived the kill
