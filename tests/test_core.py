@@ -1,0 +1,228 @@
+"""InferenceCore on real ONNX Runtime sessions: versions, failures, arguments, top-k, tensors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import postprocessing
+from service.config import Settings
+from service.core import InferenceCore, Prediction
+from service.errors import InvalidArgument, InvalidImage, ModelNotFound, ModelUnavailable
+from service.sessions import GpuRequired, batch_buckets
+from tests.conftest import encode, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def core(tiny_repo: Path) -> InferenceCore:
+    c = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", max_batch_size=8))
+    c.load()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def photo(chelsea: Image.Image) -> bytes:
+    return encode(chelsea, "JPEG", quality=90)
+
+
+def test_loads_every_model_and_reports_metadata(core: InferenceCore) -> None:
+    assert core.ready
+    infos = {(m["name"], m["version"]): m for m in core.models()}
+    assert set(infos) == {("tiny", "1"), ("tiny", "2"), ("tinygray", "1"), ("tinyprob", "1")}
+    for m in infos.values():
+        assert m["state"] == "ready" and m["provider"] == "CPUExecutionProvider" and m["reason"] == ""
+        assert m["batch_buckets"] == [1, 2, 4, 8]
+    assert core.model_info()["name"] == "tiny" and core.model_info()["version"] == "2"
+
+
+def test_latest_version_by_default_a_given_one_on_request(core: InferenceCore, photo: bytes) -> None:
+    (latest,) = core.classify_sync([photo], model="tiny")
+    (v1,) = core.classify_sync([photo], model="tiny", version="1")
+    assert (latest.model, latest.version) == ("tiny", "2") and v1.version == "1"
+    assert not np.allclose(latest.probabilities, v1.probabilities)  # two different graphs really ran
+    d = latest.to_dict()
+    assert d["model"] == "tiny" and d["version"] == "2" and len(d["predictions"]) == 5
+    assert set(d["predictions"][0]) == {"index", "id", "label", "probability"}
+
+
+def test_top_k_ranked_with_labels(core: InferenceCore, photo: bytes) -> None:
+    (p,) = core.classify_sync([photo], top_k=10)
+    probs = [c.probability for c in p.top_k]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
+    assert p.top_k[0].id == f"c{p.top_k[0].index}" and p.top_k[0].label == f"class {p.top_k[0].index}"
+    assert p.top_k[0].index == int(np.argmax(p.probabilities))
+
+
+def test_probabilities_output_is_not_softmaxed_again(
+    core: InferenceCore, tiny_repo: Path, photo: bytes
+) -> None:
+    import onnxruntime as ort
+
+    (p,) = core.classify_sync([photo], model="tinyprob", top_k=3)
+    spec_views = core.preprocess(photo, core._entry("tinyprob", None), "none")
+    sess = ort.InferenceSession(str(tiny_repo / "tinyprob" / "1" / "model.onnx"))
+    direct = sess.run(None, {"input": spec_views})[0][0]
+    np.testing.assert_allclose(p.probabilities, direct, atol=1e-6)
+
+
+def test_grayscale_model(core: InferenceCore, photo: bytes) -> None:
+    (p,) = core.classify_sync([photo], model="tinygray", top_k=1)
+    assert isinstance(p, Prediction) and p.model == "tinygray"
+
+
+def test_tie_order_is_stable_by_index() -> None:
+    probs = np.array([0.1, 0.3, 0.3, 0.0, 0.3], dtype=np.float32)
+    assert [c.index for c in postprocessing.top_k(probs, 4, [])] == [1, 2, 4, 0]
+
+
+def test_softmax_is_stable() -> None:
+    p = postprocessing.softmax(np.array([[1000.0, 1000.0, -1000.0]]))
+    np.testing.assert_allclose(p, [[0.5, 0.5, 0.0]])
+
+
+@pytest.mark.parametrize("k", [0, 11, -1])
+def test_top_k_out_of_range(core: InferenceCore, photo: bytes, k: int) -> None:
+    with pytest.raises(InvalidArgument, match="top_k"):
+        core.classify_sync([photo], top_k=k)
+
+
+def test_unknown_tta(core: InferenceCore, photo: bytes) -> None:
+    with pytest.raises(InvalidArgument, match="tta"):
+        core.classify_sync([photo], tta="mirror")
+
+
+def test_unknown_model_and_version(core: InferenceCore, photo: bytes) -> None:
+    with pytest.raises(ModelNotFound):
+        core.classify_sync([photo], model="vgg99")
+    with pytest.raises(ModelNotFound):
+        core.classify_sync([photo], model="tiny", version="7")
+    with pytest.raises(ModelNotFound):
+        core.model_info("vgg99")
+
+
+def test_bad_image_fails_only_itself(core: InferenceCore, photo: bytes) -> None:
+    results = core.classify_sync([photo, b"", photo])
+    assert isinstance(results[0], Prediction) and isinstance(results[2], Prediction)
+    assert isinstance(results[1], InvalidImage)
+
+
+def test_async_classify_and_infer_tensor(core: InferenceCore, photo: bytes) -> None:
+    async def go() -> tuple[list, np.ndarray]:
+        preds = await core.classify([photo] * 3, top_k=2, tta="flip")
+        tensor = core.preprocess(photo, core._entry(None, None), "none")
+        return preds, await core.infer_tensor("tiny", None, tensor)
+
+    preds, probs = asyncio.run(go())
+    assert all(isinstance(p, Prediction) and len(p.top_k) == 2 for p in preds)
+    (single,) = core.classify_sync([photo])
+    np.testing.assert_allclose(probs[0], single.probabilities, atol=1e-6)
+    with pytest.raises(InvalidArgument, match="shape"):
+        asyncio.run(core.infer_tensor("tiny", None, np.zeros((1, 3, 8, 8), np.float32)))
+
+
+def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: bytes) -> None:
+    write_tiny_model(tmp_path, "good", "1")
+    bad = write_tiny_model(tmp_path, "bad", "1", seed=5)
+    with open(bad / "model.onnx", "r+b") as f:  # same size, different bytes: only the sha256 can tell
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    nocard = write_tiny_model(tmp_path, "nocard", "1")
+    (nocard / "model.json").unlink()
+    core = InferenceCore(Settings(repository=str(tmp_path), default_model="good"))
+    core.load()
+    try:
+        assert core.ready
+        info = core.model_info("bad")
+        assert info["state"] == "unavailable" and "sha256" in info["reason"]
+        assert "model.json" in core.model_info("nocard")["reason"]
+        with pytest.raises(ModelUnavailable):
+            core.classify_sync([photo], model="bad")
+        (p,) = core.classify_sync([photo], model="good")
+        assert p.model == "good"
+    finally:
+        core.close()
+
+
+def test_settings_models_filter_and_latest(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path, "a", "1")
+    write_tiny_model(tmp_path, "a", "10")
+    write_tiny_model(tmp_path, "a", "9")
+    write_tiny_model(tmp_path, "b", "1")
+    core = InferenceCore(Settings(repository=str(tmp_path), default_model="a", models=("a",)))
+    core.load()
+    try:
+        assert core.model_info()["version"] == "10"  # numeric, not lexical
+        assert {m["name"] for m in core.models()} == {"a"}
+    finally:
+        core.close()
+
+
+def test_require_gpu_fails_start_up_on_cpu(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA build of onnxruntime is installed: the CPU fallback cannot be provoked here")
+    write_tiny_model(tmp_path, "a", "1")
+    core = InferenceCore(Settings(repository=str(tmp_path), default_model="a", require_gpu=True))
+    with pytest.raises(GpuRequired):
+        core.load()
+    core.close()
+
+
+def test_providers_override_is_reported(tmp_path: Path) -> None:
+    write_tiny_model(tmp_path, "a", "1")
+    core = InferenceCore(
+        Settings(repository=str(tmp_path), default_model="a", providers=("CPUExecutionProvider",))
+    )
+    core.load()
+    try:
+        assert core.model_info()["providers"] == ["CPUExecutionProvider"]
+    finally:
+        core.close()
+
+
+def test_batch_buckets() -> None:
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(32, fixed=1) == [1]
+
+
+def test_card_precision_fp16_falls_back_to_fp32_file(tmp_path: Path, photo: bytes) -> None:
+    folder = write_tiny_model(tmp_path, "a", "1")
+    card = json.loads((folder / "model.json").read_text())
+    assert list(card["files"]) == ["model.onnx"]
+    core = InferenceCore(Settings(repository=str(tmp_path), default_model="a", precision="fp16"))
+    core.load()
+    try:
+        assert core.model_info()["precision"] == "fp32"
+    finally:
+        core.close()
+
+
+@pytest.mark.gpu
+def test_gpu_session_uses_fp16_and_io_binding(tmp_path: Path, photo: bytes) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    repo = Path(__file__).resolve().parents[1] / "models"
+    dst = tmp_path / "efficientnet_lite0"
+    shutil.copytree(repo / "efficientnet_lite0", dst)
+    core = InferenceCore(Settings(repository=str(tmp_path), require_gpu=True, gpu_mem_limit_mb=2048))
+    core.load()
+    try:
+        info = core.model_info()
+        assert (
+            info["provider"] == "CUDAExecutionProvider" and info["precision"] == "fp16" and info["io_binding"]
+        )
+        (p,) = core.classify_sync([photo])
+        assert isinstance(p, Prediction)
+    finally:
+        core.close()
