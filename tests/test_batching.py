@@ -1,0 +1,160 @@
+"""The adaptive batcher: batches form under concurrency, a full queue answers at once, deadlines drop work."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.batching import Batcher, Job
+from service.config import Settings
+from service.core import InferenceCore, NullObserver, Prediction
+from service.errors import DeadlineExceeded, Overloaded
+from tests.conftest import encode
+
+
+class Recorder(NullObserver):
+    """A real observer that keeps what the core reports (the Prometheus one is tested in test_metrics)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[str, list] = {"queue_depth": [], "queue_wait": [], "preprocess": [], "inference": []}
+
+    def queue_depth(self, n: int) -> None:
+        with self.lock:
+            self.calls["queue_depth"].append(n)
+
+    def queue_wait(self, seconds: float) -> None:
+        with self.lock:
+            self.calls["queue_wait"].append(seconds)
+
+    def preprocess(self, seconds: float) -> None:
+        with self.lock:
+            self.calls["preprocess"].append(seconds)
+
+    def inference(self, seconds: float, batch_size: int, model: str) -> None:
+        with self.lock:
+            self.calls["inference"].append((seconds, batch_size, model))
+
+
+def _images(chelsea: Image.Image, n: int) -> list[bytes]:
+    return [encode(chelsea.rotate(7 * i).resize((120, 80)), "PNG") for i in range(n)]
+
+
+def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image) -> None:
+    obs = Recorder()
+    core = InferenceCore(
+        Settings(repository=str(tiny_repo), default_model="tiny", max_batch_size=16, max_wait_ms=20), obs
+    )
+    core.load()
+    images = _images(chelsea, 24)
+    try:
+        alone = [core.classify_sync([b])[0].probabilities for b in images]
+        obs.calls["inference"].clear()
+
+        async def callers() -> list:
+            return await asyncio.gather(*(core.classify([b], tta="flip") for b in images))
+
+        together = asyncio.run(callers())
+        sizes = [b for _, b, _ in obs.calls["inference"]]
+        assert sum(sizes) == 2 * len(images) and max(sizes) > 2 and max(sizes) <= 16  # views, batched
+        assert all(m == "tiny" for _, _, m in obs.calls["inference"])
+        flip_alone = [core.classify_sync([b], tta="flip")[0].probabilities for b in images]
+        for (p,), ref in zip(together, flip_alone, strict=True):
+            np.testing.assert_allclose(p.probabilities, ref, atol=1e-5)
+        assert not all(np.allclose(a, f) for a, f in zip(alone, flip_alone, strict=True))
+        assert obs.calls["preprocess"] and obs.calls["queue_wait"] and obs.calls["queue_depth"]
+    finally:
+        core.close()
+
+
+def _gated_batcher(queue_size: int = 4) -> tuple[Batcher, threading.Event, list]:
+    gate, ran = threading.Event(), []
+
+    def run(key, batch: np.ndarray) -> np.ndarray:
+        ran.append((key, batch.shape[0]))
+        gate.wait(5)
+        return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
+
+    b = Batcher(run, max_batch_size=4, max_wait_s=0.0, queue_size=queue_size, observer=NullObserver())
+    return b, gate, ran
+
+
+def _job(key: str, n: int = 1, deadline: float = 1e12) -> Job:
+    return Job(key, np.ones((n, 1, 2, 2), np.float32), Future(), deadline)
+
+
+def test_full_queue_answers_overloaded_at_once() -> None:
+    b, gate, _ = _gated_batcher(queue_size=2)
+    b.admit(2)
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded):
+        b.admit(1)
+    assert time.monotonic() - t0 < 0.1
+    b.release(2)
+    b.admit(1)  # room again once answered
+    gate.set()
+    b.stop(1)
+
+
+def test_core_overload_is_typed(tiny_repo: Path, chelsea: Image.Image) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", queue_size=2))
+    core.load()
+    try:
+        with pytest.raises(Overloaded):
+            core.classify_sync(_images(chelsea, 3))
+        assert all(isinstance(p, Prediction) for p in core.classify_sync(_images(chelsea, 2)))
+        assert core.batcher.outstanding == 0
+    finally:
+        core.close()
+
+
+def test_expired_requests_dropped_before_inference() -> None:
+    b, gate, ran = _gated_batcher()
+    first = _job("m")
+    b.admit(2, preparing=False)
+    b.submit(first, from_preparing=False)
+    time.sleep(0.05)  # the worker is now inside run() for `first`
+    late = _job("m", deadline=time.monotonic() + 0.05)
+    b.submit(late, from_preparing=False)
+    time.sleep(0.1)
+    gate.set()
+    assert first.future.result(2)[0, 0] == 4.0
+    with pytest.raises(DeadlineExceeded):
+        late.future.result(2)
+    assert ran == [("m", 1)]  # the late job never reached inference
+    b.stop(1)
+
+
+def test_batches_group_by_model_and_respect_max_size() -> None:
+    b, gate, ran = _gated_batcher()
+    gate.set()
+    jobs = [_job("a", 3), _job("b", 1), _job("a", 2), _job("a", 1)]
+    b._stopping = False
+    with b._cond:  # queue them together, as if they arrived while the worker was busy
+        b._queue.extend(jobs)
+    b.start()
+    with b._cond:
+        b._cond.notify_all()
+    for j in jobs:
+        assert j.future.result(2).shape == (j.views.shape[0], 1)
+    assert ran[0] == ("a", 4) and ("b", 1) in ran and sum(n for _, n in ran) == 7
+    b.stop(1)
+
+
+def test_past_deadline_through_the_core(tiny_repo: Path, chelsea: Image.Image) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
+    core.load()
+    try:
+        (r,) = core.classify_sync(_images(chelsea, 1), deadline=time.monotonic() - 1)
+        assert isinstance(r, DeadlineExceeded)
+        (r,) = asyncio.run(core.classify(_images(chelsea, 1), deadline=time.monotonic() - 1))
+        assert isinstance(r, DeadlineExceeded)
+    finally:
+        core.close()
