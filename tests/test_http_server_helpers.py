@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
+MODELS = Path(os.environ.get("TEST_MODEL_REPOSITORY", ROOT / "models"))
 
 
 def free_port() -> int:

@@ -70,7 +70,7 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     images: list[bytes] = []
     names: list[str] = []
-    if ctype == "multipart/form-data":
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
             form = await request.form(
                 max_files=settings.max_images_per_request + 1, max_fields=64, max_part_size=1024 * 1024
