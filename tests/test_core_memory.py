@@ -1,0 +1,76 @@
+"""Bad inputs leave nothing behind: resident memory grows by at most 50 MB over 1,000 rejected inputs."""
+
+from __future__ import annotations
+
+import gc
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.core import InferenceCore
+from service.errors import ServiceError
+from tests.conftest import encode
+
+
+def _bomb(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    comp = zlib.compressobj(9)
+    raw = b"".join(comp.compress(b"\x00" * (width + 1)) for _ in range(height)) + comp.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def _bad_inputs(chelsea: Image.Image) -> list[bytes]:
+    jpeg = encode(chelsea, "JPEG", quality=90)
+    png = encode(chelsea.resize((200, 150)), "PNG")
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 20)).save(buf, "PNG")
+    return [
+        b"",
+        np.random.default_rng(1).integers(0, 256, 8192, dtype=np.uint8).tobytes(),
+        jpeg[: len(jpeg) // 2],
+        png[: len(png) // 2],
+        b"just some text\n" * 20,
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+        b"%PDF-1.7\n%%EOF",
+        _bomb(20000, 20000),
+        buf.getvalue(),  # aspect ratio 100
+    ]
+
+
+@pytest.mark.slow
+def test_rss_stable_over_1000_bad_inputs(tiny_repo: Path, chelsea: Image.Image) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
+    core.load()
+    bad = _bad_inputs(chelsea)
+    proc = psutil.Process()
+    try:
+        good = encode(chelsea, "JPEG")
+        core.classify_sync([good] + bad)  # warm every code path once
+        for kwargs in ({"top_k": 0}, {"tta": "nope"}, {"model": "nope"}, {"version": "99"}):
+            with pytest.raises(ServiceError):
+                core.classify_sync([good], **kwargs)
+        gc.collect()
+        before = proc.memory_info().rss
+        done = 0
+        while done < 1000:
+            results = core.classify_sync(bad)
+            assert all(isinstance(r, ServiceError) for r in results)
+            done += len(bad)
+            for kwargs in ({"top_k": 0}, {"tta": "nope"}, {"model": "nope"}, {"version": "99"}):
+                with pytest.raises(ServiceError):
+                    core.classify_sync([good], **kwargs)
+                done += 1
+        gc.collect()
+        grown = (proc.memory_info().rss - before) / 2**20
+        assert grown <= 50, f"RSS grew by {grown:.1f} MB over {done} bad inputs"
+    finally:
+        core.close()
