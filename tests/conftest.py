@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
+MODELS = Path(os.environ.get("CNN_SERVE_TEST_MODELS", ROOT / "models"))  # CI: `make models` builds it
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,273 @@
+"""Inference-core figures (CPU, 2 threads, after warm-up, medians): printed, never asserted.
+
+1. Preprocessing a 1920x1280 JPEG (quality 90), bytes -> normalized tensor: the core's fast mode against
+   torchvision's evaluation transform (PIL open + Resize + CenterCrop + ToTensor + Normalize). Target >= 3x.
+2. Single-request classify of that JPEG with efficientnet_lite0, bytes -> top-5: p50. Target <= 15 ms.
+3. 32 concurrent callers through the batcher against the same calls made one by one on the same core:
+   images/s for efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the
+   repository has none).
+4. Fast-vs-exact preprocessing: top-1 agreement of efficientnet_lite0 over crops/scales of real photos.
+
+Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.config import Settings  # noqa: E402
+from service.core import InferenceCore, Prediction  # noqa: E402
+from service.decoding import decode  # noqa: E402
+from service.preprocessing import Preprocessor, Spec  # noqa: E402
+
+THREADS = 2
+
+
+def jpeg_1920x1280() -> bytes:
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((1920, 1280), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def median_ms(fn, runs: int, warm: int = 5) -> float:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def bench_preprocessing(card: dict, data: bytes, runs: int) -> None:
+    import torch
+    from torchvision import transforms as T
+
+    torch.set_num_threads(THREADS)
+    pre = card["preprocessing"]
+    spec = Spec.from_card(pre)
+    fast = Preprocessor(spec, "fast")
+    interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[
+        spec.interpolation
+    ]
+    tv = T.Compose(
+        [
+            T.Resize(spec.resize, interpolation=interp),
+            T.CenterCrop((spec.height, spec.width)),
+            T.ToTensor(),
+            T.Normalize(pre["mean"], pre["std"]),
+        ]
+    )
+
+    def ours() -> np.ndarray:
+        return fast(decode(data, channels=spec.channels, min_short_side=spec.resize))
+
+    def torchvision() -> object:
+        return tv(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    t_fast, t_tv = median_ms(ours, runs), median_ms(torchvision, runs)
+    print(
+        f"preprocess 1920x1280 JPEG q90 -> {spec.channels}x{spec.height}x{spec.width}: fast {t_fast:.2f} ms, "
+        f"torchvision eval transform {t_tv:.2f} ms, speed-up {t_tv / t_fast:.2f}x (target >= 3x)"
+    )
+
+
+def bench_single(core: InferenceCore, model: str, data: bytes, runs: int) -> None:
+    def once() -> None:
+        (p,) = core.classify_sync([data], model=model, top_k=5)
+        assert isinstance(p, Prediction), p
+
+    for _ in range(10):
+        once()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    p50, p90 = times[len(times) // 2] * 1000, times[int(len(times) * 0.9)] * 1000
+    print(
+        f"single classify bytes->top5 {model}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
+        f"(target p50 <= 15 ms)"
+    )
+
+
+def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], rounds: int) -> None:
+    """Same calls: one by one (each waits for the last) vs 32 concurrent callers sharing the batcher."""
+
+    def sequential() -> float:
+        t0 = time.perf_counter()
+        for data in images:
+            (p,) = core.classify_sync([data], model=model, top_k=5)
+            assert isinstance(p, Prediction)
+        return len(images) / (time.perf_counter() - t0)
+
+    async def concurrent() -> float:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(core.classify([d], model=model, top_k=5) for d in images))
+        assert all(isinstance(r[0], Prediction) for r in results)
+        return len(images) / (time.perf_counter() - t0)
+
+    sequential()
+    asyncio.run(concurrent())
+    seq = statistics.median(sequential() for _ in range(rounds))
+    con = statistics.median(asyncio.run(concurrent()) for _ in range(rounds))
+    print(
+        f"throughput {model}: one by one {seq:.1f} images/s, 32 concurrent callers {con:.1f} images/s, "
+        f"ratio {con / seq:.2f}x (medians of {rounds} rounds of {len(images)}; target >= 1.5x)"
+    )
+
+
+def photo_set(n: int) -> list[bytes]:
+    """Real photos at several crops and scales (JPEG q90): the agreement set."""
+    from skimage import data
+
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.motorcycle_left()]
+    rng = np.random.default_rng(0)
+    out = []
+    while len(out) < n:
+        img = Image.fromarray(photos[len(out) % len(photos)])
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x, y, x + cw, y + ch))
+        s = rng.uniform(0.6, 2.5)
+        crop = crop.resize((max(32, int(cw * s)), max(32, int(ch * s))), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_agreement(repository: str, model: str, n: int) -> None:
+    images = photo_set(n)
+    tops = {}
+    for mode in ("fast", "exact"):
+        core = InferenceCore(
+            Settings(
+                repository=repository,
+                models=(model,),
+                preprocess_mode=mode,
+                intra_op_threads=THREADS,
+                decode_threads=THREADS,
+            )
+        )
+        core.load()
+        tops[mode] = [p.top_k[0].index for p in core.classify_sync(images, model=model, top_k=1)]
+        core.close()
+    agree = sum(a == b for a, b in zip(tops["fast"], tops["exact"], strict=True))
+    print(f"fast vs exact preprocessing, {model} top-1 agreement: {agree}/{n} = {100 * agree / n:.1f}%")
+
+
+def export_resnet50(root: Path) -> str:
+    """ResNet-50 with random weights (benchmark only), written as a schema-1 model folder."""
+    import torch
+    import torchvision
+
+    folder = root / "resnet50" / "1"
+    folder.mkdir(parents=True)
+    net = torchvision.models.resnet50(weights=None).eval()
+    path = folder / "model.onnx"
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 3, 224, 224),),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        opset_version=18,
+        dynamo=False,
+    )
+    card = {
+        "schema": 1,
+        "name": "resnet50",
+        "version": "1",
+        "architecture": "resnet50",
+        "trained": False,
+        "source": "torchvision:resnet50 (random init)",
+        "input": {"name": "input", "shape": [-1, 3, 224, 224], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "logits", "shape": [-1, 1000], "kind": "logits"},
+        "preprocessing": {
+            "input_size": [3, 224, 224],
+            "resize": 256,
+            "crop_pct": 0.875,
+            "interpolation": "bilinear",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "channels": 3,
+        },
+        "labels": [{"index": i, "id": str(i), "name": str(i)} for i in range(1000)],
+        "files": {
+            "model.onnx": {
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "bytes": path.stat().st_size,
+                "precision": "fp32",
+                "optimization": "all",
+            }
+        },
+    }
+    (folder / "model.json").write_text(json.dumps(card))
+    return str(root)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repository", default=str(ROOT / "models"))
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--agreement", type=int, default=200)
+    ap.add_argument("--skip-resnet", action="store_true")
+    args = ap.parse_args()
+    model = "efficientnet_lite0"
+    card = json.loads((Path(args.repository) / model / "1" / "model.json").read_text())
+    data = jpeg_1920x1280()
+    print(f"bench_core: CPU, {THREADS} threads, medians of {args.runs} runs; repository {args.repository}")
+
+    bench_preprocessing(card, data, args.runs)
+    settings = Settings(
+        repository=args.repository,
+        models=(model,),
+        intra_op_threads=THREADS,
+        decode_threads=THREADS,
+        max_batch_size=32,
+    )
+    core = InferenceCore(settings)
+    core.load()
+    bench_single(core, model, data, args.runs)
+    images = photo_set(32)
+    bench_concurrency(core, model, images, args.rounds)
+    core.close()
+
+    if not args.skip_resnet:
+        repo = args.repository
+        if not (Path(repo) / "resnet50").is_dir():
+            repo = export_resnet50(Path(tempfile.mkdtemp(prefix="bench-resnet50-")))
+        core = InferenceCore(settings.replace(repository=repo, models=("resnet50",)))
+        core.load()
+        bench_concurrency(core, "resnet50", images, max(1, args.rounds // 2))
+        core.close()
+
+    bench_agreement(args.repository, model, args.agreement)
+
+
+if __name__ == "__main__":
+    main()
