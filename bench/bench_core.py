@@ -141,7 +141,7 @@ def photo_set(n: int) -> list[bytes]:
     """Real photos at several crops and scales (JPEG q90): the agreement set."""
     from skimage import data
 
-    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.motorcycle_left()]
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.hubble_deep_field()]
     rng = np.random.default_rng(0)
     out = []
     while len(out) < n:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -18,12 +17,6 @@ from service.repository import ModelCard, RepositoryError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 class GpuRequired(RuntimeError):
@@ -98,14 +91,19 @@ class ModelSession:
         raise RepositoryError(f"no {precision} graph listed in the card")
 
     def _options(self, card: ModelCard, fname: str) -> ort.SessionOptions:
+        """Session options. The card's `optimization` says what the saved graph already has (the exporter
+        keeps files portable); at run time ONNX Runtime may apply every optimization for the provider it got.
+        Thread spinning is off: decoding threads run beside inference and spinning ones would starve them.
+        """
         so = ort.SessionOptions()
-        level = str((card.data["files"][fname] or {}).get("optimization", "all"))
-        so.graph_optimization_level = _OPT_LEVELS.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.settings.intra_op_threads:
             so.intra_op_num_threads = self.settings.intra_op_threads
         if self.settings.inter_op_threads:
             so.inter_op_num_threads = self.settings.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         so.log_severity_level = 3
         return so
 
@@ -177,7 +175,3 @@ class ModelSession:
             "batch_buckets": list(self.buckets),
             "io_binding": self.on_gpu,
         }
-
-
-def model_file(card: ModelCard, fname: str) -> Path:
-    return card.path / fname
