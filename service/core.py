@@ -169,6 +169,8 @@ class InferenceCore:
         return self._entry(name, version, require_ready=False).info()
 
     def _entry(self, name: str | None, version: str | None, require_ready: bool = True) -> LoadedModel:
+        if not self._models:
+            raise ModelUnavailable("no model is loaded yet: the service is starting")
         name = name or self._default_model()
         v = resolve(self._versions, name, None if version is None else str(version))
         entry = self._models[(name, v)]

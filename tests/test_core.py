@@ -226,3 +226,24 @@ def test_gpu_session_uses_fp16_and_io_binding(tmp_path: Path, photo: bytes) -> N
         assert isinstance(p, Prediction)
     finally:
         core.close()
+
+
+def test_before_load_models_are_unavailable(tiny_repo: Path, photo: bytes) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
+    assert not core.ready
+    with pytest.raises(ModelUnavailable, match="starting"):
+        core.classify_sync([photo])
+    core.close()
+
+
+def test_start_and_stop_from_an_event_loop(tiny_repo: Path, photo: bytes) -> None:
+    async def go() -> Prediction:
+        core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
+        await core.start()
+        assert core.ready
+        (p,) = await core.classify([photo])
+        await core.stop()
+        assert not core.ready
+        return p
+
+    assert asyncio.run(go()).model == "tiny"
