@@ -1,0 +1,230 @@
+"""Bring your own ONNX: register an existing classifier (any opset ONNX Runtime runs) in the model repository.
+
+Accepted: one NCHW float image input (batch dynamic or 1, C in 1 or 3) and one [N, classes] output; ONNX
+Runtime must load it and run a real photo through it, and the output must have as many classes as the
+labels. Anything else (detectors, segmenters, multi-input graphs, ...) is rejected with one line.
+The file is copied as it is (no re-optimisation); no fp16 twin is made for an imported graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import repository, validate
+from .build import tool_versions
+from .errors import ExportError
+from .labels import label_set
+from .registry import IMAGENET_MEAN, IMAGENET_STD, LENET_PREPROCESSING
+
+PRESETS: dict[str, dict] = {
+    "imagenet": {
+        "input_size": [3, 224, 224],
+        "resize": 256,
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "channels": 3,
+        "invert": False,
+    },
+    "inception": {
+        "input_size": [3, 299, 299],
+        "resize": 342,
+        "crop_pct": 0.8743,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "channels": 3,
+        "invert": False,
+    },
+    "tf": {
+        "input_size": [3, 224, 224],
+        "resize": 256,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "channels": 3,
+        "invert": False,
+    },
+    "digits": dict(LENET_PREPROCESSING),
+}
+_INTERP = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+def parse_preprocessing(spec: str) -> dict:
+    """A preset name, a JSON object, or a JSON file; missing keys come from the `imagenet` preset."""
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        p = Path(spec)
+        if not p.is_file():
+            raise ExportError(
+                f"--preprocessing {spec!r}: not a preset ({', '.join(PRESETS)}), a JSON object or a JSON file"
+            )
+        text = p.read_text()
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"--preprocessing is not valid JSON: {e}") from None
+    if not isinstance(given, dict):
+        raise ExportError("--preprocessing must be a JSON object")
+    pre = dict(PRESETS["imagenet"])
+    pre.update(given)
+    try:
+        c, h, w = (int(v) for v in pre["input_size"])
+        pre["input_size"] = [c, h, w]
+        pre.setdefault("channels", c)
+        pre["channels"] = int(pre.get("channels", c))
+        if "resize" not in given:
+            pre["resize"] = int(h / float(pre.get("crop_pct", 0.875)))
+        if "crop_pct" not in given:
+            pre["crop_pct"] = round(h / pre["resize"], 4)
+        pre["mean"] = [float(v) for v in pre["mean"]]
+        pre["std"] = [float(v) for v in pre["std"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"--preprocessing: bad field ({e})") from None
+    if pre["interpolation"] not in _INTERP:
+        raise ExportError(f"--preprocessing: interpolation must be one of {', '.join(_INTERP)}")
+    if len(pre["mean"]) != c or len(pre["std"]) != c or c not in (1, 3):
+        raise ExportError("--preprocessing: channels must be 1 or 3 with one mean and std per channel")
+    return pre
+
+
+def parse_labels(spec: str, classes: int) -> list[dict]:
+    if spec in ("imagenet", "digits"):
+        labels = label_set(spec)
+    else:
+        p = Path(spec)
+        if not p.is_file():
+            raise ExportError(f"--labels {spec!r}: not 'imagenet', 'digits' or a file")
+        text = p.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = [line.strip() for line in text.splitlines() if line.strip()]
+        labels = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                labels.append({"index": i, "id": str(i), "name": item})
+            elif isinstance(item, dict) and "name" in item:
+                labels.append({"index": i, "id": str(item.get("id", i)), "name": str(item["name"])})
+            else:
+                raise ExportError(f"--labels {p.name}: entry {i} is neither a name nor an object with 'name'")
+    if len(labels) != classes:
+        raise ExportError(f"the model outputs {classes} classes but the label set has {len(labels)}")
+    return labels
+
+
+def inspect(path: Path) -> tuple[dict, dict, int]:
+    """Check the graph is an image classifier; return (input, output, opset) facts."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ExportError(
+            f"{path.name} is not a readable ONNX file ({str(e).splitlines()[0][:120]})"
+        ) from None
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise ExportError(
+            f"{path.name} is not an image classifier: it has {len(inputs)} inputs and {len(g.output)} "
+            "outputs (need one NCHW image input and one [N, classes] output)"
+        )
+
+    def dims(vi) -> list:
+        t = vi.type.tensor_type
+        return [d.dim_value if d.dim_value > 0 else (d.dim_param or -1) for d in t.shape.dim], t.elem_type
+
+    in_dims, in_type = dims(inputs[0])
+    out_dims, _ = dims(g.output[0])
+    if in_type != onnx.TensorProto.FLOAT or len(in_dims) != 4 or in_dims[1] not in (1, 3):
+        raise ExportError(
+            f"{path.name} is not an image classifier: input {inputs[0].name} is {in_dims} "
+            f"({onnx.TensorProto.DataType.Name(in_type)}), need float32 [N, 1|3, H, W]"
+        )
+    if len(out_dims) != 2:
+        raise ExportError(
+            f"{path.name} is not an image classifier: output {g.output[0].name} is {out_dims}, "
+            "need [N, classes]"
+        )
+    return {"name": inputs[0].name, "dims": in_dims}, {"name": g.output[0].name, "dims": out_dims}, int(opset)
+
+
+def import_onnx(
+    file: str | Path,
+    repo: str | Path,
+    *,
+    name: str,
+    version: str | None = None,
+    preprocessing: str = "imagenet",
+    labels: str = "imagenet",
+    description: str | None = None,
+) -> Path:
+    path = Path(file)
+    if not path.is_file():
+        raise ExportError(f"ONNX file {str(path)!r} does not exist")
+    repository.check_name(name)
+    inp, out, opset = inspect(path)
+    pre = parse_preprocessing(preprocessing)
+    c, h, w = pre["input_size"]
+    fixed = [d for d in inp["dims"][1:] if isinstance(d, int) and d > 0]
+    if fixed and (len(fixed) != 3 or fixed != [c, h, w]):
+        raise ExportError(
+            f"the model's input is {inp['dims']} but the preprocessing gives [N, {c}, {h}, {w}]"
+        )
+    # ORT must load and run it on a real photo; the output must be [1, classes] of finite numbers.
+    x = validate.preprocess(validate.photos()[0], pre)[None]
+    try:
+        sess = validate.ort_session(path)
+        y = sess.run(None, {inp["name"]: x})[0]
+    except Exception as e:
+        raise ExportError(f"ONNX Runtime cannot run {path.name}: {str(e).splitlines()[0][:200]}") from None
+    y = np.asarray(y)
+    if y.ndim != 2 or y.shape[0] != 1 or y.shape[1] < 2 or not np.isfinite(y).all():
+        raise ExportError(
+            f"{path.name} is not a classifier: one image gave an output of shape {list(y.shape)}"
+        )
+    classes = int(y.shape[1])
+    label_list = parse_labels(labels, classes)
+    batch_dynamic = not isinstance(inp["dims"][0], int) or inp["dims"][0] <= 0
+    kind = "probabilities" if np.allclose(y.sum(1), 1.0, atol=1e-3) and (y >= 0).all() else "logits"
+    repo = Path(repo)
+    version = repository.check_version(version) if version else repository.next_version(repo, name)
+    with repository.staged(repo, name, version) as stage:
+        shutil.copyfile(path, stage / "model.onnx")
+        card = {
+            "name": name,
+            "version": version,
+            "architecture": "imported",
+            "source": f"onnx:{path.name}",
+            "trained": True,
+            "description": description or f"imported ONNX classifier {path.name}",
+            "input": {
+                "name": inp["name"],
+                "shape": [-1 if batch_dynamic else 1, c, h, w],
+                "dtype": "float32",
+                "layout": "NCHW",
+            },
+            "output": {"name": out["name"], "shape": [-1 if batch_dynamic else 1, classes], "kind": kind},
+            "preprocessing": pre,
+            "labels": label_list,
+            "files": {"model.onnx": repository.file_entry(stage / "model.onnx", "fp32", optimization="none")},
+            "opset": opset,
+            "exporter": "imported",
+            "tools": tool_versions(),
+            "weights": {"file": path.name, "sha256": repository.sha256_file(path)},
+            "validation": {"smoke": {"ran": True, "output_shape": list(y.shape), "finite": True}},
+            "accuracy": None,
+        }
+        repository.write_card(stage, card)
+    return repo / name / version
