@@ -1,4 +1,4 @@
-"""SIGTERM with 32 HTTP requests in flight: every one of them is answered 200 and the process exits 0."""
+"""SIGTERM with 32 HTTP (and 8 gRPC) requests in flight: every one is answered OK and the process exits 0."""
 
 from __future__ import annotations
 
@@ -7,50 +7,69 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data as photos
 
+from proto import classifier_pb2, classifier_pb2_grpc
 from tests.test_http_server_helpers import jpeg, running_server
 
 IN_FLIGHT = 32
 
 
-def _http_in_flight(url: str) -> float:
+GRPC_IN_FLIGHT = 8
+
+
+def _in_flight(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         if family.name == "cnn_serve_in_flight_requests":
-            return sum(s.value for s in family.samples if s.labels.get("protocol") == "http")
-    return 0.0
+            return {s.labels["protocol"]: s.value for s in family.samples}
+    return {}
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     image = jpeg(photos.astronaut())
-    # Single-image batches: 32 requests take well over a second, so they are still in flight at SIGTERM.
+    # Ten views per image in batches of one: the 40 requests take several seconds, still in flight at SIGTERM.
     flags = ("--max-batch-size", "1", "--models", "efficientnet_lite0", "--drain-timeout-s", "60")
     with running_server(tmp_path, *flags) as server:
 
-        async def scenario() -> tuple[list[httpx.Response], float]:
+        async def scenario() -> tuple[list[httpx.Response], list, dict[str, float]]:
             limits = httpx.Limits(max_connections=IN_FLIGHT + 4)
-            async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+            async with (
+                httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c,
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+            ):
+                await channel.channel_ready()
+                stub = classifier_pb2_grpc.ImageClassifierStub(channel)
                 tasks = [
-                    asyncio.create_task(c.post("/classify", content=image, params={"tta": "flip"}))
+                    asyncio.create_task(c.post("/classify", content=image, params={"tta": "ten_crop"}))
                     for _ in range(IN_FLIGHT)
                 ]
+
+                async def classify_grpc() -> classifier_pb2.ClassifyResponse:
+                    return await stub.Classify(
+                        classifier_pb2.ClassifyRequest(image=image, tta="ten_crop"), timeout=120
+                    )
+
+                calls = [asyncio.create_task(classify_grpc()) for _ in range(GRPC_IN_FLIGHT)]
                 deadline = time.monotonic() + 30
-                seen = 0.0
+                seen: dict[str, float] = {}
                 while time.monotonic() < deadline:
-                    seen = await asyncio.to_thread(_http_in_flight, server.url)
-                    if seen >= IN_FLIGHT:
+                    seen = await asyncio.to_thread(_in_flight, server.url)
+                    if seen.get("http", 0) >= IN_FLIGHT and seen.get("grpc", 0) >= GRPC_IN_FLIGHT:
                         break
                     await asyncio.sleep(0.02)
                 server.proc.send_signal(signal.SIGTERM)
-                return await asyncio.gather(*tasks), seen
+                return await asyncio.gather(*tasks), await asyncio.gather(*calls), seen
 
-        responses, seen = asyncio.run(scenario())
-        assert seen >= IN_FLIGHT, f"only {seen} requests were in flight at SIGTERM"
+        responses, replies, seen = asyncio.run(scenario())
+        assert seen.get("http", 0) >= IN_FLIGHT, f"only {seen} requests were in flight at SIGTERM"
+        assert seen.get("grpc", 0) >= GRPC_IN_FLIGHT, f"only {seen} requests were in flight at SIGTERM"
         assert [r.status_code for r in responses] == [200] * IN_FLIGHT
         assert all(r.json()["predictions"] for r in responses)
+        assert len(replies) == GRPC_IN_FLIGHT and all(reply.ByteSize() > 0 for reply in replies)
         assert server.proc.wait(90) == 0, server.log()[-3000:]
         # And the server no longer accepts connections.
         try:

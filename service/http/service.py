@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Any
 
 import bentoml
@@ -48,6 +49,7 @@ class ClassifierService:
         self.metrics: Metrics | None = None
         self.load_task: asyncio.Task | None = None
         self.load_error: BaseException | None = None
+        self.grpc_drain: asyncio.Task | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
@@ -62,6 +64,27 @@ class ClassifierService:
 
             self.grpc = GrpcServer(self.core, self.settings, self.metrics)
             await self.grpc.start()
+            self._drain_grpc_on_sigterm()
+
+    def _drain_grpc_on_sigterm(self) -> None:
+        """Start draining gRPC when SIGTERM arrives, alongside uvicorn's HTTP drain, not after it.
+
+        uvicorn installed its handler before our start-up hook ran; ours calls it after scheduling the drain.
+        """
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if self.grpc_drain is None:
+                self.grpc_drain = loop.create_task(self.grpc.stop(self.settings.drain_timeout_s))
+            previous(signum, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: gRPC then drains in on_shutdown, after HTTP
+            pass
 
     async def _load(self) -> None:
         try:
@@ -80,7 +103,9 @@ class ClassifierService:
     async def stop(self) -> None:
         grace = self.settings.drain_timeout_s
         if self.grpc is not None:
-            await self.grpc.stop(grace)
+            if self.grpc_drain is None:
+                self.grpc_drain = asyncio.ensure_future(self.grpc.stop(grace))
+            await self.grpc_drain
         if self.load_task is not None and not self.load_task.done():
             self.load_task.cancel()
         if self.core is not None:
