@@ -38,6 +38,8 @@ app = build_app()
     workers=1,
     traffic={"timeout": max(1.0, SETTINGS.request_timeout_s + SETTINGS.drain_timeout_s)},
     http={"host": SETTINGS.host, "port": SETTINGS.http_port},
+    # Our middleware writes one JSON access line per request; BentoML's text line would double it.
+    logging={"access": {"enabled": False}},
 )
 class ClassifierService:
     """Owns the process-wide objects; the routes reach them through `app.state.runtime`."""
