@@ -418,3 +418,10 @@ def test_access_log_is_json_with_request_id(server: Server, client: httpx.Client
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith('{"ts"')]
     mine = [entry for entry in lines if entry.get("request_id") == "access-log-probe"]
     assert mine and mine[0]["path"] == "/models" and mine[0]["status"] == 200 and mine[0]["duration_ms"] >= 0
+
+
+def test_unknown_route_and_wrong_method_are_json(client: httpx.Client) -> None:
+    assert_error(client.get("/no/such/route"), 404, "not_found")
+    assert_error(client.get("/classify"), 405, "method_not_allowed")
+    assert_error(client.post("/models"), 405, "method_not_allowed")
+    assert client.get("/metrics").status_code == 200 and client.get("/livez").status_code == 200

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from service.config import Settings
 from service.errors import InvalidArgument, ModelUnavailable, ServiceError
@@ -218,4 +219,36 @@ def build_app() -> Starlette:
         Route(base + "/infer", v2_infer, methods=["POST"]),
         Route(base + "/versions/{version}/infer", v2_infer, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    # Last: anything else is a JSON 404 (and a wrong method a JSON 405), like every other error.
+    routes.append(Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]))
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
+
+
+async def not_found(request: Request) -> Response:
+    """404, or 405 when the path exists for another method (this catch-all would otherwise shadow that)."""
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        if route.endpoint is not not_found and route.matches(request.scope)[0] == Match.PARTIAL:
+            allowed |= set(route.methods or ())
+    if allowed:
+        return plain_error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}",
+            _rid(request),
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+    return plain_error(404, "not_found", f"no route {request.url.path}", _rid(request))
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (e.g. 405) in our JSON form."""
+    status = getattr(exc, "status_code", 500)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_argument")
+    return plain_error(
+        status,
+        code,
+        str(getattr(exc, "detail", "")) or "error",
+        _rid(request),
+        headers=getattr(exc, "headers", None),
+    )
