@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -49,15 +51,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ExportError(f"weights file {p.name!r} is corrupt or truncated (safetensors: {e})") from None
     else:
         try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-                raise ExportError(
-                    f"weights file {p.name!r} is not a plain state dict: it pickles objects that "
-                    f"weights_only loading refuses ({msg[:160]})"
-                ) from None
-            raise ExportError(f"weights file {p.name!r} is corrupt or truncated ({msg[:160]})") from None
+            raise ExportError(_unpickling_message(p, str(e))) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ExportError(f"weights file {p.name!r} is corrupt or truncated ({msg[:160]})") from None
@@ -78,6 +76,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _unpickling_message(p: Path, err: str) -> str:
+    """Tell a refused object (a whole module, an exploit) from bytes that are not a checkpoint at all."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", err)
+    if found:
+        return (
+            f"weights file {p.name!r} is not a plain state dict: it pickles {found.group(1)}, which "
+            "weights_only loading refuses (save model.state_dict() instead)"
+        )
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a raw pickle stream
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", err)
+        why = detail.group(1).strip()[:120] if detail else "refused by weights_only loading"
+        return f"weights file {p.name!r} is not a plain state dict ({why})"
+    return f"weights file {p.name!r} is corrupt or truncated (not a torch.save zip or pickle)"
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], arch_name: str) -> None:
