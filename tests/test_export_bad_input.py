@@ -180,7 +180,7 @@ def test_pickled_module_is_not_a_plain_state_dict(capsys, repo: Path, tmp_path: 
     assert "not a plain state dict" in one_error_line(err)
 
 
-def test_nested_training_checkpoint_is_not_a_plain_state_dict(capsys, repo: Path, tmp_path: Path, lenet_state):
+def test_nested_checkpoint_is_not_a_plain_state_dict(capsys, repo: Path, tmp_path: Path, lenet_state):
     nested = tmp_path / "ckpt.pth"
     torch.save({"state_dict": lenet_state, "epoch": torch.tensor(3)}, nested)
     rc, err = run_cli(capsys, "build", "lenet5", "--weights", str(nested), "--repository", str(repo))
@@ -214,16 +214,16 @@ def test_read_only_repository(capsys, repo: Path) -> None:
 
 def test_existing_version_is_not_overwritten(capsys, repo: Path) -> None:
     before = snapshot(repo)
-    rc, err = run_cli(
-        capsys, "build", "lenet5", "--random-init", "--repository", str(repo), "--name", "keep", "--version", "1"
-    )
+    args = ["build", "lenet5", "--random-init", "--repository", str(repo), "--name", "keep", "--version", "1"]
+    rc, err = run_cli(capsys, *args)
     assert rc != 0
     assert "already exists" in one_error_line(err)
     assert snapshot(repo) == before
 
 
 def test_bad_name_and_version(capsys, repo: Path) -> None:
-    rc, err = run_cli(capsys, "build", "lenet5", "--random-init", "--repository", str(repo), "--name", "../x")
+    base = ["build", "lenet5", "--random-init", "--repository", str(repo)]
+    rc, err = run_cli(capsys, *base, "--name", "../x")
     assert rc != 0 and "invalid model name" in one_error_line(err)
-    rc, err = run_cli(capsys, "build", "lenet5", "--random-init", "--repository", str(repo), "--version", "v2")
+    rc, err = run_cli(capsys, *base, "--version", "v2")
     assert rc != 0 and "invalid version" in one_error_line(err)
