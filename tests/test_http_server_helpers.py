@@ -61,8 +61,12 @@ def running_server(
     env_extra: dict[str, str] | None = None,
     python: str = sys.executable,
     ready_timeout: float = 240.0,
+    wait_ready: bool = True,
 ) -> Iterator[Server]:
-    """The service as a subprocess on free loopback ports, ready (every model warmed) when yielded."""
+    """The service as a subprocess on free loopback ports, ready (every model warmed) when yielded.
+
+    With `wait_ready=False` it is yielded as soon as `/livez` answers at all (200 or 503).
+    """
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "PROMETHEUS_"))}
     env.update(env_extra or {})
@@ -97,7 +101,9 @@ def running_server(
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
             try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                if wait_ready and httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+                if not wait_ready and httpx.get(url + "/livez", timeout=2).status_code in (200, 503):
                     break
             except httpx.HTTPError:
                 pass
