@@ -46,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(files: list[SourceFile], store: ResultStore, retry_failed: bool) -> tuple[list[SourceFile], int]:
-    """What is left to score, after dropping rows made stale by a changed file (or failed, when retried)."""
+def plan(files: list[SourceFile], store: ResultStore,
+         retry_failed: bool) -> tuple[list[SourceFile], int, int]:
+    """What is left to score, after dropping rows made stale by a changed file (or failed, when retried).
+
+    Also returns how many files are done, and how many of those have an error row (they count in the exit
+    status of a resumed run too)."""
     done = store.done()
     todo: list[SourceFile] = []
     stale: list[str] = []
+    failed_before = 0
     for source in files:
         row = done.get(source.path)
         if row is None:
@@ -58,9 +63,11 @@ def plan(files: list[SourceFile], store: ResultStore, retry_failed: bool) -> tup
         elif (row["size"], row["mtime"]) != (source.size, source.mtime) or (retry_failed and row["error"]):
             stale.append(source.path)
             todo.append(source)
+        elif row["error"]:
+            failed_before += 1
     if stale:
         store.drop(stale, done)
-    return todo, len(files) - len(todo)
+    return todo, len(files) - len(todo), failed_before
 
 
 def check_args(args: argparse.Namespace, settings: Settings) -> None:
@@ -91,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = ResultStore(args.out)
     try:
         store.prepare()
-        todo, skipped = plan(files, store, args.retry_failed)
+        todo, skipped, failed_before = plan(files, store, args.retry_failed)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
@@ -110,11 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ServiceError, InputError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return EXIT_USAGE
-    summary.skipped = skipped
+    summary.skipped, summary.failed_before = skipped, failed_before
     print(summary.line(), flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_FAILED_IMAGES if summary.failed else EXIT_OK
+    return EXIT_FAILED_IMAGES if summary.failed or failed_before else EXIT_OK
 
 
 def _score_local(todo: list[SourceFile], store: ResultStore, settings: Settings,

@@ -29,6 +29,7 @@ PROCESS_LOCAL = ("memory://",)  # filesystems whose files exist only in this pro
 class Summary:
     total: int = 0
     skipped: int = 0  # already done by an earlier run
+    failed_before: int = 0  # of those, rows with an error (rerun with --retry-failed to try again)
     scored: int = 0
     failed: int = 0
     seconds: float = 0.0
@@ -41,8 +42,9 @@ class Summary:
 
     def line(self) -> str:
         state = "interrupted" if self.interrupted else "done"
+        earlier = f" ({self.failed_before} failed in earlier runs)" if self.failed_before else ""
         return (f"{state}: scored {self.scored}, failed {self.failed}, skipped (already done) "
-                f"{self.skipped}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s")
+                f"{self.skipped}{earlier}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s")
 
 
 def result_row(source: SourceFile, runner: ModelRunner, top: list[Any] | None, error: str) -> dict[str, Any]:

@@ -78,7 +78,11 @@ def score_ray(todo: list[SourceFile], store: ResultStore, settings: Settings, *,
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         keys = {_ray_path(f.path): (f.path, f.size, f.mtime) for f in present}
-        dataset = ray.data.read_binary_files([f.path for f in present], include_paths=True)
+        # Reading bytes and writing Parquet are I/O: they take no CPU slot, so that a pool holding every CPU
+        # (one actor per core) does not starve them and stall the pipeline.
+        io_args = {"num_cpus": 0}
+        dataset = ray.data.read_binary_files([f.path for f in present], include_paths=True,
+                                             ray_remote_args=io_args)
         scored = dataset.map_batches(
             RayScorer,
             fn_constructor_kwargs={"spec": spec, "top_k": top_k, "batch_size": batch_size, "keys": keys},
@@ -86,7 +90,7 @@ def score_ray(todo: list[SourceFile], store: ResultStore, settings: Settings, *,
             batch_format="pyarrow",
             concurrency=max(1, actors),
         )
-        scored.write_parquet(store.out)
+        scored.write_parquet(store.out, ray_remote_args=io_args)
     done = store.done()
     for f in todo:
         row = done.get(f.path)

@@ -1,0 +1,55 @@
+"""`--engine ray` on a real single-node Ray gives the local engine's results (top-k, probabilities 1e-5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.score import main
+from service.scoring.results import ResultStore
+from tests.score_helpers import image_folder
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real Ray, not local mode
+    yield
+    ray.shutdown()
+
+
+def _repo_and_model(tiny_repo: Path) -> tuple[Path, str]:
+    models = Path(__file__).resolve().parents[1] / "models"
+    if (models / "lenet5").is_dir():
+        return models, "lenet5"
+    return tiny_repo, "tiny"
+
+
+def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
+    repo, model = _repo_and_model(tiny_repo)
+    image_folder(tmp_path / "in", 20)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    common = [str(tmp_path / "in"), "--model", model, "--repository", str(repo), "--top-k", "3",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "local.parquet"), "--workers", "1"]) == 1
+    assert main([*common, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray", "--ray-actors", "2",
+                 "--batch-size", "8"]) == 1
+    local = {r["path"]: r for r in ResultStore(str(tmp_path / "local.parquet")).read_all()}
+    remote = {r["path"]: r for r in ResultStore(str(tmp_path / "ray.parquet")).read_all()}
+    assert sorted(local) == sorted(remote) and len(local) == 21
+    for path, row in local.items():
+        other = remote[path]
+        assert other["top_k_ids"] == row["top_k_ids"]
+        assert other["error"].split(":")[0] == row["error"].split(":")[0]
+        keys = ("size", "mtime", "version")
+        assert [other[k] for k in keys] == [row[k] for k in keys]
+        np.testing.assert_allclose(other["top_k_probabilities"], row["top_k_probabilities"], atol=1e-5)
+    assert local[str(tmp_path / "in" / "broken.jpg")]["error"].startswith("invalid_image:")
+    # resume: a rerun on Ray finds everything done
+    assert main([*common, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray"]) == 1
+    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 21
