@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from skimage import data as photos
 
 from tests.test_http_server_helpers import Server, jpeg, png, running_server
@@ -94,13 +95,29 @@ def test_classify_json_base64_and_tta(client: httpx.Client, chelsea: bytes) -> N
 
 
 def test_classify_lenet_digits(client: httpx.Client) -> None:
-    digit = np.zeros((28, 28), dtype=np.uint8)
-    digit[4:24, 13:16] = 255  # a "1"
-    r = client.post("/classify", params={"model": "lenet5", "top_k": 10}, content=png(digit))
+    """scikit-learn's digits drawn dark on light, as a photo of a written digit would be; LeNet reads them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    picks = list(range(len(digits.images) - 20, len(digits.images)))
+    files = []
+    for i in picks:
+        ink = (digits.images[i] / 16.0 * 255).astype(np.uint8)
+        image = Image.fromarray(255 - ink).resize((32, 32), Image.Resampling.BILINEAR)
+        files.append(("files", (f"{i}.png", png(np.asarray(image)), "image/png")))
+    r = client.post("/classify_batch", params={"model": "lenet5", "top_k": 10}, files=files[:4])
     assert r.status_code == 200, r.text
-    preds = r.json()["predictions"]
-    assert sorted(p["id"] for p in preds) == [str(i) for i in range(10)]
-    assert abs(sum(p["probability"] for p in preds) - 1.0) < 1e-3
+    first = r.json()["results"][0]["predictions"]
+    assert sorted(p["id"] for p in first) == [str(i) for i in range(10)]
+    assert abs(sum(p["probability"] for p in first) - 1.0) < 1e-3
+    correct = 0
+    for chunk in range(0, len(files), 4):
+        r = client.post(
+            "/classify_batch", params={"model": "lenet5", "top_k": 1}, files=files[chunk : chunk + 4]
+        )
+        for entry, i in zip(r.json()["results"], picks[chunk : chunk + 4], strict=True):
+            correct += entry["predictions"][0]["id"] == str(digits.target[i])
+    assert correct >= 17, f"{correct}/20 digits read correctly"
 
 
 def test_classify_batch_bad_image_fails_only_itself(
