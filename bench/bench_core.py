@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -129,6 +130,10 @@ def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], roun
 
     sequential()
     asyncio.run(concurrent())
+    info = core.model_info(model)
+    per_image = {b: round(t * 1000, 1) for b, t in info.get("per_image_s", {}).items()}
+    cap = info["preferred_batch"]
+    print(f"  {model}: warm-up ms/image by batch size {per_image}, batches capped at {cap}")
     seq = statistics.median(sequential() for _ in range(rounds))
     con = statistics.median(asyncio.run(concurrent()) for _ in range(rounds))
     print(
@@ -172,7 +177,10 @@ def bench_agreement(repository: str, model: str, n: int) -> None:
             )
         )
         core.load()
-        tops[mode] = [p.top_k[0].index for p in core.classify_sync(images, model=model, top_k=1)]
+        tops[mode] = []
+        for i in range(0, n, 32):
+            chunk = core.classify_sync(images[i : i + 32], model=model, top_k=1)
+            tops[mode] += [p.top_k[0].index for p in chunk]
         core.close()
     agree = sum(a == b for a, b in zip(tops["fast"], tops["exact"], strict=True))
     print(f"fast vs exact preprocessing, {model} top-1 agreement: {agree}/{n} = {100 * agree / n:.1f}%")
@@ -240,7 +248,11 @@ def main() -> None:
     model = "efficientnet_lite0"
     card = json.loads((Path(args.repository) / model / "1" / "model.json").read_text())
     data = jpeg_1920x1280()
-    print(f"bench_core: CPU, {THREADS} threads, medians of {args.runs} runs; repository {args.repository}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"bench_core: CPU, {THREADS} threads, medians of {args.runs} runs; repository {args.repository}; "
+        f"{os.cpu_count()} cores, load average {load} (other processes share them)"
+    )
 
     bench_preprocessing(card, data, args.runs)
     settings = Settings(
@@ -266,7 +278,8 @@ def main() -> None:
         bench_concurrency(core, "resnet50", images, max(1, args.rounds // 2))
         core.close()
 
-    bench_agreement(args.repository, model, args.agreement)
+    if args.agreement:
+        bench_agreement(args.repository, model, args.agreement)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class Batcher:
         queue_size: int,
         observer: Any,
         model_name: Callable[[Hashable], str] = str,
+        batch_limit: Callable[[Hashable], int] | None = None,
     ) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
@@ -63,6 +64,7 @@ class Batcher:
         self.queue_size = queue_size
         self.observer = observer
         self._model_name = model_name
+        self._batch_limit = batch_limit
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._outstanding = 0  # admitted images not yet answered
@@ -133,22 +135,18 @@ class Batcher:
                     return None
                 self._cond.wait()
             first = self._queue[0]
+            limit = self.limit(first.key)
             wait_until = first.enqueued + self.max_wait_s
             while True:
                 views = sum(j.views.shape[0] for j in self._queue if j.key == first.key)
                 now = time.monotonic()
-                if (
-                    views >= self.max_batch_size
-                    or self._preparing <= 0
-                    or now >= wait_until
-                    or self._stopping
-                ):
+                if views >= limit or self._preparing <= 0 or now >= wait_until or self._stopping:
                     break
                 self._cond.wait(wait_until - now)
             taken, rest, total = [], deque(), 0
             for job in self._queue:
                 n = job.views.shape[0]
-                if job.key == first.key and (not taken or total + n <= self.max_batch_size):
+                if job.key == first.key and (not taken or total + n <= limit):
                     taken.append(job)
                     total += n
                 else:
@@ -157,6 +155,12 @@ class Batcher:
             depth = len(rest)
         self.observer.queue_depth(depth)
         return taken
+
+    def limit(self, key: Hashable) -> int:
+        """Views per batch for this model: the max batch size, or less where the model runs better so."""
+        if self._batch_limit is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self._batch_limit(key)))
 
     def _loop(self) -> None:
         while True:
@@ -178,11 +182,12 @@ class Batcher:
 
     def _execute(self, jobs: list[Job]) -> None:
         key = jobs[0].key
+        limit = self.limit(key)
         batch = jobs[0].views if len(jobs) == 1 else np.concatenate([j.views for j in jobs])
         try:
             outputs = []
-            for i in range(0, batch.shape[0], self.max_batch_size):  # one call per max_batch_size views
-                chunk = batch[i : i + self.max_batch_size]
+            for i in range(0, batch.shape[0], limit):  # one call per `limit` views
+                chunk = batch[i : i + limit]
                 t0 = time.perf_counter()
                 outputs.append(self._run(key, chunk))
                 self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), self._model_name(key))

@@ -114,6 +114,7 @@ class InferenceCore:
             queue_size=self.settings.queue_size,
             observer=self.observer,
             model_name=lambda key: key[0],
+            batch_limit=self._batch_limit,
         )
 
     # -- lifecycle ----
@@ -186,6 +187,10 @@ class InferenceCore:
         return next(iter(self._versions))
 
     # -- inference ----
+    def _batch_limit(self, key: tuple[str, str]) -> int:
+        session = self._models[key].session
+        return session.preferred_batch if session is not None else self.settings.max_batch_size
+
     def _run_batch(self, key: tuple[str, str], batch: np.ndarray) -> np.ndarray:
         session = self._models[key].session
         assert session is not None
