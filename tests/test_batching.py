@@ -53,6 +53,9 @@ def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image)
         Settings(repository=str(tiny_repo), default_model="tiny", max_batch_size=16, max_wait_ms=20), obs
     )
     core.load()
+    session = core._entry("tiny", None).session
+    assert session.per_image_s and session.preferred_batch in session.buckets  # measured at warm-up
+    session.preferred_batch = 16  # the warm-up measurement is timing-dependent; pin it for this test
     images = _images(chelsea, 24)
     try:
         alone = [core.classify_sync([b])[0].probabilities for b in images]
@@ -158,3 +161,26 @@ def test_past_deadline_through_the_core(tiny_repo: Path, chelsea: Image.Image) -
         assert isinstance(r, DeadlineExceeded)
     finally:
         core.close()
+
+
+def test_batch_limit_caps_views_per_call() -> None:
+    ran = []
+
+    def run(key, batch: np.ndarray) -> np.ndarray:
+        ran.append(batch.shape[0])
+        return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
+
+    b = Batcher(
+        run,
+        max_batch_size=8,
+        max_wait_s=0.0,
+        queue_size=16,
+        observer=NullObserver(),
+        batch_limit=lambda key: 2,
+    )
+    job = _job("a", 5)
+    b.admit(1, preparing=False)
+    b.submit(job, from_preparing=False)
+    assert job.future.result(2).shape == (5, 1)
+    assert ran == [2, 2, 1]
+    b.stop(1)
