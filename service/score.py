@@ -135,8 +135,8 @@ def _score_local(todo: list[SourceFile], store: ResultStore, settings: Settings,
     spec = PrepareSpec(settings=settings, model=runner.name, version=runner.version, tta=args.tta,
                        preprocessing=runner.preprocessing)
     spec.check()
-    with tqdm(total=len(todo), unit="img", disable=args.no_progress or None, dynamic_ncols=True,
-              desc=f"{runner.name}:{runner.version}") as bar:
+    with tqdm(total=len(todo), unit="img", disable=args.no_progress, mininterval=0.5, file=sys.stderr,
+              desc=f"{runner.name}:{runner.version} ({runner.session.provider})") as bar:
         return score_local(todo, store, runner, spec, top_k=args.top_k, batch_size=args.batch_size,
                            workers=args.workers, chunk_size=args.chunk_size, progress=bar.update)
 

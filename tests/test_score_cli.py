@@ -229,3 +229,32 @@ def test_sigkill_in_the_middle_of_a_chunk_then_resume(tmp_path, repo):
     out, images, cmd = _run_and_interrupt(tmp_path, repo, signal.SIGKILL, "10")
     partial = _check_resume(out, images, cmd)
     assert partial % 10 == 0  # only complete chunks survived the kill
+
+
+def test_tta_and_progress_bar(tmp_path, repo):
+    images = image_folder(tmp_path / "in", 4)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "service.score", str(tmp_path / "in"), "--model", "tiny", "--out", str(out),
+           "--repository", str(repo), "--workers", "1", "--tta", "flip", "--top-k", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "img/s" in proc.stderr and "4/4" in proc.stderr  # tqdm: rate, count (and ETA while running)
+    assert "scored 4, failed 0" in proc.stdout
+    core = InferenceCore(Settings(repository=str(repo)))
+    core.load()
+    expected = core.classify_sync([p.read_bytes() for p in images], model="tiny", top_k=4, tta="flip")
+    rows = {r["path"]: r for r in rows_of(out)}
+    for path, prediction in zip(images, expected, strict=True):
+        assert rows[str(path)]["top_k_ids"] == [c.id for c in prediction.top_k]
+        np.testing.assert_allclose(rows[str(path)]["top_k_probabilities"],
+                                   [c.probability for c in prediction.top_k], atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_session_when_present(tmp_path, repo, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider (onnxruntime-gpu and a GPU needed)")
+    image_folder(tmp_path / "in", 4)
+    assert score([str(tmp_path / "in"), "--out", str(tmp_path / "o.parquet"), "--require-gpu"], repo) == 0
+    assert len(rows_of(tmp_path / "o.parquet")) == 4
