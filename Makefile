@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 MODELS ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install proto models architectures lint bench clean
+.PHONY: serve test install proto models architectures lint bench clean checkov
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
 # that the tests need (the serving extras alone are what the Docker image gets).
@@ -40,7 +40,16 @@ models: $(MODEL_STAMP)
 serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
 	$(PY) -m service serve --repository $(MODELS)
 
-test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
+# checkov (tests/test_deploy_*.py) in its own virtualenv: its pins conflict with the dev extra's.
+CHECKOV := build/checkov/bin/checkov
+$(CHECKOV): requirements/checkov.txt
+	test -x build/checkov/bin/python || $(PYTHON) -m venv build/checkov
+	build/checkov/bin/python -m pip install -q -r requirements/checkov.txt
+	touch $@
+
+checkov: $(CHECKOV)
+
+test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(CHECKOV)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 

@@ -69,7 +69,9 @@ def test_bentoml_build_offline_packs_service_protos_and_models(tmp_path: Path) -
     assert not list(src.rglob("__pycache__"))
     # Locking off: the pinned file is taken as it is.
     packed_reqs = (bento / "env" / "python" / "requirements.txt").read_text()
-    assert requirement_pins(packed_reqs) == requirement_pins((ROOT / "requirements" / "runtime.txt").read_text())
+    assert requirement_pins(packed_reqs) == requirement_pins(
+        (ROOT / "requirements" / "runtime.txt").read_text()
+    )
     assert not any(p.startswith("torch") for p in requirement_pins(packed_reqs))
     # The container it describes: the CUDA 13 cuDNN runtime image, with Python added by our template.
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
@@ -100,9 +102,7 @@ def test_serves_with_home_unwritable(tmp_path: Path, chelsea_jpeg: bytes) -> Non
     writable = tmp_path / "tmp"
     writable.mkdir()
     http_port, grpc_port = free_port(), free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "BENTOML_", "PROMETHEUS_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "BENTOML_", "PROMETHEUS_"))}
     env.update(
         {
             "HOME": str(home),
@@ -138,7 +138,9 @@ def test_serves_with_home_unwritable(tmp_path: Path, chelsea_jpeg: bytes) -> Non
             time.sleep(0.5)
         assert ready, (tmp_path / "serve.log").read_text()[-4000:]
         assert httpx.get(f"{base}/livez", timeout=5).status_code == 200
-        r = httpx.post(f"{base}/classify", files={"image": ("cat.jpg", chelsea_jpeg, "image/jpeg")}, timeout=30)
+        r = httpx.post(
+            f"{base}/classify", files={"image": ("cat.jpg", chelsea_jpeg, "image/jpeg")}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "lenet5"
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
@@ -148,7 +150,9 @@ def test_serves_with_home_unwritable(tmp_path: Path, chelsea_jpeg: bytes) -> Non
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         assert home.is_file() and home.read_bytes() == b""
     finally:

@@ -43,7 +43,7 @@ def kubectl() -> str:
 
 
 def checkov() -> str:
-    """checkov lives in its own virtualenv (`make checkov`): its pins conflict with pytest and scikit-image."""
+    """checkov has its own virtualenv (`make checkov`): its pins conflict with pytest and scikit-image."""
     for candidate in (ROOT / "build" / "checkov" / "bin" / "checkov", shutil.which("checkov")):
         if candidate and Path(candidate).exists():
             return str(candidate)
@@ -85,7 +85,9 @@ def validate(doc: dict[str, Any]) -> None:
         jsonschema.Draft202012Validator.check_schema(schema)
         jsonschema.Draft202012Validator(schema).validate(doc)
         for template in pod_templates_of(doc):
-            validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template})
+            validate(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+            )
         return
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(doc, version, strict=True)
