@@ -79,8 +79,7 @@ def parse_preprocessing(spec: str) -> dict:
     try:
         c, h, w = (int(v) for v in pre["input_size"])
         pre["input_size"] = [c, h, w]
-        pre.setdefault("channels", c)
-        pre["channels"] = int(pre.get("channels", c))
+        pre["channels"] = int(given.get("channels", c))
         if "resize" not in given:
             pre["resize"] = int(h / float(pre.get("crop_pct", 0.875)))
         if "crop_pct" not in given:

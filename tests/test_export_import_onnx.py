@@ -1,0 +1,181 @@
+"""`python -m export import-onnx`: existing ONNX classifiers (old opsets too) in, everything else out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from export.__main__ import main
+from export.nets import LeNet5
+from export.weights import sha256_file
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def helper_classifier(
+    path: Path, opset: int, classes: int = 1000, size: int = 224, softmax: bool = False
+) -> Path:
+    """Conv -> ReLU -> GlobalAveragePool -> Flatten -> Gemm (-> Softmax), written with onnx.helper."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (classes, 8)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fcb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["data", "w"], ["c"], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["scores"], transB=1),
+    ]
+    out = "scores"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["scores"], ["prob"], axis=1))
+        out = "prob"
+    graph = helper.make_graph(
+        nodes,
+        "old",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    if opset <= 8:  # IR 3: initializers are graph inputs too, as old exporters wrote them
+        graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, i.dims) for i in inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 3 if opset <= 8 else 7
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_import_old_opset_classifier(tmp_path: Path, capsys) -> None:
+    src = helper_classifier(tmp_path / "old.onnx", opset=7, softmax=True)
+    repo = tmp_path / "models"
+    rc = main(["import-onnx", str(src), "--name", "oldnet", "--repository", str(repo)])
+    assert rc == 0, capsys.readouterr().err
+    folder = repo / "oldnet" / "1"
+    card = json.loads((folder / "model.json").read_text())
+    assert card["architecture"] == "imported" and card["opset"] == 7
+    assert card["input"]["name"] == "data" and card["output"]["name"] == "prob"
+    assert card["output"]["kind"] == "probabilities" and card["output"]["shape"] == [-1, 1000]
+    assert card["files"]["model.onnx"]["sha256"] == sha256_file(src) == sha256_file(folder / "model.onnx")
+    assert len(card["labels"]) == 1000 and card["labels"][0]["id"] == "n01440764"
+    assert card["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"data": np.zeros((2, 3, 224, 224), np.float32)})[0]
+    assert y.shape == (2, 1000)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_import_torch_export_at_opset_11_with_digits_and_label_file(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "lenet_op11.onnx"
+    torch.onnx.export(
+        LeNet5().eval(),
+        (torch.zeros(1, 1, 32, 32),),
+        str(src),
+        dynamo=False,
+        opset_version=11,
+        input_names=["img"],
+        output_names=["out"],
+        dynamic_axes={"img": {0: "b"}, "out": {0: "b"}},
+    )
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"digit {i}\n" for i in range(10)))
+    pre = json.dumps({"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5], "resize": 32, "invert": True})
+    repo = tmp_path / "models"
+    args = ["import-onnx", str(src), "--name", "lenet_old", "--repository", str(repo)]
+    rc = main([*args, "--preprocessing", pre, "--labels", str(labels), "--version", "4"])
+    assert rc == 0, capsys.readouterr().err
+    card = json.loads((repo / "lenet_old" / "4" / "model.json").read_text())
+    assert card["opset"] == 11 and card["output"]["kind"] == "logits"
+    assert card["labels"][3] == {"index": 3, "id": "3", "name": "digit 3"}
+    assert card["preprocessing"]["channels"] == 1 and card["preprocessing"]["invert"] is True
+
+
+def _non_classifier(path: Path) -> Path:
+    """A segmenter-like graph: [N, 3, H, W] -> [N, 4, H, W]."""
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 224, 224])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+def _two_inputs(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])],
+        "two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3, 224, 224]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3, 224, 224]),
+        ],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 3, 224, 224])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+def _hidden_non_classifier(path: Path) -> Path:
+    """Declares [N, classes] but really outputs a 4-D map: only running it shows what it is."""
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "liar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_non_classifier, "is not an image classifier: output y is"),
+        (_two_inputs, "it has 2 inputs"),
+        (_hidden_non_classifier, "one image gave an output of shape [1, 4, 224, 224]"),
+    ],
+)
+def test_non_classifiers_are_rejected(tmp_path: Path, capsys, make, message: str) -> None:
+    src = make(tmp_path / "bad.onnx")
+    repo = tmp_path / "models"
+    rc = main(["import-onnx", str(src), "--name", "bad", "--repository", str(repo)])
+    assert rc != 0
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and message in line
+    assert not repo.exists()
+
+
+def test_not_onnx_and_label_count_mismatch(tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01garbage")
+    assert main(["import-onnx", str(junk), "--name", "j", "--repository", str(tmp_path / "m")]) != 0
+    assert "not a readable ONNX file" in one_error_line(capsys.readouterr().err)
+    ten = helper_classifier(tmp_path / "ten.onnx", opset=13, classes=10)
+    assert main(["import-onnx", str(ten), "--name", "t", "--repository", str(tmp_path / "m")]) != 0
+    assert "outputs 10 classes but the label set has 1000" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "m").exists()
