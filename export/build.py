@@ -26,6 +26,30 @@ def tool_versions() -> dict:
     return out
 
 
+def calibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch: int = 16, limit: int = 64) -> bool:
+    """Random init only: set BatchNorm running statistics from real photos (weights stay random).
+
+    Freshly initialised BN layers have mean 0 / var 1, so in eval mode activations vanish or explode
+    with depth: GoogLeNet and Inception-v4 give the same logits for every image and Inception v3 overflows
+    fp16. With statistics measured on real inputs the logits depend on the image and the validation means
+    something. Returns whether the model has BN layers.
+    """
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for i in range(0, min(limit, len(inputs)), batch):
+            model(torch.from_numpy(inputs[i : i + batch]))
+    model.eval()
+    return True
+
+
 def export_model(
     model: nn.Module,
     arch: registry.Arch,
@@ -39,17 +63,19 @@ def export_model(
     """Write model.onnx (+ model.fp16.onnx) into `folder`, validate them; return the card's graph facts."""
     pre = arch.preprocessing()
     shape = tuple(pre["input_size"])
+    if inputs is None:
+        inputs = validate.make_inputs(pre, n=samples)
+    calibrated = False if trained else calibrate_batchnorm(model, validate.make_inputs(pre, n=64, seed=7))
     t0 = time.perf_counter()
     facts = onnx_export.export_fp32(model, shape, folder / "model.onnx", folder)
     if fp16:
         onnx_export.export_fp16(folder / "model.onnx", folder / "model.fp16.onnx")
     t_export = time.perf_counter() - t0
-    if inputs is None:
-        inputs = validate.make_inputs(pre, n=samples)
     t1 = time.perf_counter()
     report = validate.validate(
         model, folder / "model.onnx", folder / "model.fp16.onnx" if fp16 else None, inputs, trained
     )
+    report["bn_calibrated"] = calibrated
     report["seconds"] = {"export": round(t_export, 2), "validation": round(time.perf_counter() - t1, 2)}
     files = {"model.onnx": repository.file_entry(folder / "model.onnx", "fp32")}
     if fp16:
