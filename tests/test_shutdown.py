@@ -31,7 +31,7 @@ def _in_flight(url: str) -> dict[str, float]:
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     image = jpeg(photos.astronaut())
-    # Five views per image, batches of one: the 40 requests take seconds and are in flight at SIGTERM.
+    # Ten views per image, batches of one: the 40 requests take seconds and are in flight at SIGTERM.
     flags = (
         "--max-batch-size",
         "1",
@@ -53,13 +53,13 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
                 await channel.channel_ready()
                 stub = classifier_pb2_grpc.ImageClassifierStub(channel)
                 tasks = [
-                    asyncio.create_task(c.post("/classify", content=image, params={"tta": "five_crop"}))
+                    asyncio.create_task(c.post("/classify", content=image, params={"tta": "ten_crop"}))
                     for _ in range(IN_FLIGHT)
                 ]
 
                 async def classify_grpc() -> classifier_pb2.ClassifyResponse:
                     return await stub.Classify(
-                        classifier_pb2.ClassifyRequest(image=image, tta="five_crop"), timeout=120
+                        classifier_pb2.ClassifyRequest(image=image, tta="ten_crop"), timeout=120
                     )
 
                 calls = [asyncio.create_task(classify_grpc()) for _ in range(GRPC_IN_FLIGHT)]
