@@ -235,3 +235,22 @@ def test_validation_inputs_are_real_photos() -> None:
     assert len({hash(v.tobytes()) for v in x}) == 256  # all different views
     first = validate.preprocess(validate.photos()[0], pre)
     assert np.array_equal(x[0], first)
+
+
+def test_random_init_batchnorm_calibration_makes_logits_depend_on_the_image() -> None:
+    """Fresh BN statistics make GoogLeNet's output the same for every image; calibrated ones do not."""
+    from export.build import calibrate_batchnorm
+
+    arch = registry.get("googlenet")
+    torch.manual_seed(0)
+    model = arch.build()
+    x = torch.from_numpy(validate.make_inputs(arch.preprocessing(), n=8, seed=3))
+    with torch.inference_mode():
+        before = model(x)
+    assert float((before - before[0]).abs().max()) < 1e-3  # flat: nothing to validate
+    assert calibrate_batchnorm(model, validate.make_inputs(arch.preprocessing(), n=32, seed=7), limit=32)
+    assert not model.training
+    with torch.inference_mode():
+        after = model(x)
+    assert len(set(after.argmax(1).tolist())) > 1
+    assert not calibrate_batchnorm(LeNet5(), x[:, :1, :32, :32].numpy())  # no BN: untouched
