@@ -42,8 +42,10 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(getattr(skdata, n)()).convert("RGB")
-              for n in ("chelsea", "coffee", "astronaut", "rocket", "cat", "immunohistochemistry")]
+    photos = [
+        Image.fromarray(getattr(skdata, n)()).convert("RGB")
+        for n in ("chelsea", "coffee", "astronaut", "rocket", "cat", "immunohistochemistry")
+    ]
     for i in range(count):
         img = photos[i % len(photos)]
         short = int(rng.integers(160, 1200))
@@ -59,14 +61,42 @@ def ensure_resnet50(repo: Path) -> None:
     """ResNet-50 with random init (speed only), exported by this project's export stage."""
     if (repo / "resnet50").is_dir():
         return
-    subprocess.run([sys.executable, "-m", "export", "build", "resnet50", "--random-init", "--repository",
-                    str(repo), "--samples", "8"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "build",
+            "resnet50",
+            "--random-init",
+            "--repository",
+            str(repo),
+            "--samples",
+            "8",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
 
 
 def run_ours(images: Path, repo: Path, model: str, out: Path, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "service.score", str(images), "--model", model, "--repository", str(repo),
-           "--out", str(out), "--batch-size", "32", "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.score",
+        str(images),
+        "--model",
+        model,
+        "--repository",
+        str(repo),
+        "--out",
+        str(out),
+        "--batch-size",
+        "32",
+        "--no-progress",
+        *extra,
+    ]
     env = {**os.environ, "CNN_SERVE_INTRA_OP_THREADS": "2"}
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -75,8 +105,13 @@ def run_ours(images: Path, repo: Path, model: str, out: Path, extra: list[str]) 
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     match = re.search(r"scored (\d+), failed (\d+).*?([\d.]+) images/s", proc.stdout)
     assert match, proc.stdout
-    return {"images_per_s": float(match.group(3)), "scored": int(match.group(1)),
-            "failed": int(match.group(2)), "wall_s": wall, "command": " ".join(cmd[1:])}
+    return {
+        "images_per_s": float(match.group(3)),
+        "scored": int(match.group(1)),
+        "failed": int(match.group(2)),
+        "wall_s": wall,
+        "command": " ".join(cmd[1:]),
+    }
 
 
 def torch_model(model: str, repo: Path):
@@ -122,12 +157,14 @@ def run_torch(paths: list[Path], repo: Path, model: str) -> dict:
     pre = json.loads((card_dir / "model.json").read_text())["preprocessing"]
     modes = transforms.InterpolationMode
     interp = {"bicubic": modes.BICUBIC, "bilinear": modes.BILINEAR}
-    transform = transforms.Compose([
-        transforms.Resize(pre["resize"], interpolation=interp[pre["interpolation"]]),
-        transforms.CenterCrop(pre["input_size"][1:]),
-        transforms.ToTensor(),
-        transforms.Normalize(pre["mean"], pre["std"]),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(pre["resize"], interpolation=interp[pre["interpolation"]]),
+            transforms.CenterCrop(pre["input_size"][1:]),
+            transforms.ToTensor(),
+            transforms.Normalize(pre["mean"], pre["std"]),
+        ]
+    )
     net = torch_model(model, repo)
     loader = torch.utils.data.DataLoader(PathsDataset(paths, transform), batch_size=32, num_workers=2)
     count = 0
@@ -164,8 +201,10 @@ def main() -> None:
         peer = run_torch(paths, repo, model)
         ratio = ours["images_per_s"] / peer["images_per_s"]
         print(f"\n== {model}, {len(paths)} images, 2 cores")
-        print(f"service.score (local, 2 decode workers): {ours['images_per_s']:8.1f} images/s "
-              f"(whole command incl. start-up: {ours['wall_s']:.1f} s)")
+        print(
+            f"service.score (local, 2 decode workers): {ours['images_per_s']:8.1f} images/s "
+            f"(whole command incl. start-up: {ours['wall_s']:.1f} s)"
+        )
         print(f"torch DataLoader + eager              : {peer['images_per_s']:8.1f} images/s")
         verdict = "" if model == "resnet50" else (" PASS" if ratio >= TARGET else " BELOW TARGET")
         target = "" if model == "resnet50" else f" (target >= {TARGET:.1f}x)"
@@ -173,10 +212,17 @@ def main() -> None:
         if model != "resnet50" and ratio < TARGET:
             failed = True
         if not args.no_ray:
-            ray = run_ours(work / "images", repo, model, work / f"{model}.ray.parquet",
-                           ["--engine", "ray", "--ray-actors", "2"])
-            print(f"service.score --engine ray (2 actors) : {ray['images_per_s']:8.1f} images/s "
-                  f"(incl. Ray start; whole command {ray['wall_s']:.1f} s)")
+            ray = run_ours(
+                work / "images",
+                repo,
+                model,
+                work / f"{model}.ray.parquet",
+                ["--engine", "ray", "--ray-actors", "2"],
+            )
+            print(
+                f"service.score --engine ray (2 actors) : {ray['images_per_s']:8.1f} images/s "
+                f"(incl. Ray start; whole command {ray['wall_s']:.1f} s)"
+            )
     sys.exit(1 if failed else 0)
 
 

@@ -23,8 +23,9 @@ EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.score", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="python -m service.score", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("input", metavar="INPUT", help="folder, glob or manifest; local or fsspec URL")
     parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--version", default=None, help="model version (default: the latest)")
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(files: list[SourceFile], store: ResultStore,
-         retry_failed: bool) -> tuple[list[SourceFile], int, int]:
+def plan(
+    files: list[SourceFile], store: ResultStore, retry_failed: bool
+) -> tuple[list[SourceFile], int, int]:
     """What is left to score, after dropping rows made stale by a changed file (or failed, when retried).
 
     Also returns how many files are done, and how many of those have an error row (they count in the exit
@@ -106,9 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.engine == "ray":
             from service.scoring.ray_engine import score_ray  # Ray only here, never in the serving path
 
-            summary = score_ray(todo, store, settings, model=args.model, version=args.version,
-                                top_k=args.top_k, tta=args.tta, batch_size=args.batch_size,
-                                actors=args.ray_actors, address=args.ray_address)
+            summary = score_ray(
+                todo,
+                store,
+                settings,
+                model=args.model,
+                version=args.version,
+                top_k=args.top_k,
+                tta=args.tta,
+                batch_size=args.batch_size,
+                actors=args.ray_actors,
+                address=args.ray_address,
+            )
         else:
             summary = _score_local(todo, store, settings, args)
     except OutputError as exc:
@@ -124,21 +135,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_FAILED_IMAGES if summary.failed or failed_before else EXIT_OK
 
 
-def _score_local(todo: list[SourceFile], store: ResultStore, settings: Settings,
-                 args: argparse.Namespace) -> Any:
+def _score_local(
+    todo: list[SourceFile], store: ResultStore, settings: Settings, args: argparse.Namespace
+) -> Any:
     from tqdm import tqdm
 
     from service.scoring.local import score_local
     from service.scoring.pipeline import ModelRunner, PrepareSpec
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
-    spec = PrepareSpec(settings=settings, model=runner.name, version=runner.version, tta=args.tta,
-                       preprocessing=runner.preprocessing)
+    spec = PrepareSpec(
+        settings=settings,
+        model=runner.name,
+        version=runner.version,
+        tta=args.tta,
+        preprocessing=runner.preprocessing,
+    )
     spec.check()
-    with tqdm(total=len(todo), unit="img", disable=args.no_progress, mininterval=0.5, file=sys.stderr,
-              desc=f"{runner.name}:{runner.version} ({runner.session.provider})") as bar:
-        return score_local(todo, store, runner, spec, top_k=args.top_k, batch_size=args.batch_size,
-                           workers=args.workers, chunk_size=args.chunk_size, progress=bar.update)
+    with tqdm(
+        total=len(todo),
+        unit="img",
+        disable=args.no_progress,
+        mininterval=0.5,
+        file=sys.stderr,
+        desc=f"{runner.name}:{runner.version} ({runner.session.provider})",
+    ) as bar:
+        return score_local(
+            todo,
+            store,
+            runner,
+            spec,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            chunk_size=args.chunk_size,
+            progress=bar.update,
+        )
 
 
 if __name__ == "__main__":

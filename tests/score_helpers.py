@@ -27,7 +27,7 @@ def image_folder(folder: Path, count: int, seed: int = 0) -> list[Path]:
         photo = photos[i % len(photos)]
         h, w = photo.shape[:2]
         top, left = int(rng.integers(0, h // 3)), int(rng.integers(0, w // 3))
-        crop = photo[top:top + h // 2 + 20, left:left + w // 2 + 20]
+        crop = photo[top : top + h // 2 + 20, left : left + w // 2 + 20]
         sub = folder / f"set{i % 3}"
         sub.mkdir(parents=True, exist_ok=True)
         if i % 4 == 3:

@@ -42,8 +42,22 @@ def test_folder_to_parquet_matches_the_core_and_bad_files_get_rows(tmp_path, rep
     (tmp_path / "in" / "notes.jpg").write_text("this is text, not a picture")
     (tmp_path / "in" / "cut.jpg").write_bytes(images[0].read_bytes()[:300])  # truncated JPEG
     out = tmp_path / "out.parquet"
-    rc = score([str(tmp_path / "in"), "--out", str(out), "--top-k", "3", "--workers", "2",
-                "--batch-size", "4", "--chunk-size", "4"], repo)
+    rc = score(
+        [
+            str(tmp_path / "in"),
+            "--out",
+            str(out),
+            "--top-k",
+            "3",
+            "--workers",
+            "2",
+            "--batch-size",
+            "4",
+            "--chunk-size",
+            "4",
+        ],
+        repo,
+    )
     assert rc == 1  # some images failed
     summary = capsys.readouterr().out
     assert "scored 10, failed 2" in summary and "images/s" in summary
@@ -59,8 +73,9 @@ def test_folder_to_parquet_matches_the_core_and_bad_files_get_rows(tmp_path, rep
         assert row["error"] == "" and row["model"] == "tiny" and row["version"] == "2"
         assert row["top_k_ids"] == [c.id for c in prediction.top_k]
         assert row["top_k_labels"] == [c.label for c in prediction.top_k]
-        np.testing.assert_allclose(row["top_k_probabilities"], [c.probability for c in prediction.top_k],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            row["top_k_probabilities"], [c.probability for c in prediction.top_k], atol=1e-5
+        )
         assert row["size"] == path.stat().st_size
 
 
@@ -77,8 +92,9 @@ def test_glob_and_manifest_inputs_to_csv_and_jsonl(tmp_path, repo, ext):
     assert score([str(manifest), "--out", str(out2), "--workers", "1", "--top-k", "2"], repo) == 0
     rows = rows_of(out2)
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in images)
-    assert all(len(r["top_k_ids"]) == 2 and r["top_k_probabilities"][0] >= r["top_k_probabilities"][1]
-               for r in rows)
+    assert all(
+        len(r["top_k_ids"]) == 2 and r["top_k_probabilities"][0] >= r["top_k_probabilities"][1] for r in rows
+    )
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -146,8 +162,20 @@ def test_bad_arguments_and_unwritable_output_exit_with_a_clear_error(tmp_path, r
     image_folder(tmp_path / "in", 2)
     assert score([str(tmp_path / "in"), "--out", str(tmp_path / "o.parquet"), "--tta", "sideways"], repo) == 2
     assert "unknown tta" in capsys.readouterr().err
-    assert main([str(tmp_path / "in"), "--model", "nope", "--out", str(tmp_path / "o.csv"),
-                 "--repository", str(repo)]) == 2
+    assert (
+        main(
+            [
+                str(tmp_path / "in"),
+                "--model",
+                "nope",
+                "--out",
+                str(tmp_path / "o.csv"),
+                "--repository",
+                str(repo),
+            ]
+        )
+        == 2
+    )
     assert "unknown model" in capsys.readouterr().err
     assert score([str(tmp_path / "missing"), "--out", str(tmp_path / "o.csv")], repo) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -176,8 +204,21 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
     locked = images[1]
     locked.chmod(0)
     out = tmp_path / "out.csv"
-    cmd = [sys.executable, "-m", "service.score", str(tmp_path / "in"), "--model", "tiny", "--out", str(out),
-           "--repository", str(repo), "--workers", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.score",
+        str(tmp_path / "in"),
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--repository",
+        str(repo),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv: every file is readable")
@@ -193,9 +234,25 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
 def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tuple[Path, list[Path], list]:
     images = image_folder(tmp_path / "in", 120)
     out = tmp_path / "out.parquet"
-    cmd = [sys.executable, "-m", "service.score", str(tmp_path / "in"), "--model", "tiny", "--out", str(out),
-           "--repository", str(repo), "--workers", "1", "--batch-size", "2", "--chunk-size", chunk,
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.score",
+        str(tmp_path / "in"),
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--repository",
+        str(repo),
+        "--workers",
+        "1",
+        "--batch-size",
+        "2",
+        "--chunk-size",
+        chunk,
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -234,8 +291,24 @@ def test_sigkill_in_the_middle_of_a_chunk_then_resume(tmp_path, repo):
 def test_tta_and_progress_bar(tmp_path, repo):
     images = image_folder(tmp_path / "in", 4)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "service.score", str(tmp_path / "in"), "--model", "tiny", "--out", str(out),
-           "--repository", str(repo), "--workers", "1", "--tta", "flip", "--top-k", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.score",
+        str(tmp_path / "in"),
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--repository",
+        str(repo),
+        "--workers",
+        "1",
+        "--tta",
+        "flip",
+        "--top-k",
+        "4",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stderr and "4/4" in proc.stderr  # tqdm: rate, count (and ETA while running)
@@ -246,8 +319,9 @@ def test_tta_and_progress_bar(tmp_path, repo):
     rows = {r["path"]: r for r in rows_of(out)}
     for path, prediction in zip(images, expected, strict=True):
         assert rows[str(path)]["top_k_ids"] == [c.id for c in prediction.top_k]
-        np.testing.assert_allclose(rows[str(path)]["top_k_probabilities"],
-                                   [c.probability for c in prediction.top_k], atol=1e-5)
+        np.testing.assert_allclose(
+            rows[str(path)]["top_k_probabilities"], [c.probability for c in prediction.top_k], atol=1e-5
+        )
 
 
 @pytest.mark.gpu

@@ -34,11 +34,33 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     repo, model = _repo_and_model(tiny_repo)
     image_folder(tmp_path / "in", 20)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    common = [str(tmp_path / "in"), "--model", model, "--repository", str(repo), "--top-k", "3",
-              "--no-progress"]
+    common = [
+        str(tmp_path / "in"),
+        "--model",
+        model,
+        "--repository",
+        str(repo),
+        "--top-k",
+        "3",
+        "--no-progress",
+    ]
     assert main([*common, "--out", str(tmp_path / "local.parquet"), "--workers", "1"]) == 1
-    assert main([*common, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray", "--ray-actors", "2",
-                 "--batch-size", "8"]) == 1
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "ray.parquet"),
+                "--engine",
+                "ray",
+                "--ray-actors",
+                "2",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 1
+    )
     local = {r["path"]: r for r in ResultStore(str(tmp_path / "local.parquet")).read_all()}
     remote = {r["path"]: r for r in ResultStore(str(tmp_path / "ray.parquet")).read_all()}
     assert sorted(local) == sorted(remote) and len(local) == 21

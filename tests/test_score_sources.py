@@ -67,9 +67,18 @@ def test_memory_filesystem_folder_glob_and_manifest():
 
 
 def _row(path, error=""):
-    return {"path": path, "size": 1, "mtime": 2.0, "model": "m", "version": "1", "top_k_indices": [3, 1],
-            "top_k_ids": ["c", "a"], "top_k_labels": ["cat", "ant"], "top_k_probabilities": [0.75, 0.25],
-            "error": error}
+    return {
+        "path": path,
+        "size": 1,
+        "mtime": 2.0,
+        "model": "m",
+        "version": "1",
+        "top_k_indices": [3, 1],
+        "top_k_ids": ["c", "a"],
+        "top_k_labels": ["cat", "ant"],
+        "top_k_probabilities": [0.75, 0.25],
+        "error": error,
+    }
 
 
 @pytest.mark.parametrize("ext", [".parquet", ".csv", ".jsonl"])

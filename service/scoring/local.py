@@ -43,8 +43,10 @@ class Summary:
     def line(self) -> str:
         state = "interrupted" if self.interrupted else "done"
         earlier = f" ({self.failed_before} failed in earlier runs)" if self.failed_before else ""
-        return (f"{state}: scored {self.scored}, failed {self.failed}, skipped (already done) "
-                f"{self.skipped}{earlier}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s")
+        return (
+            f"{state}: scored {self.scored}, failed {self.failed}, skipped (already done) "
+            f"{self.skipped}{earlier}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s"
+        )
 
 
 def result_row(source: SourceFile, runner: ModelRunner, top: list[Any] | None, error: str) -> dict[str, Any]:
@@ -110,9 +112,18 @@ class _Batch:
         self.views += len(views)
 
 
-def score_local(files: list[SourceFile], store: ResultStore, runner: ModelRunner, spec: PrepareSpec, *,
-                top_k: int, batch_size: int, workers: int, chunk_size: int,
-                progress: Callable[[int], None] | None = None) -> Summary:
+def score_local(
+    files: list[SourceFile],
+    store: ResultStore,
+    runner: ModelRunner,
+    spec: PrepareSpec,
+    *,
+    top_k: int,
+    batch_size: int,
+    workers: int,
+    chunk_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
     """Score `files` (all still to do) and write their rows; Ctrl-C keeps every row scored so far."""
     summary = Summary(total=len(files))
     started = time.perf_counter()
@@ -149,7 +160,7 @@ def score_local(files: list[SourceFile], store: ResultStore, runner: ModelRunner
         if batch.views >= batch_size:
             run_batch()
 
-    tasks = [files[i:i + TASK_FILES] for i in range(0, len(files), TASK_FILES)]
+    tasks = [files[i : i + TASK_FILES] for i in range(0, len(files), TASK_FILES)]
     pool = None
     try:
         if workers <= 0:

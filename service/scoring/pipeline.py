@@ -75,9 +75,13 @@ def prepare_bytes(data: bytes, spec: PrepareSpec) -> tuple[np.ndarray | None, st
         if len(data) > spec.settings.max_request_bytes:
             raise ImageTooLarge(f"file is larger than {spec.settings.max_request_bytes} bytes")
         preprocessor, limits = _preparer(spec)
-        img = decode(data, channels=preprocessor.spec.channels, limits=limits,
-                     min_short_side=augmentation.max_short_side(preprocessor.spec, spec.tta),
-                     draft=preprocessor.decode_draft)
+        img = decode(
+            data,
+            channels=preprocessor.spec.channels,
+            limits=limits,
+            min_short_side=augmentation.max_short_side(preprocessor.spec, spec.tta),
+            draft=preprocessor.decode_draft,
+        )
         return preprocessor(img, augmentation.plan_views(preprocessor.spec, spec.tta, img.size)), ""
     except Exception as exc:  # one bad image becomes one error row, never a failed run
         return None, describe(exc)
@@ -95,8 +99,9 @@ def prepare_file(path: str, spec: PrepareSpec) -> tuple[np.ndarray | None, str]:
 class ModelRunner:
     """One model version's session (the core's `ModelSession`: providers, GPU, precision) in this process."""
 
-    def __init__(self, settings: Settings, model: str, version: str | None = None,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self, settings: Settings, model: str, version: str | None = None, batch_size: int = 32
+    ) -> None:
         versions = repository.scan(settings.repository)
         self.version = repository.resolve(versions, model, version)
         self.name = model

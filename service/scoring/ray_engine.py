@@ -23,8 +23,9 @@ from service.scoring.sources import SourceFile
 class RayScorer:
     """One actor: loads the model once, then decodes and scores the batches Ray Data hands it."""
 
-    def __init__(self, spec: PrepareSpec, top_k: int, batch_size: int,
-                 keys: dict[str, tuple[str, int, float]]) -> None:
+    def __init__(
+        self, spec: PrepareSpec, top_k: int, batch_size: int, keys: dict[str, tuple[str, int, float]]
+    ) -> None:
         self.spec = spec
         self.top_k = top_k
         self.batch_size = batch_size
@@ -44,7 +45,7 @@ class RayScorer:
             else:
                 ready.append((source, views))
         for start in range(0, len(ready), max(1, self.batch_size)):
-            group = ready[start:start + self.batch_size]
+            group = ready[start : start + self.batch_size]
             tops = self.runner.score([v for _, v in group], self.top_k)
             for (source, _), top in zip(group, tops, strict=True):
                 rows.append(result_row(source, self.runner, top, ""))
@@ -55,9 +56,19 @@ def _ray_path(path: str) -> str:
     return path.split("://", 1)[1] if "://" in path else path
 
 
-def score_ray(todo: list[SourceFile], store: ResultStore, settings: Settings, *, model: str,
-              version: str | None, top_k: int, tta: str, batch_size: int, actors: int,
-              address: str | None) -> Summary:
+def score_ray(
+    todo: list[SourceFile],
+    store: ResultStore,
+    settings: Settings,
+    *,
+    model: str,
+    version: str | None,
+    top_k: int,
+    tta: str,
+    batch_size: int,
+    actors: int,
+    address: str | None,
+) -> Summary:
     """Score `todo` on Ray (a new local Ray, or the cluster at `address`) and write Parquet into the store."""
     import ray
 
@@ -66,13 +77,19 @@ def score_ray(todo: list[SourceFile], store: ResultStore, settings: Settings, *,
     summary = Summary(total=len(todo))
     started = time.perf_counter()
     runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
-    spec = PrepareSpec(settings=settings, model=runner.name, version=runner.version, tta=tta,
-                       preprocessing=runner.preprocessing)
+    spec = PrepareSpec(
+        settings=settings,
+        model=runner.name,
+        version=runner.version,
+        tta=tta,
+        preprocessing=runner.preprocessing,
+    )
     spec.check()
     missing = [f for f in todo if f.size < 0]
     if missing:  # vanished before listing finished: Ray could not read them, record them here
-        store.write_chunk([result_row(f, runner, None, "not_found: file does not exist or cannot be read")
-                           for f in missing])
+        store.write_chunk(
+            [result_row(f, runner, None, "not_found: file does not exist or cannot be read") for f in missing]
+        )
     present = [f for f in todo if f.size >= 0]
     if present:
         if not ray.is_initialized():
@@ -81,8 +98,9 @@ def score_ray(todo: list[SourceFile], store: ResultStore, settings: Settings, *,
         # Reading bytes and writing Parquet are I/O: they take no CPU slot, so that a pool holding every CPU
         # (one actor per core) does not starve them and stall the pipeline.
         io_args = {"num_cpus": 0}
-        dataset = ray.data.read_binary_files([f.path for f in present], include_paths=True,
-                                             ray_remote_args=io_args)
+        dataset = ray.data.read_binary_files(
+            [f.path for f in present], include_paths=True, ray_remote_args=io_args
+        )
         scored = dataset.map_batches(
             RayScorer,
             fn_constructor_kwargs={"spec": spec, "top_k": top_k, "batch_size": batch_size, "keys": keys},

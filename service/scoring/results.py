@@ -24,18 +24,20 @@ from fsspec.core import url_to_fs
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 LIST_COLUMNS = ("top_k_indices", "top_k_ids", "top_k_labels", "top_k_probabilities")
 COLUMNS = ("path", "size", "mtime", "model", "version", *LIST_COLUMNS, "error")
-SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("size", pa.int64()),
-    ("mtime", pa.float64()),
-    ("model", pa.string()),
-    ("version", pa.string()),
-    ("top_k_indices", pa.list_(pa.int32())),
-    ("top_k_ids", pa.list_(pa.string())),
-    ("top_k_labels", pa.list_(pa.string())),
-    ("top_k_probabilities", pa.list_(pa.float64())),
-    ("error", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.float64()),
+        ("model", pa.string()),
+        ("version", pa.string()),
+        ("top_k_indices", pa.list_(pa.int32())),
+        ("top_k_ids", pa.list_(pa.string())),
+        ("top_k_labels", pa.list_(pa.string())),
+        ("top_k_probabilities", pa.list_(pa.float64())),
+        ("error", pa.string()),
+    ]
+)
 TEMP_PREFIX = ".tmp-"
 
 
@@ -136,8 +138,12 @@ class ResultStore:
         done: dict[str, dict[str, Any]] = {}
         for name in self.parts():
             for row in self.read_part(name):
-                done[row["path"]] = {"size": row["size"], "mtime": row["mtime"], "error": row["error"],
-                                     "part": name}
+                done[row["path"]] = {
+                    "size": row["size"],
+                    "mtime": row["mtime"],
+                    "error": row["error"],
+                    "part": name,
+                }
         return done
 
     def drop(self, paths: Iterable[str], done: dict[str, dict[str, Any]]) -> int:

@@ -82,8 +82,13 @@ def read_manifest(text: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def list_inputs(spec: str, *, manifest: bool | None = None, all_files: bool = False,
-                storage_options: dict[str, Any] | None = None) -> list[SourceFile]:
+def list_inputs(
+    spec: str,
+    *,
+    manifest: bool | None = None,
+    all_files: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[SourceFile]:
     """Every file INPUT names, sorted by path and without duplicates.
 
     A folder is walked recursively (image suffixes only unless `all_files`), a glob is expanded, a manifest
