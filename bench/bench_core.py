@@ -244,6 +244,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--agreement", type=int, default=200)
     ap.add_argument("--skip-resnet", action="store_true")
+    ap.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin")
     args = ap.parse_args()
     model = "efficientnet_lite0"
     card = json.loads((Path(args.repository) / model / "1" / "model.json").read_text())
@@ -261,6 +262,7 @@ def main() -> None:
         intra_op_threads=THREADS,
         decode_threads=THREADS,
         max_batch_size=32,
+        thread_spinning=args.spinning,
     )
     core = InferenceCore(settings)
     core.load()

@@ -2,9 +2,11 @@
 
 Prints images/s, p50 and p99 at 1, 8 and 32 concurrent clients for efficientnet_lite0 (trained) and ResNet-50
 (random weights, saved once so that both services run the same ones), then the ratios for efficientnet_lite0
-at 32 clients (target: >= 3x the reference's images/s, with a lower p99). Loopback only, bounded: each level
-sends a fixed number of requests (and stops at --max-seconds). The servers run one after the other, so they
-never compete for the CPU; the load generator is the same asyncio/httpx client for every HTTP server.
+at 32 clients (target: >= 3x the reference's images/s, with a lower p99). Loopback only, bounded: each
+measurement sends a fixed number of requests (and stops at --max-seconds). Both servers are up, only one
+is loaded at a time: each (model, clients) cell alternates ours and the reference for --rounds rounds, and the
+figures are medians over rounds (the machine is noisy; side by side beats one after the other). The load
+generator is the same lean asyncio HTTP/1.1 client for every HTTP server.
 
     python bench/bench_serving.py [--models efficientnet_lite0,resnet50] [--clients 1,8,32] [--requests 160]
 """
@@ -164,42 +166,92 @@ async def load(
     }
 
 
-def http_caller(client: httpx.AsyncClient, path: str, params: dict) -> Callable[[bytes], Awaitable[None]]:
+class Connection:
+    """A bare HTTP/1.1 keep-alive connection: the load generator shares the 2 cores with the server it
+    measures, so it must cost little CPU per request (httpx spends about 4 ms of CPU per request here, which
+    would tax the faster server most). Content-Length and chunked bodies are both read."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, target: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + body)
+        try:
+            status, headers = self._head(await self.reader.readuntil(b"\r\n\r\n"))
+            if headers.get("transfer-encoding", "").lower() == "chunked":
+                data = b""
+                while size := int((await self.reader.readuntil(b"\r\n")).strip(), 16):
+                    data += (await self.reader.readexactly(size + 2))[:-2]
+                await self.reader.readuntil(b"\r\n")
+            else:
+                data = await self.reader.readexactly(int(headers.get("content-length", "0")))
+            if headers.get("connection", "").lower() == "close":
+                self.close()
+            return status, data
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _head(raw: bytes) -> tuple[int, dict[str, str]]:
+        lines = raw.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        return int(lines[0].split()[1]), headers
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def http_caller(pool: asyncio.Queue, target: str) -> Callable[[bytes], Awaitable[None]]:
     async def call(body: bytes) -> None:
-        r = await client.post(path, content=body, params=params, headers={"content-type": "image/jpeg"})
-        r.raise_for_status()
+        conn = await pool.get()
+        try:
+            status, data = await conn.post(target, body, "image/jpeg")
+        finally:
+            pool.put_nowait(conn)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
 
     return call
 
 
 async def bench_http(
-    url: str,
-    path: str,
-    params: dict,
-    payloads: list[bytes],
-    levels: list[int],
-    total: int,
-    max_seconds: float,
-) -> dict[int, dict]:
-    results = {}
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        for clients in levels:
-            results[clients] = await load(
-                http_caller(client, path, params), payloads, clients, max(total, clients * 2), max_seconds
-            )
-    return results
+    url: str, target: str, payloads: list[bytes], clients: int, total: int, max_seconds: float
+) -> dict:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(clients):
+        pool.put_nowait(Connection(host, int(port)))
+    try:
+        return await load(http_caller(pool, target), payloads, clients, max(total, clients * 2), max_seconds)
+    finally:
+        while not pool.empty():
+            pool.get_nowait().close()
 
 
 async def bench_grpc(
-    port: int, model: str, payloads: list[bytes], levels: list[int], total: int, max_seconds: float
-) -> dict[int, dict]:
+    port: int, model: str, payloads: list[bytes], clients: int, total: int, max_seconds: float
+) -> dict:
     import grpc
 
     sys.path.insert(0, str(ROOT))
     from proto import classifier_pb2, classifier_pb2_grpc
 
-    results = {}
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub = classifier_pb2_grpc.ImageClassifierStub(channel)
@@ -207,9 +259,19 @@ async def bench_grpc(
         async def call(body: bytes) -> None:
             await stub.Classify(classifier_pb2.ClassifyRequest(image=body, model=model, top_k=5), timeout=300)
 
-        for clients in levels:
-            results[clients] = await load(call, payloads, clients, max(total, clients * 2), max_seconds)
-    return results
+        return await load(call, payloads, clients, max(total, clients * 2), max_seconds)
+
+
+def median_of(rounds: list[dict]) -> dict:
+    """Per-figure medians over the rounds of one (server, model, clients) cell."""
+    return {
+        "images_per_s": statistics.median(r["images_per_s"] for r in rounds),
+        "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+        "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
+        "requests": sum(r["requests"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "rounds": rounds,
+    }
 
 
 def row(name: str, model: str, clients: int, r: dict) -> str:
@@ -219,14 +281,52 @@ def row(name: str, model: str, clients: int, r: dict) -> str:
     )
 
 
+def start_service(repo: Path, env: dict) -> tuple[subprocess.Popen, int, int]:
+    """This service on the benchmark repository; gRPC port retried if a just-freed port was taken again."""
+    for _ in range(3):
+        http_port, grpc_port = free_port(), free_port()
+        proc = subprocess.Popen(
+            [PY, "-m", "service", "serve", "--repository", str(repo), "--host", "127.0.0.1"]
+            + ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--log-level", "WARNING"],
+            cwd=ROOT,
+            env=env,
+            stdout=open(OUT / "service.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{http_port}/readyz", proc)
+            return proc, http_port, grpc_port
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"the service did not start; see {OUT / 'service.log'}")
+
+
+def start_reference(repo: Path, model: str, weights: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    card = next((repo / model).resolve().glob("*/model.json"))
+    proc = subprocess.Popen(
+        [PY, str(ROOT / "bench" / "reference_fastapi.py"), "--card", str(card), "--weights", str(weights)]
+        + ["--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc, port
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument(
-        "--requests", type=int, default=160, help="requests per level (at least 2 per client)"
+        "--requests", type=int, default=160, help="requests per measurement (at least 2 per client)"
     )
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="cap per level")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell; medians reported")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="cap per measurement")
     parser.add_argument(
         "--source", type=Path, default=ROOT / "models", help="repository with efficientnet_lite0"
     )
@@ -239,116 +339,68 @@ def main() -> int:
     payloads = images()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_SERVE_")}
     env["BENTOML_HOME"] = str(OUT / "bentoml")
-    results: dict[tuple[str, str], dict[int, dict]] = {}
-    print(f"CPU cores: {os.cpu_count()}; requests per level: {args.requests}; clients: {levels}", flush=True)
-
-    # This service: HTTP, then gRPC, against one server holding every benchmarked model.
-    http_port, grpc_port = free_port(), free_port()
-    log = open(OUT / "service.log", "wb")
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "service",
-            "serve",
-            "--repository",
-            str(repo),
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    load_avg = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"CPU cores: {os.cpu_count()}, load average {load_avg}; {args.requests} requests per measurement, "
+        f"{args.rounds} alternating rounds, medians; clients: {levels}",
+        flush=True,
     )
+
+    procs: list[subprocess.Popen] = []
+    rounds: dict[tuple[str, str, int], list[dict]] = {}
     try:
-        wait_http(f"http://127.0.0.1:{http_port}/readyz", proc)
+        proc, http_port, grpc_port = start_service(repo, env)
+        procs.append(proc)
+        ours = f"http://127.0.0.1:{http_port}"
         for model in models:
-            results[("cnn-serve HTTP", model)] = asyncio.run(
-                bench_http(
-                    f"http://127.0.0.1:{http_port}",
-                    "/classify",
-                    {"model": model},
-                    payloads,
-                    levels,
-                    args.requests,
-                    args.max_seconds,
-                )
-            )
-            if not args.no_grpc:
-                results[("cnn-serve gRPC", model)] = asyncio.run(
-                    bench_grpc(grpc_port, model, payloads, levels, args.requests, args.max_seconds)
-                )
+            ref_proc, ref_port = start_reference(repo, model, weights[model], env)
+            procs.append(ref_proc)
+            ref = f"http://127.0.0.1:{ref_port}"
+            for clients in levels:
+                common = (payloads, clients, args.requests, args.max_seconds)
+                for _ in range(args.rounds):  # side by side: ours, then the reference, then ours again ...
+                    cells = [("cnn-serve HTTP", bench_http(ours, f"/classify?model={model}", *common))]
+                    if not args.no_grpc:
+                        cells.append(("cnn-serve gRPC", bench_grpc(grpc_port, model, *common)))
+                    cells.append(("FastAPI+PyTorch ref", bench_http(ref, "/classify", *common)))
+                    for name, measurement in cells:
+                        rounds.setdefault((name, model, clients), []).append(asyncio.run(measurement))
+            stop(ref_proc)
     finally:
-        stop(proc)
+        for p in procs:
+            stop(p)
 
-    # The reference, one model at a time (one process per model, as a user would deploy it).
-    for model in models:
-        port = free_port()
-        card = next((repo / model).resolve().glob("*/model.json"))
-        ref = subprocess.Popen(
-            [
-                PY,
-                str(ROOT / "bench" / "reference_fastapi.py"),
-                "--card",
-                str(card),
-                "--weights",
-                str(weights[model]),
-                "--port",
-                str(port),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health", ref)
-            results[("FastAPI+PyTorch ref", model)] = asyncio.run(
-                bench_http(
-                    f"http://127.0.0.1:{port}",
-                    "/classify",
-                    {},
-                    payloads,
-                    levels,
-                    args.requests,
-                    args.max_seconds,
-                )
-            )
-        finally:
-            stop(ref)
-
+    results = {key: median_of(r) for key, r in rounds.items()}
     print(
         f"\n{'server':<22} {'model':<18} {'clients':>7} {'images/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
         f"{'n':>6} {'err':>4}"
     )
-    for (name, model), per_level in results.items():
-        for clients, r in per_level.items():
-            print(row(name, model, clients, r))
+    for (name, model, clients), r in results.items():
+        print(row(name, model, clients, r))
     print()
     top = max(levels)
     for model in models:
-        ours, ref = results.get(("cnn-serve HTTP", model)), results.get(("FastAPI+PyTorch ref", model))
-        if ours and ref:
-            speed = ours[top]["images_per_s"] / ref[top]["images_per_s"]
-            print(
-                f"{model} at {top} clients: HTTP images/s {speed:.2f}x the reference; p99 "
-                f"{ours[top]['p99_ms']:.0f} ms vs {ref[top]['p99_ms']:.0f} ms "
-                f"({'lower' if ours[top]['p99_ms'] < ref[top]['p99_ms'] else 'NOT lower'})"
-            )
-            if model == "efficientnet_lite0":
-                met = speed >= 3.0 and ours[top]["p99_ms"] < ref[top]["p99_ms"]
-                print(f"target (>= 3x images/s and lower p99): {'met' if met else 'NOT met'}")
+        ours_r, ref_r = (
+            results.get(("cnn-serve HTTP", model, top)),
+            results.get(("FastAPI+PyTorch ref", model, top)),
+        )
+        if not (ours_r and ref_r):
+            continue
+        ratios = [
+            a["images_per_s"] / b["images_per_s"]
+            for a, b in zip(ours_r["rounds"], ref_r["rounds"], strict=True)
+        ]
+        speed = statistics.median(ratios)
+        lower = ours_r["p99_ms"] < ref_r["p99_ms"]
+        print(
+            f"{model} at {top} clients: HTTP images/s {speed:.2f}x the reference (median of per-round ratios "
+            f"{', '.join(f'{x:.2f}' for x in ratios)}); p99 {ours_r['p99_ms']:.0f} ms vs "
+            f"{ref_r['p99_ms']:.0f} ms ({'lower' if lower else 'NOT lower'})"
+        )
+        if model == "efficientnet_lite0":
+            print(f"target (>= 3x images/s and lower p99): {'met' if speed >= 3.0 and lower else 'NOT met'}")
     (OUT / "results.json").write_text(
-        json.dumps({f"{n}|{m}": {str(c): r for c, r in v.items()} for (n, m), v in results.items()}, indent=1)
+        json.dumps({f"{n}|{m}|{c}": r for (n, m, c), r in results.items()}, indent=1)
     )
     shutil.rmtree(OUT / "bentoml", ignore_errors=True)
     return 0

@@ -30,6 +30,7 @@ class Settings:
     gpu_mem_limit_mb: int = 0  # 0: no limit
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     inter_op_threads: int = 1
+    thread_spinning: bool = False  # ONNX Runtime threads spin between ops: lower latency, CPU burnt idle
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16
     preprocess_mode: str = "fast"  # fast | exact (torchvision-identical PIL pipeline)
 

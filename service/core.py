@@ -100,6 +100,7 @@ class InferenceCore:
         self.settings = settings or Settings()
         self.observer: Observer = observer or NullObserver()
         self.ready = False
+        self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits(self.settings.max_image_pixels, self.settings.max_aspect_ratio)
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._versions: dict[str, list[str]] = {}
@@ -151,7 +152,16 @@ class InferenceCore:
         self.ready = any(m.state == "ready" for m in self._models.values())
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.load)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.load)
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+    @property
+    def live(self) -> bool:
+        """False once start-up failed (e.g. `require_gpu` without a GPU): restarting is the only cure."""
+        return self.failure is None
 
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)

@@ -214,7 +214,7 @@ class OpenInference:
     # -- health and metadata
 
     def server_live(self) -> bool:
-        return True
+        return bool(self.core.live)
 
     def server_ready(self) -> bool:
         return bool(self.core.ready)

@@ -151,36 +151,36 @@ class Preprocessor:
     # -- fast: resize only what each view keeps ----
     def _render_fast(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
         w, h = img.size
-        rendered: dict[tuple[int, int, int], np.ndarray] = {}
+        rendered: dict[tuple[int, int, int], int] = {}  # crop -> index in `out` of a view holding it
         for i, view in enumerate(views):
             view = self.fit(view, img.size)
             key = (view.short, view.left, view.top)
-            if key not in rendered:
-                rw, rh = resized_size(w, h, view.short)
-                sx, sy = w / rw, h / rh
-                if (
-                    0 <= view.left
-                    and view.left + view.width <= rw
-                    and 0 <= view.top
-                    and view.top + view.height <= rh
-                ):
-                    box = (
-                        view.left * sx,
-                        view.top * sy,
-                        (view.left + view.width) * sx,
-                        (view.top + view.height) * sy,
-                    )
-                    crop = img.resize(
-                        (view.width, view.height), self.spec.resample, box=box, reducing_gap=3.0
-                    )
-                else:  # crop larger than the resized image (tiny inputs): torchvision pads with zeros
-                    crop = _crop_padded(img.resize((rw, rh), self.spec.resample), view)
-                arr = _to_chw(np.asarray(crop, dtype=np.uint8))
-                if self.spec.invert:
-                    arr = 255 - arr
-                rendered[key] = arr * self._scale + self._offset
-            x = rendered[key]
-            out[i] = x[:, :, ::-1] if view.mirror else x
+            if key in rendered:
+                j = rendered[key]
+                out[i] = out[j][:, :, ::-1] if view.mirror != views[j].mirror else out[j]
+                continue
+            rw, rh = resized_size(w, h, view.short)
+            sx, sy = w / rw, h / rh
+            inside = 0 <= view.left and view.left + view.width <= rw and 0 <= view.top
+            if inside and view.top + view.height <= rh:
+                box = (
+                    view.left * sx,
+                    view.top * sy,
+                    (view.left + view.width) * sx,
+                    (view.top + view.height) * sy,
+                )
+                crop = img.resize((view.width, view.height), self.spec.resample, box=box, reducing_gap=3.0)
+            else:  # crop larger than the resized image (tiny inputs): torchvision pads with zeros
+                crop = _crop_padded(img.resize((rw, rh), self.spec.resample), view)
+            arr = _to_chw(np.asarray(crop, dtype=np.uint8))
+            if view.mirror:
+                arr = arr[:, :, ::-1]
+            if self.spec.invert:
+                arr = 255 - arr
+            # x/255 then normalize, fused and written in place: no float temporaries
+            np.multiply(arr, self._scale, out=out[i])
+            np.add(out[i], self._offset, out=out[i])
+            rendered[key] = i
 
 
 def _to_chw(arr: np.ndarray) -> np.ndarray:

@@ -96,7 +96,8 @@ class ModelSession:
     def _options(self, card: ModelCard, fname: str) -> ort.SessionOptions:
         """Session options. The card's `optimization` says what the saved graph already has (the exporter
         keeps files portable); at run time ONNX Runtime may apply every optimization for the provider it got.
-        Thread spinning is off: decoding threads run beside inference and spinning ones would starve them.
+        Thread spinning is off by default: decoding threads run beside inference and spinning ones would
+        starve them (and burn a pod's CPU quota while idle); `thread_spinning` turns it on.
         """
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -105,8 +106,9 @@ class ModelSession:
         if self.settings.inter_op_threads:
             so.inter_op_num_threads = self.settings.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        spin = "1" if self.settings.thread_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         so.log_severity_level = 3
         return so
 

@@ -90,7 +90,7 @@ class GrpcServer:
             health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_port = _bind(health_server, self._address(self.settings.grpc_health_port), None)
-        await self._refresh_health()
+        await self.refresh_health()
         await server.start()
         if health_server is not None:
             await health_server.start()
@@ -119,7 +119,7 @@ class GrpcServer:
         if self._server is not None:
             await self._server.wait_for_termination()
 
-    async def _refresh_health(self) -> None:
+    async def refresh_health(self) -> None:
         """SERVING for "" and the services once the core is ready; per model by its state."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -135,7 +135,7 @@ class GrpcServer:
     async def _watch_health(self) -> None:
         while True:
             try:
-                await self._refresh_health()
+                await self.refresh_health()
             except Exception:  # noqa: BLE001 - keep watching; a failed refresh leaves the last status
                 log.exception("gRPC health refresh failed")
             await asyncio.sleep(HEALTH_REFRESH_S)

@@ -147,7 +147,8 @@ async def models(request: Request, runtime: Runtime) -> Response:
 
 @endpoint("v2_live")
 async def v2_live(request: Request, runtime: Runtime) -> Response:
-    return JSONResponse({"live": runtime.oip.server_live()})
+    live = runtime.oip.server_live()
+    return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 
 @endpoint("v2_ready")

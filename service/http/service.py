@@ -50,7 +50,6 @@ class ClassifierService:
         self.grpc: Any = None
         self.metrics: Metrics | None = None
         self.load_task: asyncio.Task | None = None
-        self.load_error: BaseException | None = None
         self.grpc_drain: asyncio.Task | None = None
 
     @bentoml.on_startup
@@ -91,10 +90,12 @@ class ClassifierService:
     async def _load(self) -> None:
         try:
             await self.core.start()
-        except Exception as exc:  # a failed start-up keeps the process alive but never ready, and says why
-            self.load_error = exc
+        except Exception as exc:  # a failed start-up: not live, never ready, and the log says why
             log.error("inference core failed to start: %s", exc)
             return
+        finally:
+            if self.grpc is not None:  # gRPC health follows at once, not at its next periodic refresh
+                await self.grpc.refresh_health()
         assert self.metrics is not None
         self.metrics.model_info(self.core.models())
         log.info(
@@ -114,10 +115,10 @@ class ClassifierService:
             await self.core.stop()
 
     def __is_ready__(self) -> bool:
-        return bool(self.core is not None and self.core.ready and self.load_error is None)
+        return bool(self.core is not None and self.core.ready and self.core.live)
 
     def __is_alive__(self) -> bool:
-        return self.load_error is None
+        return self.core is None or self.core.live
 
 
 ClassifierService.add_asgi_middleware(RequestContextMiddleware, settings=SETTINGS)
