@@ -2,7 +2,7 @@
 # Two stages: `export` (PyTorch, builds the model repository and the gRPC stubs), then `serve` (CUDA 13 +
 # cuDNN runtime with ONNX Runtime GPU and the serving dependencies only: no PyTorch). The default target,
 # `serve-models`, bakes the exported models into /models; `--target serve` builds the same image without
-# them, for a model repository mounted as a volume at /models.
+# them, for a model repository mounted as a volume at /models; `--target batch-ray` adds Ray for KubeRay.
 #
 #   docker build -t cnn-serve:0.1.0 .
 #   docker run --rm --gpus all -p 3000:3000 -p 50051:50051 cnn-serve:0.1.0
@@ -68,6 +68,17 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "service", "serve"]
 
+# ------------------------------------------------------------------------- batch scoring on Ray (KubeRay)
+# `docker build --target batch-ray -t cnn-serve:0.1.0-ray .`: the serving image with the models and Ray
+# Data, for k8s/batch/rayjob.yaml. The serving image itself never carries Ray.
+FROM serve AS batch-ray
+USER 0:0
+COPY requirements/ray.txt requirements/ray.txt
+RUN pip install --only-binary=:all: --no-deps -r requirements/ray.txt
+COPY --from=export --chown=root:root /models/ /models/
+USER 10001:10001
+
 # ---------------------------------------------------------------------------------- serve with models
 FROM serve AS serve-models
 COPY --from=export --chown=root:root /models/ /models/
+

@@ -16,6 +16,8 @@ from tests.test_deploy_k8s import run_checkov
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 RUNTIME = ROOT / "requirements" / "runtime.txt"
+RAY = ROOT / "requirements" / "ray.txt"
+RAYJOB_RAY_VERSION = re.search(r'rayVersion: "([^"]+)"', (ROOT / "k8s/batch/rayjob.yaml").read_text())[1]
 # Ubuntu 24.04 (the CUDA image's base): python3 is 3.12, glibc 2.39, so manylinux_2_17 .. manylinux_2_39.
 IMAGE_PYTHON = "3.12"
 PLATFORMS = [f"manylinux_2_{y}_x86_64" for y in range(39, 16, -1)] + ["manylinux2014_x86_64"]
@@ -74,7 +76,7 @@ def test_checkov_dockerfile_finds_no_failed_check() -> None:
 
 def test_stages_export_then_serve_without_pytorch() -> None:
     s = stages()
-    assert list(s) == ["export", "serve", "serve-models"], list(s)
+    assert list(s) == ["export", "serve", "batch-ray", "serve-models"], list(s)
     export, serve, serve_models = s["export"], s["serve"], s["serve-models"]
     assert any("torch==2.14.1" in i and "torchvision==0.29.1" in i for i in export)
     assert any("python -m export defaults --repository /models" in i for i in export)
@@ -91,6 +93,12 @@ def test_stages_export_then_serve_without_pytorch() -> None:
     # Models: baked into the default (last) target, mounted at /models with `--target serve`.
     assert any(i.startswith("COPY --from=export") and "/models" in i for i in serve_models)
     assert "CNN_SERVE_REPOSITORY=/models" in serve_text
+    # Ray only in the KubeRay image, which ends as the same unprivileged user.
+    assert "ray" not in serve_text.lower().replace("array", "")
+    ray = s["batch-ray"]
+    assert ray[0] == "FROM serve AS batch-ray"
+    assert any("requirements/ray.txt" in i and i.startswith("RUN pip install") for i in ray)
+    assert [i for i in ray if i.startswith("USER")][-1] == "USER 10001:10001"
 
 
 def test_dockerignore_sends_sources_only() -> None:
@@ -126,6 +134,34 @@ def test_runtime_requirements_are_pinned_and_match_pyproject() -> None:
 @pytest.mark.slow
 def test_runtime_requirements_resolve_for_the_image_without_torch() -> None:
     """pip resolves requirements/runtime.txt against PyPI for CPython 3.12 on manylinux x86_64 wheels."""
+    report = resolve_for_image(RUNTIME)
+    resolved = {normalise(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
+    assert "torch" not in resolved and not FORBIDDEN & set(resolved)
+    assert resolved["onnxruntime-gpu"].startswith("1.31")
+    assert "onnxruntime" not in resolved, "the CPU and GPU wheels both install `onnxruntime`"
+    # The lock is complete and exact: pip adds nothing and changes no version.
+    assert resolved == pins(RUNTIME)
+    for item in report["install"]:
+        url = item["download_info"]["url"]
+        assert url.endswith(".whl"), url
+        wheel_tags = url.rsplit("/", 1)[1].removesuffix(".whl").split("-")[-3:]
+        assert wheel_tags[0] in ("py3", "py2.py3", "cp312", "abi3") or wheel_tags[1] == "abi3", url
+
+
+@pytest.mark.slow
+def test_ray_image_requirements_complete_runtime_without_torch() -> None:
+    """runtime.txt + ray.txt (the `batch-ray` image) resolve to exactly those pins: Ray, still no torch."""
+    ray_pins = pins(RAY)
+    assert ray_pins["ray"] == RAYJOB_RAY_VERSION, "requirements/ray.txt and rayjob.yaml's rayVersion differ"
+    assert not set(ray_pins) & set(pins(RUNTIME)), "ray.txt repeats a runtime.txt pin"
+    report = resolve_for_image(RUNTIME, RAY)
+    resolved = {normalise(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
+    assert resolved == {**pins(RUNTIME), **ray_pins}
+    assert "torch" not in resolved
+
+
+def resolve_for_image(*requirements: Path) -> dict:
+    """pip's --dry-run report for the image's Python and platform, binary wheels only."""
     cmd = [
         sys.executable,
         "-m",
@@ -139,23 +175,11 @@ def test_runtime_requirements_resolve_for_the_image_without_torch() -> None:
         "--implementation",
         "cp",
         *[arg for p in PLATFORMS for arg in ("--platform", p)],
-        "-r",
-        str(RUNTIME),
+        *[arg for r in requirements for arg in ("-r", str(r))],
         "--report",
         "-",
         "--quiet",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
-    resolved = {normalise(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
-    assert "torch" not in resolved and not FORBIDDEN & set(resolved)
-    assert resolved["onnxruntime-gpu"].startswith("1.31")
-    assert "onnxruntime" not in resolved, "the CPU and GPU wheels both install `onnxruntime`"
-    # The lock is complete and exact: pip adds nothing and changes no version.
-    assert resolved == pins(RUNTIME)
-    for item in report["install"]:
-        url = item["download_info"]["url"]
-        assert url.endswith(".whl"), url
-        wheel_tags = url.rsplit("/", 1)[1].removesuffix(".whl").split("-")[-3:]
-        assert wheel_tags[0] in ("py3", "py2.py3", "cp312", "abi3") or wheel_tags[1] == "abi3", url
+    return json.loads(out.stdout)
