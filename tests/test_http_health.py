@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from tests.test_http_server_helpers import running_server
 
 
@@ -31,13 +34,17 @@ def test_failed_start_is_not_live_and_never_ready(tmp_path: Path) -> None:
             live = c.get("/v2/health/live")
             assert live.status_code == 503 and live.json() == {"live": False}
             assert server.proc.poll() is None
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            inference = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert not inference.ServerLive(grpc_predict_v2_pb2.ServerLiveRequest(), timeout=10).live
+            assert not inference.ServerReady(grpc_predict_v2_pb2.ServerReadyRequest(), timeout=10).ready
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_not_ready_while_models_load_then_ready(tmp_path: Path) -> None:
     """Live at once; not ready (HTTP and gRPC health) until every model is loaded and warmed up."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from tests.test_http_server_helpers import MODELS
 
     repo = tmp_path / "repo"
