@@ -26,7 +26,7 @@ def tool_versions() -> dict:
     return out
 
 
-def calibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch: int = 16, limit: int = 64) -> bool:
+def calibrate_batchnorm(model: nn.Module, inputs: np.ndarray, batch: int = 16, limit: int = 16) -> bool:
     """Random init only: set BatchNorm running statistics from real photos (weights stay random).
 
     Freshly initialised BN layers have mean 0 / var 1, so in eval mode activations vanish or explode
@@ -65,7 +65,7 @@ def export_model(
     shape = tuple(pre["input_size"])
     if inputs is None:
         inputs = validate.make_inputs(pre, n=samples)
-    calibrated = False if trained else calibrate_batchnorm(model, validate.make_inputs(pre, n=64, seed=7))
+    calibrated = False if trained else calibrate_batchnorm(model, validate.make_inputs(pre, n=16, seed=7))
     t0 = time.perf_counter()
     facts = onnx_export.export_fp32(model, shape, folder / "model.onnx", folder)
     if fp16:

@@ -106,8 +106,11 @@ def export_fp32(model: nn.Module, input_shape: tuple[int, int, int], out: Path, 
             except Exception as e2:
                 errors.append(f"torchscript: {type(e2).__name__}: {str(e2).splitlines()[0][:200]}")
                 raise ExportError("ONNX export failed; " + " | ".join(errors)) from None
-    check(raw)
-    _optimize_basic(raw, out)
+    try:
+        _optimize_basic(raw, out)
+    except ExportError:
+        check(raw)  # the checker's message names the broken node; ONNX Runtime's often does not
+        raise
     raw.unlink(missing_ok=True)
     for extra in workdir.glob("raw.onnx*"):
         extra.unlink()

@@ -1,18 +1,25 @@
 """Every export is checked against PyTorch on real photos before it is written to the repository.
 
 Rule (a failed rule fails the export):
-- fp32: max|ort - torch| / max|torch| <= 1e-4 over all inputs, and the same top-1 class on every input whose
-  top-2 margin is clear (> 1e-3 of that input's max|logit|, ten times the allowed error); near-ties are
-  skipped and counted.
-- fp16: top-1 agreement with PyTorch fp32 >= 99% over >= 256 inputs when the weights are trained; for
+- fp32: max|ort - torch| / max|torch| <= 1e-4 over the first 64 inputs, and the same top-1 class on every
+  one of them whose top-2 margin is clear (> 1e-3 of that input's max|logit|, ten times the allowed error);
+  near-ties are skipped and counted.
+- fp16: top-1 agreement with the fp32 graph >= 99% over >= 256 inputs when the weights are trained; for
   random-init nets (whose logits are nearly flat) the figures are reported but not enforced. Mean top-5
-  overlap is reported.
+  overlap is reported, and top-1 agreement with PyTorch itself on the first 64 inputs.
+
+Why two sizes: the fp32 check tests two implementations of one function for equality, which 64 varied
+inputs settle; the fp16 check estimates a rate, which needs many inputs. Its reference is the fp32 graph,
+just shown equal to PyTorch within 1e-4 (the two references can differ only on near-ties that fp16 error
+dwarfs), because ONNX Runtime runs it in about half PyTorch's time: a ResNet-50 export on 2 cores saves 10 s.
 
 Inputs: the colour photos shipped inside scikit-image's wheel, each preprocessed as the model card says, plus
 seeded random crops, flips, rotations and colour changes of them until there are enough.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -25,6 +32,7 @@ FP32_REL_TOL = 1e-4
 TIE_REL = 1e-3
 FP16_MIN_AGREEMENT = 0.99
 MIN_FP16_SAMPLES = 256
+FP32_SAMPLES = 64
 PHOTOS = (
     "chelsea",
     "coffee",
@@ -46,9 +54,15 @@ _RESAMPLE = {
 
 
 def photos() -> list[Image.Image]:
+    return list(_photos())
+
+
+@functools.cache
+def _photos() -> tuple[Image.Image, ...]:
+    """Loaded once per process (0.6 s): every export reads them twice. Callers never modify them in place."""
     import skimage.data
 
-    return [Image.fromarray(np.asarray(getattr(skimage.data, n)())).convert("RGB") for n in PHOTOS]
+    return tuple(Image.fromarray(np.asarray(getattr(skimage.data, n)())).convert("RGB") for n in PHOTOS)
 
 
 def preprocess(img: Image.Image, pre: dict) -> np.ndarray:
@@ -89,17 +103,32 @@ def _augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return ImageEnhance.Color(out).enhance(float(rng.uniform(0.6, 1.4)))
 
 
+def _shrink(img: Image.Image, short_side: int) -> Image.Image:
+    w, h = img.size
+    if min(w, h) <= short_side:
+        return img
+    scale = short_side / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+
+
 def make_inputs(pre: dict, n: int = MIN_FP16_SAMPLES, seed: int = 0) -> np.ndarray:
-    """`n` preprocessed inputs: every photo whole, then seeded random augmentations of them."""
+    """`n` preprocessed inputs: every photo whole, then seeded random augmentations of them.
+
+    Augmentations start from copies shrunk to twice the model's resize size: the smallest crop then still
+    has about the model's resolution, and enhancing a 1411x1411 retina photo 25 times is most of the time.
+    """
     rng = np.random.default_rng(seed)
     base = photos()
+    _, h, w = pre["input_size"]
+    small = [_shrink(p, 2 * int(pre.get("resize", max(h, w)))) for p in base]
     views = list(base)
     while len(views) < n:
-        views.append(_augment(base[len(views) % len(base)], rng))
+        views.append(_augment(small[len(views) % len(small)], rng))
     return np.stack([preprocess(v, pre) for v in views[:n]])
 
 
-def torch_logits(model: nn.Module, x: np.ndarray, batch: int = 16) -> np.ndarray:
+def torch_logits(model: nn.Module, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Batches of 8: on 2 cores eager PyTorch ran ResNet-50 faster at 4-8 than at 16 or more (cache)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
@@ -146,44 +175,50 @@ def _top5_overlap(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def validate(model: nn.Module, fp32_path, fp16_path, inputs: np.ndarray, trained: bool) -> dict:
-    """Compare ORT fp32 / fp16 with PyTorch on `inputs`; raise ExportError when the rule is broken."""
-    ref = torch_logits(model, inputs)
-    got32 = ort_logits(fp32_path, inputs)
-    if got32.shape != ref.shape:
-        raise ExportError(f"validation failed: ONNX output shape {got32.shape} != PyTorch {ref.shape}")
-    max_ref = float(np.abs(ref).max())
-    max_err = float(np.abs(got32 - ref).max())
+    """Compare ORT fp32 with PyTorch, then fp16 with fp32; raise ExportError when the rule is broken."""
+    torch_ref = torch_logits(model, inputs[:FP32_SAMPLES])
+    full32 = ort_logits(fp32_path, inputs if fp16_path is not None else inputs[:FP32_SAMPLES])
+    got32 = full32[:FP32_SAMPLES]
+    if got32.shape != torch_ref.shape:
+        raise ExportError(f"validation failed: ONNX output shape {got32.shape} != PyTorch {torch_ref.shape}")
+    max_ref = float(np.abs(torch_ref).max())
+    max_err = float(np.abs(got32 - torch_ref).max())
     rel = max_err / max(max_ref, 1e-12)
     fp32 = {
         "max_abs_err": max_err,
         "max_abs_torch": max_ref,
         "rel_err": rel,
         "rel_tol": FP32_REL_TOL,
-        **_top1_stats(ref, got32, TIE_REL),
-        "top5_overlap": _top5_overlap(ref, got32),
+        **_top1_stats(torch_ref, got32, TIE_REL),
+        "top5_overlap": _top5_overlap(torch_ref, got32),
     }
     fp32["passed"] = bool(np.isfinite(rel) and rel <= FP32_REL_TOL and fp32["top1_disagree_clear"] == 0)
-    result = {"fp32": fp32}
-    if fp16_path is not None:
-        got16 = ort_logits(fp16_path, inputs)
-        finite = bool(np.isfinite(got16).all())
-        agree = float((got16.argmax(1) == ref.argmax(1)).mean())
-        fp16 = {
-            "samples": int(len(ref)),
-            "top1_agreement": round(agree, 6),
-            "top5_overlap": _top5_overlap(ref, got16),
-            "max_abs_err": float(np.abs(np.nan_to_num(got16) - ref).max()),
-            "finite": finite,
-            "min_agreement": FP16_MIN_AGREEMENT,
-            "enforced": bool(trained),
-        }
-        fp16["passed"] = bool(finite and agree >= FP16_MIN_AGREEMENT and len(ref) >= MIN_FP16_SAMPLES)
-        result["fp16"] = fp16
     if not fp32["passed"]:
         raise ExportError(
             f"validation failed (fp32): rel err {rel:.2e} (tol {FP32_REL_TOL:.0e}), "
             f"{fp32['top1_disagree_clear']} top-1 disagreements on clear-margin inputs"
         )
+    result = {"fp32": fp32}
+    if fp16_path is not None:
+        got16 = ort_logits(fp16_path, inputs)
+        finite = bool(np.isfinite(got16).all())
+        agree = float((got16.argmax(1) == full32.argmax(1)).mean())
+        fp16 = {
+            "samples": int(len(full32)),
+            "reference": "onnx fp32",
+            "top1_agreement": round(agree, 6),
+            "top5_overlap": _top5_overlap(full32, got16),
+            "max_abs_err": float(np.abs(np.nan_to_num(got16) - full32).max()),
+            "top1_agreement_torch": round(
+                float((got16[:FP32_SAMPLES].argmax(1) == torch_ref.argmax(1)).mean()), 6
+            ),
+            "torch_samples": int(len(torch_ref)),
+            "finite": finite,
+            "min_agreement": FP16_MIN_AGREEMENT,
+            "enforced": bool(trained),
+        }
+        fp16["passed"] = bool(finite and agree >= FP16_MIN_AGREEMENT and len(full32) >= MIN_FP16_SAMPLES)
+        result["fp16"] = fp16
     if fp16_path is not None and trained and not result["fp16"]["passed"]:
         f = result["fp16"]
         raise ExportError(
