@@ -140,9 +140,10 @@ def _write(out: Path, store: Path, rows: dict[str, dict], samples: int) -> None:
         "",
         "- **GFLOPs**: floating-point operations of one image at the listed input size "
         "(`torch.utils.flop_counter`, a multiply-add counts 2).",
-        "- **fp32 rel err**: max|ORT - torch| / max|torch| over the validation inputs (limit 1e-4); "
+        "- **fp32 rel err**: max|ORT - torch| / max|torch| over the first 64 validation inputs (limit 1e-4); "
         "**top-1**: agreement on inputs with a clear top-2 margin / such inputs (near-ties skipped).",
-        f"- **fp16 top-1 / top-5**: agreement and overlap with PyTorch fp32 over {samples} inputs (real "
+        f"- **fp16 top-1 / top-5**: agreement and overlap with the fp32 graph (itself checked against "
+        f"PyTorch) over {samples} inputs (real "
         "photos and augmentations of them). Random weights give nearly flat logits, so these figures are "
         "reported, not enforced; trained exports must reach 99% top-1 over at least 256 inputs.",
         "- **latency**: ONNX Runtime CPU, batch 1, 2 intra-op threads, median.",
