@@ -68,7 +68,24 @@ def test_lenet5_random_init_end_to_end(tmp_path: Path) -> None:
     assert card["weights"] is None
     assert [x["id"] for x in card["labels"]] == [str(i) for i in range(10)]
     assert card["preprocessing"]["channels"] == 1 and card["preprocessing"]["input_size"] == [1, 32, 32]
-    assert card["validation"]["fp16"]["samples"] >= 256
+    fp16, fp32 = card["validation"]["fp16"], card["validation"]["fp32"]
+    assert fp16["samples"] >= 256 and fp16["reference"] == "onnx fp32"
+    # fp32 is checked against PyTorch on the first inputs, and so is fp16's agreement with PyTorch itself.
+    assert fp32["samples"] == fp16["torch_samples"] == 64 and 0.0 <= fp16["top1_agreement_torch"] <= 1.0
+
+
+def test_fp32_validation_fails_the_export_on_a_wrong_graph(tmp_path: Path) -> None:
+    """A graph that differs from PyTorch fails at the fp32 check, before any fp16 work."""
+    from export import onnx_export
+
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    onnx_export.export_fp32(model, (1, 32, 32), tmp_path / "model.onnx", tmp_path)
+    with torch.no_grad():
+        model.classifier[-1].bias[3] += 1.0  # PyTorch now computes something else than the saved graph
+    x = np.random.default_rng(0).standard_normal((80, 1, 32, 32)).astype(np.float32)
+    with pytest.raises(ExportError, match=r"validation failed \(fp32\)"):
+        validate.validate(model, tmp_path / "model.onnx", tmp_path / "missing.fp16.onnx", x, trained=True)
 
 
 def test_lenet5_with_weights_safetensors_via_cli(tmp_path: Path, capsys) -> None:

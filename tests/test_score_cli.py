@@ -232,7 +232,9 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
 
 
 def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tuple[Path, list[Path], list]:
-    images = image_folder(tmp_path / "in", 120)
+    # Enough images that the run cannot finish between the first part appearing and the signal landing, even
+    # when the loaded machine leaves this polling loop unscheduled for a while (120 once did).
+    images = image_folder(tmp_path / "in", 400)
     out = tmp_path / "out.parquet"
     cmd = [
         sys.executable,

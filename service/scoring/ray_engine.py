@@ -99,10 +99,9 @@ def score_ray(
         # (one actor per core) does not starve them and stall the pipeline. A zero-CPU task is not limited
         # by the CPUs either, though: without a cap Ray ran every read task at once, each in a freshly started
         # worker process (about 100 on 2 cores), and those start-ups took the CPUs from the actors.
-        io_args = {"num_cpus": 0}
         io_tasks = max(1, actors)
         dataset = ray.data.read_binary_files(
-            [f.path for f in present], include_paths=True, ray_remote_args=io_args, concurrency=io_tasks
+            [f.path for f in present], include_paths=True, num_cpus=0, concurrency=io_tasks
         )
         scored = dataset.map_batches(
             RayScorer,
@@ -111,7 +110,7 @@ def score_ray(
             batch_format="pyarrow",
             concurrency=max(1, actors),
         )
-        scored.write_parquet(store.out, ray_remote_args=io_args, concurrency=io_tasks)
+        scored.write_parquet(store.out, ray_remote_args={"num_cpus": 0}, concurrency=io_tasks)
     done = store.done()
     for f in todo:
         row = done.get(f.path)
