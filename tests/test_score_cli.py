@@ -210,7 +210,7 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
         "service.score",
         str(tmp_path / "in"),
         "--model",
-        "tiny",
+        "efficientnet_lite0",
         "--out",
         str(out),
         "--repository",
@@ -232,9 +232,10 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
 
 
 def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tuple[Path, list[Path], list]:
-    # Enough images that the run cannot finish between the first part appearing and the signal landing, even
-    # when the loaded machine leaves this polling loop unscheduled for a while (120 once did).
-    images = image_folder(tmp_path / "in", 400)
+    # The real EfficientNet-Lite0, not the tiny test net: with the tiny one the whole run took under a second
+    # after its first part appeared, and on a loaded machine the signal once landed after the end (with 120
+    # and then 400 images). Here the rest of the run takes seconds.
+    images = image_folder(tmp_path / "in", 160)
     out = tmp_path / "out.parquet"
     cmd = [
         sys.executable,
@@ -242,7 +243,7 @@ def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tupl
         "service.score",
         str(tmp_path / "in"),
         "--model",
-        "tiny",
+        "efficientnet_lite0",
         "--out",
         str(out),
         "--repository",
@@ -262,8 +263,11 @@ def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tupl
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be interrupted"
+    parts_at_signal = sorted(n for n in os.listdir(out) if n.startswith("part-"))
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    stdout, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, (proc.returncode, parts_at_signal, stdout[-2000:], stderr[-2000:])
     return out, images, cmd
 
 
@@ -279,13 +283,13 @@ def _check_resume(out: Path, images: list[Path], cmd: list[str]) -> int:
     return partial
 
 
-def test_ctrl_c_keeps_scored_rows_and_the_rerun_completes(tmp_path, repo):
-    out, images, cmd = _run_and_interrupt(tmp_path, repo, signal.SIGINT, "10")
+def test_ctrl_c_keeps_scored_rows_and_the_rerun_completes(tmp_path, model_repo):
+    out, images, cmd = _run_and_interrupt(tmp_path, model_repo, signal.SIGINT, "10")
     _check_resume(out, images, cmd)
 
 
-def test_sigkill_in_the_middle_of_a_chunk_then_resume(tmp_path, repo):
-    out, images, cmd = _run_and_interrupt(tmp_path, repo, signal.SIGKILL, "10")
+def test_sigkill_in_the_middle_of_a_chunk_then_resume(tmp_path, model_repo):
+    out, images, cmd = _run_and_interrupt(tmp_path, model_repo, signal.SIGKILL, "10")
     partial = _check_resume(out, images, cmd)
     assert partial % 10 == 0  # only complete chunks survived the kill
 
@@ -299,7 +303,7 @@ def test_tta_and_progress_bar(tmp_path, repo):
         "service.score",
         str(tmp_path / "in"),
         "--model",
-        "tiny",
+        "efficientnet_lite0",
         "--out",
         str(out),
         "--repository",
