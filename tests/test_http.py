@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -432,8 +433,13 @@ def test_oip_infer_errors(client: httpx.Client) -> None:
 
 def test_access_log_is_json_with_request_id(server: Server, client: httpx.Client) -> None:
     client.get("/models", headers={"x-request-id": "access-log-probe"})
-    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith('{"ts"')]
-    mine = [entry for entry in lines if entry.get("request_id") == "access-log-probe"]
+    deadline = time.monotonic() + 10  # the line is written once the answer is sent, maybe after we read it
+    while True:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith('{"ts"')]
+        mine = [entry for entry in lines if entry.get("request_id") == "access-log-probe"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert mine and mine[0]["path"] == "/models" and mine[0]["status"] == 200 and mine[0]["duration_ms"] >= 0
 
 

@@ -210,7 +210,7 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
         "service.score",
         str(tmp_path / "in"),
         "--model",
-        "efficientnet_lite0",
+        "tiny",
         "--out",
         str(out),
         "--repository",
@@ -229,6 +229,17 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
     errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
     assert errors[locked.name].startswith("permission_denied:")
     assert sorted(e for e in errors.values() if not e) == ["", ""]
+
+
+def _like_a_terminal_command() -> None:
+    """SIGINT neither ignored nor blocked, as a shell starts a foreground command.
+
+    A disposition of SIG_IGN and the signal mask both survive exec, and the test process (with gRPC, Ray and
+    multiprocessing loaded by earlier tests) is no shell: in full-suite runs the child twice ran to the end
+    untouched by the SIGINT below, yet never when this file ran alone.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tuple[Path, list[Path], list]:
@@ -256,7 +267,14 @@ def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tupl
         chunk,
         "--no-progress",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_like_a_terminal_command,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if out.is_dir() and any(n.startswith("part-") for n in os.listdir(out)):
@@ -264,10 +282,19 @@ def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tupl
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     parts_at_signal = sorted(n for n in os.listdir(out) if n.startswith("part-"))
+    status = [ln for ln in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ln.startswith("Sig")]
+    mine = [ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Sig")]
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
-        assert proc.returncode == 130, (proc.returncode, parts_at_signal, stdout[-2000:], stderr[-2000:])
+        assert proc.returncode == 130, (
+            proc.returncode,
+            parts_at_signal,
+            status,
+            mine,
+            stdout[-2000:],
+            stderr[-2000:],
+        )
     return out, images, cmd
 
 
@@ -303,7 +330,7 @@ def test_tta_and_progress_bar(tmp_path, repo):
         "service.score",
         str(tmp_path / "in"),
         "--model",
-        "efficientnet_lite0",
+        "tiny",
         "--out",
         str(out),
         "--repository",
