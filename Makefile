@@ -10,12 +10,12 @@ STAMP := $(VENV)/.installed
 .PHONY: serve test install proto models architectures lint bench clean checkov
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
-# that the tests need (the serving extras alone are what the Docker image gets).
-$(STAMP): pyproject.toml
+# that the tests need, Ray included (the serving extras alone are what the Docker image gets).
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[serve,cpu,export,batch,dev]'
+	$(PIP) install -q -e '.[serve,cpu,export,batch,ray,dev]'
 	touch $@
 
 install: $(STAMP)

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # the `ray` extra, which `make test` installs: a missing Ray is a failure here, not a skip
 
 from service.score import main
 from service.scoring.results import ResultStore
 from tests.score_helpers import image_folder
-
-ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
