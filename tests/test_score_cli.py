@@ -234,18 +234,18 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
 def _like_a_terminal_command() -> None:
     """SIGINT neither ignored nor blocked, as a shell starts a foreground command.
 
-    A disposition of SIG_IGN and the signal mask both survive exec, and the test process (with gRPC, Ray and
-    multiprocessing loaded by earlier tests) is no shell: in full-suite runs the child twice ran to the end
-    untouched by the SIGINT below, yet never when this file ran alone.
+    A disposition of SIG_IGN and the signal mask both survive exec, and the test process (with the gRPC
+    clients and multiprocessing pools of earlier tests) is no shell: in full-suite runs the child ran to the
+    end untouched by the SIGINT below (exit 0, one part written when it was sent), never when this file ran
+    alone.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tuple[Path, list[Path], list]:
-    # The real EfficientNet-Lite0, not the tiny test net: with the tiny one the whole run took under a second
-    # after its first part appeared, and on a loaded machine the signal once landed after the end (with 120
-    # and then 400 images). Here the rest of the run takes seconds.
+    # The real EfficientNet-Lite0, not the tiny test net, which scored the rest in well under a second after
+    # its first part appeared: here the run lasts seconds past the signal even on a loaded machine.
     images = image_folder(tmp_path / "in", 160)
     out = tmp_path / "out.parquet"
     cmd = [
