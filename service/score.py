@@ -144,14 +144,7 @@ def _score_local(
     from service.scoring.pipeline import ModelRunner, PrepareSpec
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
-    spec = PrepareSpec(
-        settings=settings,
-        model=runner.name,
-        version=runner.version,
-        tta=args.tta,
-        preprocessing=runner.preprocessing,
-    )
-    spec.check()
+    spec = PrepareSpec.for_runner(runner, settings, args.tta)
     with tqdm(
         total=len(todo),
         unit="img",

@@ -33,6 +33,12 @@ def score(args: list[str], repo: Path) -> int:
     return main([*args, "--model", "tiny", "--repository", str(repo), "--no-progress"])
 
 
+def score_cmd(inp: Path, out: Path, repo: Path, model: str, *extra: str) -> list[str]:
+    """`python -m service.score` as a separate process, for tests that signal it or drop its privileges."""
+    cmd = [sys.executable, "-m", "service.score", str(inp), "--model", model, "--out", str(out)]
+    return [*cmd, "--repository", str(repo), *extra]
+
+
 def rows_of(out: Path) -> list[dict]:
     return ResultStore(str(out)).read_all()
 
@@ -204,21 +210,7 @@ def test_permission_denied_file_gets_an_error_row(tmp_path, repo):
     locked = images[1]
     locked.chmod(0)
     out = tmp_path / "out.csv"
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.score",
-        str(tmp_path / "in"),
-        "--model",
-        "tiny",
-        "--out",
-        str(out),
-        "--repository",
-        str(repo),
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
+    cmd = score_cmd(tmp_path / "in", out, repo, "tiny", "--workers", "1", "--no-progress")
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv: every file is readable")
@@ -248,25 +240,8 @@ def _run_and_interrupt(tmp_path: Path, repo: Path, sig: int, chunk: str) -> tupl
     # its first part appeared: here the run lasts seconds past the signal even on a loaded machine.
     images = image_folder(tmp_path / "in", 160)
     out = tmp_path / "out.parquet"
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.score",
-        str(tmp_path / "in"),
-        "--model",
-        "efficientnet_lite0",
-        "--out",
-        str(out),
-        "--repository",
-        str(repo),
-        "--workers",
-        "1",
-        "--batch-size",
-        "2",
-        "--chunk-size",
-        chunk,
-        "--no-progress",
-    ]
+    extra = ("--workers", "1", "--batch-size", "2", "--chunk-size", chunk, "--no-progress")
+    cmd = score_cmd(tmp_path / "in", out, repo, "efficientnet_lite0", *extra)
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -324,24 +299,7 @@ def test_sigkill_in_the_middle_of_a_chunk_then_resume(tmp_path, model_repo):
 def test_tta_and_progress_bar(tmp_path, repo):
     images = image_folder(tmp_path / "in", 4)
     out = tmp_path / "out.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.score",
-        str(tmp_path / "in"),
-        "--model",
-        "tiny",
-        "--out",
-        str(out),
-        "--repository",
-        str(repo),
-        "--workers",
-        "1",
-        "--tta",
-        "flip",
-        "--top-k",
-        "4",
-    ]
+    cmd = score_cmd(tmp_path / "in", out, repo, "tiny", "--workers", "1", "--tta", "flip", "--top-k", "4")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stderr and "4/4" in proc.stderr  # tqdm: rate, count (and ETA while running)

@@ -35,6 +35,19 @@ class PrepareSpec:
     tta: str = "none"
     preprocessing: str = field(default="", compare=False)  # the card's preprocessing as JSON
 
+    @classmethod
+    def for_runner(cls, runner: ModelRunner, settings: Settings, tta: str) -> PrepareSpec:
+        """The spec of the model `runner` loaded, checked: a bad --tta fails before any worker starts."""
+        spec = cls(
+            settings=settings,
+            model=runner.name,
+            version=runner.version,
+            tta=tta,
+            preprocessing=runner.preprocessing,
+        )
+        spec.check()
+        return spec
+
     def check(self) -> None:
         """Refuse a bad --tta (or preprocessing) before any worker starts."""
         _preparer(self)

@@ -77,14 +77,7 @@ def score_ray(
     summary = Summary(total=len(todo))
     started = time.perf_counter()
     runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
-    spec = PrepareSpec(
-        settings=settings,
-        model=runner.name,
-        version=runner.version,
-        tta=tta,
-        preprocessing=runner.preprocessing,
-    )
-    spec.check()
+    spec = PrepareSpec.for_runner(runner, settings, tta)
     missing = [f for f in todo if f.size < 0]
     if missing:  # vanished before listing finished: Ray could not read them, record them here
         store.write_chunk(
