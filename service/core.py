@@ -270,6 +270,16 @@ class InferenceCore:
             )
         return entry, k
 
+    def _outcome(
+        self, entry: LoadedModel, k: int, fut: asyncio.Future | concurrent.futures.Future, done: bool
+    ) -> Prediction | ServiceError:
+        """One image's answer from its future (asyncio's or a thread's): a prediction or its error."""
+        if not done:
+            return DeadlineExceeded("deadline passed before the image was classified")
+        if fut.cancelled():
+            return DeadlineExceeded("request cancelled")
+        return self._finish(entry, k, fut.exception() or fut.result())
+
     def _finish(self, entry: LoadedModel, k: int, outcome: Any) -> Prediction | ServiceError:
         if isinstance(outcome, ServiceError):
             return outcome
@@ -303,15 +313,7 @@ class InferenceCore:
         for f in futures:
             if not f.done():
                 f.cancel()
-        results: list[Prediction | ServiceError] = []
-        for w in wrapped:
-            if w in pending:
-                results.append(DeadlineExceeded("deadline passed before the image was classified"))
-            elif w.cancelled():
-                results.append(DeadlineExceeded("request cancelled"))
-            else:
-                results.append(self._finish(entry, k, w.exception() or w.result()))
-        return results
+        return [self._outcome(entry, k, w, done=w not in pending) for w in wrapped]
 
     def classify_sync(
         self,
@@ -328,15 +330,10 @@ class InferenceCore:
         deadline = self._deadline(deadline)
         futures = self._submit(images, entry, tta, deadline)
         concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-        results: list[Prediction | ServiceError] = []
+        results = [self._outcome(entry, k, f, done=f.done()) for f in futures]
         for f in futures:
             if not f.done():
                 f.cancel()
-                results.append(DeadlineExceeded("deadline passed before the image was classified"))
-            elif f.cancelled():
-                results.append(DeadlineExceeded("request cancelled"))
-            else:
-                results.append(self._finish(entry, k, f.exception() or f.result()))
         return results
 
     async def infer_tensor(
