@@ -175,6 +175,29 @@ def test_errors_bad_input(client: httpx.Client) -> None:
     assert "no_such_model" in body["message"]
 
 
+def test_json_images_must_be_base64_strings(client: httpx.Client) -> None:
+    """/classify, /classify_batch and OIP JSON share one rule: a base64 string, named in the error."""
+    oip_url = "/v2/models/efficientnet_lite0/infer"
+
+    def oip(element: object) -> httpx.Response:
+        return client.post(
+            oip_url,
+            json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [element]}]},
+        )
+
+    for r, where, why in [
+        (client.post("/classify", json={"image": 12345}), "image 0", "must be a base64 string"),
+        (client.post("/classify_batch", json={"images": ["AAAA", "%%%"]}), "image 1", "not valid base64"),
+        (client.post("/classify_batch", json={"images": [{"b64": "AAAA"}]}), "image 0", "base64 string"),
+        (oip("not base64!"), "input 'image' element 0", "not valid base64"),
+        (oip(7), "input 'image' element 0", "must be a base64 string"),
+    ]:
+        message = assert_error(r, 400, "invalid_argument")["message"]
+        assert where in message and why in message, message
+    assert client.post("/classify", json={"image": "AAAA"}).status_code == 400  # decodes, but no image
+    assert client.get("/readyz").status_code == 200
+
+
 def test_errors_limits(client: httpx.Client, chelsea: bytes) -> None:
     big = b"\xff\xd8" + bytes(3 * 1024 * 1024)
     assert_error(client.post("/classify", content=big), 413, "request_too_large")

@@ -10,8 +10,6 @@ In JSON form, BYTES image elements are base64 strings (raw image bytes are not v
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from typing import Any
 
@@ -21,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from service import oip
 from service.errors import InvalidArgument
 
-from .requests import refuse_url
+from .requests import image_from_base64, refuse_url
 
 HEADER_LENGTH = "inference-header-content-length"
 TRANSPORT_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
@@ -88,15 +86,7 @@ def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> oip.Ten
     if datatype != "BYTES":
         return oip.from_list(datatype, shape, data)
     flat = oip._flatten(data) if isinstance(data, list) else [data]
-    decoded: list[bytes] = []
-    for j, element in enumerate(flat):
-        if not isinstance(element, str):
-            raise InvalidArgument(f"input {name!r} element {j}: BYTES elements in JSON are base64 strings")
-        refuse_url(element, f"input {name!r} element {j}")
-        try:
-            decoded.append(base64.b64decode(element, validate=True))
-        except (binascii.Error, ValueError):
-            raise InvalidArgument(f"input {name!r} element {j} is not valid base64") from None
+    decoded = [image_from_base64(e, f"input {name!r} element {j}") for j, e in enumerate(flat)]
     return oip.from_list("BYTES", shape, decoded)
 
 

@@ -36,6 +36,17 @@ def refuse_url(data: bytes | str, where: str) -> None:
         )
 
 
+def image_from_base64(item: object, where: str) -> bytes:
+    """Image bytes from a JSON string: base64, never a URL (refused before decoding)."""
+    if not isinstance(item, str):
+        raise InvalidArgument(f"{where} must be a base64 string")
+    refuse_url(item, where)
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(f"{where} is not valid base64") from None
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it passes `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
@@ -100,13 +111,7 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
             raw = doc.get("image") if many else None
         items = raw if isinstance(raw, list) else [raw] if raw is not None else []
         for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise InvalidArgument(f"image {i} must be a base64 string")
-            refuse_url(item, f"image {i}")
-            try:
-                images.append(base64.b64decode(item, validate=True))
-            except (binascii.Error, ValueError):
-                raise InvalidArgument(f"image {i} is not valid base64") from None
+            images.append(image_from_base64(item, f"image {i}"))
             names.append(str(i))
         for key in ("model", "version", "top_k", "tta"):
             if key in doc and doc[key] is not None:
