@@ -110,6 +110,29 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int) -> Non
         f"single classify bytes->top5 {model}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
         f"(target p50 <= 15 ms)"
     )
+    stage_breakdown(core, model, data, runs, p50)
+
+
+def stage_breakdown(core: InferenceCore, model: str, data: bytes, runs: int, p50: float) -> None:
+    """Where a lone classify's time goes: each stage timed alone, in this thread; the rest is hand-offs
+    between the caller, the decode pool and the batcher thread (and the noise of a shared machine)."""
+    entry = core._entry(model, None)
+    spec, pre, session = entry.spec, entry.preprocessor, entry.session
+    assert spec is not None and pre is not None and session is not None
+    img = decode(data, channels=spec.channels, min_short_side=spec.resize)
+    views = pre(img)
+    out = session.run(views)
+    stages = {
+        f"decode ({img.width}x{img.height} by DCT scaling)": lambda: decode(
+            data, channels=spec.channels, min_short_side=spec.resize
+        ),
+        "resize+crop+normalize": lambda: pre(img),
+        "ONNX Runtime, batch 1": lambda: session.run(views),
+        "softmax+top-5": lambda: core._finish(entry, 5, out),
+    }
+    times = {name: median_ms(fn, runs) for name, fn in stages.items()}
+    parts = ", ".join(f"{name} {t:.2f}" for name, t in times.items())
+    print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(times.values()):.2f}")
 
 
 def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], rounds: int) -> None:
