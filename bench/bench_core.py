@@ -93,36 +93,22 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> None:
 
 
 def bench_single(core: InferenceCore, model: str, data: bytes, runs: int) -> None:
-    def once() -> None:
-        (p,) = core.classify_sync([data], model=model, top_k=5)
-        assert isinstance(p, Prediction), p
-
-    for _ in range(10):
-        once()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    p50, p90 = times[len(times) // 2] * 1000, times[int(len(times) * 0.9)] * 1000
-    print(
-        f"single classify bytes->top5 {model}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
-        f"(target p50 <= 15 ms)"
-    )
-    stage_breakdown(core, model, data, runs, p50)
-
-
-def stage_breakdown(core: InferenceCore, model: str, data: bytes, runs: int, p50: float) -> None:
-    """Where a lone classify's time goes: each stage timed alone, in this thread; the rest is hand-offs
-    between the caller, the decode pool and the batcher thread (and the noise of a shared machine)."""
+    """p50 of a lone classify, and where its time goes: every run also times each stage alone, in this
+    thread, so that the machine's noise hits both alike; the rest is the hand-offs between the caller, the
+    decode pool and the batcher thread."""
     entry = core._entry(model, None)
     spec, pre, session = entry.spec, entry.preprocessor, entry.session
     assert spec is not None and pre is not None and session is not None
     img = decode(data, channels=spec.channels, min_short_side=spec.resize)
     views = pre(img)
     out = session.run(views)
-    stages = {
+
+    def classify() -> None:
+        (p,) = core.classify_sync([data], model=model, top_k=5)
+        assert isinstance(p, Prediction), p
+
+    steps = {
+        "classify": classify,
         f"decode ({img.width}x{img.height} by DCT scaling)": lambda: decode(
             data, channels=spec.channels, min_short_side=spec.resize
         ),
@@ -130,9 +116,22 @@ def stage_breakdown(core: InferenceCore, model: str, data: bytes, runs: int, p50
         "ONNX Runtime, batch 1": lambda: session.run(views),
         "softmax+top-5": lambda: core._finish(entry, 5, out),
     }
-    times = {name: median_ms(fn, runs) for name, fn in stages.items()}
-    parts = ", ".join(f"{name} {t:.2f}" for name, t in times.items())
-    print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(times.values()):.2f}")
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(10 + runs):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= 10:  # warm-up
+                times[name].append((time.perf_counter() - t0) * 1000)
+    total = sorted(times.pop("classify"))
+    p50, p90 = total[len(total) // 2], total[int(len(total) * 0.9)]
+    print(
+        f"single classify bytes->top5 {model}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
+        f"(target p50 <= 15 ms)"
+    )
+    stages = {name: statistics.median(t) for name, t in times.items()}
+    parts = ", ".join(f"{name} {t:.2f}" for name, t in stages.items())
+    print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(stages.values()):.2f}")
 
 
 def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], rounds: int) -> None:
