@@ -21,12 +21,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from service.config import Settings
+from service.core import Prediction
 from service.errors import InvalidArgument, ModelUnavailable, ServiceError
 from service.metrics import Metrics
 from service.oip import OpenInference
 
 from . import oip_rest
-from .requests import deadline_of, int_param, read_body, read_images
+from .requests import ImageRequest, deadline_of, int_param, read_body, read_images
 from .responses import error_response, internal_error, plain_error
 
 
@@ -89,14 +90,22 @@ def _model_params(params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     return {"model": model, "version": version, "top_k": top_k, "tta": tta}
 
 
-@endpoint("classify")
-async def classify(request: Request, runtime: Runtime) -> Response:
-    req = await read_images(request, runtime.settings, many=False)
+async def _classify(
+    request: Request, runtime: Runtime, many: bool
+) -> tuple[ImageRequest, list[Prediction | ServiceError]]:
+    """Read the images and parameters of /classify or /classify_batch, and classify them."""
+    req = await read_images(request, runtime.settings, many=many)
     kwargs = _model_params(req.params, runtime)
     request.scope["state"]["model"] = kwargs["model"]
     results = await runtime.core.classify(
         req.images, deadline=deadline_of(request, runtime.settings), **kwargs
     )
+    return req, results
+
+
+@endpoint("classify")
+async def classify(request: Request, runtime: Runtime) -> Response:
+    _, results = await _classify(request, runtime, many=False)
     result = results[0]
     if isinstance(result, ServiceError):
         raise result
@@ -105,12 +114,7 @@ async def classify(request: Request, runtime: Runtime) -> Response:
 
 @endpoint("classify_batch")
 async def classify_batch(request: Request, runtime: Runtime) -> Response:
-    req = await read_images(request, runtime.settings, many=True)
-    kwargs = _model_params(req.params, runtime)
-    request.scope["state"]["model"] = kwargs["model"]
-    results = await runtime.core.classify(
-        req.images, deadline=deadline_of(request, runtime.settings), **kwargs
-    )
+    req, results = await _classify(request, runtime, many=True)
     entries = []
     for i, (name, result) in enumerate(zip(req.names, results, strict=True)):
         if isinstance(result, ServiceError):
