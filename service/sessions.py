@@ -167,21 +167,25 @@ class ModelSession:
             out = binding.copy_outputs_to_cpu()[0]
         return np.asarray(out, dtype=np.float32)
 
-    def warm_up(self) -> None:
+    def warm_up(self, timed_passes: int = 2) -> None:
         """Run every batch-size bucket: first runs allocate arenas and (on GPU) pick kernels.
 
-        A second, timed run per bucket gives the cost per image; `preferred_batch` is the largest bucket
-        within 10% of the cheapest. On GPU that is usually the largest; on a CPU with a few cores, big batches
-        of depthwise networks overflow the caches and cost more per image than small ones, so the batcher
-        caps its batches there instead of making throughput worse.
+        Then `timed_passes` passes over all buckets, interleaved so that a noisy moment on a shared host hits
+        one pass rather than one bucket, give the cost per image (the least seen per bucket);
+        `preferred_batch` is the largest bucket within 10% of the cheapest. On GPU that is usually the
+        largest; on a CPU with a few cores, big batches of depthwise networks overflow the caches and cost
+        more per image than small ones, so the batcher caps its batches there instead of making throughput
+        worse.
         """
-        per_image: dict[int, float] = {}
-        for b in self.buckets:
-            x = np.zeros((b, *self.input_shape), dtype=np.float32)
+        inputs = {b: np.zeros((b, *self.input_shape), dtype=np.float32) for b in self.buckets}
+        for x in inputs.values():
             self.run(x)
-            t0 = time.perf_counter()
-            self.run(x)
-            per_image[b] = (time.perf_counter() - t0) / b
+        per_image = {b: float("inf") for b in self.buckets}
+        for _ in range(max(1, timed_passes)):
+            for b, x in inputs.items():
+                t0 = time.perf_counter()
+                self.run(x)
+                per_image[b] = min(per_image[b], (time.perf_counter() - t0) / b)
         self.per_image_s = per_image
         best = min(per_image.values())
         self.preferred_batch = max(b for b, t in per_image.items() if t <= best * 1.10)
