@@ -16,6 +16,12 @@ from pathlib import Path
 from service.config import add_arguments, from_args
 
 SERVICE_TARGET = "service.http.service:ClassifierService"
+USAGE = """usage: python -m service {serve,score} [options]
+
+  serve   the HTTP (BentoML) and gRPC service; every setting is a flag or a CNN_SERVE_* variable
+  score   offline batch scoring of a folder, glob or manifest into Parquet, CSV or JSON Lines
+
+python -m service serve --help, python -m service score --help: their options."""
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +55,7 @@ def serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m service {serve,score} [options]")
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "serve":

@@ -11,53 +11,66 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from service.logs import LEVELS
+
 ENV_PREFIX = "CNN_SERVE_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A field with its help text: `python -m service serve --help` and docs/SERVING.md show it."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
     # Model repository
-    repository: str = "models"
-    default_model: str = "efficientnet_lite0"
-    models: tuple[str, ...] = ()  # names to load; empty: every model in the repository
+    repository: str = _setting("models", "the model repository: models/<name>/<version>/model.json")
+    default_model: str = _setting("efficientnet_lite0", "the model a request gets when it names none")
+    models: tuple[str, ...] = _setting((), "comma-separated names to load; empty: all in the repository")
 
     # ONNX Runtime
-    providers: tuple[str, ...] = ()  # empty: CUDA (if available) then CPU
-    require_gpu: bool = False  # fail start-up instead of silently falling back to CPU
-    gpu_mem_limit_mb: int = 0  # 0: no limit
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default
-    inter_op_threads: int = 1
-    thread_spinning: bool = False  # ONNX Runtime threads spin between ops: lower latency, CPU burnt idle
-    precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16
-    preprocess_mode: str = "fast"  # fast | exact (torchvision-identical PIL pipeline)
+    providers: tuple[str, ...] = _setting(
+        (), "comma-separated ONNX Runtime providers; empty: CUDA (if any), CPU"
+    )
+    require_gpu: bool = _setting(False, "fail start-up instead of falling back to CPU without CUDA")
+    gpu_mem_limit_mb: int = _setting(0, "cap of ONNX Runtime's CUDA memory arena per model, MiB; 0: none")
+    intra_op_threads: int = _setting(0, "ONNX Runtime threads per batch; 0: its default, one per core")
+    inter_op_threads: int = _setting(1, "ONNX Runtime threads running independent nodes at once")
+    thread_spinning: bool = _setting(False, "ONNX Runtime threads spin between ops: lower latency, CPU burnt")
+    precision: str = _setting("auto", "auto (fp16 on GPU, fp32 on CPU), fp32 or fp16: which graph to load")
+    preprocess_mode: str = _setting("fast", "fast, or exact (torchvision's PIL evaluation transform)")
 
     # Batching
-    max_batch_size: int = 32  # images (views included) per ONNX Runtime call
-    max_wait_ms: float = 2.0  # how long a batch waits for more requests
-    queue_size: int = 256  # requests waiting; a full queue answers Overloaded at once
-    decode_threads: int = 2  # decoding and preprocessing thread pool
-    request_timeout_s: float = 30.0  # default per-request deadline
+    max_batch_size: int = _setting(32, "images (test-time views included) per ONNX Runtime call")
+    max_wait_ms: float = _setting(2.0, "how long a batch waits for more images while others are decoding")
+    queue_size: int = _setting(256, "images admitted and not yet answered; beyond it: overloaded at once")
+    decode_threads: int = _setting(2, "threads decoding and preprocessing images beside inference")
+    request_timeout_s: float = _setting(30.0, "a request's deadline when the client sends none")
 
     # Limits on what clients send
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_images_per_request: int = 64
-    max_image_pixels: int = 40_000_000  # from the header, before decoding
-    max_aspect_ratio: float = 20.0
-    max_top_k: int = 1000
+    max_request_bytes: int = _setting(32 * 1024 * 1024, "largest request body or gRPC message, bytes")
+    max_images_per_request: int = _setting(64, "images in one batch request")
+    max_image_pixels: int = _setting(
+        40_000_000, "pixels an image header may declare (checked before decoding)"
+    )
+    max_aspect_ratio: float = _setting(20.0, "longer side over shorter side")
+    max_top_k: int = _setting(1000, "largest top_k a request may ask (also capped by the class count)")
 
     # Transports
-    host: str = "0.0.0.0"
-    http_port: int = 3000
-    grpc_port: int = 50051
-    grpc_health_port: int = 0  # with TLS on: a plaintext port serving only gRPC health (0: off)
-    auth_token: str = ""  # bearer token; empty: no authentication
-    grpc_tls_cert: str = ""
-    grpc_tls_key: str = ""
-    drain_timeout_s: float = 20.0  # SIGTERM: time to finish in-flight requests
-    log_level: str = "INFO"
+    host: str = _setting("0.0.0.0", "address the HTTP and gRPC servers listen on")
+    http_port: int = _setting(3000, "HTTP port")
+    grpc_port: int = _setting(50051, "gRPC port")
+    grpc_health_port: int = _setting(0, "with TLS on: a plaintext port serving only gRPC health; 0: off")
+    auth_token: str = _setting("", "bearer token every call but probes and /metrics must send; empty: none")
+    grpc_tls_cert: str = _setting("", "PEM certificate file for gRPC TLS (with grpc_tls_key)")
+    grpc_tls_key: str = _setting("", "PEM private key file for gRPC TLS (with grpc_tls_cert)")
+    drain_timeout_s: float = _setting(20.0, "on SIGTERM: time to finish the requests already accepted")
+    log_level: str = _setting(
+        "INFO", "level of the service's log lines (not the access log): DEBUG to CRITICAL"
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -84,6 +97,8 @@ class Settings:
             raise ValueError(f"precision must be auto, fp32 or fp16, not {self.precision!r}")
         if self.preprocess_mode not in ("fast", "exact"):
             raise ValueError(f"preprocess_mode must be fast or exact, not {self.preprocess_mode!r}")
+        if self.log_level.upper() not in LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LEVELS)}, not {self.log_level!r}")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
             raise ValueError("grpc_tls_cert and grpc_tls_key go together")
 
@@ -128,10 +143,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else str(f.type)
+        default, env = _shown(f.default).strip("`"), ENV_PREFIX + f.name.upper()
+        help = f"{f.metadata['help']} (default: {default}; env {env})"
+        help = help.replace("%", "%%")  # argparse formats help strings
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help
+            )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper())
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help)
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
@@ -143,6 +163,23 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
             continue
         overrides[f.name] = value if isinstance(value, bool) else _parse(f, str(value))
     return Settings.from_env(environ, **overrides)
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting that docs/SERVING.md holds (a test keeps the two equal)."""
+    rows = ["| flag | environment | default | what |", "|---|---|---|---|"]
+    for f in fields(Settings):
+        flag, env = "--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper()
+        rows.append(f"| `{flag}` | `{env}` | {_shown(f.default)} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if default in ("", ()):
+        return "empty"
+    if isinstance(default, bool):
+        return "`1`" if default else "`0`"
+    return f"`{default}`"
 
 
 def split_list(values: Sequence[str] | str) -> tuple[str, ...]:

@@ -471,3 +471,11 @@ def test_unknown_route_and_wrong_method_are_json(client: httpx.Client) -> None:
     assert_error(client.get("/classify"), 405, "method_not_allowed")
     assert_error(client.post("/models"), 405, "method_not_allowed")
     assert client.get("/metrics").status_code == 200 and client.get("/livez").status_code == 200
+
+
+def test_server_log_says_which_models_are_ready(server: Server) -> None:
+    """The core's INFO lines reach the log at the default `log_level` (BentoML leaves the root at WARNING)."""
+    log = server.log()
+    assert "[INFO] [service.core] model efficientnet_lite0:1 ready on CPUExecutionProvider (fp32)" in log, (
+        log[-3000:]
+    )

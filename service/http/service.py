@@ -19,6 +19,7 @@ from typing import Any
 
 import bentoml
 
+from service import logs
 from service.config import Settings
 from service.metrics import Metrics
 from service.oip import OpenInference
@@ -29,6 +30,7 @@ from .routes import Runtime, build_app
 log = logging.getLogger("cnn_serve.http")
 
 SETTINGS = Settings.from_env()
+logs.configure(SETTINGS.log_level)
 app = build_app()
 
 
