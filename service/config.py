@@ -62,7 +62,7 @@ class Settings:
     # Transports
     host: str = _setting("0.0.0.0", "address the HTTP and gRPC servers listen on")
     http_port: int = _setting(3000, "HTTP port")
-    grpc_port: int = _setting(50051, "gRPC port")
+    grpc_port: int = _setting(50051, "gRPC port; 0: no gRPC server")
     grpc_health_port: int = _setting(0, "with TLS on: a plaintext port serving only gRPC health; 0: off")
     auth_token: str = _setting("", "bearer token every call but probes and /metrics must send; empty: none")
     grpc_tls_cert: str = _setting("", "PEM certificate file for gRPC TLS (with grpc_tls_key)")

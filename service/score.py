@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from service import logs
 from service.config import Settings, add_arguments, from_args
 from service.errors import ServiceError
 from service.scoring.results import OutputError, ResultStore, output_format
@@ -92,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    logs.configure(settings.log_level)
     try:
         files = list_inputs(args.input, manifest=args.manifest, all_files=args.all_files)
     except (InputError, OSError) as exc:
