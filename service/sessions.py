@@ -177,12 +177,16 @@ class ModelSession:
         more per image than small ones, so the batcher caps its batches there instead of making throughput
         worse.
         """
-        inputs = {b: np.zeros((b, *self.input_shape), dtype=np.float32) for b in self.buckets}
-        for x in inputs.values():
-            self.run(x)
+
+        def zeros(b: int) -> np.ndarray:  # per run: all buckets at once are about 2 * max_batch_size images
+            return np.zeros((b, *self.input_shape), dtype=np.float32)
+
+        for b in self.buckets:
+            self.run(zeros(b))
         per_image = {b: float("inf") for b in self.buckets}
         for _ in range(max(1, timed_passes)):
-            for b, x in inputs.items():
+            for b in self.buckets:
+                x = zeros(b)
                 t0 = time.perf_counter()
                 self.run(x)
                 per_image[b] = min(per_image[b], (time.perf_counter() - t0) / b)
