@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MODELS ?= models
+SERVE_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: serve test install proto models architectures lint bench clean checkov
@@ -38,7 +39,7 @@ $(MODEL_STAMP): $(STAMP) $(wildcard export/*.py)
 models: $(MODEL_STAMP)
 
 serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
-	$(PY) -m service serve --repository $(MODELS)
+	$(PY) -m service serve --repository $(MODELS) $(SERVE_ARGS)
 
 # checkov (tests/test_deploy_*.py) in its own virtualenv: its pins conflict with the dev extra's.
 CHECKOV := build/checkov/bin/checkov
