@@ -38,7 +38,7 @@ class Settings:
     require_gpu: bool = _setting(False, "fail start-up instead of falling back to CPU without CUDA")
     gpu_mem_limit_mb: int = _setting(0, "cap of ONNX Runtime's CUDA memory arena per model, MiB; 0: none")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per batch; 0: its default, one per core")
-    inter_op_threads: int = _setting(1, "ONNX Runtime threads running independent nodes at once")
+    inter_op_threads: int = _setting(1, "above 1: ONNX Runtime runs independent branches at once, in so many")
     thread_spinning: bool = _setting(False, "ONNX Runtime threads spin between ops: lower latency, CPU burnt")
     precision: str = _setting("auto", "auto (fp16 on GPU, fp32 on CPU), fp32 or fp16: which graph to load")
     preprocess_mode: str = _setting("fast", "fast, or exact (torchvision's PIL evaluation transform)")
@@ -91,6 +91,8 @@ class Settings:
             raise ValueError("max_batch_size must be at least 1")
         if self.queue_size < 1:
             raise ValueError("queue_size must be at least 1")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.decode_threads < 1:
+            raise ValueError("thread counts must not be negative, and decode_threads must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
         if self.precision not in ("auto", "fp32", "fp16"):

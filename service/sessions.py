@@ -103,9 +103,13 @@ class ModelSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.settings.intra_op_threads:
             so.intra_op_num_threads = self.settings.intra_op_threads
-        if self.settings.inter_op_threads:
+        # Independent branches (Inception's, GoogLeNet's) run at once only in parallel mode; with one inter-op
+        # thread ONNX Runtime runs the nodes one after another, each spread over the intra-op threads.
+        if self.settings.inter_op_threads > 1:
+            so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             so.inter_op_num_threads = self.settings.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        else:
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         spin = "1" if self.settings.thread_spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)

@@ -188,6 +188,30 @@ def test_providers_override_is_reported(tmp_path: Path) -> None:
         core.close()
 
 
+def test_inter_op_threads_run_branches_in_parallel_with_the_same_answers(
+    tiny_repo: Path, photo: bytes
+) -> None:
+    import onnxruntime as ort
+
+    answers, modes = [], []
+    for inter in (1, 2):
+        core = InferenceCore(
+            Settings(repository=str(tiny_repo), default_model="tiny", inter_op_threads=inter)
+        )
+        core.load()
+        try:
+            session = core._entry("tiny", None).session
+            assert session is not None
+            modes.append(session.session.get_session_options().execution_mode)
+            (p,) = core.classify_sync([photo], top_k=3)
+            assert isinstance(p, Prediction)
+            answers.append(p.probabilities)
+        finally:
+            core.close()
+    assert modes == [ort.ExecutionMode.ORT_SEQUENTIAL, ort.ExecutionMode.ORT_PARALLEL]
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-7)
+
+
 def test_batch_buckets() -> None:
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
