@@ -189,8 +189,9 @@ def photo_set(n: int) -> list[bytes]:
 
 
 def bench_agreement(repository: str, model: str, n: int) -> None:
+    """Top-1 agreement, and what the disagreements are: near-ties that any resampling flips, or not."""
     images = photo_set(n)
-    tops = {}
+    probs: dict[str, list[np.ndarray]] = {}
     for mode in ("fast", "exact"):
         core = InferenceCore(
             Settings(
@@ -202,13 +203,24 @@ def bench_agreement(repository: str, model: str, n: int) -> None:
             )
         )
         core.load()
-        tops[mode] = []
+        probs[mode] = []
         for i in range(0, n, 32):
             chunk = core.classify_sync(images[i : i + 32], model=model, top_k=1)
-            tops[mode] += [p.top_k[0].index for p in chunk]
+            probs[mode] += [p.probabilities for p in chunk]
         core.close()
-    agree = sum(a == b for a, b in zip(tops["fast"], tops["exact"], strict=True))
-    print(f"fast vs exact preprocessing, {model} top-1 agreement: {agree}/{n} = {100 * agree / n:.1f}%")
+    fast, exact = np.stack(probs["fast"]), np.stack(probs["exact"])
+    top_fast, top_exact = fast.argmax(1), exact.argmax(1)
+    agree = int((top_fast == top_exact).sum())
+    in_top5 = sum(int(t in np.argsort(-e)[:5]) for t, e in zip(top_fast, exact, strict=True))
+    # for each disagreement: how far apart the exact mode's own top-1 and the fast mode's pick were
+    gaps = [float(e[te] - e[tf]) for e, tf, te in zip(exact, top_fast, top_exact, strict=True) if tf != te]
+    l1 = float(np.abs(fast - exact).sum(1).mean())
+    print(
+        f"fast vs exact preprocessing, {model} top-1 agreement: {agree}/{n} = {100 * agree / n:.1f}%; "
+        f"fast top-1 in exact top-5: {in_top5}/{n}; mean L1 distance of the probabilities {l1:.3f}; "
+        f"exact-mode probability gap at the {n - agree} disagreements: median "
+        f"{statistics.median(gaps) if gaps else 0:.3f}, max {max(gaps, default=0):.3f}"
+    )
 
 
 def export_resnet50(root: Path) -> str:
