@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else str(f.type)
-        default, env = _shown(f.default).strip("`"), ENV_PREFIX + f.name.upper()
+        default, env = _default_text(f.default), ENV_PREFIX + f.name.upper()
         help = f"{f.metadata['help']} (default: {default}; env {env})"
         help = help.replace("%", "%%")  # argparse formats help strings
         if kind == "bool":
@@ -172,16 +172,19 @@ def settings_table() -> str:
     rows = ["| flag | environment | default | what |", "|---|---|---|---|"]
     for f in fields(Settings):
         flag, env = "--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper()
-        rows.append(f"| `{flag}` | `{env}` | {_shown(f.default)} | {f.metadata['help']} |")
+        text = _default_text(f.default)
+        shown = text if text == "empty" else f"`{text}`"
+        rows.append(f"| `{flag}` | `{env}` | {shown} | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"
 
 
-def _shown(default: Any) -> str:
+def _default_text(default: Any) -> str:
+    """A default as the environment spells it: lists comma-joined, booleans 1/0, nothing as "empty"."""
     if default in ("", ()):
         return "empty"
     if isinstance(default, bool):
-        return "`1`" if default else "`0`"
-    return f"`{default}`"
+        return "1" if default else "0"
+    return str(default)
 
 
 def split_list(values: Sequence[str] | str) -> tuple[str, ...]:

@@ -92,18 +92,18 @@ def score_ray(
         # (one actor per core) does not starve them and stall the pipeline. A zero-CPU task is not limited
         # by the CPUs either, though: without a cap Ray ran every read task at once, each in a freshly started
         # worker process (about 100 on 2 cores), and those start-ups took the CPUs from the actors.
-        io_tasks = max(1, actors)
+        pool = max(1, actors)  # inference actors, and as many read and write tasks at a time
         dataset = ray.data.read_binary_files(
-            [f.path for f in present], include_paths=True, num_cpus=0, concurrency=io_tasks
+            [f.path for f in present], include_paths=True, num_cpus=0, concurrency=pool
         )
         scored = dataset.map_batches(
             RayScorer,
             fn_constructor_kwargs={"spec": spec, "top_k": top_k, "batch_size": batch_size, "keys": keys},
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=max(1, actors),
+            concurrency=pool,
         )
-        scored.write_parquet(store.out, ray_remote_args={"num_cpus": 0}, concurrency=io_tasks)
+        scored.write_parquet(store.out, ray_remote_args={"num_cpus": 0}, concurrency=pool)
     done = store.done()
     for f in todo:
         row = done.get(f.path)
