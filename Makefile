@@ -8,7 +8,7 @@ MODELS ?= models
 SERVE_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install proto models architectures lint bench clean checkov
+.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
 # that the tests need, Ray included (the serving extras alone are what the Docker image gets).
@@ -50,7 +50,16 @@ $(CHECKOV): requirements/checkov.txt
 
 checkov: $(CHECKOV)
 
-test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(CHECKOV)
+# NVIDIA's Triton client (tests/test_oip_triton_client.py), also apart: it pins protobuf < 7.
+TRITONCLIENT := build/tritonclient/.installed
+$(TRITONCLIENT): requirements/tritonclient.txt
+	test -x build/tritonclient/bin/python || $(PYTHON) -m venv build/tritonclient
+	build/tritonclient/bin/python -m pip install -q -r requirements/tritonclient.txt
+	touch $@
+
+tritonclient: $(TRITONCLIENT)
+
+test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(CHECKOV) $(TRITONCLIENT)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 

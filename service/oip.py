@@ -11,7 +11,10 @@ Every model exposes two inputs, of which a request sends exactly one:
 and two outputs: `probabilities` (FP32 [-1, classes]) and `top_k` (BYTES [-1, k], each element
 `"<probability>:<index>:<label>"` as in Triton's classification extension).
 
-Request parameters: `top_k` (int, default 5) and `tta` (string, default "none").
+Request parameters: `top_k` (int, default 5) and `tta` (string, default "none"). Output parameter:
+`classification` (int N), Triton's classification extension: that output answers its N best classes as
+BYTES [-1, N] `"<probability>:<index>:<label>"` instead of its values (what tritonclient's `class_count`
+asks for).
 
 Shared codecs also live here: Triton's binary BYTES encoding (each element prefixed by its length, 4 bytes
 little-endian) and the datatype <-> NumPy mapping.
@@ -38,6 +41,7 @@ IMAGE_INPUT = "image"
 PROBABILITIES_OUTPUT = "probabilities"
 TOP_K_OUTPUT = "top_k"
 OUTPUT_NAMES = (PROBABILITIES_OUTPUT, TOP_K_OUTPUT)
+CLASSIFICATION = "classification"
 DEFAULT_TOP_K = 5
 # Request parameters that Triton's and KServe's clients add on their own; accepted and ignored here (the
 # transports handle binary output themselves, and the deadline comes from the transport).
@@ -72,6 +76,26 @@ class Tensor:
     shape: list[int]
     data: TensorData
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output a request names; `classification` > 0 asks for its N best classes instead of its values."""
+
+    name: str
+    classification: int = 0
+
+    @classmethod
+    def parse(cls, name: str, parameters: Mapping[str, Any]) -> RequestedOutput:
+        unknown = set(parameters) - {CLASSIFICATION}
+        if unknown:
+            raise InvalidArgument(
+                f"unknown parameters {sorted(unknown)} for output {name!r}; outputs take {CLASSIFICATION!r}"
+            )
+        value = parameters.get(CLASSIFICATION, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(f"output {name!r}: {CLASSIFICATION!r} must be a non-negative integer")
+        return cls(name, value)
 
 
 @dataclass
@@ -235,7 +259,7 @@ class OpenInference:
         info = self.core.model_info(name, version or None)
         versions = self.model_versions(name) or [str(info.get("version"))]
         card_input = info.get("input") or {}
-        classes = len(info.get("labels") or []) or int((info.get("output") or {}).get("shape", [-1, -1])[-1])
+        classes = _class_count(info)
         return {
             "name": info.get("name", name),
             "versions": versions,
@@ -261,7 +285,7 @@ class OpenInference:
         model: str,
         version: str | None,
         inputs: Sequence[Tensor],
-        requested_outputs: Sequence[str] | None = None,
+        requested_outputs: Sequence[RequestedOutput] | None = None,
         parameters: Mapping[str, Any] | None = None,
         deadline: float | None = None,
     ) -> InferResult:
@@ -285,10 +309,18 @@ class OpenInference:
         unknown = set(parameters) - {"top_k", "tta"} - set(IGNORED_PARAMETERS)
         if unknown:
             raise InvalidArgument(f"unknown parameters {sorted(unknown)}; this model takes 'top_k' and 'tta'")
-        outputs = list(requested_outputs or OUTPUT_NAMES)
+        outputs = list(requested_outputs or [RequestedOutput(n) for n in OUTPUT_NAMES])
+        classes = max(0, _class_count(info))
         for out in outputs:
-            if out not in OUTPUT_NAMES:
-                raise InvalidArgument(f"unknown output {out!r}; model {name!r} has {list(OUTPUT_NAMES)}")
+            if out.name not in OUTPUT_NAMES:
+                raise InvalidArgument(f"unknown output {out.name!r}; model {name!r} has {list(OUTPUT_NAMES)}")
+            if out.classification and out.name != PROBABILITIES_OUTPUT:
+                raise InvalidArgument(
+                    f"output {out.name!r} is already classes; {CLASSIFICATION!r} applies to "
+                    f"{PROBABILITIES_OUTPUT!r}"
+                )
+            if out.classification:
+                self._top_k(out.classification, classes, f"output {out.name!r}: {CLASSIFICATION!r}")
 
         if len(inputs) != 1:
             raise InvalidArgument(
@@ -308,23 +340,24 @@ class OpenInference:
 
         result: list[Tensor] = []
         for out in outputs:
-            if out == PROBABILITIES_OUTPUT:
-                result.append(Tensor(out, "FP32", list(probabilities.shape), probabilities))
+            if out.name == PROBABILITIES_OUTPUT and not out.classification:
+                result.append(Tensor(out.name, "FP32", list(probabilities.shape), probabilities))
             else:
-                elements = top_k_elements(probabilities, top_k, labels)
-                result.append(Tensor(out, "BYTES", [probabilities.shape[0], top_k], elements))
+                k = out.classification or top_k
+                elements = top_k_elements(probabilities, k, labels)
+                result.append(Tensor(out.name, "BYTES", [probabilities.shape[0], k], elements))
         return InferResult(name, resolved_version, result)
 
-    def _top_k(self, value: Any, classes: int) -> int:
+    def _top_k(self, value: Any, classes: int, what: str = "parameter 'top_k'") -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise InvalidArgument("parameter 'top_k' must be an integer")
+            raise InvalidArgument(f"{what} must be an integer")
         try:
             k = int(value)
         except ValueError:
-            raise InvalidArgument(f"parameter 'top_k' must be an integer, not {value!r}") from None
+            raise InvalidArgument(f"{what} must be an integer, not {value!r}") from None
         limit = min(classes or k, getattr(getattr(self.core, "settings", None), "max_top_k", classes or k))
         if k < 1 or k > limit:
-            raise InvalidArgument(f"parameter 'top_k' must be between 1 and {limit}, got {k}")
+            raise InvalidArgument(f"{what} must be between 1 and {limit}, got {k}")
         return k
 
     async def _classify_images(
@@ -376,6 +409,11 @@ class OpenInference:
             raise InvalidArgument(f"input {tensor.name!r} holds NaN or infinite values")
         probabilities = await self.core.infer_tensor(model, version, np.ascontiguousarray(array), deadline)
         return np.asarray(probabilities, dtype=np.float32)
+
+
+def _class_count(info: Mapping[str, Any]) -> int:
+    """From the labels, else the card's output shape (-1 when neither says)."""
+    return len(info.get("labels") or []) or int((info.get("output") or {}).get("shape", [-1, -1])[-1])
 
 
 def top_k_elements(probabilities: np.ndarray, k: int, labels: Sequence[Mapping[str, Any]]) -> list[bytes]:

@@ -485,6 +485,32 @@ def test_oip_unknown_parameter_and_bad_top_k(inference: pb_grpc.GRPCInferenceSer
         assert message in err.details()
 
 
+def test_oip_output_classification(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Triton's classification extension in typed contents: the class count is checked, then honoured."""
+    image = jpeg(data.chelsea())
+
+    def request(key: str, field: str, value: object) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="efficientnet_lite0", inputs=[_bytes_input([image])])
+        req.inputs[0].contents.bytes_contents.append(image)
+        out = req.outputs.add(name="probabilities")
+        setattr(out.parameters[key], field, value)
+        return req
+
+    for key, field, value, message in (
+        ("classification", "int64_param", -1, "non-negative integer"),
+        ("classification", "string_param", "3", "non-negative integer"),
+        ("classification", "int64_param", 1001, "between 1 and 1000"),
+        ("colour", "string_param", "red", "unknown parameters ['colour'] for output 'probabilities'"),
+    ):
+        err = fails(inference.ModelInfer, request(key, field, value), grpc.StatusCode.INVALID_ARGUMENT)
+        assert message in err.details()
+    reply = inference.ModelInfer(request("classification", "int64_param", 2), timeout=60)
+    (out,) = reply.outputs
+    assert out.datatype == "BYTES" and list(out.shape) == [1, 2]
+    best = out.contents.bytes_contents[0].decode()
+    assert int(best.split(":")[1]) in range(281, 286), best
+
+
 def test_oip_infer_unknown_model_is_not_found(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = pb.ModelInferRequest(model_name="nope", inputs=[_bytes_input([b"x"])])
     request.inputs[0].contents.bytes_contents.append(b"x")

@@ -49,7 +49,8 @@ def coffee() -> bytes:
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"code", "message", "request_id"}, body
+    assert set(body) == {"code", "message", "request_id", "error"}, body
+    assert body["error"] == body["message"]  # the Open Inference Protocol's field
     assert body["request_id"] == r.headers["x-request-id"]
     assert "Traceback" not in r.text and "/work/" not in r.text
     if code is not None:
@@ -452,6 +453,33 @@ def test_oip_infer_errors(client: httpx.Client) -> None:
     }
     body, headers = _binary_request(doc, [bad_len])
     assert_error(client.post(url, content=body, headers=headers), 400, "invalid_argument")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"classification": 0.5}, "'classification' must be a non-negative integer"),
+        ({"classification": True}, "'classification' must be a non-negative integer"),
+        ({"classification": -1}, "'classification' must be a non-negative integer"),
+        ({"colour": "red"}, "unknown parameters ['colour'] for output 'probabilities'"),
+        ("3", "'parameters' must be an object"),
+    ],
+)
+def test_oip_output_parameters_are_checked(
+    client: httpx.Client, chelsea: bytes, parameters: object, message: str
+) -> None:
+    """Triton's classification extension takes a class count; anything else is a 400 naming it."""
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(chelsea).decode()]}
+    doc = {"inputs": [image], "outputs": [{"name": "probabilities", "parameters": parameters}]}
+    body = assert_error(client.post("/v2/models/efficientnet_lite0/infer", json=doc), 400, "invalid_argument")
+    assert message in body["message"]
+    # The same request with a class count answers the classes.
+    doc["outputs"] = [{"name": "probabilities", "parameters": {"classification": 2}}]
+    r = client.post("/v2/models/efficientnet_lite0/infer", json=doc)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert out["datatype"] == "BYTES" and out["shape"] == [1, 2]
+    assert any(w in out["data"][0].lower() for w in CAT_WORDS), out
 
 
 def test_access_log_is_json_with_request_id(server: Server, client: httpx.Client) -> None:

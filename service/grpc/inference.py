@@ -148,7 +148,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request.model_name,
                 request.model_version or None,
                 inputs,
-                [o.name for o in request.outputs] or None,
+                [oip.RequestedOutput.parse(o.name, parameters_of(o.parameters)) for o in request.outputs]
+                or None,
                 parameters_of(request.parameters),
                 deadline=deadline_from(context, self.settings.request_timeout_s),
             )

@@ -90,7 +90,7 @@ def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> oip.Ten
     return oip.from_list("BYTES", shape, decoded)
 
 
-def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, bool]]:
+def requested_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput] | None, dict[str, bool]]:
     """Names of the requested outputs (None: all) and which of them are wanted in binary form."""
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
@@ -106,7 +106,10 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[str] | None, dict[str, 
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidArgument("each requested output needs a string 'name'")
         out_params = out.get("parameters") or {}
-        names.append(out["name"])
+        if not isinstance(out_params, dict):
+            raise InvalidArgument(f"output {out['name']!r}: 'parameters' must be an object")
+        protocol = {k: v for k, v in out_params.items() if k not in TRANSPORT_PARAMETERS}
+        names.append(oip.RequestedOutput.parse(out["name"], protocol))
         binary[out["name"]] = bool(out_params.get("binary_data", all_binary))
     return names, binary
 

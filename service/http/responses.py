@@ -16,27 +16,31 @@ def request_id_of(scope_state: dict[str, Any]) -> str:
     return str(scope_state.get("request_id", ""))
 
 
+def error_body(code: str, message: str, request_id: str) -> dict[str, str]:
+    """`{code, message, request_id}`, and `error` (the same message): the Open Inference Protocol's error
+    field, which KServe's and Triton's clients read and fail without."""
+    return {"code": code, "message": message, "request_id": request_id, "error": message}
+
+
 def error_response(
     error: ServiceError, request_id: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The one error body: `{code, message, request_id}`; 503 overload answers carry Retry-After."""
+    """The one error body (`error_body`); 503 overload answers carry Retry-After."""
     extra = dict(headers or {})
     if isinstance(error, Overloaded):
         extra["Retry-After"] = str(int(getattr(error, "retry_after_s", 1) or 1))
-    body = {"code": error.code, "message": error.message, "request_id": request_id}
-    return JSONResponse(body, status_code=error.http_status, headers=extra)
+    return JSONResponse(
+        error_body(error.code, error.message, request_id), status_code=error.http_status, headers=extra
+    )
 
 
 def internal_error(request_id: str) -> JSONResponse:
     """An unexpected failure: logged with its traceback here, never sent to the client."""
     log.exception("unhandled error in request %s", request_id)
-    body = {"code": "internal", "message": "internal server error", "request_id": request_id}
-    return JSONResponse(body, status_code=500)
+    return JSONResponse(error_body("internal", "internal server error", request_id), status_code=500)
 
 
 def plain_error(
     status: int, code: str, message: str, request_id: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"code": code, "message": message, "request_id": request_id}, status_code=status, headers=headers
-    )
+    return JSONResponse(error_body(code, message, request_id), status_code=status, headers=headers)
