@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 
 import httpx
@@ -507,3 +509,71 @@ def test_server_log_says_which_models_are_ready(server: Server) -> None:
     assert "[INFO] [service.core] model efficientnet_lite0:1 ready on CPUExecutionProvider (fp32)" in log, (
         log[-3000:]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Content-Encoding: what tritonclient's request compression sends
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw-deflate"])
+def test_compressed_bodies_are_inflated(client: httpx.Client, chelsea: bytes, coding: str) -> None:
+    if coding == "gzip":
+        body, header = gzip.compress(chelsea), "gzip"
+    elif coding == "deflate":
+        body, header = zlib.compress(chelsea), "deflate"
+    else:  # some clients send "deflate" without the zlib wrapper
+        squeeze = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        body, header = squeeze.compress(chelsea) + squeeze.flush(), "deflate"
+    r = client.post("/classify", content=body, headers={"content-encoding": header})
+    assert r.status_code == 200, r.text
+    assert any(w in r.json()["predictions"][0]["label"].lower() for w in CAT_WORDS)
+    doc = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(chelsea).decode()]}
+        ]
+    }
+    packed = (
+        gzip.compress(json.dumps(doc).encode())
+        if header == "gzip"
+        else zlib.compress(json.dumps(doc).encode())
+    )
+    r = client.post(
+        "/v2/models/efficientnet_lite0/infer",
+        content=packed,
+        headers={"content-encoding": header, "content-type": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_compressed_multipart_is_inflated(client: httpx.Client, chelsea: bytes) -> None:
+    request = httpx.Request("POST", "http://x/classify", files={"file": ("c.jpg", chelsea, "image/jpeg")})
+    body = request.read()
+    r = client.post(
+        "/classify",
+        content=gzip.compress(body),
+        headers={"content-type": request.headers["content-type"], "content-encoding": "gzip"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_bad_content_encodings_are_refused_and_the_server_keeps_serving(
+    client: httpx.Client, chelsea: bytes
+) -> None:
+    bomb = gzip.compress(bytes(64 * 1024 * 1024))  # 64 MB of zeros in ~64 KB; the limit here is 3 MB
+    assert len(bomb) < 3 * 1024 * 1024
+    body = assert_error(
+        client.post("/classify", content=bomb, headers={"content-encoding": "gzip"}), 413, "request_too_large"
+    )
+    assert "inflates past the limit" in body["message"]
+    packed = gzip.compress(chelsea)
+    for content, header, status, code in (
+        (packed[: len(packed) // 2], "gzip", 400, "invalid_argument"),  # truncated
+        (packed + b"trailing", "gzip", 400, "invalid_argument"),
+        (chelsea, "gzip", 400, "invalid_argument"),  # says gzip, is not
+        (packed, "br", 415, "unsupported_encoding"),
+        (packed, "gzip, gzip", 415, "unsupported_encoding"),
+    ):
+        reply = client.post("/classify", content=content, headers={"content-encoding": header})
+        assert_error(reply, status, code)
+    r = client.post("/classify", content=chelsea, headers={"content-encoding": "identity"})
+    assert r.status_code == 200, r.text

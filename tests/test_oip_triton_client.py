@@ -88,7 +88,12 @@ def test_health_and_metadata(report: dict[str, Any], transport: str) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_images_classified_in_every_form(report: dict[str, Any], transport: str) -> None:
     r = report[transport]
-    forms = ["images_binary", "images_all_outputs"] + (["images_json"] if transport == "http" else [])
+    forms = ["images_binary", "images_all_outputs"]
+    forms += (
+        ["images_json", "compressed_gzip", "compressed_deflate"]
+        if transport == "http"
+        else ["compressed_gzip"]
+    )
     for key in forms:
         answer = r[key]
         assert answer["model_name"] == MODEL and answer["model_version"] == "1", (key, answer)

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,42 @@ FILE_FIELDS = ("file", "image", "files", "images")
 
 class UrlNotAllowed(InvalidArgument):
     code = "url_not_allowed"
+
+
+class UnsupportedEncoding(InvalidArgument):
+    code = "unsupported_encoding"
+    http_status = 415
+
+
+# Content-Encoding -> zlib window bits ("deflate" is zlib-wrapped by the standard; raw deflate is tried next).
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """The body a gzip or deflate `Content-Encoding` wraps (tritonclient's request compression), inflated
+    never past `limit` bytes: a few kilobytes can inflate to gigabytes."""
+    codings = [
+        c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() not in ("", "identity")
+    ]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in _WBITS:
+        raise UnsupportedEncoding(
+            f"Content-Encoding {content_encoding!r} is not supported; send gzip, deflate or identity"
+        )
+    coding = codings[0]
+    for wbits in (_WBITS[coding], -zlib.MAX_WBITS) if coding == "deflate" else (_WBITS[coding],):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise RequestTooLarge(f"request body inflates past the limit of {limit} bytes")
+        if inflater.eof and not inflater.unused_data:
+            return out
+        break
+    raise InvalidArgument(f"request body is not complete {coding} data")
 
 
 def refuse_url(data: bytes | str, where: str) -> None:
@@ -48,7 +85,8 @@ def image_from_base64(item: object, where: str) -> bytes:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes (declared or streamed)."""
+    """The whole body, refused with 413 as soon as it passes `limit` bytes (declared, streamed or inflated
+    from a gzip/deflate `Content-Encoding`)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -62,7 +100,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if total > limit:
             raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    body = inflate(b"".join(chunks), request.headers.get("content-encoding", ""), limit)
     request._body = body  # Starlette's form parser reads the cached body instead of the spent stream.
     return body
 

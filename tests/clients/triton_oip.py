@@ -114,6 +114,20 @@ def run(client_module: Any, url: str, model: str, images: list[bytes], tensor: n
             [image_input()], [requested("top_k")], ["top_k"], parameters={"top_k": 3, "tta": "flip"}
         ),
     )
+    if grpc:
+        call("compressed_gzip", lambda: infer([image_input()], None, names, compression_algorithm="gzip"))
+    else:
+        for algorithm in ("gzip", "deflate"):
+            call(
+                f"compressed_{algorithm}",
+                lambda a=algorithm: infer(
+                    [image_input()],
+                    None,
+                    names,
+                    request_compression_algorithm=a,
+                    response_compression_algorithm=a,
+                ),
+            )
     call(
         "images_version_1",
         lambda: infer([image_input()], [requested("top_k")], ["top_k"], model_version="1"),
