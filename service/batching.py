@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 
 
 @dataclass
@@ -78,6 +78,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise Overloaded("the service is shutting down")
+            if n > self.queue_size:  # would never fit: retrying cannot help, so not a 503
+                raise InvalidArgument(f"{n} images in one request; the queue holds {self.queue_size}")
             if self._outstanding + n > self.queue_size:
                 raise Overloaded(
                     f"{self._outstanding} images waiting; the queue holds {self.queue_size}, retry shortly"

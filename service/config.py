@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -103,6 +104,32 @@ class Settings:
             raise ValueError(f"log_level must be one of {', '.join(LEVELS)}, not {self.log_level!r}")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
             raise ValueError("grpc_tls_cert and grpc_tls_key go together")
+        for name in ("grpc_tls_cert", "grpc_tls_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}: no file at {path!r}")
+        for name in ("max_top_k", "max_images_per_request", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        # grpcio takes message sizes as a C int: past 2 GiB - 1 the server would fail after start-up.
+        if not 1 <= self.max_request_bytes <= 2**31 - 1:
+            raise ValueError(f"max_request_bytes must be between 1 and {2**31 - 1}")
+        if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
+            raise ValueError(f"request_timeout_s must be a positive number, not {self.request_timeout_s!r}")
+        if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1):
+            raise ValueError(f"max_aspect_ratio must be at least 1, not {self.max_aspect_ratio!r}")
+        if not (math.isfinite(self.max_wait_ms) and math.isfinite(self.drain_timeout_s)):
+            raise ValueError("max_wait_ms and drain_timeout_s must be finite")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must not be negative")
+        for name in ("http_port", "grpc_port", "grpc_health_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be between 0 and 65535")
+        ports = [p for p in (self.http_port, self.grpc_port, self.grpc_health_port) if p]
+        if len(ports) != len(set(ports)):
+            raise ValueError(f"http_port, grpc_port and grpc_health_port must differ, got {ports}")
+        if self.gpu_mem_limit_mb < 0:
+            raise ValueError("gpu_mem_limit_mb must not be negative")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

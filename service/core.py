@@ -309,10 +309,12 @@ class InferenceCore:
         futures = self._submit(images, entry, tta, deadline)
         wrapped = [asyncio.wrap_future(f) for f in futures]
         timeout = max(0.0, deadline - time.monotonic())
-        done, pending = await asyncio.wait(wrapped, timeout=timeout)
-        for f in futures:
-            if not f.done():
-                f.cancel()
+        try:
+            done, pending = await asyncio.wait(wrapped, timeout=timeout)
+        finally:  # past the deadline, or the caller went away (a cancelled gRPC call): drop what is left
+            for f in futures:
+                if not f.done():
+                    f.cancel()
         return [self._outcome(entry, k, w, done=w not in pending) for w in wrapped]
 
     def classify_sync(
@@ -349,9 +351,10 @@ class InferenceCore:
                 f"tensor must have shape [N, {', '.join(map(str, expected))}], got {list(array.shape)}"
             )
         deadline = self._deadline(deadline)
-        self.batcher.admit(1, preparing=False)
+        samples = int(array.shape[0])
+        self.batcher.admit(samples, preparing=False)  # a place in the queue per sample, as per image
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        fut.add_done_callback(lambda _f: self.batcher.release(1))
+        fut.add_done_callback(lambda _f: self.batcher.release(samples))
         self.batcher.submit(Job((entry.name, entry.version), array, fut, deadline), from_preparing=False)
         try:
             out = await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))

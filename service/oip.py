@@ -139,6 +139,16 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
+def check_declared(name: str, datatype: str, shape: Sequence[int], max_items: int) -> None:
+    """Refuse an input by its declared shape, before its data is decoded: images (BYTES elements) or samples
+    (the first dimension) past `max_items` cost nothing to refuse, while decoding millions of elements first
+    would hold up every other request on the event loop."""
+    count = element_count(shape)
+    items, what = (count, "images") if datatype == "BYTES" else (int(shape[0]) if shape else 1, "samples")
+    if items > max_items:
+        raise InvalidArgument(f"input {name!r} declares {items} {what}; the limit is {max_items} per request")
+
+
 def encode_bytes_elements(elements: Sequence[bytes]) -> bytes:
     """Triton's binary BYTES form: each element preceded by its length as a 4-byte little-endian uint."""
     parts = []
@@ -154,6 +164,8 @@ def decode_bytes_elements(buffer: bytes | memoryview, count: int | None = None) 
     elements: list[bytes] = []
     offset = 0
     while offset < len(view):
+        if count is not None and len(elements) == count:  # stop at once: a count is all it takes to refuse
+            raise InvalidArgument(f"BYTES tensor data holds more than the {count} elements its shape says")
         if offset + 4 > len(view):
             raise InvalidArgument("BYTES tensor data ends inside a 4-byte length prefix")
         (length,) = struct.unpack_from("<I", view, offset)
@@ -204,7 +216,7 @@ def from_list(datatype: str, shape: Sequence[int], values: Sequence[Any]) -> Ten
     dtype = numpy_dtype(datatype)
     try:
         array = np.asarray(values, dtype=dtype)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: -1 as UINT8, 1e400 as INT64
         raise InvalidArgument(f"tensor data is not {datatype}: {exc}") from None
     if array.size != count:
         raise InvalidArgument(

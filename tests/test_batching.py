@@ -15,7 +15,7 @@ from PIL import Image
 from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
-from service.errors import DeadlineExceeded, Overloaded
+from service.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from tests.conftest import encode
 
 
@@ -110,7 +110,12 @@ def test_core_overload_is_typed(tiny_repo: Path, chelsea: Image.Image) -> None:
     core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", queue_size=2))
     core.load()
     try:
+        core.batcher.admit(1, preparing=False)  # one image already waiting
         with pytest.raises(Overloaded):
+            core.classify_sync(_images(chelsea, 2))
+        core.batcher.release(1)
+        # More images than the whole queue holds would never fit: a client error, not a 503 to retry.
+        with pytest.raises(InvalidArgument, match="3 images in one request; the queue holds 2"):
             core.classify_sync(_images(chelsea, 3))
         assert all(isinstance(p, Prediction) for p in core.classify_sync(_images(chelsea, 2)))
         assert core.batcher.outstanding == 0

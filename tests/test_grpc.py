@@ -511,6 +511,26 @@ def test_oip_output_classification(inference: pb_grpc.GRPCInferenceServiceStub) 
     assert int(best.split(":")[1]) in range(281, 286), best
 
 
+def test_oip_hostile_tensors_are_invalid_argument(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """Values out of their datatype's range (once INTERNAL), and counts refused on the declared shape."""
+    for datatype, field, values in (("INT8", "int_contents", [1000]), ("UINT8", "uint_contents", [300])):
+        tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=[1])
+        getattr(tensor.contents, field).extend(values)
+        err = fails(
+            inference.ModelInfer,
+            pb.ModelInferRequest(model_name="lenet5", inputs=[tensor]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert f"not {datatype}" in err.details()
+    many = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1_000_000])
+    err = fails(
+        inference.ModelInfer,
+        pb.ModelInferRequest(model_name="lenet5", inputs=[many], raw_input_contents=[bytes(4_000_000)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "declares 1000000 images; the limit is" in err.details()
+
+
 def test_oip_infer_unknown_model_is_not_found(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = pb.ModelInferRequest(model_name="nope", inputs=[_bytes_input([b"x"])])
     request.inputs[0].contents.bytes_contents.append(b"x")

@@ -214,6 +214,25 @@ def test_errors_limits(client: httpx.Client, chelsea: bytes) -> None:
 def test_deadline_exceeded_is_504(client: httpx.Client, chelsea: bytes) -> None:
     r = client.post("/classify", content=chelsea, headers={"x-request-timeout-ms": "0.001"})
     assert_error(r, 504, "deadline_exceeded")
+    for bad in ("nan", "inf", "-1", "0", "soon"):
+        r = client.post("/classify", content=chelsea, headers={"x-request-timeout-ms": bad})
+        assert bad in assert_error(r, 400, "invalid_argument")["message"]
+
+
+def test_a_client_timeout_shortens_the_deadline_never_lengthens_it() -> None:
+    from starlette.requests import Request
+
+    from service.config import Settings
+    from service.http.requests import deadline_of
+
+    settings = Settings(request_timeout_s=0.5)
+
+    def seconds_left(header: str) -> float:
+        request = Request({"type": "http", "headers": [(b"x-request-timeout-ms", header.encode())]})
+        return deadline_of(request, settings) - time.monotonic()
+
+    assert seconds_left("60000") <= 0.5  # capped at the server's request_timeout_s, as gRPC caps
+    assert 0.05 < seconds_left("100") <= 0.1
 
 
 class Listener:
@@ -576,4 +595,45 @@ def test_bad_content_encodings_are_refused_and_the_server_keeps_serving(
         reply = client.post("/classify", content=content, headers={"content-encoding": header})
         assert_error(reply, status, code)
     r = client.post("/classify", content=chelsea, headers={"content-encoding": "identity"})
+    assert r.status_code == 200, r.text
+
+
+def test_hostile_requests_are_client_errors_and_the_server_keeps_serving(
+    client: httpx.Client, chelsea: bytes
+) -> None:
+    """Each of these once answered 500 or held the event loop for seconds."""
+    url = "/v2/models/efficientnet_lite0/infer"
+
+    def tensor(datatype: str, data: list) -> dict:
+        return {"inputs": [{"name": "input", "datatype": datatype, "shape": [1], "data": data}]}
+
+    # Numbers out of their datatype's range (NumPy raises OverflowError, not ValueError).
+    assert "not UINT8" in assert_error(client.post(url, json=tensor("UINT8", [-1])), 400)["message"]
+    over = b'{"inputs":[{"name":"input","datatype":"INT64","shape":[1],"data":[1e400]}]}'
+    assert_error(client.post(url, content=over, headers={"content-type": "application/json"}), 400)
+    # JSON nested deeper than the parser goes (RecursionError).
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path, body in ((url, b'{"inputs":' + deep + b"}"), ("/classify", b'{"image":' + deep + b"}")):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert "not valid JSON" in assert_error(r, 400, "invalid_argument")["message"]
+    # A header length in non-ASCII digits: isdigit() says yes, int() says no.
+    r = client.post(
+        url, content=b"{}", headers={"Inference-Header-Content-Length": "\u00b2".encode("latin-1")}
+    )
+    assert_error(r, 400, "invalid_argument")
+    # 700,000 empty BYTES elements in 2.8 MB (the limit here is 4 images): refused on the declared shape.
+    doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [0], "parameters": {}}]}
+    doc["inputs"][0]["shape"] = [700_000]
+    doc["inputs"][0]["parameters"]["binary_data_size"] = 4 * 700_000
+    body, headers = _binary_request(doc, [bytes(4 * 700_000)])
+    r = client.post("/v2/models/lenet5/infer", content=body, headers=headers)
+    assert "declares 700000 images; the limit is 4" in assert_error(r, 400, "invalid_argument")["message"]
+    samples = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [5, 1, 32, 32], "data": [0.0] * 5120}]
+    }
+    r = client.post("/v2/models/lenet5/infer", json=samples)
+    assert "declares 5 samples; the limit is 4" in assert_error(r, 400)["message"]
+    r = client.post("/classify_batch", json={"images": [""] * 700_000})
+    assert "700000 images in one request; the limit is 4" in assert_error(r, 400)["message"]
+    r = client.post("/classify", content=chelsea)
     assert r.status_code == 200, r.text

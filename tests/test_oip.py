@@ -79,3 +79,19 @@ def test_top_k_elements_follow_triton_classification_format() -> None:
     labels = [{"name": "zero"}, {"name": "one"}, {"name": "two"}]
     elements = oip.top_k_elements(probabilities, 2, labels)
     assert elements == [b"0.600000:1:one", b"0.300000:2:two", b"0.500000:0:zero", b"0.300000:2:two"]
+
+
+def test_declared_counts_are_refused_before_decoding() -> None:
+    oip.check_declared("image", "BYTES", [64], 64)
+    oip.check_declared("input", "FP32", [64, 3, 224, 224], 64)
+    with pytest.raises(InvalidArgument, match="declares 65 images; the limit is 64"):
+        oip.check_declared("image", "BYTES", [65, 1], 64)
+    with pytest.raises(InvalidArgument, match="declares 65 samples"):
+        oip.check_declared("input", "FP32", [65, 3, 224, 224], 64)
+    with pytest.raises(InvalidArgument, match="negative dimension"):
+        oip.check_declared("image", "BYTES", [-1], 64)
+    # Decoding stops at the first element past the declared count, not at the end of the buffer.
+    with pytest.raises(InvalidArgument, match="more than the 2 elements"):
+        oip.decode_bytes_elements(oip.encode_bytes_elements([b"a"] * 100_000), 2)
+    with pytest.raises(InvalidArgument, match="not UINT8"):
+        oip.from_list("UINT8", [1], [-1])

@@ -44,8 +44,9 @@ def parameters_of(mapping: Any) -> dict[str, Any]:
     return {key: parameter_value(value) for key, value in mapping.items()}
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
-    """The request's input tensors, from raw_input_contents or typed contents (never both)."""
+def decode_inputs(request: pb.ModelInferRequest, max_items: int) -> list[oip.Tensor]:
+    """The request's input tensors, from raw_input_contents or typed contents (never both); `max_items`:
+    images or samples per request, checked on the declared shape before any data is decoded."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
@@ -56,6 +57,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
         shape = [int(d) for d in tensor.shape]
         if not tensor.datatype:
             raise InvalidArgument(f"input {tensor.name!r} has no datatype")
+        oip.check_declared(tensor.name, tensor.datatype, shape, max_items)
         has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
         if raw:
             if has_typed:
@@ -69,8 +71,13 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
                     if tensor.datatype in ("FP16", "BF16")
                     else f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}"
                 )
-            values = list(getattr(tensor.contents, field))
-            data = oip.from_list(tensor.datatype, shape, values)
+            contents = getattr(tensor.contents, field)
+            if len(contents) != oip.element_count(shape):  # before copying millions of values out
+                raise InvalidArgument(
+                    f"input {tensor.name!r} of shape {shape} needs {oip.element_count(shape)} elements, "
+                    f"got {len(contents)} in {field}"
+                )
+            data = oip.from_list(tensor.datatype, shape, list(contents))
         tensors.append(
             oip.Tensor(tensor.name, tensor.datatype, shape, data, parameters_of(tensor.parameters))
         )
@@ -143,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def body(request_id: str) -> pb.ModelInferResponse:
             if not request.model_name:
                 raise InvalidArgument("model_name is required")
-            inputs = decode_inputs(request)
+            inputs = decode_inputs(request, self.settings.max_images_per_request)
             result = await self.protocol.infer(
                 request.model_name,
                 request.model_version or None,

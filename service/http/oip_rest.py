@@ -11,6 +11,7 @@ In JSON form, BYTES image elements are base64 strings (raw image bytes are not v
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -19,16 +20,19 @@ from starlette.responses import JSONResponse, Response
 from service import oip
 from service.errors import InvalidArgument
 
-from .requests import image_from_base64, refuse_url
+from .requests import image_from_base64, parse_json, refuse_url
 
 HEADER_LENGTH = "inference-header-content-length"
+_DIGITS = re.compile("[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 TRANSPORT_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], list[oip.Tensor]]:
-    """The request document and its decoded input tensors."""
+def parse_infer_request(
+    body: bytes, header_length: str | None, max_items: int
+) -> tuple[dict[str, Any], list[oip.Tensor]]:
+    """The request document and its decoded input tensors (`max_items`: images or samples per request)."""
     if header_length is not None:
-        if not header_length.strip().isdigit():
+        if not _DIGITS.fullmatch(header_length.strip()):
             raise InvalidArgument("Inference-Header-Content-Length is not a number")
         n = int(header_length)
         if n > len(body):
@@ -38,10 +42,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        doc = json.loads(head or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("inference request header is not valid JSON") from None
+    doc = parse_json(bytes(head), "inference request header")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise InvalidArgument("inference request must be a JSON object with an 'inputs' list")
     tensors: list[oip.Tensor] = []
@@ -59,6 +60,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
             raise InvalidArgument(
                 f"input {i} needs a string 'name', a string 'datatype' and an integer 'shape'"
             )
+        oip.check_declared(name, datatype, shape, max_items)
         params = spec.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidArgument(f"input {name!r}: 'parameters' must be an object")

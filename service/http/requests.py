@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ def refuse_url(data: bytes | str, where: str) -> None:
         raise UrlNotAllowed(
             f"{where} is a URL; this service never fetches URLs, send the image bytes instead"
         )
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON, or InvalidArgument: malformed text, and nesting too deep for the parser (RecursionError)."""
+    try:
+        return json.loads(data or b"null")
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"{what} is not valid JSON (or nests too deep)") from None
 
 
 def image_from_base64(item: object, where: str) -> bytes:
@@ -138,16 +147,17 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
             else:
                 params[key] = value
     elif ctype == "application/json":
-        try:
-            doc = json.loads(body or b"null")
-        except ValueError:
-            raise InvalidArgument("body is not valid JSON") from None
+        doc = parse_json(body, "body")
         if not isinstance(doc, dict):
             raise InvalidArgument("JSON body must be an object with 'image' or 'images' (base64)")
         raw = doc.get("images") if many else doc.get("image")
         if raw is None:
             raw = doc.get("image") if many else None
         items = raw if isinstance(raw, list) else [raw] if raw is not None else []
+        if len(items) > settings.max_images_per_request:  # before decoding any of them
+            raise InvalidArgument(
+                f"{len(items)} images in one request; the limit is {settings.max_images_per_request}"
+            )
         for i, item in enumerate(items):
             images.append(image_from_base64(item, f"image {i}"))
             names.append(str(i))
@@ -186,14 +196,16 @@ def int_param(params: dict[str, Any], name: str, default: int, low: int, high: i
 
 
 def deadline_of(request: Request, settings: Settings) -> float:
-    """Absolute `time.monotonic()` deadline: `x-request-timeout-ms` if sent, else the configured timeout."""
+    """Absolute `time.monotonic()` deadline: the configured timeout, or less if `x-request-timeout-ms` asks
+    (a client may shorten its deadline, never lengthen it past the server's, as with gRPC's)."""
     raw = request.headers.get("x-request-timeout-ms")
     seconds = settings.request_timeout_s
     if raw is not None:
         try:
-            seconds = float(raw) / 1000.0
+            asked = float(raw) / 1000.0
         except ValueError:
             raise InvalidArgument(f"x-request-timeout-ms must be a number, not {raw!r}") from None
-        if seconds <= 0:
-            raise InvalidArgument("x-request-timeout-ms must be positive")
+        if not (math.isfinite(asked) and asked > 0):
+            raise InvalidArgument(f"x-request-timeout-ms must be a positive number, not {raw!r}")
+        seconds = min(seconds, asked)
     return time.monotonic() + seconds

@@ -189,7 +189,9 @@ async def v2_model_ready(request: Request, runtime: Runtime) -> Response:
 async def v2_infer(request: Request, runtime: Runtime) -> Response:
     name, version = _name_version(request)
     body = await read_body(request, runtime.settings.max_request_bytes)
-    doc, tensors = oip_rest.parse_infer_request(body, request.headers.get(oip_rest.HEADER_LENGTH))
+    doc, tensors = oip_rest.parse_infer_request(
+        body, request.headers.get(oip_rest.HEADER_LENGTH), runtime.settings.max_images_per_request
+    )
     outputs, binary = oip_rest.requested_outputs(doc)
     try:
         result = await runtime.oip.infer(
