@@ -61,6 +61,7 @@ class Metrics:
         # A private registry: in multiprocess mode the values go to files whatever the registry, and a
         # private one lets tests create several `Metrics` in one process without name clashes.
         self.registry = registry if registry is not None else prom.CollectorRegistry(auto_describe=True)
+        self._models: frozenset[str] = frozenset()  # names that may be a `model` label (see `request`)
         r = self.registry
         self.requests = prom.Counter(
             f"{PREFIX}_requests",
@@ -124,8 +125,11 @@ class Metrics:
 
     # --- transports -------------------------------------------------------------------------------------
     def request(self, model: str, endpoint: str, protocol: str, status: str, seconds: float) -> None:
-        """Count one answered request and record its total latency."""
-        model = model or "-"
+        """Count one answered request and record its total latency.
+
+        `model` is what the client asked for: only names of the repository's models (`model_info`) become
+        labels, anything else is "-", so that clients cannot grow the series without bound."""
+        model = model if model in self._models else "-"
         self.requests.labels(model, endpoint, protocol, str(status)).inc()
         self.request_seconds.labels(model, endpoint, protocol).observe(max(0.0, seconds))
 
@@ -152,7 +156,8 @@ class Metrics:
                 self.request(outcome["model"], endpoint, protocol, outcome["status"], elapsed)
 
     def model_info(self, models: list[dict[str, Any]]) -> None:
-        """Publish one `model_info` sample per model (from `core.models()`)."""
+        """Publish one `model_info` sample per model (from `core.models()`); their names become labels."""
+        self._models = self._models | {str(m.get("name", "")) for m in models}
         for m in models:
             self.model_info_gauge.labels(
                 str(m.get("name", "")),

@@ -46,6 +46,14 @@ def test_token_required_on_api_routes(server: Server) -> None:
         ok = c.post("/classify", content=image, headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200, ok.text
         assert c.get("/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+        # Refusals are counted (no model, no endpoint: the request never reached a route).
+        metrics = c.get("/metrics").text
+        refused = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("cnn_serve_requests_total{") and 'status="401"' in line
+        ]
+        assert refused and 'model="-"' in refused[0] and float(refused[0].split()[-1]) >= 5, refused
 
 
 def test_probes_and_metrics_need_no_token(server: Server) -> None:

@@ -65,3 +65,26 @@ def test_metrics_count_http_and_grpc(server: Server) -> None:
         (s.labels["name"], s.labels["provider"]) for s in fams["cnn_serve_model_info"].samples if s.value == 1
     }
     assert ("efficientnet_lite0", "CPUExecutionProvider") in info and any(n == "lenet5" for n, _ in info)
+
+
+def test_client_chosen_names_never_become_labels(server: Server) -> None:
+    """Every name a client invents would otherwise be a new series, kept for the process's life."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for i in range(3):
+            assert c.post(f"/classify?model=invented-{i}", content=b"x").status_code == 404
+            assert c.get(f"/v2/models/invented-{i}/ready").status_code == 404
+            assert c.get(f"/no/such/route/{i}").status_code == 404
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = classifier_pb2_grpc.ImageClassifierStub(channel)
+        with pytest.raises(grpc.RpcError):
+            stub.Classify(classifier_pb2.ClassifyRequest(image=b"x", model="invented-grpc"), timeout=60)
+    samples = [
+        s for s in scrape(server)["cnn_serve_requests"].samples if s.name == "cnn_serve_requests_total"
+    ]
+    assert not [s for s in samples if "invented" in s.labels["model"]]
+    unknown = {
+        (s.labels["endpoint"], s.labels["protocol"]): s.value for s in samples if s.labels["model"] == "-"
+    }
+    assert unknown[("classify", "http")] >= 3 and unknown[("v2_model_ready", "http")] >= 3
+    assert unknown[("-", "http")] >= 3  # the catch-all 404s are counted too
+    assert unknown[("Classify", "grpc")] >= 1

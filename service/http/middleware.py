@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from service.config import Settings
@@ -42,8 +43,9 @@ def access_logger() -> logging.Logger:
 class RequestContextMiddleware:
     """Request id, optional bearer token and the structured access log."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Callable[[], Any] = lambda: None) -> None:
         self.app = app
+        self.metrics = metrics  # the worker's `Metrics` once it has started (None before)
         self.token = settings.auth_token.encode() if settings.auth_token else b""
         self.log = access_logger()
 
@@ -84,6 +86,9 @@ class RequestContextMiddleware:
                     headers={"WWW-Authenticate": 'Bearer realm="cnn-serve"'},
                 )
                 await response(scope, receive, send_with_id)
+                metrics = self.metrics()
+                if metrics is not None:  # refused before any route: counted here, with no model or endpoint
+                    metrics.request("-", "-", "http", "401", time.perf_counter() - start)
                 return
             await self.app(scope, receive, send_with_id)
         finally:

@@ -231,7 +231,8 @@ def build_app() -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
 
 
-async def not_found(request: Request) -> Response:
+@endpoint("-")
+async def not_found(request: Request, runtime: Runtime) -> Response:
     """404, or 405 when the path exists for another method (this catch-all would otherwise shadow that)."""
     allowed: set[str] = set()
     for route in request.app.router.routes:

@@ -123,4 +123,8 @@ class ClassifierService:
         return self.core is None or self.core.live
 
 
-ClassifierService.add_asgi_middleware(RequestContextMiddleware, settings=SETTINGS)
+ClassifierService.add_asgi_middleware(
+    RequestContextMiddleware,
+    settings=SETTINGS,
+    metrics=lambda: getattr(getattr(app.state, "runtime", None), "metrics", None),
+)
