@@ -531,6 +531,37 @@ def test_oip_hostile_tensors_are_invalid_argument(inference: pb_grpc.GRPCInferen
     assert "declares 1000000 images; the limit is" in err.details()
 
 
+def test_request_ids_and_names_cannot_forge_access_log_lines(
+    classifier: classifier_pb2_grpc.ImageClassifierStub, inference: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    import json
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("cnn_serve.access").addHandler(keep)
+    try:
+        forged = "abc status=INTERNAL seconds=9.9 request_id=forged"
+        call = classifier.ListModels.with_call(
+            classifier_pb2.ListModelsRequest(), metadata=(("x-request-id", forged),), timeout=10
+        )[1]
+        assert trailing(call)["x-request-id"] != forged  # replaced by a fresh id, as over HTTP
+        name = 'nope\n{"ts": 1, "type": "access", "status": "OK", "request_id": "FAKE"}'
+        fails(inference.ModelReady, pb.ModelReadyRequest(name=name), grpc.StatusCode.NOT_FOUND)
+    finally:
+        logging.getLogger("cnn_serve.access").removeHandler(keep)
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert len(entries) == 2 and all("\n" not in line for line in lines)
+    assert entries[1]["model"] == name and entries[1]["protocol"] == "grpc"
+    assert entries[1]["status"] == "NOT_FOUND" and entries[1]["method"] == "ModelReady"
+    assert not any(e.get("request_id") in (forged, "FAKE") for e in entries)
+
+
 def test_oip_infer_unknown_model_is_not_found(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = pb.ModelInferRequest(model_name="nope", inputs=[_bytes_input([b"x"])])
     request.inputs[0].contents.bytes_contents.append(b"x")

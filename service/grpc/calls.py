@@ -11,21 +11,20 @@ import asyncio
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
+from service import logs
 from service.errors import DeadlineExceeded, Overloaded, ServiceError, Unauthenticated
 
 log = logging.getLogger("service.grpc")
-access_log = logging.getLogger("service.access")
+access_log = logs.access_logger()
 
 REQUEST_ID_KEY = "x-request-id"
 ERROR_CODE_KEY = "x-error-code"
 RETRY_AFTER_KEY = "retry-after"
-MAX_REQUEST_ID_LENGTH = 128
 
 T = TypeVar("T")
 
@@ -39,11 +38,8 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
 
 
 def request_id_from(context: grpc.aio.ServicerContext) -> str:
-    """The client's `x-request-id` if it is a sane token, else a fresh one."""
-    given = metadata_value(context, REQUEST_ID_KEY)
-    if given and len(given) <= MAX_REQUEST_ID_LENGTH and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+    """The client's `x-request-id` if it is a plain token (HTTP's rule, `service.logs`), else a fresh one."""
+    return logs.request_id(metadata_value(context, REQUEST_ID_KEY))
 
 
 def token_matches(context: grpc.aio.ServicerContext, token: str) -> bool:
@@ -113,13 +109,15 @@ class Calls:
             seconds = time.perf_counter() - start
             if self.metrics is not None:
                 self.metrics.request(model, endpoint, "grpc", status, seconds)
-            access_log.info(
-                "grpc %s model=%s status=%s seconds=%.4f request_id=%s",
-                endpoint,
-                model or "-",
-                status,
-                seconds,
-                request_id,
+            logs.access(
+                access_log,
+                protocol="grpc",
+                request_id=request_id,
+                method=endpoint,
+                status=status,
+                duration_ms=round(seconds * 1000, 2),
+                client=context.peer() if hasattr(context, "peer") else None,
+                model=model or None,
             )
 
     @staticmethod

@@ -8,15 +8,11 @@ and written in the JSON access log line, one per request, on the `cnn_serve.acce
 from __future__ import annotations
 
 import hmac
-import json
-import logging
-import re
-import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
+from service import logs
 from service.config import Settings
 
 from .responses import plain_error
@@ -25,19 +21,6 @@ ASGIApp = Any
 
 # Probes and scrapers send no token: Kubernetes' probes and Prometheus must work with auth on.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-
-
-def access_logger() -> logging.Logger:
-    """A logger that writes bare JSON lines to stderr, whatever BentoML did to the root logger."""
-    logger = logging.getLogger("cnn_serve.access")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
 
 
 class RequestContextMiddleware:
@@ -47,15 +30,14 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics  # the worker's `Metrics` once it has started (None before)
         self.token = settings.auth_token.encode() if settings.auth_token else b""
-        self.log = access_logger()
+        self.log = logs.access_logger()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = logs.request_id(headers.get("x-request-id"))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         start = time.perf_counter()
@@ -92,24 +74,21 @@ class RequestContextMiddleware:
                 return
             await self.app(scope, receive, send_with_id)
         finally:
-            self.log.info(
-                json.dumps(
-                    {
-                        "ts": round(time.time(), 3),
-                        "type": "access",
-                        "request_id": request_id,
-                        "method": scope.get("method"),
-                        "path": scope.get("path"),
-                        "status": status["code"],
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 2),
-                        "bytes_out": status["bytes"],
-                        "bytes_in": int(headers.get("content-length", "0") or 0)
-                        if headers.get("content-length", "").isdigit()
-                        else None,
-                        "client": (scope.get("client") or ("", 0))[0],
-                        "model": state.get("model"),
-                    }
-                )
+            content_length = headers.get("content-length", "")
+            logs.access(
+                self.log,
+                protocol="http",
+                request_id=request_id,
+                method=scope.get("method"),
+                path=scope.get("path"),
+                status=status["code"],
+                duration_ms=round((time.perf_counter() - start) * 1000, 2),
+                bytes_out=status["bytes"],
+                bytes_in=int(content_length)
+                if content_length.isascii() and content_length.isdigit()
+                else None,
+                client=(scope.get("client") or ("", 0))[0],
+                model=state.get("model"),
             )
 
     def _authorized(self, header: str) -> bool:
