@@ -1,11 +1,18 @@
 """Test-time augmentation: which views of an image the network sees, per request (`tta=`).
 
 - `none`: the card's resize + center crop.
-- `flip`: that view and its horizontal mirror.
+- `flip`: that view and the same crop of the mirrored image.
 - `five_crop`: four corners and center of the resized image (torchvision's FiveCrop order).
-- `ten_crop`: the five crops and their mirrors (AlexNet's evaluation, Krizhevsky et al. 2012).
+- `ten_crop`: the five crops, then the five crops of the mirrored image (AlexNet's evaluation, Krizhevsky et
+  al. 2012; torchvision's TenCrop, in its order).
+
 - `multiscale`: VGG's evaluation (Simonyan & Zisserman 2014): shorter sides 256, 384 and 512 scaled by the
   model's `resize / 256` ratio, five crops and their mirrors at each scale (30 views).
+
+A mirrored view is a crop of the mirrored image, as in torchvision's TenCrop, not the mirror of a crop: when
+the margin around a center crop is odd, the crop sits half a pixel off center, and its mirror would be a
+different patch. So on a mirror-symmetric image `flip` equals `none`, and `ten_crop` equals `five_crop`,
+exactly.
 
 The core averages the views' *softmax probabilities* (not logits): probabilities are on the same scale for
 every view, so one over-confident view cannot dominate through a large logit, and the average is itself a
@@ -55,15 +62,22 @@ def plan_views(spec: Spec, tta: str, size: tuple[int, int]) -> list[View]:
         rw, rh = resized_size(w, h, spec.resize)
         left, top = center_box(rw, rh, cw, ch)
         view = View(spec.resize, left, top, cw, ch)
-        return [view] if tta == "none" else [view, View(spec.resize, left, top, cw, ch, mirror=True)]
+        return [view] if tta == "none" else [view, _mirrored(view, rw)]
     views: list[View] = []
     for short in scales(spec, tta):
         rw, rh = resized_size(w, h, short)
         crops = [View(short, left, top, cw, ch) for left, top in five_crops(rw, rh, cw, ch)]
         views.extend(crops)
         if tta in ("ten_crop", "multiscale"):
-            views.extend(View(v.short, v.left, v.top, cw, ch, mirror=True) for v in crops)
+            views.extend(_mirrored(v, rw) for v in crops)
     return views
+
+
+def _mirrored(view: View, resized_width: int) -> View:
+    """The view at the same place in the mirrored image: in the image's own columns, the crop that starts
+    as far from the right edge as `view` starts from the left, then mirrored."""
+    left = resized_width - view.width - view.left
+    return View(view.short, left, view.top, view.width, view.height, mirror=True)
 
 
 def view_count(tta: str) -> int:

@@ -101,7 +101,7 @@ class InferenceCore:
         self.observer: Observer = observer or NullObserver()
         self.ready = False
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
-        self.limits = decoding.Limits(self.settings.max_image_pixels, self.settings.max_aspect_ratio)
+        self.limits = decoding.Limits.from_settings(self.settings)
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._versions: dict[str, list[str]] = {}
         self._lock = threading.Lock()

@@ -4,9 +4,9 @@ Order matters for safety: the container is recognised from its magic bytes, the 
 the pixel count and aspect ratio are checked against `Settings` *before* any pixel is decoded, so a few-KB
 decompression bomb never allocates its gigabytes. Pillow's own `DecompressionBombError` is a second guard.
 
-Alpha rule: transparent pixels (LA, RGBA, PA, P with a transparency entry) are composited onto WHITE, the
-background a browser shows and the one photos of objects are usually taken against; a black background would
-turn transparent logos into dark blobs.
+Alpha rule: transparent pixels (LA, RGBA, PA, P with a transparency entry, L and RGB with a colour key) are
+composited onto WHITE, the background a browser shows and the one photos of objects are usually taken against;
+a black background would turn transparent logos into dark blobs.
 
 JPEG decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale (Pillow's `draft`), choosing the
 smallest scale that is still no smaller than asked. We ask for the size whose *shorter side* is the largest
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -45,10 +45,18 @@ WHITE = (255, 255, 255)
 
 @dataclass(frozen=True)
 class Limits:
-    """What a client image may be; built from `Settings` (max_image_pixels, max_aspect_ratio)."""
+    """What a client image may be; built from `Settings` (max_image_pixels, max_aspect_ratio and
+    max_jpeg_scans)."""
 
     max_pixels: int = 40_000_000
     max_aspect_ratio: float = 20.0
+    # Each scan of a progressive JPEG is a pass over the whole image: a few hundred KB of repeated scans can
+    # take a decoder tens of seconds. Photos have 1 (baseline) to about 10 (progressive).
+    max_jpeg_scans: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(settings.max_image_pixels, settings.max_aspect_ratio, settings.max_jpeg_scans)
 
 
 def sniff(data: bytes) -> str:
@@ -117,6 +125,16 @@ def decode(
     """
     limits = limits or Limits()
     fmt = sniff(data)
+    if fmt == "JPEG":
+        # Every SOS marker starts a scan; entropy-coded data never holds FF DA (an FF there is stuffed with
+        # 00), so counting the pair only ever over-counts (a stray pair in an APP segment), never under.
+        scans = data.count(b"\xff\xda")
+        if scans > limits.max_jpeg_scans:
+            raise ImageTooLarge(f"JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
+    # Our pixel limit is the authority (checked below, before decoding); Pillow's own bomb check, a second
+    # guard, must not be tighter than it.
+    if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -125,14 +143,14 @@ def decode(
         raise ImageTooLarge("image header declares too many pixels (decompression bomb)") from None
     except UnidentifiedImageError:
         raise InvalidImage(f"corrupt or unreadable {fmt} image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types for malformed input
         raise InvalidImage(f"corrupt {fmt} image: {_short(e)}") from None
     source = img
     try:
         width, height = img.size
         check_size(width, height, limits, min_short_side)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # GIF: first frame; TIFF: first page; APNG/WebP: first frame
+        # Image.open stands on the first frame (GIF, APNG, WebP) or page (TIFF). Never ask for `n_frames`:
+        # it walks every page, in time quadratic in their count for TIFF (40,000 1x1 pages: 16 s).
         if draft and fmt == "JPEG" and min_short_side:
             scale = min_short_side / min(width, height)
             if scale < 1:
@@ -151,7 +169,7 @@ def decode(
         raise ImageTooLarge("image declares too many pixels (decompression bomb)") from None
     except MemoryError:
         raise ImageTooLarge("image is too large to decode") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, TypeError, KeyError...: all malformed input
         raise InvalidImage(f"corrupt or truncated {fmt} image: {_short(e)}") from None
     finally:
         if img is not source:  # the decoded copy lives on; the file-backed original is done
@@ -194,9 +212,12 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _high_depth_to_l(img)
         mode = "L"
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:  # a palette entry or a colour key (tRNS)
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    elif mode == "P":
+        img = img.convert("RGB")
+        mode = "RGB"
     elif mode == "PA":
         img = img.convert("RGBA")
         mode = "RGBA"

@@ -26,9 +26,12 @@ def test_views_are_the_named_crops() -> None:
     assert [(v.left, v.top) for v in five] == [(0, 0), (160, 0), (0, 32), (160, 32), (80, 16)]
     assert not any(v.mirror for v in five)
     ten = plan_views(SPEC, "ten_crop", size)
-    assert [(v.left, v.top) for v in ten[5:]] == [(v.left, v.top) for v in five] and all(
-        v.mirror for v in ten[5:]
-    )
+    # The five crops of the mirrored image, in its own order: its top-left is the original's top-right.
+    assert [(v.left, v.top) for v in ten[5:]] == [(160, 0), (0, 0), (160, 32), (0, 32), (80, 16)]
+    assert all(v.mirror for v in ten[5:])
+    # An odd margin (385 - 224 = 161): the mirrored center crop starts one pixel further right.
+    odd = plan_views(SPEC, "flip", (385, 256))
+    assert [(v.left, v.mirror) for v in odd] == [(80, False), (81, True)]
     multi = plan_views(SPEC, "multiscale", size)
     assert len(multi) == 30 and sorted({v.short for v in multi}) == [256, 384, 512]
     at_512 = [v for v in multi if v.short == 512 and not v.mirror]
@@ -48,7 +51,19 @@ def test_rendered_views_match_manual_crops(chelsea: Image.Image) -> None:
     arrays = pre(img, plan_views(SPEC, "ten_crop", img.size))
     ref_tr = (np.asarray(img.crop((160, 0, 384, 224)), np.float32) / 255 - 0.5) / 0.25
     np.testing.assert_allclose(arrays[1], ref_tr.transpose(2, 0, 1), atol=1e-5)
-    np.testing.assert_allclose(arrays[6], ref_tr.transpose(2, 0, 1)[:, :, ::-1], atol=1e-5)
+    np.testing.assert_allclose(arrays[5], ref_tr.transpose(2, 0, 1)[:, :, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(384, 256), (385, 256), (256, 301)])
+def test_ten_crop_is_torchvisions(chelsea: Image.Image, size: tuple[int, int]) -> None:
+    """Exact mode's views equal torchvision's TenCrop of the resized image, one by one, odd margins too."""
+    from torchvision import transforms
+
+    img = chelsea.resize(size)  # shorter side already 256: Resize(256) keeps it
+    ours = Preprocessor(SPEC, "exact")(img, plan_views(SPEC, "ten_crop", img.size))
+    to_input = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.25] * 3)])
+    theirs = np.stack([to_input(crop).numpy() for crop in transforms.TenCrop(224)(img)])
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_unknown_mode() -> None:
@@ -69,9 +84,11 @@ def _probs(core: InferenceCore, data: bytes, tta: str) -> np.ndarray:
     return pred.probabilities
 
 
-def test_mirror_symmetric_image(core: InferenceCore, chelsea: Image.Image) -> None:
-    # 72x64: resized to 40x36 for the 32 crop, so the center crop is centred and the corners pair up
-    half = np.asarray(chelsea.resize((36, 64)))
+@pytest.mark.parametrize("half_width", [36, 40])
+def test_mirror_symmetric_image(core: InferenceCore, chelsea: Image.Image, half_width: int) -> None:
+    # 72x64 is resized to 40x36 for the 32 crop: an even margin, the center crop is centred. 80x64 is
+    # resized to 45x36: an odd margin (13), the center crop sits half a pixel left of center.
+    half = np.asarray(chelsea.resize((half_width, 64)))
     img = Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1))
     data = encode(img, "PNG")
     none, flip = _probs(core, data, "none"), _probs(core, data, "flip")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -207,3 +208,99 @@ def test_pixels_after_resizing_checked() -> None:
     # 1x100 passes the header limits but resized to a 256 shorter side would be 256 x 25600 pixels
     with pytest.raises(ImageTooLarge, match="after resizing"):
         decoding.check_size(1, 100, Limits(max_pixels=1_000_000, max_aspect_ratio=1000), resize_to=256)
+
+
+def test_a_pixel_limit_above_pillows_own_is_honoured() -> None:
+    # 9500x9500 = 90.25 MP is past Pillow's 89.5 MP bomb threshold; a configured 100 MP limit must win
+    data = _png_bomb(9500, 9500)
+    assert decode(data, channels=1, limits=Limits(max_pixels=100_000_000), min_short_side=32).size == (
+        9500,
+        9500,
+    )
+
+
+def _tiff(pages: list[list[tuple[int, int, int, int]]]) -> bytes:
+    """A little-endian TIFF of 1x1 8-bit grey pages, each IFD given as (tag, type, count, value) entries;
+    StripOffsets (273) is filled in to point at the one pixel (value 0x80)."""
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    pixel_at = 8 + sum(2 + 12 * len(p) + 4 for p in pages)
+    for i, entries in enumerate(pages):
+        nxt = len(out) + 2 + 12 * len(entries) + 4 if i < len(pages) - 1 else 0
+        out += struct.pack("<H", len(entries))
+        for tag, typ, count, value in entries:
+            value = pixel_at if tag == 273 else value
+            out += (
+                struct.pack("<HHIHH", tag, typ, count, value, 0)
+                if typ == 3
+                else struct.pack("<HHII", tag, typ, count, value)
+            )
+        out += struct.pack("<I", nxt)
+    return bytes(out + b"\x80")
+
+
+GREY_1X1 = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 0)]
+GREY_1X1 += [(277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, 1)]
+
+
+def test_tiff_pages_after_the_first_are_never_walked() -> None:
+    """Counting pages walks them all, in quadratic time (40,000 1x1 pages took 16 s); a broken later page must
+    not matter either, since only the first is read."""
+    many = _tiff([GREY_1X1] * 3000)
+    assert np.asarray(decode(many, channels=1)).tolist() == [[0x80]]
+    broken_second = _tiff([GREY_1X1, []])
+    assert decode(broken_second, channels=1).size == (1, 1)
+
+
+def test_malformed_tiff_is_invalid_image_whatever_pillow_raises() -> None:
+    # No width or height tags: Pillow raises TypeError("Missing dimensions"), not OSError
+    no_size = _tiff([[e for e in GREY_1X1 if e[0] not in (256, 257)]])
+    with pytest.raises(InvalidImage):
+        decode(no_size)
+
+
+def _repeat_a_scan(data: bytes, times: int) -> bytes:
+    """A progressive JPEG with one of its scans (SOS header and entropy data) repeated `times` more times."""
+    segments, i = [], 2
+    while i < len(data):
+        marker = data[i + 1]
+        if marker == 0xD9:
+            segments.append(data[i : i + 2])
+            break
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not stuffing or a restart
+            while True:
+                end = data.index(b"\xff", end)
+                if data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                    end += 2
+                    continue
+                break
+        segments.append(data[i:end])
+        i = end
+    scans = [s for s in segments if s[1] == 0xDA]
+    repeated = min(scans[1:], key=len)
+    out = bytearray(data[:2])
+    for s in segments:
+        out += s * (times + 1) if s is repeated else s
+    return bytes(out)
+
+
+def test_jpeg_with_too_many_scans_is_refused_before_decoding(chelsea: Image.Image) -> None:
+    """Each scan is a pass over the whole image: 20,000 of them in 656 KB took 23 s to decode."""
+    photo = encode(chelsea, "JPEG", quality=80, progressive=True)
+    assert 1 < photo.count(b"\xff\xda") < 20  # a real progressive photo, well under the limit
+    assert decode(photo).size == chelsea.size
+    bomb = _repeat_a_scan(photo, 300)
+    with pytest.raises(ImageTooLarge, match="scans; the limit is 256"):
+        decode(bomb)
+    assert decode(bomb, limits=Limits(max_jpeg_scans=1000)).size == chelsea.size  # the limit is the setting
+
+
+def test_colour_key_transparency_is_composited_on_white() -> None:
+    """tRNS in RGB and L PNGs (a colour meaning transparent) follows the same rule as alpha and palettes."""
+    rgb = Image.new("RGB", (4, 4), (0, 0, 0))
+    rgb.putpixel((0, 0), (10, 20, 30))
+    out = np.asarray(decode(encode(rgb, "PNG", transparency=(0, 0, 0))))
+    assert out[1, 1].tolist() == [255, 255, 255] and out[0, 0].tolist() == [10, 20, 30]
+    grey = Image.new("L", (4, 4), 0)
+    out = np.asarray(decode(encode(grey, "PNG", transparency=0), channels=1))
+    assert (out == 255).all()

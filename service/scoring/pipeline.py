@@ -62,7 +62,7 @@ def _preparer(spec: PrepareSpec) -> tuple[Preprocessor, Limits]:
         augmentation.check_mode(spec.tta)
         settings = spec.settings
         preprocessor = Preprocessor(Spec.from_card(json.loads(spec.preprocessing)), settings.preprocess_mode)
-        limits = Limits(max_pixels=settings.max_image_pixels, max_aspect_ratio=settings.max_aspect_ratio)
+        limits = Limits.from_settings(settings)
         _PREPARERS[key] = (preprocessor, limits)
     return _PREPARERS[key]
 
