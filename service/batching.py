@@ -106,18 +106,21 @@ class Batcher:
     def submit(self, job: Job, from_preparing: bool = True) -> None:
         self.start()
         with self._cond:
-            self._queue.append(job)
             if from_preparing:
                 self._preparing -= 1
+            if self._stopping:  # stopped for good: a late job is answered, never a reason to restart
+                settle(job.future, error=Overloaded("the service is shutting down"))
+                return
+            self._queue.append(job)
             depth = len(self._queue)
             self._cond.notify_all()
         self.observer.queue_depth(depth)
 
     def start(self) -> None:
+        """Start the worker (lazily, at the first job); never again once stopped."""
         if self._thread is None or not self._thread.is_alive():
             with self._cond:
-                if self._thread is None or not self._thread.is_alive():
-                    self._stopping = False
+                if not self._stopping and (self._thread is None or not self._thread.is_alive()):
                     self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
                     self._thread.start()
 

@@ -95,8 +95,8 @@ class Settings:
             raise ValueError("queue_size must be at least 1")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.decode_threads < 1:
             raise ValueError("thread counts must not be negative, and decode_threads must be at least 1")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must not be negative")
+        if not 0 <= self.max_wait_ms <= 60_000:  # beyond a minute the batcher's timed wait overflows, too
+            raise ValueError("max_wait_ms must be between 0 and 60000")
         if self.precision not in ("auto", "fp32", "fp16"):
             raise ValueError(f"precision must be auto, fp32 or fp16, not {self.precision!r}")
         if self.preprocess_mode not in ("fast", "exact"):
@@ -119,10 +119,8 @@ class Settings:
             raise ValueError(f"request_timeout_s must be a positive number, not {self.request_timeout_s!r}")
         if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1):
             raise ValueError(f"max_aspect_ratio must be at least 1, not {self.max_aspect_ratio!r}")
-        if not (math.isfinite(self.max_wait_ms) and math.isfinite(self.drain_timeout_s)):
-            raise ValueError("max_wait_ms and drain_timeout_s must be finite")
-        if self.drain_timeout_s < 0:
-            raise ValueError("drain_timeout_s must not be negative")
+        if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
+            raise ValueError("drain_timeout_s must be a finite number, not negative")
         for name in ("http_port", "grpc_port", "grpc_health_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be between 0 and 65535")

@@ -24,6 +24,7 @@ from service.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ModelUnavailable,
+    Overloaded,
     ServiceError,
 )
 from service.postprocessing import ClassScore
@@ -167,10 +168,13 @@ class InferenceCore:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def close(self) -> None:
-        """Drain: queued jobs finish, then the worker and the pool end."""
+        """Drain: images being decoded reach the batcher, queued jobs finish, then the worker ends.
+
+        The pool goes first: stopping the batcher while an image was still being decoded would leave that
+        image with nowhere to go."""
         self.ready = False
-        self.batcher.stop(self.settings.drain_timeout_s)
         self._pool.shutdown(wait=True)
+        self.batcher.stop(self.settings.drain_timeout_s)
 
     # -- metadata ----
     def models(self) -> list[dict[str, Any]]:
@@ -216,7 +220,11 @@ class InferenceCore:
             fut: concurrent.futures.Future = concurrent.futures.Future()
             fut.add_done_callback(lambda _f: self.batcher.release(1))
             futures.append(fut)
-            self._pool.submit(self._prepare, data, entry, tta, deadline, fut)
+            try:
+                self._pool.submit(self._prepare, data, entry, tta, deadline, fut)
+            except RuntimeError:  # the pool is shut down: the core is closing
+                settle(fut, error=Overloaded("the service is shutting down"))
+                self.batcher.prepared(1)
         return futures
 
     def _prepare(
@@ -346,9 +354,9 @@ class InferenceCore:
         assert entry.session is not None and entry.card is not None
         array = np.ascontiguousarray(array, dtype=np.float32)
         expected = entry.session.input_shape
-        if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        if array.ndim != 4 or tuple(array.shape[1:]) != expected or array.shape[0] < 1:
             raise InvalidArgument(
-                f"tensor must have shape [N, {', '.join(map(str, expected))}], got {list(array.shape)}"
+                f"tensor must have shape [N >= 1, {', '.join(map(str, expected))}], got {list(array.shape)}"
             )
         deadline = self._deadline(deadline)
         samples = int(array.shape[0])

@@ -53,7 +53,7 @@ def average_views(probabilities: np.ndarray, counts: Sequence[int]) -> list[np.n
 def check_top_k(top_k: Any, classes: int, limit: int | None = None) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
         raise InvalidArgument(f"top_k must be an integer, not {top_k!r}")
-    upper = min(classes, limit) if limit else classes
+    upper = min(classes, limit) if limit is not None else classes
     if not 1 <= int(top_k) <= upper:
         raise InvalidArgument(f"top_k must be between 1 and {upper}, got {top_k}")
     return int(top_k)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,22 +108,26 @@ def read_card(folder: Path) -> ModelCard:
     name, version = folder.parent.name, folder.name
     if str(data.get("name", name)) != name:
         raise RepositoryError(f"card name {data.get('name')!r} differs from folder {name!r}")
+    if str(data.get("version", version)) != version:
+        raise RepositoryError(f"card version {data.get('version')!r} differs from folder {version!r}")
     for key in ("input", "output", "preprocessing", "files"):
         if key not in data:
             raise RepositoryError(f"{CARD} lacks {key!r}")
     return ModelCard(name=name, version=version, path=folder, data=data)
 
 
+_VERSION = re.compile("[1-9][0-9]*")
+
+
 def scan(root: str | Path) -> dict[str, list[str]]:
-    """Model name -> its versions, ascending (only positive-integer folder names count as versions)."""
+    """Model name -> its versions, ascending. Only plain positive integers count as versions (`1`, `12`; not
+    `01`, which would be a second `1`, nor Unicode digits such as `²`, which `int()` refuses)."""
     root = Path(root)
     if not root.is_dir():
         raise RepositoryError(f"model repository {str(root)!r} does not exist")
     out: dict[str, list[str]] = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = [
-            p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-        ]
+        versions = [p.name for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
         if versions:
             out[model_dir.name] = sorted(versions, key=int)
     return out

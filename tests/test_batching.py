@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from concurrent.futures import Future
@@ -189,3 +190,34 @@ def test_batch_limit_caps_views_per_call() -> None:
     assert job.future.result(2).shape == (5, 1)
     assert ran == [2, 2, 1]
     b.stop(1)
+
+
+def test_close_while_an_image_is_decoding_answers_it_and_stays_closed(tiny_repo: Path) -> None:
+    """close() once stopped the batcher first: the image still decoding then restarted it, and every later
+    call failed with an untyped RuntimeError while its admission leaked."""
+    rng = np.random.default_rng(0)
+    big = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(big, "JPEG", quality=95)
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", preprocess_mode="exact"))
+    core.load()
+    answers: list = []
+    caller = threading.Thread(target=lambda: answers.extend(core.classify_sync([big.getvalue()])))
+    caller.start()
+    time.sleep(0.1)  # decoding a 12 MP JPEG at full size takes longer than this
+    core.close()
+    caller.join(60)
+    assert len(answers) == 1 and isinstance(answers[0], Prediction), answers
+    assert not core.batcher._thread.is_alive()
+    with pytest.raises(Overloaded, match="shutting down"):
+        core.classify_sync([big.getvalue()])
+    assert core.batcher.outstanding == 0 and core.batcher._preparing == 0
+
+
+def test_an_empty_tensor_is_invalid(tiny_repo: Path) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
+    core.load()
+    try:
+        with pytest.raises(InvalidArgument, match="N >= 1"):
+            asyncio.run(core.infer_tensor("tiny", None, np.zeros((0, 3, 32, 32), np.float32)))
+    finally:
+        core.close()

@@ -271,3 +271,26 @@ def test_start_and_stop_from_an_event_loop(tiny_repo: Path, photo: bytes) -> Non
         return p
 
     assert asyncio.run(go()).model == "tiny"
+
+
+def test_repository_versions_are_plain_integers_and_cards_agree(tmp_path: Path) -> None:
+    """A folder named `²` once crashed the scan (isdigit() yes, int() no), taking every model down; `01`
+    would be a second version 1; and a card must say the version its folder says."""
+    from service.repository import RepositoryError, read_card, scan
+
+    write_tiny_model(tmp_path, "tiny", "1", seed=1)
+    for odd in ("\u00b2", "01", "0", "v2", "1.5"):
+        (tmp_path / "tiny" / odd).mkdir()
+    assert scan(tmp_path) == {"tiny": ["1"]}
+    write_tiny_model(tmp_path, "tiny", "2", seed=2)
+    card = tmp_path / "tiny" / "2" / "model.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "version": "1"}))
+    with pytest.raises(RepositoryError, match="card version '1' differs from folder '2'"):
+        read_card(card.parent)
+    core = InferenceCore(Settings(repository=str(tmp_path), default_model="tiny"))
+    core.load()
+    try:  # the bad card fails only its own version
+        states = {m["version"]: m["state"] for m in core.models()}
+        assert states["1"] == "ready" and states["2"] != "ready"
+    finally:
+        core.close()
