@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from service.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+from service.errors import ImageTooLarge, InvalidImage, UnsupportedFormat, UrlNotAllowed
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey-filled
 
@@ -59,10 +59,24 @@ class Limits:
         return cls(settings.max_image_pixels, settings.max_aspect_ratio, settings.max_jpeg_scans)
 
 
+_URL_PREFIXES = (b"http://", b"https://", b"ftp://", b"file://", b"s3://", b"gs://")
+
+
+def refuse_url(data: bytes | str, where: str) -> None:
+    """UrlNotAllowed for a URL sent in place of image bytes: nothing is ever fetched. Every transport reaches
+    it through `sniff`; HTTP also calls it early, before base64 decoding."""
+    head = (data.encode("latin-1", "replace") if isinstance(data, str) else bytes(data[:16])).strip()[:16]
+    if head.lower().startswith(_URL_PREFIXES):
+        raise UrlNotAllowed(
+            f"{where} is a URL; this service never fetches URLs, send the image bytes instead"
+        )
+
+
 def sniff(data: bytes) -> str:
     """The container format from magic bytes; typed errors for everything we refuse."""
     if not data:
         raise InvalidImage("empty image (0 bytes)")
+    refuse_url(data, "the image")
     for magic, fmt in _SIGNATURES:
         if data.startswith(magic):
             return fmt

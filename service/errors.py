@@ -35,6 +35,12 @@ class UnsupportedFormat(InvalidArgument):
     code = "unsupported_format"
 
 
+class UrlNotAllowed(InvalidArgument):
+    """A URL where image bytes belong: this service never fetches one."""
+
+    code = "url_not_allowed"
+
+
 class ImageTooLarge(InvalidArgument):
     code = "image_too_large"
 

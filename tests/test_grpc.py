@@ -562,6 +562,29 @@ def test_request_ids_and_names_cannot_forge_access_log_lines(
     assert not any(e.get("request_id") in (forged, "FAKE") for e in entries)
 
 
+def test_a_url_for_an_image_is_url_not_allowed_over_grpc_too(
+    classifier: classifier_pb2_grpc.ImageClassifierStub, inference: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """The same code as over HTTP (and nothing fetched: the core never fetches; test_http checks the wire)."""
+    url = b"http://127.0.0.1:9/cat.jpg"
+    err = fails(
+        classifier.Classify, classifier_pb2.ClassifyRequest(image=url), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert trailing(err)["x-error-code"] == "url_not_allowed" and "never fetches" in err.details()
+    reply = classifier.ClassifyBatch(
+        classifier_pb2.ClassifyBatchRequest(images=[url, jpeg(data.chelsea())]), timeout=60
+    )
+    assert reply.results[0].error.code == "url_not_allowed" and reply.results[1].result.predictions
+    tensor = _bytes_input([url])
+    tensor.contents.bytes_contents.append(url)
+    err = fails(
+        inference.ModelInfer,
+        pb.ModelInferRequest(model_name="efficientnet_lite0", inputs=[tensor]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert trailing(err)["x-error-code"] == "url_not_allowed"
+
+
 def test_oip_infer_unknown_model_is_not_found(inference: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = pb.ModelInferRequest(model_name="nope", inputs=[_bytes_input([b"x"])])
     request.inputs[0].contents.bytes_contents.append(b"x")

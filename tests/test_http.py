@@ -476,6 +476,15 @@ def test_oip_infer_errors(client: httpx.Client) -> None:
     assert_error(client.post(url, content=body, headers=headers), 400, "invalid_argument")
 
 
+def test_oip_empty_outputs_list_means_every_output(client: httpx.Client, chelsea: bytes) -> None:
+    """`"outputs": []` is every output, and binary_data_output then applies to all of them."""
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(chelsea).decode()]}
+    doc = {"inputs": [image], "outputs": [], "parameters": {"binary_data_output": True}}
+    r = client.post("/v2/models/efficientnet_lite0/infer", json=doc)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream", r.text
+    assert set(_parse_binary_response(r)) == {"probabilities", "top_k"}
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [

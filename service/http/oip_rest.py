@@ -18,9 +18,10 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from service import oip
+from service.decoding import refuse_url
 from service.errors import InvalidArgument
 
-from .requests import image_from_base64, parse_json, refuse_url
+from .requests import image_from_base64, parse_json
 
 HEADER_LENGTH = "inference-header-content-length"
 _DIGITS = re.compile("[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
@@ -99,10 +100,10 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput] | 
         raise InvalidArgument("'parameters' must be an object")
     all_binary = bool(params.get("binary_data_output", False))
     outputs = doc.get("outputs")
-    if outputs is None:
-        return None, {name: all_binary for name in oip.OUTPUT_NAMES}
-    if not isinstance(outputs, list):
+    if outputs is not None and not isinstance(outputs, list):
         raise InvalidArgument("'outputs' must be a list")
+    if not outputs:  # absent or empty: every output, as the protocol says
+        return None, {name: all_binary for name in oip.OUTPUT_NAMES}
     names, binary = [], {}
     for out in outputs:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):

@@ -19,14 +19,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.config import Settings
+from service.decoding import refuse_url
 from service.errors import InvalidArgument, RequestTooLarge
 
-_URL_PREFIXES = (b"http://", b"https://", b"ftp://", b"file://", b"s3://", b"gs://")
 FILE_FIELDS = ("file", "image", "files", "images")
-
-
-class UrlNotAllowed(InvalidArgument):
-    code = "url_not_allowed"
 
 
 class UnsupportedEncoding(InvalidArgument):
@@ -63,15 +59,6 @@ def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
             return out
         break
     raise InvalidArgument(f"request body is not complete {coding} data")
-
-
-def refuse_url(data: bytes | str, where: str) -> None:
-    """400 for a URL sent in place of image bytes: nothing is fetched."""
-    head = (data.encode("latin-1", "replace") if isinstance(data, str) else bytes(data[:16])).strip()[:16]
-    if head.lower().startswith(_URL_PREFIXES):
-        raise UrlNotAllowed(
-            f"{where} is a URL; this service never fetches URLs, send the image bytes instead"
-        )
 
 
 def parse_json(data: bytes, what: str) -> Any:
