@@ -646,3 +646,38 @@ def test_hostile_requests_are_client_errors_and_the_server_keeps_serving(
     assert "700000 images in one request; the limit is 4" in assert_error(r, 400)["message"]
     r = client.post("/classify", content=chelsea)
     assert r.status_code == 200, r.text
+
+
+def test_a_client_that_disconnects_stops_its_work(server: Server, client: httpx.Client) -> None:
+    """The images of a request whose client went away are dropped, not classified for nobody: the access log
+    says 499 and far fewer views than asked for reach the model."""
+
+    def views_run() -> float:
+        text = client.get("/metrics").text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("cnn_serve_batch_size_sum{") and "efficientnet_lite0" in line
+        )
+
+    big = jpeg(photos.astronaut())
+    before = views_run()
+    files = [("files", (f"{i}.jpg", big, "image/jpeg")) for i in range(4)]  # 4 x 30 views
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            server.url + "/classify_batch",
+            files=files,
+            params={"tta": "multiscale"},
+            headers={"x-request-id": "goes-away"},
+            timeout=0.3,
+        )
+    deadline = time.monotonic() + 20
+    mine: list[dict] = []
+    while not mine and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith('{"ts"')]
+        mine = [entry for entry in lines if entry.get("request_id") == "goes-away"]
+    assert mine and mine[0]["status"] == 499, mine
+    time.sleep(1.0)  # anything still running would finish by now
+    assert views_run() - before < 4 * 30
+    assert client.post("/classify", content=big).status_code == 200

@@ -8,11 +8,12 @@ typed errors to JSON answers and records the request metrics.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,7 +23,7 @@ from starlette.routing import Match, Route
 
 from service.config import Settings
 from service.core import Prediction
-from service.errors import InvalidArgument, ModelUnavailable, ServiceError
+from service.errors import ClientGone, InvalidArgument, ModelUnavailable, ServiceError
 from service.metrics import Metrics
 from service.oip import OpenInference
 
@@ -42,6 +43,8 @@ class Runtime:
 
 
 Handler = Callable[[Request, Runtime], Awaitable[Response]]
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.05  # how often a request in progress checks that its client is still there
 
 
 def _rid(request: Request) -> str:
@@ -90,6 +93,25 @@ def _model_params(params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     return {"model": model, "version": version, "top_k": top_k, "tta": tta}
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled if the client disconnects first (its queued images are then dropped by the core).
+
+    Only once the body has been read: `is_disconnected` takes the next ASGI message, which before that could
+    be a piece of the body."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientGone("the client disconnected before the answer")
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+
+
 async def _classify(
     request: Request, runtime: Runtime, many: bool
 ) -> tuple[ImageRequest, list[Prediction | ServiceError]]:
@@ -97,8 +119,9 @@ async def _classify(
     req = await read_images(request, runtime.settings, many=many)
     kwargs = _model_params(req.params, runtime)
     request.scope["state"]["model"] = kwargs["model"]
-    results = await runtime.core.classify(
-        req.images, deadline=deadline_of(request, runtime.settings), **kwargs
+    results = await _unless_disconnected(
+        request,
+        runtime.core.classify(req.images, deadline=deadline_of(request, runtime.settings), **kwargs),
     )
     return req, results
 
@@ -194,13 +217,16 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
     )
     outputs, binary = oip_rest.requested_outputs(doc)
     try:
-        result = await runtime.oip.infer(
-            name,
-            version,
-            tensors,
-            outputs,
-            oip_rest.request_parameters(doc),
-            deadline=deadline_of(request, runtime.settings),
+        result = await _unless_disconnected(
+            request,
+            runtime.oip.infer(
+                name,
+                version,
+                tensors,
+                outputs,
+                oip_rest.request_parameters(doc),
+                deadline=deadline_of(request, runtime.settings),
+            ),
         )
     except ModelUnavailable:
         raise
