@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.errors import ModelNotFound
+
+log = logging.getLogger("service.repository")
 
 CARD = "model.json"
 
@@ -96,7 +99,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def read_card(folder: Path) -> ModelCard:
-    """Parse `folder/model.json`; the folder names give name and version, which the card must agree with."""
+    """Parse `folder/model.json`; the folder names give name and version. The card must agree on the name; on
+    the version the folder wins (copying folder 1 to 2 to make a new version is how repositories grow)."""
     try:
         data = json.loads((folder / CARD).read_text())
     except FileNotFoundError:
@@ -108,8 +112,14 @@ def read_card(folder: Path) -> ModelCard:
     name, version = folder.parent.name, folder.name
     if str(data.get("name", name)) != name:
         raise RepositoryError(f"card name {data.get('name')!r} differs from folder {name!r}")
-    if str(data.get("version", version)) != version:
-        raise RepositoryError(f"card version {data.get('version')!r} differs from folder {version!r}")
+    if str(data.get("version", version)) != version:  # a version folder copied to make the next one
+        log.warning(
+            "%s/%s: the card says version %r; the folder's %r is served",
+            name,
+            version,
+            data.get("version"),
+            version,
+        )
     for key in ("input", "output", "preprocessing", "files"):
         if key not in data:
             raise RepositoryError(f"{CARD} lacks {key!r}")

@@ -2,10 +2,12 @@
 
 ONNX Runtime silently drops to CPU when CUDA or cuDNN libraries are missing; we compare the providers the
 session really got with the ones asked for and, with `require_gpu`, refuse to start instead of serving slowly.
+Without it, a session that fell back is served, on the fp32 graph when the precision was `auto`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ import onnxruntime as ort
 from service.config import Settings
 from service.repository import ModelCard, RepositoryError
 
+log = logging.getLogger("service.sessions")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -57,18 +60,16 @@ class ModelSession:
         precision = settings.precision
         if precision == "auto":
             precision = "fp16" if on_gpu_requested else "fp32"
-        fname = self._pick_file(card, precision)
-        path = card.verify(fname)  # sha256 before ONNX Runtime reads a byte
-        self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
-        self.session = ort.InferenceSession(
-            str(path), sess_options=self._options(card, fname), providers=self._provider_options(providers)
-        )
-        self.providers = self.session.get_providers()
-        self.provider = self.providers[0]
+        self._open(card, self._pick_file(card, precision), providers)
         if settings.require_gpu and self.provider != CUDA:
             raise GpuRequired(
                 f"require_gpu is set but the session fell back to {self.provider} (CUDA or cuDNN missing?)"
             )
+        if settings.precision == "auto" and self.precision == "fp16" and self.provider != CUDA:
+            # ONNX Runtime fell back to the CPU on its own (CUDA or cuDNN missing): fp16 was chosen for a GPU
+            # and only costs time on a CPU, so serve the fp32 graph there.
+            log.warning("%s: CUDA unavailable, on %s: serving the fp32 graph", card.name, self.provider)
+            self._open(card, self._pick_file(card, "fp32"), providers)
         self.on_gpu = self.provider == CUDA
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -80,6 +81,15 @@ class ModelSession:
         self._lock = threading.Lock()
         self.preferred_batch = self.buckets[-1]  # until warm_up measures the buckets
         self.per_image_s: dict[int, float] = {}
+
+    def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> None:
+        path = card.verify(fname)  # sha256 before ONNX Runtime reads a byte
+        self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
+        self.session = ort.InferenceSession(
+            str(path), sess_options=self._options(card, fname), providers=self._provider_options(providers)
+        )
+        self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
 
     @staticmethod
     def _pick_file(card: ModelCard, precision: str) -> str:
