@@ -58,7 +58,7 @@ class Settings:
         40_000_000, "pixels an image header may declare (checked before decoding)"
     )
     max_aspect_ratio: float = _setting(20.0, "longer side over shorter side")
-    max_jpeg_scans: int = _setting(256, "scans a (progressive) JPEG may have; each is a pass over the image")
+    max_jpeg_scans: int = _setting(256, "scans a progressive JPEG may have; each is a pass over the image")
     max_top_k: int = _setting(1000, "largest top_k a request may ask (also capped by the class count)")
 
     # Transports

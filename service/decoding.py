@@ -139,12 +139,6 @@ def decode(
     """
     limits = limits or Limits()
     fmt = sniff(data)
-    if fmt == "JPEG":
-        # Every SOS marker starts a scan; entropy-coded data never holds FF DA (an FF there is stuffed with
-        # 00), so counting the pair only ever over-counts (a stray pair in an APP segment), never under.
-        scans = data.count(b"\xff\xda")
-        if scans > limits.max_jpeg_scans:
-            raise ImageTooLarge(f"JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
     # Our pixel limit is the authority (checked below, before decoding); Pillow's own bomb check, a second
     # guard, must not be tighter than it.
     if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels > Image.MAX_IMAGE_PIXELS:
@@ -163,6 +157,8 @@ def decode(
     try:
         width, height = img.size
         check_size(width, height, limits, min_short_side)
+        if fmt == "JPEG" and img.info.get("progressive"):
+            _check_scans(data, limits)
         # Image.open stands on the first frame (GIF, APNG, WebP) or page (TIFF). Never ask for `n_frames`:
         # it walks every page, in time quadratic in their count for TIFF (40,000 1x1 pages: 16 s).
         if draft and fmt == "JPEG" and min_short_side:
@@ -188,6 +184,15 @@ def decode(
     finally:
         if img is not source:  # the decoded copy lives on; the file-backed original is done
             source.close()
+
+
+def _check_scans(data: bytes, limits: Limits) -> None:
+    """Progressive JPEGs only (0.35 ms for a 330 KB file; a baseline JPEG's decoder stops after its frame).
+    Every SOS marker starts a scan; entropy-coded data never holds FF DA (an FF there is stuffed with 00), so
+    counting the pair only ever over-counts (a stray pair in an APP segment), never under."""
+    scans = data.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise ImageTooLarge(f"progressive JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
 
 
 def _short(e: Exception) -> str:
