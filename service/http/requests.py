@@ -85,7 +85,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     from a gzip/deflate `Content-Encoding`)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise InvalidArgument("Content-Length is not a number")
         if int(declared) > limit:
             raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
