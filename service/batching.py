@@ -13,6 +13,7 @@ whose caller gave up, are dropped before inference.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
+
+log = logging.getLogger("service.batching")
 
 
 @dataclass
@@ -172,18 +175,26 @@ class Batcher:
             jobs = self._take()
             if jobs is None:
                 return
-            now = time.monotonic()
-            live = []
-            for job in jobs:
-                self.observer.queue_wait(now - job.enqueued)
-                if job.future.cancelled():
-                    continue
-                if now >= job.deadline:
-                    settle(job.future, error=DeadlineExceeded("deadline passed while waiting for inference"))
-                    continue
-                live.append(job)
-            if live:
-                self._execute(live)
+            try:
+                self._serve(jobs)
+            except Exception as e:  # noqa: BLE001 - the worker never dies: the queue behind it would wait forever
+                log.exception("batcher: a batch failed outside inference")
+                for job in jobs:
+                    settle(job.future, error=ServiceError(f"inference failed: {type(e).__name__}"))
+
+    def _serve(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in jobs:
+            self.observer.queue_wait(now - job.enqueued)
+            if job.future.cancelled():
+                continue
+            if now >= job.deadline:
+                settle(job.future, error=DeadlineExceeded("deadline passed while waiting for inference"))
+                continue
+            live.append(job)
+        if live:
+            self._execute(live)
 
     def _execute(self, jobs: list[Job]) -> None:
         key = jobs[0].key

@@ -16,7 +16,7 @@ from PIL import Image
 from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
-from service.errors import DeadlineExceeded, InvalidArgument, Overloaded
+from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 from tests.conftest import encode
 
 
@@ -221,3 +221,32 @@ def test_an_empty_tensor_is_invalid(tiny_repo: Path) -> None:
             asyncio.run(core.infer_tensor("tiny", None, np.zeros((0, 3, 32, 32), np.float32)))
     finally:
         core.close()
+
+
+def test_the_worker_survives_a_failing_observer() -> None:
+    """Anything raising outside inference (here the metrics observer) fails that batch's callers, never the
+    worker: a dead worker would leave every later job waiting until its deadline."""
+
+    class Flaky(NullObserver):
+        calls = 0
+
+        def queue_wait(self, seconds: float) -> None:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("scrape failed")
+
+    b = Batcher(
+        lambda key, x: x.sum(axis=(1, 2, 3))[:, None],
+        max_batch_size=4,
+        max_wait_s=0.0,
+        queue_size=8,
+        observer=Flaky(),
+    )
+    first, second = _job("m"), _job("m")
+    b.admit(2, preparing=False)
+    b.submit(first, from_preparing=False)
+    with pytest.raises(ServiceError, match="inference failed: RuntimeError"):
+        first.future.result(10)
+    b.submit(second, from_preparing=False)
+    assert second.future.result(10).shape == (1, 1)
+    b.stop(1)
