@@ -308,7 +308,7 @@ def test_colour_key_transparency_is_composited_on_white() -> None:
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_compositing_equals_pillows_alpha_composite_on_white(mode: str) -> None:
-    """The one-pass paste through the alpha (a fraction of the memory) gives alpha_composite's pixels exactly."""
+    """One paste through the alpha (a fraction of the memory) gives alpha_composite's pixels exactly."""
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (60, 80, len(mode)), dtype=np.uint8), mode)
     white = Image.new("RGBA", img.size, (255, 255, 255, 255))
