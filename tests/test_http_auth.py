@@ -60,6 +60,12 @@ def test_probes_and_metrics_need_no_token(server: Server) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for path in ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
             assert c.get(path).status_code == 200, path
+        # A model's readiness is a probe too (as gRPC's ModelReady), its metadata and inference are not.
+        for path in ("/v2/models/efficientnet_lite0/ready", "/v2/models/efficientnet_lite0/versions/1/ready"):
+            assert c.get(path).status_code == 200, path
+        assert c.get("/v2/models/nope/ready").status_code == 404
+        for path in ("/v2/models/efficientnet_lite0", "/v2/models/efficientnet_lite0/ready/x"):
+            assert c.get(path).status_code == 401, path
 
 
 def test_overload_answers_503_with_retry_after(server: Server) -> None:

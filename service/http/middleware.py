@@ -8,6 +8,7 @@ and written in the JSON access log line, one per request, on the `cnn_serve.acce
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ ASGIApp = Any
 
 # Probes and scrapers send no token: Kubernetes' probes and Prometheus must work with auth on.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# A model's readiness is a probe too, open as gRPC's ModelReady and per-model health are.
+OPEN_MODEL_READY = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/ready")
 
 
 class RequestContextMiddleware:
@@ -58,6 +61,7 @@ class RequestContextMiddleware:
             if (
                 self.token
                 and path not in OPEN_PATHS
+                and not OPEN_MODEL_READY.fullmatch(path)
                 and not self._authorized(headers.get("authorization", ""))
             ):
                 response = plain_error(
