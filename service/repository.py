@@ -64,8 +64,9 @@ class ModelCard:
                 return self.path / fname
         return None
 
-    def verify(self, fname: str) -> Path:
-        """Check one file's size and sha256 against the card; return its path."""
+    def read_verified(self, fname: str) -> bytes:
+        """One file's bytes, checked against the card's size and sha256. The bytes checked are the bytes
+        returned (ONNX Runtime is handed them, not the path): a file swapped after the check is never run."""
         meta = (self.data.get("files") or {}).get(fname)
         if meta is None:
             raise RepositoryError(f"{fname} is not listed in {CARD}")
@@ -77,10 +78,11 @@ class ModelCard:
             raise RepositoryError(f"{fname} has no sha256 in {CARD}")
         if "bytes" in meta and meta["bytes"] and p.stat().st_size != int(meta["bytes"]):
             raise RepositoryError(f"{fname} is {p.stat().st_size} bytes, the card says {meta['bytes']}")
-        actual = sha256_file(p)
+        data = p.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             raise RepositoryError(f"{fname} sha256 mismatch: card {expected[:12]}..., file {actual[:12]}...")
-        return p
+        return data
 
     def metadata(self) -> dict[str, Any]:
         """The card's content that clients may see (everything except absolute paths)."""
@@ -88,14 +90,6 @@ class ModelCard:
         out["name"] = self.name
         out["version"] = self.version
         return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_card(folder: Path) -> ModelCard:

@@ -83,10 +83,10 @@ class ModelSession:
         self.per_image_s: dict[int, float] = {}
 
     def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> None:
-        path = card.verify(fname)  # sha256 before ONNX Runtime reads a byte
+        graph = card.read_verified(fname)  # sha256 of the very bytes ONNX Runtime gets
         self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
         self.session = ort.InferenceSession(
-            str(path), sess_options=self._options(card, fname), providers=self._provider_options(providers)
+            graph, sess_options=self._options(card, fname), providers=self._provider_options(providers)
         )
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
