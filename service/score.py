@@ -17,8 +17,11 @@ from typing import Any
 from service import logs
 from service.config import Settings, add_arguments, from_args
 from service.errors import ServiceError
+from service.postprocessing import check_top_k
+from service.repository import RepositoryError
 from service.scoring.results import OutputError, ResultStore, output_format
 from service.scoring.sources import InputError, SourceFile, list_inputs
+from service.sessions import GpuRequired
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -60,11 +63,11 @@ def plan(
     stale: list[str] = []
     failed_before = 0
     for source in files:
-        row = done.get(source.path)
+        row = done.get(source.name)
         if row is None:
             todo.append(source)
         elif (row["size"], row["mtime"]) != (source.size, source.mtime) or (retry_failed and row["error"]):
-            stale.append(source.path)
+            stale.append(source.name)
             todo.append(source)
         elif row["error"]:
             failed_before += 1
@@ -82,7 +85,8 @@ def check_args(args: argparse.Namespace, settings: Settings) -> None:
         raise InputError("--chunk-size must be at least 1")
     if args.workers < 0:
         raise InputError("--workers must not be negative")
-    output_format(args.out)
+    if output_format(args.out) != "parquet" and args.engine == "ray":
+        raise InputError("--engine ray writes Parquet: give --out a .parquet folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,11 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     logs.configure(settings.log_level)
     try:
-        files = list_inputs(args.input, manifest=args.manifest, all_files=args.all_files)
-    except (InputError, OSError) as exc:
+        store = ResultStore(args.out)
+        files = list_inputs(args.input, manifest=args.manifest, all_files=args.all_files, exclude=store.root)
+    except (InputError, OSError, ValueError, ImportError) as exc:  # ImportError: s3:// without s3fs
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    store = ResultStore(args.out)
     try:
         store.prepare()
         todo, skipped, failed_before = plan(files, store, args.retry_failed)
@@ -127,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
-    except (ServiceError, InputError) as exc:
+    except (ServiceError, InputError, RepositoryError, GpuRequired) as exc:  # the model cannot be loaded
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return EXIT_USAGE
     summary.skipped, summary.failed_before = skipped, failed_before
@@ -146,11 +150,12 @@ def _score_local(
     from service.scoring.pipeline import ModelRunner, PrepareSpec
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
+    check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k)  # as the service refuses k > classes
     spec = PrepareSpec.for_runner(runner, settings, args.tta)
     with tqdm(
         total=len(todo),
         unit="img",
-        disable=args.no_progress,
+        disable=args.no_progress or not sys.stderr.isatty(),
         mininterval=0.5,
         file=sys.stderr,
         desc=f"{runner.name}:{runner.version} ({runner.session.provider})",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -300,10 +303,26 @@ def test_tta_and_progress_bar(tmp_path, repo):
     images = image_folder(tmp_path / "in", 4)
     out = tmp_path / "out.jsonl"
     cmd = score_cmd(tmp_path / "in", out, repo, "tiny", "--workers", "1", "--tta", "flip", "--top-k", "4")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "img/s" in proc.stderr and "4/4" in proc.stderr  # tqdm: rate, count (and ETA while running)
+    # The bar is drawn only on a terminal: stderr is a pseudo-terminal here, then a plain pipe.
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 0-column tty draws nothing
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            block = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not block:
+            break
+        drawn += block
+    os.close(master)
+    assert proc.returncode == 0, drawn.decode(errors="replace")
+    assert b"img/s" in drawn and b"4/4" in drawn  # tqdm: rate, count (and ETA while running)
     assert "scored 4, failed 0" in proc.stdout
+    piped = subprocess.run(cmd + ["--retry-failed"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "img/s" not in piped.stderr, piped.stderr  # no bar in a log file
     core = InferenceCore(Settings(repository=str(repo)))
     core.load()
     expected = core.classify_sync([p.read_bytes() for p in images], model="tiny", top_k=4, tta="flip")
@@ -323,3 +342,30 @@ def test_gpu_session_when_present(tmp_path, repo, capsys):
     image_folder(tmp_path / "in", 4)
     assert score([str(tmp_path / "in"), "--out", str(tmp_path / "o.parquet"), "--require-gpu"], repo) == 0
     assert len(rows_of(tmp_path / "o.parquet")) == 4
+
+
+def test_odd_names_score_and_bad_setups_exit_2(tmp_path, repo, capsys):
+    """A Latin-1 file name is scored (its name escaped in the output) and the rerun skips it; setups that
+    cannot work exit 2 with one line, not a traceback and 1 ("some images failed")."""
+    images = image_folder(tmp_path / "in", 2)
+    raw = os.path.join(os.fsencode(tmp_path / "in"), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write(images[0].read_bytes())
+    out = tmp_path / "out.parquet"
+    assert score([str(tmp_path / "in"), "--out", str(out), "--workers", "0"], repo) == 0
+    names = {r["path"].rsplit("/", 1)[-1] for r in rows_of(out)}
+    assert names == {images[0].name, images[1].name, "caf\\xe9.jpg"}
+    assert score([str(tmp_path / "in"), "--out", str(out), "--workers", "0"], repo) == 0
+    assert "scored 0, failed 0, skipped (already done) 3" in capsys.readouterr().out
+    for args in (
+        ["foo://x", "--out", str(tmp_path / "o.jsonl")],
+        [str(tmp_path / "in"), "--out", "foo://o.jsonl"],
+        [str(tmp_path / "in"), "--out", str(tmp_path / "o.csv"), "--engine", "ray"],
+        [str(tmp_path / "in"), "--out", str(tmp_path / "o.jsonl"), "--top-k", "11"],  # tiny has 10 classes
+    ):
+        assert score(args, repo) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, err
+    args = [str(tmp_path / "in"), "--out", str(tmp_path / "o.jsonl"), "--model", "tiny", "--no-progress"]
+    assert main([*args, "--repository", "/nonexistent"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -140,3 +140,38 @@ def test_full_disk_gives_a_clear_error_and_earlier_parts_stay_readable(tmp_path)
         assert not [n for n in os.listdir(mnt / "out.jsonl") if n.startswith(".")]
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_awkward_names_and_spellings(tmp_path):
+    """A folder named like a glob is a folder; `./a.jpg` and `a.jpg` are one file; `a::b.jpg` is a file name,
+    not fsspec's URL chaining; a manifest's `path` header and BOM are headers, commas in a .txt are names."""
+    from service.scoring.sources import open_bytes
+
+    folder = tmp_path / "photos [2024]"
+    a = _touch(folder / "a.jpg")
+    assert [f.path for f in list_inputs(str(folder))] == [a]
+    colons = _touch(tmp_path / "c" / "a::b.jpg", b"abc")
+    assert open_bytes(colons, 100) == b"abc"
+    (folder / "list.txt").write_text("a.jpg\n./a.jpg\nx,y.jpg\n")
+    assert [f.path for f in list_inputs(str(folder / "list.txt"))] == sorted([a, str(folder / "x,y.jpg")])
+    (folder / "one.csv").write_text("\ufeffpath\na.jpg\n")
+    assert [f.path for f in list_inputs(str(folder / "one.csv"))] == [a]
+    assert read_manifest("path\nx.jpg\n") == ["x.jpg"]
+
+
+def test_the_output_folder_inside_the_input_is_not_listed(tmp_path):
+    a = _touch(tmp_path / "a.jpg")
+    _touch(tmp_path / "scores.jsonl" / "part-1-00001.jsonl", b"{}\n")
+    _touch(tmp_path / ".tmp-part-2.jsonl")
+    listed = list_inputs(str(tmp_path), all_files=True, exclude=str(tmp_path / "scores.jsonl"))
+    assert [f.path for f in listed] == [a]
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
+    """Latin-1 bytes in a Linux name once aborted a Parquet job (the row could not be encoded)."""
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    (listed,) = list_inputs(str(tmp_path))
+    assert listed.name == str(tmp_path / "caf\\xe9.jpg") and listed.name.encode("utf-8")
+    assert listed.key[0] == listed.name

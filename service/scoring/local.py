@@ -51,7 +51,7 @@ class Summary:
 
 def result_row(source: SourceFile, runner: ModelRunner, top: list[Any] | None, error: str) -> dict[str, Any]:
     return {
-        "path": source.path,
+        "path": source.name,
         "size": source.size,
         "mtime": source.mtime,
         "model": runner.name,

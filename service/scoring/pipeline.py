@@ -12,6 +12,7 @@ import errno
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,11 +54,11 @@ class PrepareSpec:
         _preparer(self)
 
 
-_PREPARERS: dict[tuple[str, str, str, str], tuple[Preprocessor, Limits]] = {}
+_PREPARERS: dict[tuple[Any, ...], tuple[Preprocessor, Limits]] = {}
 
 
 def _preparer(spec: PrepareSpec) -> tuple[Preprocessor, Limits]:
-    key = (spec.model, spec.version, spec.tta, spec.preprocessing)
+    key = (spec.model, spec.version, spec.tta, spec.preprocessing, Limits.from_settings(spec.settings))
     if key not in _PREPARERS:
         augmentation.check_mode(spec.tta)
         settings = spec.settings

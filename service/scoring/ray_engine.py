@@ -87,7 +87,7 @@ def score_ray(
     if present:
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        keys = {_ray_path(f.path): (f.path, f.size, f.mtime) for f in present}
+        keys = {_ray_path(f.path): (f.name, f.size, f.mtime) for f in present}
         # Reading bytes and writing Parquet are I/O: they take no CPU slot, so that a pool holding every CPU
         # (one actor per core) does not starve them and stall the pipeline. A zero-CPU task is not limited
         # by the CPUs either, though: without a cap Ray ran every read task at once, each in a freshly started
@@ -106,7 +106,7 @@ def score_ray(
         scored.write_parquet(store.out, ray_remote_args={"num_cpus": 0}, concurrency=pool)
     done = store.done()
     for f in todo:
-        row = done.get(f.path)
+        row = done.get(f.name)
         if row is None or row["error"]:
             summary.failed += 1
         else:

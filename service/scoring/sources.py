@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".lst", ".manifest")
 GLOB_CHARS = ("*", "?", "[")
 
@@ -31,7 +33,21 @@ class SourceFile:
 
     @property
     def key(self) -> tuple[str, int, float]:
-        return (self.path, self.size, self.mtime)
+        return (self.name, self.size, self.mtime)
+
+    @property
+    def name(self) -> str:
+        """The path as written to the output and matched on resume: `path`, unless it is not valid UTF-8
+        (Latin-1 bytes in a Linux file name), whose odd bytes are then written as `\\xe9` escapes."""
+        return printable(self.path)
+
+
+def printable(path: str) -> str:
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -68,18 +84,25 @@ def _is_image(path: str, all_files: bool) -> bool:
     return all_files or path.lower().endswith(IMAGE_SUFFIXES)
 
 
-def read_manifest(text: str) -> list[str]:
-    """Paths from a manifest: one per line, or a CSV whose `path` column (else first column) holds them."""
+def read_manifest(text: str, is_csv: bool | None = None) -> list[str]:
+    """Paths from a manifest: one per line, or a CSV whose `path` column (else first column) holds them.
+
+    `is_csv`: from the file's `.csv` suffix; None guesses from a comma in the first line. A header cell
+    `path` marks a header in either form (a one-column CSV has no comma)."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Excel writes
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         return []
-    if "," in lines[0]:
-        rows = list(csv.reader(io.StringIO("\n".join(lines))))
-        header = [cell.strip().lower() for cell in rows[0]]
-        column = header.index("path") if "path" in header else 0
-        body = rows[1:] if "path" in header else rows
-        return [row[column].strip() for row in body if len(row) > column and row[column].strip()]
-    return [line.strip() for line in lines]
+    if is_csv is None:
+        is_csv = "," in lines[0]
+    if not is_csv:
+        body = lines[1:] if lines[0].strip().lower() == "path" else lines
+        return [line.strip() for line in body]  # one path per line, commas and all
+    rows = list(csv.reader(io.StringIO("\n".join(lines))))
+    header = [cell.strip().lower() for cell in rows[0]]
+    column = header.index("path") if "path" in header else 0
+    body_rows = rows[1:] if "path" in header else rows
+    return [row[column].strip() for row in body_rows if len(row) > column and row[column].strip()]
 
 
 def list_inputs(
@@ -88,14 +111,16 @@ def list_inputs(
     manifest: bool | None = None,
     all_files: bool = False,
     storage_options: dict[str, Any] | None = None,
+    exclude: str | None = None,
 ) -> list[SourceFile]:
     """Every file INPUT names, sorted by path and without duplicates.
 
     A folder is walked recursively (image suffixes only unless `all_files`), a glob is expanded, a manifest
-    (`.txt`/`.csv`, or `manifest=True`) lists paths relative to its own folder or absolute/URL.
+    (`.txt`/`.csv`, or `manifest=True`) lists paths relative to its own folder or absolute/URL. Files under
+    `exclude` (the output folder) and hidden temp files are never listed: the results are not inputs.
     """
     fs, root = url_to_fs(spec, **(storage_options or {}))
-    if any(ch in spec for ch in GLOB_CHARS):
+    if any(ch in spec for ch in GLOB_CHARS) and not fs.exists(root):  # "photos [2024]" is a folder
         found = fs.glob(root, detail=True)
         files = [_entry(fs, p, i) for p, i in found.items() if i.get("type") != "directory"]
         if not files:
@@ -105,14 +130,18 @@ def list_inputs(
         raise InputError(f"input {spec!r} does not exist")
     if fs.isdir(root):
         found = fs.find(root, detail=True)
-        files = [_entry(fs, p, i) for p, i in found.items() if _is_image(p, all_files)]
+        files = [
+            _entry(fs, p, i)
+            for p, i in found.items()
+            if _is_image(p, all_files) and not _excluded(p, root, exclude)
+        ]
         if not files:
             raise InputError(f"the folder {spec!r} holds no image file")
         return _dedupe(files)
     if manifest or (manifest is None and root.lower().endswith(MANIFEST_SUFFIXES)):
         try:
             with fs.open(root, "rt", encoding="utf-8") as handle:
-                names = read_manifest(handle.read())
+                names = read_manifest(handle.read(), is_csv=root.lower().endswith(".csv"))
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read the manifest {spec!r}: {exc}") from None
         base = root.rsplit("/", 1)[0] if "/" in root else ""
@@ -123,11 +152,21 @@ def list_inputs(
                 files.append(_entry(other_fs, other_path, None))
             else:
                 path = name if name.startswith("/") or not base else f"{base}/{name}"
-                files.append(_entry(fs, path, None))
+                files.append(_entry(fs, posixpath.normpath(path), None))  # ./a.jpg is a.jpg
         if not files:
             raise InputError(f"the manifest {spec!r} lists no path")
         return _dedupe(files)
     return [_entry(fs, root, None)]
+
+
+def _excluded(path: str, root: str, exclude: str | None) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith(".tmp-"):
+        return True
+    if not exclude:
+        return False
+    out = exclude.rstrip("/")
+    return path == out or path.startswith(out + "/")
 
 
 def _dedupe(files: list[SourceFile]) -> list[SourceFile]:
@@ -137,7 +176,10 @@ def _dedupe(files: list[SourceFile]) -> list[SourceFile]:
 
 def open_bytes(path: str, max_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
     """The file's bytes, at most `max_bytes + 1` of them (the caller refuses the oversized ones)."""
-    fs, local = url_to_fs(path, **(storage_options or {}))
+    if "://" in path or ("::" in path and not os.path.exists(path)):
+        fs, local = url_to_fs(path, **(storage_options or {}))
+    else:  # a local path is never parsed as a URL ("a::b.jpg" is a file name, not fsspec's chaining)
+        fs, local = fsspec.filesystem("file"), path
     with fs.open(local, "rb") as handle:
         data = handle.read(max_bytes + 1)
     return data
