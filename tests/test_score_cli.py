@@ -369,3 +369,20 @@ def test_odd_names_score_and_bad_setups_exit_2(tmp_path, repo, capsys):
     args = [str(tmp_path / "in"), "--out", str(tmp_path / "o.jsonl"), "--model", "tiny", "--no-progress"]
     assert main([*args, "--repository", "/nonexistent"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+def test_an_unreadable_part_is_set_aside_and_its_files_scored_again(tmp_path, repo, capsys, ext):
+    """Resume once crashed on a part a killed writer left half-written (Ray's parts are not renamed in)."""
+    image_folder(tmp_path / "in", 6)
+    out = tmp_path / f"out.{ext}"
+    args = [str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--chunk-size", "3"]
+    assert score(args, repo) == 0
+    first = sorted(p for p in out.iterdir() if p.name.startswith("part-"))[0]
+    first.write_bytes(first.read_bytes()[:50])
+    capsys.readouterr()
+    assert score(args, repo) == 0
+    captured = capsys.readouterr()
+    assert "is unreadable" in captured.err and "scored 3, failed 0, skipped (already done) 3" in captured.out
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in (tmp_path / "in").rglob("*.*"))
+    assert (out / f".corrupt-{first.name}").exists()

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -137,7 +138,12 @@ class ResultStore:
         """path → {size, mtime, error, part} of every row already written."""
         done: dict[str, dict[str, Any]] = {}
         for name in self.parts():
-            for row in self.read_part(name):
+            try:
+                rows = self.read_part(name)
+            except Exception as exc:  # noqa: BLE001 - a part a killed writer (Ray's) left half-written
+                self._set_aside(name, exc)
+                continue
+            for row in rows:
                 done[row["path"]] = {
                     "size": row["size"],
                     "mtime": row["mtime"],
@@ -145,6 +151,17 @@ class ResultStore:
                     "part": name,
                 }
         return done
+
+    def _set_aside(self, name: str, exc: BaseException) -> None:
+        """Rename an unreadable part to a hidden `.corrupt-` name (kept for inspection, ignored by readers):
+        its files are then scored again, and the run says so."""
+        hidden = f".corrupt-{name}"
+        print(
+            f"warning: {self.out}/{name} is unreadable ({type(exc).__name__}); set aside as {hidden}, "
+            "its files are scored again",
+            file=sys.stderr,
+        )
+        self.fs.mv(f"{self.root}/{name}", f"{self.root}/{hidden}")
 
     def drop(self, paths: Iterable[str], done: dict[str, dict[str, Any]]) -> int:
         """Rewrite (atomically) the parts holding rows for `paths`, without them.
