@@ -19,6 +19,7 @@ from service.config import Settings, add_arguments, from_args
 from service.errors import ServiceError
 from service.postprocessing import check_top_k
 from service.repository import RepositoryError
+from service.scoring.local import WorkerLost
 from service.scoring.results import OutputError, ResultStore, output_format
 from service.scoring.sources import InputError, SourceFile, list_inputs
 from service.sessions import GpuRequired
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
+    except WorkerLost as exc:  # not every file has its row: 1, and a rerun resumes
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED_IMAGES
     except (ServiceError, InputError, RepositoryError, GpuRequired) as exc:  # the model cannot be loaded
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return EXIT_USAGE

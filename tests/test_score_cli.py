@@ -386,3 +386,37 @@ def test_an_unreadable_part_is_set_aside_and_its_files_scored_again(tmp_path, re
     assert "is unreadable" in captured.err and "scored 3, failed 0, skipped (already done) 3" in captured.out
     assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in (tmp_path / "in").rglob("*.*"))
     assert (out / f".corrupt-{first.name}").exists()
+
+
+def test_a_killed_worker_ends_the_run_instead_of_hanging_it(tmp_path, repo):
+    """A decoding worker killed (the OOM killer, a crashing decoder) once left the run waiting forever for
+    its task, deaf to Ctrl-C. Now the run keeps what it scored, says why, exits 1, and a rerun completes."""
+    import psutil
+
+    images = image_folder(tmp_path / "in", 40)
+    out = tmp_path / "out.jsonl"
+    cmd = score_cmd(
+        tmp_path / "in", out, repo, "tiny", "--workers", "2", "--chunk-size", "4", "--tta", "multiscale"
+    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        workers: list = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            workers = [
+                c
+                for c in psutil.Process(proc.pid).children()
+                if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+            ]
+            if len(workers) >= 2 and out.exists() and any(out.glob("part-*")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and len(workers) >= 2, "the run ended before a worker could be killed"
+        workers[0].kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "worker process died" in err, err
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in images)

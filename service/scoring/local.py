@@ -112,6 +112,23 @@ class _Batch:
         self.views += len(views)
 
 
+class WorkerLost(RuntimeError):
+    """A decoding worker process died (killed, out of memory, a crashing decoder): its task never returns."""
+
+
+def _result(handle: Any, pool: Any, workers_at_start: set[int]) -> Any:
+    """The task's result; WorkerLost if a worker died meanwhile (the pool replaces it, but the task it held
+    is lost and `get()` would wait for it forever, deaf even to Ctrl-C)."""
+    while not handle.ready():
+        handle.wait(1.0)
+        if not handle.ready() and {p.pid for p in pool._pool} != workers_at_start:
+            raise WorkerLost(
+                "a decoding worker process died (killed, or out of memory); the rows scored so far are kept: "
+                "rerun the same command to score the rest"
+            )
+    return handle.get()
+
+
 def score_local(
     files: list[SourceFile],
     store: ResultStore,
@@ -170,6 +187,7 @@ def score_local(
         else:
             context = multiprocessing.get_context("spawn")
             pool = context.Pool(workers, initializer=_init_worker, initargs=(spec,))
+            workers_at_start = {p.pid for p in pool._pool}  # type: ignore[attr-defined]
             window = max(2, (batch_size * 2) // TASK_FILES + workers * 2)
             pending: deque = deque()
             next_task = 0
@@ -179,13 +197,16 @@ def score_local(
                     pending.append((task, pool.apply_async(_prepare_many, (task, _read_here(task, spec)))))
                     next_task += 1
                 task, handle = pending.popleft()
-                for source, (views, error) in zip(task, handle.get(), strict=True):
+                for source, (views, error) in zip(task, _result(handle, pool, workers_at_start), strict=True):
                     take(source, views, error)
         run_batch()
         flush_rows(force=True)
     except KeyboardInterrupt:
         summary.interrupted = True
         flush_rows(force=True)  # rows already scored are complete: keep them, the rest is redone on resume
+    except WorkerLost:
+        flush_rows(force=True)
+        raise
     finally:
         if pool is not None:
             pool.terminate()
