@@ -13,6 +13,13 @@ import sys
 from .errors import ExportError
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -27,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repository", default="models")
     b.add_argument("--name", help="repository name (default: the architecture's)")
     b.add_argument("--version", help="positive integer (default: next free)")
-    b.add_argument("--samples", type=int, default=256, help="validation inputs (>= 256 for the fp16 rule)")
+    b.add_argument(
+        "--samples", type=_positive, default=256, help="validation inputs (>= 256 for the fp16 rule)"
+    )
 
     i = sub.add_parser("import-onnx", help="register an existing ONNX classifier")
     i.add_argument("file")
@@ -50,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("architectures", help="export + validate + measure every entry, write a table")
     a.add_argument("--out", default="docs/ARCHITECTURES.md")
     a.add_argument("--only", nargs="*", help="a subset of names")
-    a.add_argument("--samples", type=int, default=64)
+    a.add_argument("--samples", type=_positive, default=64)
     a.add_argument("--timeout", type=int, default=1500, help="seconds per architecture")
     a.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one entry, print JSON
     return p

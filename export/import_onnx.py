@@ -67,7 +67,10 @@ def parse_preprocessing(spec: str) -> dict:
             raise ExportError(
                 f"--preprocessing {spec!r}: not a preset ({', '.join(PRESETS)}), a JSON object or a JSON file"
             )
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExportError(f"--preprocessing {spec!r}: cannot read it as UTF-8 JSON ({e})") from None
     try:
         given = json.loads(text)
     except json.JSONDecodeError as e:
@@ -80,8 +83,13 @@ def parse_preprocessing(spec: str) -> dict:
         c, h, w = (int(v) for v in pre["input_size"])
         pre["input_size"] = [c, h, w]
         pre["channels"] = int(given.get("channels", c))
+        crop_pct = float(pre.get("crop_pct", 0.875))
+        if not 0 < crop_pct <= 1 or h < 1 or w < 1:
+            raise ExportError("--preprocessing: crop_pct must be in (0, 1] and input_size positive")
         if "resize" not in given:
-            pre["resize"] = int(h / float(pre.get("crop_pct", 0.875)))
+            pre["resize"] = int(h / crop_pct)
+        if int(pre["resize"]) < 1:
+            raise ExportError(f"--preprocessing: resize must be a positive size, not {pre['resize']!r}")
         if "crop_pct" not in given:
             pre["crop_pct"] = round(h / pre["resize"], 4)
         pre["mean"] = [float(v) for v in pre["mean"]]
@@ -90,8 +98,12 @@ def parse_preprocessing(spec: str) -> dict:
         raise ExportError(f"--preprocessing: bad field ({e})") from None
     if pre["interpolation"] not in _INTERP:
         raise ExportError(f"--preprocessing: interpolation must be one of {', '.join(_INTERP)}")
-    if len(pre["mean"]) != c or len(pre["std"]) != c or c not in (1, 3):
+    if len(pre["mean"]) != c or len(pre["std"]) != c or c not in (1, 3) or pre["channels"] != c:
         raise ExportError("--preprocessing: channels must be 1 or 3 with one mean and std per channel")
+    if any(s == 0 for s in pre["std"]):
+        raise ExportError("--preprocessing: std must not be 0")
+    if not isinstance(pre.get("invert", False), bool):
+        raise ExportError("--preprocessing: invert must be true or false (JSON booleans, not strings)")
     return pre
 
 
@@ -102,11 +114,30 @@ def parse_labels(spec: str, classes: int) -> list[dict]:
         p = Path(spec)
         if not p.is_file():
             raise ExportError(f"--labels {spec!r}: not 'imagenet', 'digits' or a file")
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExportError(f"--labels {p.name}: cannot read it as UTF-8 ({e})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = [line.strip() for line in text.splitlines() if line.strip()]
+        if isinstance(data, dict):  # Keras' imagenet_class_index.json: {"0": ["n01440764", "tench"], ...}
+            try:
+                ordered = [data[str(i)] for i in range(len(data))]
+            except KeyError:
+                raise ExportError(f"--labels {p.name}: an object's keys must be 0 .. N-1") from None
+            data = [{"id": e[0], "name": e[1]} if isinstance(e, list) and len(e) == 2 else e for e in ordered]
+        if not isinstance(data, list):
+            raise ExportError(f"--labels {p.name}: a JSON list of names, an object by index, or one per line")
+        if all(isinstance(e, dict) and "index" in e for e in data) and data:
+            try:
+                by_index = {int(e["index"]): e for e in data}
+            except (TypeError, ValueError):
+                by_index = {}
+            if sorted(by_index) != list(range(len(data))):
+                raise ExportError(f"--labels {p.name}: the 'index' fields must be 0 .. N-1, each once")
+            data = [by_index[i] for i in range(len(data))]
         labels = []
         for i, item in enumerate(data):
             if isinstance(item, str):
@@ -131,6 +162,18 @@ def inspect(path: Path) -> tuple[dict, dict, int]:
             f"{path.name} is not a readable ONNX file ({str(e).splitlines()[0][:120]})"
         ) from None
     g = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+        raise ExportError(
+            f"{path.name} keeps its weights in external data files, which the repository does not carry: "
+            "save it as one file (onnx.save(model, path, save_as_external_data=False)) and import that"
+        )
+    foreign = sorted({n.domain for n in g.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise ExportError(
+            f"{path.name} uses operators of {', '.join(foreign)}: a graph ONNX Runtime optimised for one "
+            "provider (e.g. com.microsoft.nchwc, CPU only) cannot be served everywhere; import the graph "
+            "as exported, before ONNX Runtime's optimisations"
+        )
     inits = {i.name for i in g.initializer}
     inputs = [i for i in g.input if i.name not in inits]
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -196,6 +239,23 @@ def import_onnx(
     classes = int(y.shape[1])
     label_list = parse_labels(labels, classes)
     batch_dynamic = not isinstance(inp["dims"][0], int) or inp["dims"][0] <= 0
+    if (
+        batch_dynamic
+    ):  # declared dynamic: a graph that hard-codes batch 1 inside (Reshape [1, -1]) is caught here
+        pair = np.stack([x[0], validate.preprocess(validate.photos()[1], pre)])
+        try:
+            y2 = np.asarray(sess.run(None, {inp["name"]: pair})[0])
+        except Exception as e:
+            raise ExportError(
+                f"{path.name} declares a dynamic batch but fails on a batch of 2: "
+                f"{str(e).splitlines()[0][:160]}"
+            ) from None
+        if y2.shape != (2, classes) or not np.allclose(y2[0], y[0], rtol=1e-3, atol=1e-4):
+            raise ExportError(
+                f"{path.name} declares a dynamic batch but a batch of 2 gives {list(y2.shape)}, not the same "
+                f"rows as one image at a time ([2, {classes}]): fix the graph's batch handling or export it "
+                "with a fixed batch of 1"
+            )
     kind = "probabilities" if np.allclose(y.sum(1), 1.0, atol=1e-3) and (y >= 0).all() else "logits"
     repo = Path(repo)
     version = repository.check_version(version) if version else repository.next_version(repo, name)

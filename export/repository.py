@@ -29,18 +29,21 @@ def check_name(name: str) -> str:
     return name
 
 
+_VERSION_RE = re.compile("[1-9][0-9]*")  # the service's rule: `07` or `²` is no version
+
+
 def check_version(version: str | int) -> str:
     v = str(version)
-    if not v.isdigit() or int(v) < 1:
-        raise ExportError(f"invalid version {v!r}: versions are positive integers")
-    return str(int(v))
+    if not _VERSION_RE.fullmatch(v):
+        raise ExportError(f"invalid version {v!r}: versions are positive integers (1, 2, ...; not 01)")
+    return v
 
 
 def versions(repo: Path, name: str) -> list[int]:
     d = Path(repo) / name
     if not d.is_dir():
         return []
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and _VERSION_RE.fullmatch(p.name))
 
 
 def next_version(repo: Path, name: str) -> str:
@@ -94,8 +97,15 @@ def staged(repo: str | Path, name: str, version: str) -> Iterator[Path]:
 
 
 def _remove_created(created: Path | None) -> None:
-    if created is not None and created.exists():
-        shutil.rmtree(created, ignore_errors=True)
+    """Remove the folders this export created, but only while they are empty: a concurrent export may have
+    put a finished version in `<repo>/<name>` meanwhile, and a failed export must never take it away."""
+    if created is None or not created.exists():
+        return
+    for folder in sorted((p for p in created.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when empty
+    with contextlib.suppress(OSError):
+        created.rmdir()
 
 
 def file_entry(path: Path, precision: str, optimization: str = "basic") -> dict:

@@ -227,3 +227,25 @@ def test_bad_name_and_version(capsys, repo: Path) -> None:
     assert rc != 0 and "invalid model name" in one_error_line(err)
     rc, err = run_cli(capsys, *base, "--version", "v2")
     assert rc != 0 and "invalid version" in one_error_line(err)
+
+
+def test_a_failed_export_never_removes_what_another_export_wrote(tmp_path: Path) -> None:
+    """The folders a failed export created are removed only while empty: a concurrent export may have put a
+    finished version there meanwhile (it once deleted it)."""
+    from export.errors import ExportError
+    from export.repository import staged
+
+    repo = tmp_path / "models"
+    with pytest.raises(RuntimeError), staged(repo, "racenet", "1") as stage:
+        (stage / "model.onnx").write_bytes(b"x")
+        (repo / "racenet" / "2").mkdir(parents=True)  # the other export's finished version
+        (repo / "racenet" / "2" / "model.json").write_text("{}")
+        raise RuntimeError("this export fails")
+    assert (repo / "racenet" / "2" / "model.json").exists()
+    assert [p.name for p in repo.iterdir()] == ["racenet"]  # the staging folder itself is gone
+    with pytest.raises(RuntimeError), staged(tmp_path / "fresh", "n", "1"):
+        raise RuntimeError("nothing else was written")
+    assert not (tmp_path / "fresh").exists()  # empty folders it created are removed
+    with pytest.raises(ExportError, match="not 01"):
+        with staged(repo, "racenet", "01"):
+            pass

@@ -179,3 +179,117 @@ def test_not_onnx_and_label_count_mismatch(tmp_path: Path, capsys) -> None:
     assert main(["import-onnx", str(ten), "--name", "t", "--repository", str(tmp_path / "m")]) != 0
     assert "outputs 10 classes but the label set has 1000" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "m").exists()
+
+
+def _batch_one_inside(path: Path) -> Path:
+    """Declares a dynamic batch but reshapes to [1, -1] inside, as some converters write."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (1000, 8)).astype(np.float32), "fc"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["data", "w"], ["c"], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+        helper.make_node("Reshape", ["g", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["scores"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "b1",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1000])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+def _external_data(path: Path) -> Path:
+    src = helper_classifier(path.with_name("inline.onnx"), opset=13)
+    model = onnx.load(str(src))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0)
+    return path
+
+
+def _cpu_optimised(path: Path) -> Path:
+    """What ONNX Runtime writes at its ALL level on a CPU: NCHWc kernels of com.microsoft.nchwc."""
+    src = helper_classifier(path.with_name("plain.onnx"), opset=13)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_batch_one_inside, "declares a dynamic batch but"),
+        (_external_data, "external data files"),
+        (_cpu_optimised, "uses operators of com.microsoft"),
+    ],
+)
+def test_graphs_the_service_could_not_serve_everywhere_are_refused(tmp_path, capsys, make, message) -> None:
+    src = make(tmp_path / "odd.onnx")
+    repo = tmp_path / "models"
+    assert main(["import-onnx", str(src), "--name", "odd", "--repository", str(repo)]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not repo.exists()
+
+
+@pytest.mark.parametrize(
+    ("preprocessing", "message"),
+    [
+        ('{"input_size": [3, 224, 224], "resize": 0}', "resize must be a positive size"),
+        ('{"input_size": [3, 224, 224], "crop_pct": 0}', "crop_pct must be in (0, 1]"),
+        ('{"input_size": [3, 224, 224], "channels": 1}', "channels must be 1 or 3"),
+        ('{"input_size": [3, 224, 224], "std": [0.2, 0, 0.2]}', "std must not be 0"),
+        ('{"input_size": [3, 224, 224], "invert": "false"}', "invert must be true or false"),
+    ],
+)
+def test_bad_preprocessing_is_one_error_line(tmp_path, capsys, preprocessing: str, message: str) -> None:
+    src = helper_classifier(tmp_path / "m.onnx", opset=13)
+    args = ["import-onnx", str(src), "--name", "m", "--repository", str(tmp_path / "r")]
+    assert main([*args, "--preprocessing", preprocessing]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_label_files_keras_index_and_explicit_indices(tmp_path, capsys) -> None:
+    src = helper_classifier(tmp_path / "m.onnx", opset=13, classes=3)
+    keras = tmp_path / "keras.json"
+    keras.write_text(json.dumps({"0": ["n1", "cat"], "1": ["n2", "dog"], "2": ["n3", "bird"]}))
+    indexed = tmp_path / "indexed.json"
+    indexed.write_text(
+        json.dumps([{"index": 2, "name": "bird"}, {"index": 0, "name": "cat"}, {"index": 1, "name": "dog"}])
+    )
+    for i, labels in enumerate((keras, indexed)):
+        repo = tmp_path / f"r{i}"
+        assert (
+            main(["import-onnx", str(src), "--name", "m", "--repository", str(repo), "--labels", str(labels)])
+            == 0
+        )
+        card = json.loads((repo / "m" / "1" / "model.json").read_text())
+        assert [entry["name"] for entry in card["labels"]] == ["cat", "dog", "bird"]
+    assert card["labels"][0]["index"] == 0
+    seven = tmp_path / "seven.json"
+    seven.write_text("7")
+    assert (
+        main(
+            [
+                "import-onnx",
+                str(src),
+                "--name",
+                "m",
+                "--repository",
+                str(tmp_path / "r9"),
+                "--labels",
+                str(seven),
+            ]
+        )
+        == 2
+    )
+    assert "a JSON list of names" in one_error_line(capsys.readouterr().err)
