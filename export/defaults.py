@@ -12,7 +12,9 @@ graph reproduces those statistics closely and the wrong one drifts; the photos' 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +108,16 @@ def _up_to_date(repo: Path, name: str) -> Path | None:
     return None
 
 
-def _clear_stale(repo: Path, name: str) -> None:
+def _set_aside(repo: Path, name: str) -> Path | None:
+    """Move a stale default out of the way (a hidden folder the service ignores) rather than delete it: if the
+    rebuild fails or is interrupted, it is put back, and nothing is lost."""
     folder = repo / name / VERSION
-    if folder.exists():
-        print(f"{folder}: incomplete or modified, rebuilding")
-        shutil.rmtree(folder)
+    if not folder.exists():
+        return None
+    print(f"{folder}: incomplete or modified, rebuilding")
+    aside = repo / f".stale-{name}-{VERSION}-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, aside)
+    return aside
 
 
 def build_lite0(repo: Path) -> Path:
@@ -176,6 +183,13 @@ def build_defaults(repository_dir: str | Path) -> list[Path]:
         if folder is not None:
             print(f"{folder}: up to date")
             continue
-        _clear_stale(repo, name)
-        done.append(fn(repo))
+        aside = _set_aside(repo, name)
+        try:
+            done.append(fn(repo))
+        except BaseException:
+            if aside is not None and not (repo / name / VERSION).exists():
+                os.rename(aside, repo / name / VERSION)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     return done

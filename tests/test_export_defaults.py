@@ -95,3 +95,23 @@ def test_defaults_rerun_skips_valid_models(model_repo: Path, tmp_path: Path, cap
     assert defaults.build_defaults(copy) == []
     assert "up to date" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_failed_rebuild_puts_the_old_version_back(model_repo: Path, tmp_path: Path, monkeypatch) -> None:
+    """A stale default is set aside, not deleted: an interrupted or failed rebuild once lost it."""
+    import shutil
+
+    copy = tmp_path / "models"
+    shutil.copytree(model_repo / "lenet5", copy / "lenet5")
+    (copy / "lenet5" / "1" / "model.onnx").write_bytes(b"modified")  # stale: the sha256 no longer matches
+    before = sorted(p.name for p in (copy / "lenet5" / "1").iterdir())
+
+    def interrupted(repo: Path) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(defaults, "build_lenet", interrupted)
+    monkeypatch.setattr(defaults, "_up_to_date", lambda repo, name: repo if name != "lenet5" else None)
+    with pytest.raises(KeyboardInterrupt):
+        defaults.build_defaults(copy)
+    assert sorted(p.name for p in (copy / "lenet5" / "1").iterdir()) == before
+    assert [p.name for p in copy.iterdir()] == ["lenet5"]  # nothing left aside
