@@ -133,7 +133,7 @@ def list_inputs(
         files = [
             _entry(fs, p, i)
             for p, i in found.items()
-            if _is_image(p, all_files) and not _excluded(p, root, exclude)
+            if _is_image(p, all_files) and not _excluded(p, exclude)
         ]
         if not files:
             raise InputError(f"the folder {spec!r} holds no image file")
@@ -159,7 +159,7 @@ def list_inputs(
     return [_entry(fs, root, None)]
 
 
-def _excluded(path: str, root: str, exclude: str | None) -> bool:
+def _excluded(path: str, exclude: str | None) -> bool:
     name = path.rsplit("/", 1)[-1]
     if name.startswith(".tmp-"):
         return True
