@@ -31,8 +31,9 @@ def _repo_and_model(tiny_repo: Path) -> tuple[Path, str]:
 
 def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     repo, model = _repo_and_model(tiny_repo)
-    image_folder(tmp_path / "in", 20)
+    images = image_folder(tmp_path / "in", 20)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tmp_path / "in" / "new\nline.jpg").write_bytes(images[0].read_bytes())  # Ray's reader drops the newline
     common = [
         str(tmp_path / "in"),
         "--model",
@@ -62,7 +63,8 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     )
     local = {r["path"]: r for r in ResultStore(str(tmp_path / "local.parquet")).read_all()}
     remote = {r["path"]: r for r in ResultStore(str(tmp_path / "ray.parquet")).read_all()}
-    assert sorted(local) == sorted(remote) and len(local) == 21
+    assert sorted(local) == sorted(remote) and len(local) == 22
+    assert not remote[str(tmp_path / "in" / "new\nline.jpg")]["error"]
     for path, row in local.items():
         other = remote[path]
         assert other["top_k_ids"] == row["top_k_ids"]
@@ -73,4 +75,4 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     assert local[str(tmp_path / "in" / "broken.jpg")]["error"].startswith("invalid_image:")
     # resume: a rerun on Ray finds everything done
     assert main([*common, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray"]) == 1
-    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 21
+    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 22

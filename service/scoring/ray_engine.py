@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from service.config import Settings
 from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_bytes
+from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_bytes, prepare_file
 from service.scoring.results import SCHEMA, ResultStore
 from service.scoring.sources import SourceFile
 
@@ -84,6 +84,17 @@ def score_ray(
             [result_row(f, runner, None, "not_found: file does not exist or cannot be read") for f in missing]
         )
     present = [f for f in todo if f.size >= 0]
+    # Names Ray's file reader mangles (it drops a newline) or cannot carry (not UTF-8): scored here, on the
+    # driver, with the same runner, so that both engines give every file its row.
+    awkward = [f for f in present if "\n" in f.path or f.name != f.path]
+    if awkward:
+        rows = []
+        for f in awkward:
+            views, error = prepare_file(f.path, spec)
+            top = runner.score([views], top_k)[0] if views is not None else None
+            rows.append(result_row(f, runner, top, error))
+        store.write_chunk(rows)
+        present = [f for f in present if f not in awkward]
     if present:
         if not ray.is_initialized():
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
