@@ -18,7 +18,6 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from service import oip
-from service.decoding import refuse_url
 from service.errors import InvalidArgument
 
 from .requests import image_from_base64, parse_json
@@ -75,9 +74,6 @@ def parse_infer_request(
             data = _json_data(name, datatype, shape, spec["data"])
         else:
             raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        if datatype == "BYTES":
-            for j, element in enumerate(data):  # type: ignore[arg-type]
-                refuse_url(element, f"input {name!r} element {j}")
         extra = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMETERS}
         tensors.append(oip.Tensor(name, datatype, list(shape), data, extra))
     if offset != len(binary):

@@ -1,7 +1,8 @@
 """Reading what HTTP clients send: capped bodies, images from multipart/raw/JSON bodies, query parameters.
 
-This service never fetches a URL: a string that looks like one, sent where an image belongs, is refused with
-400 before anything else happens (BentoML's own file inputs would download it; our routes do not use them).
+This service never fetches a URL (BentoML's own file inputs would download one; our routes do not use them).
+Image bytes that are a URL are refused by the decoder (`service.decoding.refuse_url`), on every transport;
+here only what never reaches it is checked: a JSON string before base64 decoding, a text form field.
 """
 
 from __future__ import annotations
@@ -124,9 +125,7 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
             raise InvalidArgument(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
-                data = await value.read()
-                refuse_url(data, f"file {value.filename or key!r}")
-                images.append(data)
+                images.append(await value.read())
                 names.append(value.filename or key)
             elif key in FILE_FIELDS:
                 refuse_url(value, f"field {key!r}")
@@ -153,7 +152,6 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
                 params[key] = str(doc[key])
     else:
         if body:
-            refuse_url(body, "the request body")
             images.append(body)
             names.append("body")
     if not images:
