@@ -11,12 +11,15 @@ STAMP := $(VENV)/.installed
 .PHONY: serve test install proto models architectures lint bench clean checkov tritonclient
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
-# that the tests need, Ray included (the serving extras alone are what the Docker image gets).
-$(STAMP): pyproject.toml Makefile
+# that the tests need, Ray included (the serving extras alone are what the Docker image gets). The image's
+# pins constrain it, so that the tests run the versions the image ships (BentoML, gRPC, Ray...), not
+# whatever PyPI released since: a bento built with a newer BentoML than the pinned one asks for both.
+CONSTRAINTS := requirements/runtime.txt requirements/ray.txt
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[serve,cpu,export,batch,ray,dev]'
+	$(PIP) install -q -e '.[serve,cpu,export,batch,ray,dev]' $(addprefix -c ,$(CONSTRAINTS))
 	touch $@
 
 install: $(STAMP)

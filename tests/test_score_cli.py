@@ -16,6 +16,8 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from PIL import Image
+from skimage import data as skdata
 
 from service.config import Settings
 from service.core import InferenceCore
@@ -165,6 +167,27 @@ def test_limits_vanished_and_unknown_inputs_give_error_rows(tmp_path, repo):
     assert errors["gone.jpg"].startswith("not_found:")
     assert errors["in"].startswith("unreadable:")
     assert [errors[p.name] for p in images] == ["", "", ""]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_fifo_or_device_gets_an_error_row_instead_of_hanging_the_run(tmp_path, repo, workers):
+    """Opening a FIFO for reading waits for a writer that never comes, and `/dev/zero` never ends: both
+    once stalled the run. Only regular files are read; the others get an `unreadable` row at once."""
+    images = image_folder(tmp_path / "in", 2)
+    fifo = tmp_path / "in" / "pipe.jpg"
+    os.mkfifo(fifo)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([*map(str, images), str(fifo), "/dev/zero"]))
+    out = tmp_path / "out.jsonl"
+    assert score([str(manifest), "--out", str(out), "--workers", workers], repo) == 1
+    errors = {r["path"]: r["error"] for r in rows_of(out)}
+    for path in (str(fifo), "/dev/zero"):
+        assert errors[path].startswith("unreadable:") and "not a regular file" in errors[path], errors[path]
+    assert [errors[str(p)] for p in images] == ["", ""]
+    # a folder INPUT lists the FIFO too, with the same row
+    listed = tmp_path / "dir.jsonl"
+    assert score([str(tmp_path / "in"), "--out", str(listed), "--workers", workers], repo) == 1
+    assert "not a regular file" in {r["path"]: r["error"] for r in rows_of(listed)}[str(fifo)]
 
 
 def test_bad_arguments_and_unwritable_output_exit_with_a_clear_error(tmp_path, repo, capsys):
@@ -393,11 +416,20 @@ def test_a_killed_worker_ends_the_run_instead_of_hanging_it(tmp_path, repo):
     its task, deaf to Ctrl-C. Now the run keeps what it scored, says why, exits 1, and a rerun completes."""
     import psutil
 
-    images = image_folder(tmp_path / "in", 40)
+    # The worker killed must hold a task, or nothing is lost and the run rightly ends well (as it did in CI,
+    # where 40 small images were all decoded before the kill). After a few small images come 48 copies of a
+    # 6-megapixel PNG, which PNG cannot decode at a reduced scale: decoding, not the tiny model, is then the
+    # bottleneck, and both workers are busy for seconds after the first part file appears.
+    images = image_folder(tmp_path / "in", 8)
+    big = tmp_path / "in" / "set9"
+    big.mkdir()
+    photo = Image.fromarray(skdata.astronaut()).resize((3000, 2000), Image.Resampling.BILINEAR)
+    photo.save(big / "big00.png", compress_level=1)
+    for i in range(1, 48):
+        shutil.copyfile(big / "big00.png", big / f"big{i:02d}.png")
+    images += sorted(big.iterdir())
     out = tmp_path / "out.jsonl"
-    cmd = score_cmd(
-        tmp_path / "in", out, repo, "tiny", "--workers", "2", "--chunk-size", "4", "--tta", "multiscale"
-    )
+    cmd = score_cmd(tmp_path / "in", out, repo, "tiny", "--workers", "2", "--chunk-size", "4")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

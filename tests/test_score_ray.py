@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,10 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     images = image_folder(tmp_path / "in", 20)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (tmp_path / "in" / "new\nline.jpg").write_bytes(images[0].read_bytes())  # Ray's reader drops the newline
+    # Ray reads files whole: one over the size limit is refused unread, and a FIFO, which Ray would wait on
+    # forever, is never opened for reading
+    (tmp_path / "in" / "huge.jpg").write_bytes(b"\xff\xd8\xff" + bytes(3_000_000))
+    os.mkfifo(tmp_path / "in" / "pipe.jpg")
     common = [
         str(tmp_path / "in"),
         "--model",
@@ -43,6 +48,8 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
         "--top-k",
         "3",
         "--no-progress",
+        "--max-request-bytes",
+        "2000000",
     ]
     assert main([*common, "--out", str(tmp_path / "local.parquet"), "--workers", "1"]) == 1
     assert (
@@ -63,7 +70,7 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     )
     local = {r["path"]: r for r in ResultStore(str(tmp_path / "local.parquet")).read_all()}
     remote = {r["path"]: r for r in ResultStore(str(tmp_path / "ray.parquet")).read_all()}
-    assert sorted(local) == sorted(remote) and len(local) == 22
+    assert sorted(local) == sorted(remote) and len(local) == 24
     assert not remote[str(tmp_path / "in" / "new\nline.jpg")]["error"]
     for path, row in local.items():
         other = remote[path]
@@ -73,6 +80,8 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
         assert [other[k] for k in keys] == [row[k] for k in keys]
         np.testing.assert_allclose(other["top_k_probabilities"], row["top_k_probabilities"], atol=1e-5)
     assert local[str(tmp_path / "in" / "broken.jpg")]["error"].startswith("invalid_image:")
+    assert remote[str(tmp_path / "in" / "huge.jpg")]["error"].startswith("image_too_large:")
+    assert "not a regular file" in remote[str(tmp_path / "in" / "pipe.jpg")]["error"]
     # resume: a rerun on Ray finds everything done
     assert main([*common, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray"]) == 1
-    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 22
+    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 24

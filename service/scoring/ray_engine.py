@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 
 from service.config import Settings
+from service.errors import ImageTooLarge
 from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_bytes, prepare_file
+from service.scoring.pipeline import ModelRunner, PrepareSpec, describe, prepare_bytes, prepare_file
 from service.scoring.results import SCHEMA, ResultStore
-from service.scoring.sources import SourceFile
+from service.scoring.sources import SourceFile, is_special_local
 
 
 class RayScorer:
@@ -83,10 +84,17 @@ def score_ray(
         store.write_chunk(
             [result_row(f, runner, None, "not_found: file does not exist or cannot be read") for f in missing]
         )
-    present = [f for f in todo if f.size >= 0]
-    # Names Ray's file reader mangles (it drops a newline) or cannot carry (not UTF-8): scored here, on the
-    # driver, with the same runner, so that both engines give every file its row.
-    awkward = [f for f in present if "\n" in f.path or f.name != f.path]
+    # Ray reads each file whole before any check: a file listed larger than the limit is refused here
+    # unread, as the local engine refuses it after reading at most the limit + 1 bytes.
+    oversized = [f for f in todo if f.size > settings.max_request_bytes]
+    if oversized:
+        error = describe(ImageTooLarge(f"file is larger than {settings.max_request_bytes} bytes"))
+        store.write_chunk([result_row(f, runner, None, error) for f in oversized])
+    present = [f for f in todo if 0 <= f.size <= settings.max_request_bytes]
+    # Names Ray's file reader mangles (it drops a newline) or cannot carry (not UTF-8), and local FIFOs and
+    # devices (Ray would wait on a FIFO forever): scored here, on the driver, with the same runner and the
+    # same checks as the local engine, so that both engines give every file its row.
+    awkward = [f for f in present if "\n" in f.path or f.name != f.path or is_special_local(f.path)]
     if awkward:
         rows = []
         for f in awkward:

@@ -7,9 +7,11 @@ skips what is done and scores a changed file again.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,10 @@ from fsspec.core import url_to_fs
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".lst", ".manifest")
 GLOB_CHARS = ("*", "?", "[")
+
+
+class NotRegularFile(OSError):
+    """A listed path that is a FIFO, socket or device: never opened for reading."""
 
 
 class InputError(ValueError):
@@ -178,8 +184,44 @@ def open_bytes(path: str, max_bytes: int, storage_options: dict[str, Any] | None
     """The file's bytes, at most `max_bytes + 1` of them (the caller refuses the oversized ones)."""
     if "://" in path or ("::" in path and not os.path.exists(path)):
         fs, local = url_to_fs(path, **(storage_options or {}))
+        if not _is_local(fs):
+            with fs.open(local, "rb") as handle:
+                return handle.read(max_bytes + 1)
     else:  # a local path is never parsed as a URL ("a::b.jpg" is a file name, not fsspec's chaining)
-        fs, local = fsspec.filesystem("file"), path
-    with fs.open(local, "rb") as handle:
-        data = handle.read(max_bytes + 1)
-    return data
+        local = path
+    return _read_regular(local, max_bytes)
+
+
+def is_special_local(path: str) -> bool:
+    """A local path that exists but is no regular file or folder (FIFO, socket, device)."""
+    if "://" in path:
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"file", "local"} & set(protocols))
+
+
+def _read_regular(path: str, max_bytes: int) -> bytes:
+    """A local file's bytes; anything but a regular file is refused before a byte is read. Opening a FIFO
+    would wait forever for a writer, and a device (`/dev/zero`, `/dev/stdin` in a manifest) never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{printable(path)!r} is not a regular file (a FIFO, socket or device)")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as handle:
+            fd = -1
+            return handle.read(max_bytes + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
