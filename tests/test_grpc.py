@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -553,6 +554,10 @@ def test_request_ids_and_names_cannot_forge_access_log_lines(
         assert trailing(call)["x-request-id"] != forged  # replaced by a fresh id, as over HTTP
         name = 'nope\n{"ts": 1, "type": "access", "status": "OK", "request_id": "FAKE"}'
         fails(inference.ModelReady, pb.ModelReadyRequest(name=name), grpc.StatusCode.NOT_FOUND)
+        # the access line is written after the answer is sent: the client can be faster than the log
+        deadline = time.monotonic() + 10
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         logging.getLogger("cnn_serve.access").removeHandler(keep)
     entries = [json.loads(line) for line in lines]  # every line is one JSON object

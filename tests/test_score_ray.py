@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    # Ray waits 30 s for its GCS server to start; a fresh, busy CI machine once took longer
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a real Ray, not local mode
     yield
     ray.shutdown()

@@ -7,6 +7,7 @@ is the only module that imports Ray; nothing on the serving path imports it.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -105,6 +106,8 @@ def score_ray(
         present = [f for f in present if f not in awkward]
     if present:
         if not ray.is_initialized():
+            # a local Ray's GCS server gets 30 s to start by default: a busy machine can take longer
+            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         keys = {_ray_path(f.path): (f.name, f.size, f.mtime) for f in present}
         # Reading bytes and writing Parquet are I/O: they take no CPU slot, so that a pool holding every CPU
