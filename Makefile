@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # that the tests need, Ray included (the serving extras alone are what the Docker image gets). The image's
 # pins constrain it, so that the tests run the versions the image ships (BentoML, gRPC, Ray...), not
 # whatever PyPI released since: a bento built with a newer BentoML than the pinned one asks for both.
-CONSTRAINTS := requirements/runtime.txt requirements/ray.txt
+CONSTRAINTS := requirements/runtime.txt requirements/ray.txt requirements/cpu.txt
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

@@ -131,6 +131,12 @@ def test_runtime_requirements_are_pinned_and_match_pyproject() -> None:
     assert not FORBIDDEN & set(runtime)
 
 
+def test_development_onnxruntime_is_the_image_release() -> None:
+    """`make install` constrains the CPU build to requirements/cpu.txt: the tests run the image's release."""
+    assert pins(ROOT / "requirements" / "cpu.txt") == {"onnxruntime": pins(RUNTIME)["onnxruntime-gpu"]}
+    assert "requirements/cpu.txt" in (ROOT / "Makefile").read_text()
+
+
 @pytest.mark.slow
 def test_runtime_requirements_resolve_for_the_image_without_torch() -> None:
     """pip resolves requirements/runtime.txt against PyPI for CPython 3.12 on manylinux x86_64 wheels."""

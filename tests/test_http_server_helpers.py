@@ -71,6 +71,7 @@ def running_server(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "PROMETHEUS_"))}
     env.update(env_extra or {})
     env["BENTOML_HOME"] = str(tmp / "bentoml")
+    env["PYTHONFAULTHANDLER"] = "1"  # a SIGABRT makes a process write every thread's stack to the log
     log_path = tmp / f"server-{http_port}.log"
     cmd = [
         python,
@@ -111,8 +112,34 @@ def running_server(
                 raise TimeoutError(f"server not ready in {ready_timeout}s:\n{server.log()[-4000:]}")
             time.sleep(0.3)
         yield server
+    except BaseException:
+        dump_stacks(server)
+        raise
     finally:
         stop(server)
+
+
+def dump_stacks(server: Server) -> None:
+    """On a failed test, the stacks of the server's still running workers (a hung worker shows where it
+    waits), then the log's end, in the test's captured output."""
+    import psutil
+
+    try:
+        workers = [
+            p
+            for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "_bentoml_impl.worker" in " ".join(p.cmdline())
+        ]
+    except psutil.Error:
+        workers = []
+    for worker in workers:
+        try:
+            worker.send_signal(signal.SIGABRT)
+        except psutil.Error:
+            pass
+    if workers:
+        time.sleep(2)
+    print(f"--- server log ({server.log_path}), last 12000 characters ---\n{server.log()[-12000:]}")
 
 
 def stop(server: Server, timeout: float = 60.0) -> int | None:
@@ -123,4 +150,8 @@ def stop(server: Server, timeout: float = 60.0) -> int | None:
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(10)
+    try:  # a worker left behind by its arbiter must not load the tests that follow
+        os.killpg(server.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     return server.proc.returncode
