@@ -132,6 +132,14 @@ def dump_stacks(server: Server) -> None:
         ]
     except psutil.Error:
         workers = []
+    port = server.url.rsplit(":", 1)[1]
+    try:  # the server's sockets: a listener's Recv-Q counts connections it never accepted
+        sockets = subprocess.run(
+            ["ss", "-tanp", f"( sport = :{port} or dport = :{port} )"], capture_output=True, text=True
+        ).stdout
+        print(f"--- sockets on port {port} ---\n{sockets}")
+    except OSError:
+        pass
     for worker in workers:
         try:
             worker.send_signal(signal.SIGABRT)
@@ -142,7 +150,21 @@ def dump_stacks(server: Server) -> None:
     print(f"--- server log ({server.log_path}), last 12000 characters ---\n{server.log()[-12000:]}")
 
 
+def descendants(server: Server) -> list:
+    """The server's processes below the one we started: BentoML's workers, each in a session of its own
+    (circus calls setsid), so that a kill of our process group does not reach them."""
+    import psutil
+
+    try:
+        return psutil.Process(server.proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def stop(server: Server, timeout: float = 60.0) -> int | None:
+    import psutil
+
+    children = descendants(server)
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
         try:
@@ -150,8 +172,9 @@ def stop(server: Server, timeout: float = 60.0) -> int | None:
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(10)
-    try:  # a worker left behind by its arbiter must not load the tests that follow
-        os.killpg(server.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    for child in children:  # a worker left behind by its arbiter must not load the tests that follow
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
     return server.proc.returncode

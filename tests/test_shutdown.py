@@ -9,11 +9,12 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data as photos
 
 from proto import classifier_pb2, classifier_pb2_grpc
-from tests.test_http_server_helpers import jpeg, running_server
+from tests.test_http_server_helpers import descendants, jpeg, running_server
 
 IN_FLIGHT = 32
 GRPC_IN_FLIGHT = 8
@@ -44,6 +45,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         "120",
     )
     with running_server(tmp_path, *flags) as server:
+        workers = descendants(server)
 
         async def scenario() -> tuple[list[httpx.Response], list, dict[str, float]]:
             limits = httpx.Limits(max_connections=IN_FLIGHT + 4)
@@ -81,6 +83,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         assert all(r.json()["predictions"] for r in responses)
         assert len(replies) == GRPC_IN_FLIGHT and all(reply.ByteSize() > 0 for reply in replies)
         assert server.proc.wait(90) == 0, server.log()[-3000:]
+        # No worker outlives the server (they run in sessions of their own, out of reach of a group kill).
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert workers and not alive, f"workers left running: {alive}"
         # And the server no longer accepts connections.
         try:
             httpx.get(server.url + "/livez", timeout=2)

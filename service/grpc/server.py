@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,10 @@ class GrpcServer:
             self._watch = None
         await self.health.enter_graceful_shutdown()
         servers = [s for s in (self._server, self._health_server) if s is not None]
+        started = time.perf_counter()
+        log.info("gRPC: refusing new calls, draining those in flight (grace %s s)", grace)
         await asyncio.gather(*(s.stop(grace) for s in servers))
+        log.info("gRPC: stopped after %.2f s", time.perf_counter() - started)
         self._server = self._health_server = None
 
     async def wait(self) -> None:

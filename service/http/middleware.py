@@ -8,6 +8,7 @@ and written in the JSON access log line, one per request, on the `cnn_serve.acce
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from service.config import Settings
 from .responses import plain_error
 
 ASGIApp = Any
+log = logging.getLogger("cnn_serve.http")
 
 # Probes and scrapers send no token: Kubernetes' probes and Prometheus must work with auth on.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -44,11 +46,12 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         start = time.perf_counter()
-        status = {"code": 500, "bytes": 0}
+        status = {"code": 500, "bytes": 0, "sent": 0}
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["sent"] = 1
                 raw = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 raw.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": raw}
@@ -76,7 +79,17 @@ class RequestContextMiddleware:
                 if metrics is not None:  # refused before any route: counted here, with no model or endpoint
                     metrics.request("-", "-", "http", "401", time.perf_counter() - start)
                 return
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                # A route that fails before answering gets a 500 here. Raised further, it would never be
+                # answered: BentoML's timeout middleware waits for a first message until its timeout.
+                if status["sent"]:
+                    raise
+                log.exception("HTTP %s %s failed (request id %s)", scope.get("method"), path, request_id)
+                status["code"] = 500
+                message = f"internal error (request id {request_id})"
+                await plain_error(500, "internal", message, request_id)(scope, receive, send_with_id)
         finally:
             content_length = headers.get("content-length", "")
             logs.access(
