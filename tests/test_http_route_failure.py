@@ -1,6 +1,7 @@
 """A route that fails before answering (here BentoML's own `/metrics`, on an unreadable metrics file) gets a
 500 at once, and the service goes on serving. Raised further, the failure was never answered: BentoML's
-timeout middleware waits for a first message until its timeout (request timeout + drain, minutes)."""
+timeout middleware waits for a first message until its timeout (request timeout + drain, minutes). It
+happened for real: a scrape that read a Prometheus file another thread was just creating (still empty)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def test_a_failing_route_is_answered_500_and_the_service_keeps_serving(tmp_path:
         body = answer.json()
         assert body["code"] == "internal" and body["request_id"] == answer.headers["x-request-id"]
         assert body["request_id"] in server.log()  # the log has the trace, under the same id
+        # a scrape is read again before it fails: a file being created is briefly empty, as this one is
+        assert server.log().count("GET /metrics failed (attempt") == 2
         ok = httpx.post(
             server.url + "/classify", content=jpeg(photos.camera()), params={"model": "lenet5"}, timeout=30
         )

@@ -24,7 +24,9 @@ AT_SIGTERM_HTTP, AT_SIGTERM_GRPC = 16, 4
 
 
 def _in_flight(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
+    answer = httpx.get(url + "/metrics", timeout=30)
+    assert answer.status_code == 200, answer.text
+    text = answer.text
     for family in text_string_to_metric_families(text):
         if family.name == "cnn_serve_in_flight_requests":
             return {s.labels["protocol"]: s.value for s in family.samples}

@@ -7,6 +7,7 @@ and written in the JSON access log line, one per request, on the `cnn_serve.acce
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -20,6 +21,7 @@ from service.config import Settings
 from .responses import plain_error
 
 ASGIApp = Any
+SCRAPE_ATTEMPTS, SCRAPE_RETRY_S = 3, 0.02
 log = logging.getLogger("cnn_serve.http")
 
 # Probes and scrapers send no token: Kubernetes' probes and Prometheus must work with auth on.
@@ -80,7 +82,10 @@ class RequestContextMiddleware:
                     metrics.request("-", "-", "http", "401", time.perf_counter() - start)
                 return
             try:
-                await self.app(scope, receive, send_with_id)
+                if path == "/metrics" and scope.get("method") in ("GET", "HEAD"):
+                    await self._scrape(scope, receive, send_with_id, status)
+                else:
+                    await self.app(scope, receive, send_with_id)
             except Exception:
                 # A route that fails before answering gets a 500 here. Raised further, it would never be
                 # answered: BentoML's timeout middleware waits for a first message until its timeout.
@@ -107,6 +112,20 @@ class RequestContextMiddleware:
                 client=(scope.get("client") or ("", 0))[0],
                 model=state.get("model"),
             )
+
+    async def _scrape(self, scope: dict, receive: Any, send: Any, status: dict) -> None:
+        """BentoML's `/metrics`, tried again when it fails before answering. It reads every process's
+        Prometheus file, and a file that another thread is just creating is briefly empty: the read then
+        raises (`struct.error`). A scrape reads only, so trying again is safe."""
+        for attempt in range(1, SCRAPE_ATTEMPTS + 1):
+            try:
+                await self.app(scope, receive, send)
+                return
+            except Exception:
+                if status["sent"] or attempt == SCRAPE_ATTEMPTS:
+                    raise
+                log.warning("GET /metrics failed (attempt %d), reading again", attempt, exc_info=True)
+                await asyncio.sleep(SCRAPE_RETRY_S)
 
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
