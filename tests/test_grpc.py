@@ -682,3 +682,38 @@ def test_unavailable_model(tmp_path: Path) -> None:
             assert check.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         s.close()
+
+
+def test_drain_answers_the_calls_in_flight_and_those_still_arriving_then_refuses() -> None:
+    """SIGTERM's gRPC drain: NOT_SERVING at once, every call running or arriving meanwhile answered, the
+    server stopped only once none has been in a handler for a moment. Stopping the server at once let the
+    running calls finish but cancelled the calls it had taken in and not yet handed to a handler."""
+    s = Served(settings_for(need_models()))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.server.port}") as ch:
+            stub = classifier_pb2_grpc.ImageClassifierStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            request = classifier_pb2.ClassifyRequest(
+                image=jpeg(data.astronaut()), model="efficientnet_lite0", tta="ten_crop"
+            )
+            running = [stub.Classify.future(request, timeout=120) for _ in range(8)]
+            deadline = time.monotonic() + 30
+            while s.server._calls.active < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert s.server._calls.active >= 2
+            draining = asyncio.run_coroutine_threadsafe(s.server.stop(60), s.loop.loop)
+            while time.monotonic() < deadline:  # the drain has begun once health says so
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.005)
+            late = stub.Classify.future(request, timeout=120)  # sent during the drain
+            replies = [call.result() for call in [*running, late]]
+            assert len(replies) == 9 and all(reply.result.predictions for reply in replies)
+            draining.result(60)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.servers.clear()  # stopped above
+        s.close()

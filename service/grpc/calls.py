@@ -60,6 +60,7 @@ class Calls:
     def __init__(self, settings: Any, metrics: Any = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.active = 0  # calls in our handlers now: the drain waits for none before stopping the server
 
     async def run(
         self,
@@ -74,6 +75,7 @@ class Calls:
         start = time.perf_counter()
         status = "OK"
         in_flight = self.metrics.in_flight("grpc") if self.metrics is not None else _Nothing()
+        self.active += 1
         try:
             with in_flight:
                 try:
@@ -106,6 +108,7 @@ class Calls:
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             return response
         finally:
+            self.active -= 1
             seconds = time.perf_counter() - start
             if self.metrics is not None:
                 self.metrics.request(model, endpoint, "grpc", status, seconds)

@@ -32,6 +32,8 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
 INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_REFRESH_S = 0.5
+# The drain stops the server once no call has been in a handler for this long.
+SETTLE_S, SETTLE_POLL_S = 0.2, 0.02
 # Room for the answer to a full batch (probabilities of 1000 classes per image) whatever the receive limit.
 MIN_SEND_BYTES = 16 * 1024 * 1024
 
@@ -49,6 +51,7 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._watch: asyncio.Task | None = None
+        self._calls: Calls | None = None
 
     def _options(self) -> list[tuple[str, Any]]:
         limit = int(self.settings.max_request_bytes)
@@ -71,7 +74,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and serve; raises RuntimeError if a port cannot be bound (e.g. already in use)."""
-        calls = Calls(self.settings, self.metrics)
+        calls = self._calls = Calls(self.settings, self.metrics)
         interceptors = [_ReflectionAuth(self.settings.auth_token)] if self.settings.auth_token else []
         server = grpc.aio.server(options=self._options(), interceptors=interceptors)
         classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
@@ -105,19 +108,41 @@ class GrpcServer:
         )
 
     async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, refuse new calls, let in-flight calls finish within `grace` seconds."""
+        """Report NOT_SERVING, answer every call in flight or already on its way, then stop; within `grace`.
+
+        The server is stopped only once no call has been in our handlers for a moment. Stopping it sooner
+        (grpc's `stop(grace)` at once) let the running calls finish but cancelled those that had arrived and
+        not yet been handed to a handler, as when a burst is still being taken in: their clients got
+        CANCELLED for calls sent before the signal."""
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
             self._watch = None
         await self.health.enter_graceful_shutdown()
+        started = time.monotonic()
+        deadline = started + grace
+        log.info("gRPC: draining, NOT_SERVING (grace %s s)", grace)
+        await self._settle(deadline)
         servers = [s for s in (self._server, self._health_server) if s is not None]
-        started = time.perf_counter()
-        log.info("gRPC: refusing new calls, draining those in flight (grace %s s)", grace)
-        await asyncio.gather(*(s.stop(grace) for s in servers))
-        log.info("gRPC: stopped after %.2f s", time.perf_counter() - started)
+        await asyncio.gather(*(s.stop(max(0.0, deadline - time.monotonic())) for s in servers))
+        log.info("gRPC: stopped after %.2f s", time.monotonic() - started)
         self._server = self._health_server = None
+
+    async def _settle(self, deadline: float) -> None:
+        """Until no call has been in a handler for SETTLE_S (arriving calls are served) or `deadline`."""
+        if self._calls is None:
+            return
+        quiet_since = None
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if self._calls.active:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= SETTLE_S:
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
 
     async def wait(self) -> None:
         if self._server is not None:
