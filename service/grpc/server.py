@@ -110,10 +110,11 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, answer every call in flight or already on its way, then stop; within `grace`.
 
-        The server is stopped only once no call has been in our handlers for a moment. Stopping it sooner
-        (grpc's `stop(grace)` at once) let the running calls finish but cancelled those that had arrived and
-        not yet been handed to a handler, as when a burst is still being taken in: their clients got
-        CANCELLED for calls sent before the signal."""
+        The server is stopped once no call has been in our handlers for a moment (at the latest after half
+        the grace, so that a steady stream of new calls cannot hold it: they are then refused, UNAVAILABLE,
+        and the running ones get the other half). Stopping it at once (grpc's `stop(grace)`) let the running
+        calls finish but cancelled those that had arrived and not yet been handed to a handler, as when a
+        burst is still being taken in: their clients got CANCELLED for calls sent before the signal."""
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -123,7 +124,7 @@ class GrpcServer:
         started = time.monotonic()
         deadline = started + grace
         log.info("gRPC: draining, NOT_SERVING (grace %s s)", grace)
-        await self._settle(deadline)
+        await self._settle(started + grace / 2)
         servers = [s for s in (self._server, self._health_server) if s is not None]
         await asyncio.gather(*(s.stop(max(0.0, deadline - time.monotonic())) for s in servers))
         log.info("gRPC: stopped after %.2f s", time.monotonic() - started)
