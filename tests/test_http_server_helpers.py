@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +113,9 @@ def running_server(
                 raise TimeoutError(f"server not ready in {ready_timeout}s:\n{server.log()[-4000:]}")
             time.sleep(0.3)
         yield server
-    except BaseException:
-        dump_stacks(server)
+    except BaseException as exc:  # a failure (pytest.fail is no Exception), but not a skip
+        if not isinstance(exc, pytest.skip.Exception):
+            dump_stacks(server)
         raise
     finally:
         stop(server)
