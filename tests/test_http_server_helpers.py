@@ -126,14 +126,13 @@ def dump_stacks(server: Server) -> None:
     waits), then the log's end, in the test's captured output."""
     import psutil
 
-    try:
-        workers = [
-            p
-            for p in psutil.Process(server.proc.pid).children(recursive=True)
-            if "_bentoml_impl.worker" in " ".join(p.cmdline())
-        ]
-    except psutil.Error:
-        workers = []
+    workers = []
+    for process in descendants(server):
+        try:
+            if "_bentoml_impl.worker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            pass
     port = server.url.rsplit(":", 1)[1]
     try:  # the server's sockets: a listener's Recv-Q counts connections it never accepted
         sockets = subprocess.run(

@@ -15,9 +15,15 @@ import numpy as np
 import pyarrow as pa
 
 from service.config import Settings
-from service.errors import ImageTooLarge
 from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import ModelRunner, PrepareSpec, describe, prepare_bytes, prepare_file
+from service.scoring.pipeline import (
+    ModelRunner,
+    PrepareSpec,
+    describe,
+    file_too_large,
+    prepare_bytes,
+    prepare_file,
+)
 from service.scoring.results import SCHEMA, ResultStore
 from service.scoring.sources import SourceFile, is_special_local
 
@@ -89,7 +95,7 @@ def score_ray(
     # unread, as the local engine refuses it after reading at most the limit + 1 bytes.
     oversized = [f for f in todo if f.size > settings.max_request_bytes]
     if oversized:
-        error = describe(ImageTooLarge(f"file is larger than {settings.max_request_bytes} bytes"))
+        error = describe(file_too_large(settings.max_request_bytes))
         store.write_chunk([result_row(f, runner, None, error) for f in oversized])
     present = [f for f in todo if 0 <= f.size <= settings.max_request_bytes]
     # Names Ray's file reader mangles (it drops a newline) or cannot carry (not UTF-8), and local FIFOs and

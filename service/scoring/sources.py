@@ -57,10 +57,7 @@ def printable(path: str) -> str:
 
 
 def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return path
-    return fs.unstrip_protocol(path)
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -193,7 +190,8 @@ def open_bytes(path: str, max_bytes: int, storage_options: dict[str, Any] | None
 
 
 def is_special_local(path: str) -> bool:
-    """A local path that exists but is no regular file or folder (FIFO, socket, device)."""
+    """A local path (or `file://` URL) that exists but is no regular file or folder (FIFO, socket, device)."""
+    path = path.removeprefix("file://")
     if "://" in path:
         return False
     try:
