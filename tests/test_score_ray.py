@@ -1,4 +1,5 @@
-"""`--engine ray` on a real single-node Ray gives the local engine's results (top-k, probabilities 1e-5)."""
+"""`--engine ray` on a real single-node Ray gives the local engine's results (top-k, probabilities 1e-5),
+and, like it, a row for every listed file: one deleted or grown past the limit after listing included."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 import ray  # the `ray` extra, which `make test` installs: a missing Ray is a failure here, not a skip
 
+from service.config import Settings
 from service.score import main
+from service.scoring.ray_engine import score_ray
 from service.scoring.results import ResultStore
+from service.scoring.sources import list_inputs
 from tests.score_helpers import image_folder
 
 pytestmark = pytest.mark.slow
@@ -37,8 +41,9 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     images = image_folder(tmp_path / "in", 20)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (tmp_path / "in" / "new\nline.jpg").write_bytes(images[0].read_bytes())  # Ray's reader drops the newline
-    # Ray reads files whole: one over the size limit is refused unread, and a FIFO, which Ray would wait on
-    # forever, is never opened for reading
+    latin1 = os.path.join(os.fsencode(tmp_path / "in"), b"caf\xe9.jpg")  # not UTF-8: Arrow cannot carry it
+    Path(os.fsdecode(latin1)).write_bytes(images[1].read_bytes())
+    # Ray's reader reads files whole, and waits on a FIFO forever: neither happens here
     (tmp_path / "in" / "huge.jpg").write_bytes(b"\xff\xd8\xff" + bytes(3_000_000))
     os.mkfifo(tmp_path / "in" / "pipe.jpg")
     common = [
@@ -72,8 +77,9 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     )
     local = {r["path"]: r for r in ResultStore(str(tmp_path / "local.parquet")).read_all()}
     remote = {r["path"]: r for r in ResultStore(str(tmp_path / "ray.parquet")).read_all()}
-    assert sorted(local) == sorted(remote) and len(local) == 24
+    assert sorted(local) == sorted(remote) and len(local) == 25
     assert not remote[str(tmp_path / "in" / "new\nline.jpg")]["error"]
+    assert not remote[str(tmp_path / "in" / "caf\\xe9.jpg")]["error"]
     for path, row in local.items():
         other = remote[path]
         assert other["top_k_ids"] == row["top_k_ids"]
@@ -86,4 +92,38 @@ def test_ray_engine_equals_local_engine(tmp_path, tiny_repo, ray_cluster):
     assert "not a regular file" in remote[str(tmp_path / "in" / "pipe.jpg")]["error"]
     # resume: a rerun on Ray finds everything done
     assert main([*common, "--out", str(tmp_path / "ray.parquet"), "--engine", "ray"]) == 1
-    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 24
+    assert len(ResultStore(str(tmp_path / "ray.parquet")).read_all()) == 25
+
+
+def test_files_changed_after_listing_get_their_rows_and_the_job_finishes(tmp_path, tiny_repo, ray_cluster):
+    """Between listing and reading, one file is deleted and one grows past the size limit: Ray's binary
+    reader failed the whole job on the first and read the second whole; here each gets its error row."""
+    repo, model = _repo_and_model(tiny_repo)
+    images = image_folder(tmp_path / "in", 6)
+    (tmp_path / "in" / "gone.jpg").write_bytes(images[0].read_bytes())
+    (tmp_path / "in" / "grows.jpg").write_bytes(images[1].read_bytes())
+    todo = list_inputs(str(tmp_path / "in"))
+    (tmp_path / "in" / "gone.jpg").unlink()
+    with (tmp_path / "in" / "grows.jpg").open("ab") as handle:
+        handle.write(bytes(3_000_000))
+    store = ResultStore(str(tmp_path / "out.parquet"))
+    settings = Settings(repository=str(repo), max_request_bytes=2_000_000)
+    summary = score_ray(
+        todo,
+        store,
+        settings,
+        model=model,
+        version=None,
+        top_k=3,
+        tta="none",
+        batch_size=4,
+        actors=2,
+        address=None,
+    )
+    rows = {Path(r["path"]).name: r for r in store.read_all()}
+    assert len(rows) == len(todo) == 8
+    assert rows["gone.jpg"]["error"].startswith("not_found:")
+    assert rows["grows.jpg"]["error"].startswith("image_too_large:")
+    assert rows["grows.jpg"]["size"] == images[1].stat().st_size  # the row keeps the listed size
+    assert all(not rows[p.name]["error"] and len(rows[p.name]["top_k_ids"]) == 3 for p in images)
+    assert (summary.scored, summary.failed) == (6, 2)

@@ -83,16 +83,11 @@ def describe(exc: BaseException) -> str:
     return f"internal: {type(exc).__name__}: {exc}"
 
 
-def file_too_large(max_bytes: int) -> ImageTooLarge:
-    """The error of a file over `--max-request-bytes`, read (local engine) or refused unread (Ray)."""
-    return ImageTooLarge(f"file is larger than {max_bytes} bytes")
-
-
 def prepare_bytes(data: bytes, spec: PrepareSpec) -> tuple[np.ndarray | None, str]:
     """(views tensor (V, C, H, W), "") or (None, error) for one image's bytes."""
     try:
         if len(data) > spec.settings.max_request_bytes:
-            raise file_too_large(spec.settings.max_request_bytes)
+            raise ImageTooLarge(f"file is larger than {spec.settings.max_request_bytes} bytes")
         preprocessor, limits = _preparer(spec)
         img = decode(
             data,

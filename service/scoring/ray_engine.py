@@ -1,14 +1,17 @@
-"""The same scoring job on Ray Data: files read as bytes with their paths, an actor pool holding the session.
+"""The same scoring job on Ray Data: the listed files spread over an actor pool that holds the session.
 
-Ray's own image reader is not used: it applies no EXIF orientation or size limits, and one bad file fails the
-whole job. Here each actor decodes with this project's core, so a bad file becomes a row with its error. This
-is the only module that imports Ray; nothing on the serving path imports it.
+Ray's own readers are not used. Its image reader applies no EXIF orientation or size limits, and one bad file
+fails the whole job; its binary reader reads each file whole, waits forever on a FIFO, and fails the job on a
+file deleted after listing. Here the dataset is the listing itself (path, size, mtime), and each actor reads
+every file with the local engine's bounded read (`pipeline.prepare_file`), so both engines give every file
+the same row. This is the only module that imports Ray; nothing on the serving path imports it.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,37 +19,55 @@ import pyarrow as pa
 
 from service.config import Settings
 from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import (
-    ModelRunner,
-    PrepareSpec,
-    describe,
-    file_too_large,
-    prepare_bytes,
-    prepare_file,
-)
+from service.scoring.pipeline import ModelRunner, PrepareSpec, describe, prepare_bytes
 from service.scoring.results import SCHEMA, ResultStore
-from service.scoring.sources import SourceFile, is_special_local
+from service.scoring.sources import SourceFile, open_bytes
+
+READ_THREADS = 8  # files of one batch read at a time by an actor: object stores answer slowly, not busily
+
+
+def _encode(path: str) -> bytes:
+    """A path as bytes, so that a Linux name that is not UTF-8 (surrogate escapes) survives Arrow."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _decode(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
 
 
 class RayScorer:
-    """One actor: loads the model once, then decodes and scores the batches Ray Data hands it."""
+    """One actor: loads the model once, then reads, decodes and scores the listed files Ray hands it."""
 
-    def __init__(
-        self, spec: PrepareSpec, top_k: int, batch_size: int, keys: dict[str, tuple[str, int, float]]
-    ) -> None:
+    def __init__(self, spec: PrepareSpec, top_k: int, batch_size: int) -> None:
         self.spec = spec
         self.top_k = top_k
         self.batch_size = batch_size
-        self.keys = keys  # Ray's path (protocol stripped) -> (path as listed, size, mtime)
         self.runner = ModelRunner(spec.settings, spec.model, spec.version, batch_size)
+        self.reader = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
+
+    def _read(self, path: str) -> bytes | str:
+        """The file's bytes (at most the size limit + 1), or its error row's text."""
+        try:
+            return open_bytes(path, self.spec.settings.max_request_bytes)
+        except Exception as exc:  # deleted after listing, a FIFO, no permission: a row, never a failed job
+            return describe(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        sources = [
+            SourceFile(_decode(path), size, mtime)
+            for path, size, mtime in zip(
+                batch.column("path").to_pylist(),
+                batch.column("size").to_pylist(),
+                batch.column("mtime").to_pylist(),
+                strict=True,
+            )
+        ]
         rows: list[dict[str, Any]] = []
         ready: list[tuple[SourceFile, np.ndarray]] = []
-        columns = (batch.column("bytes").to_pylist(), batch.column("path").to_pylist())
-        for data, ray_path in zip(*columns, strict=True):
-            path, size, mtime = self.keys.get(ray_path, (ray_path, len(data), -1.0))
-            source = SourceFile(path, size, mtime)
+        for source, data in zip(sources, self.reader.map(self._read, [s.path for s in sources]), strict=True):
+            if isinstance(data, str):
+                rows.append(result_row(source, self.runner, None, data))
+                continue
             views, error = prepare_bytes(data, self.spec)
             if views is None:
                 rows.append(result_row(source, self.runner, None, error))
@@ -58,10 +79,6 @@ class RayScorer:
             for (source, _), top in zip(group, tops, strict=True):
                 rows.append(result_row(source, self.runner, top, ""))
         return pa.Table.from_pylist(rows, schema=SCHEMA)
-
-
-def _ray_path(path: str) -> str:
-    return path.split("://", 1)[1] if "://" in path else path
 
 
 def score_ray(
@@ -86,51 +103,24 @@ def score_ray(
     started = time.perf_counter()
     runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
     spec = PrepareSpec.for_runner(runner, settings, tta)
-    missing = [f for f in todo if f.size < 0]
-    if missing:  # vanished before listing finished: Ray could not read them, record them here
-        store.write_chunk(
-            [result_row(f, runner, None, "not_found: file does not exist or cannot be read") for f in missing]
-        )
-    # Ray reads each file whole before any check: a file listed larger than the limit is refused here
-    # unread, as the local engine refuses it after reading at most the limit + 1 bytes.
-    oversized = [f for f in todo if f.size > settings.max_request_bytes]
-    if oversized:
-        error = describe(file_too_large(settings.max_request_bytes))
-        store.write_chunk([result_row(f, runner, None, error) for f in oversized])
-    present = [f for f in todo if 0 <= f.size <= settings.max_request_bytes]
-    # Names Ray's file reader mangles (it drops a newline) or cannot carry (not UTF-8), and local FIFOs and
-    # devices (Ray would wait on a FIFO forever): scored here, on the driver, with the same runner and the
-    # same checks as the local engine, so that both engines give every file its row.
-    awkward = [f for f in present if "\n" in f.path or f.name != f.path or is_special_local(f.path)]
-    if awkward:
-        rows = []
-        for f in awkward:
-            views, error = prepare_file(f.path, spec)
-            top = runner.score([views], top_k)[0] if views is not None else None
-            rows.append(result_row(f, runner, top, error))
-        store.write_chunk(rows)
-        present = [f for f in present if f not in awkward]
-    if present:
+    if todo:
         if not ray.is_initialized():
             # a local Ray's GCS server gets 30 s to start by default: a busy machine can take longer
             os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        keys = {_ray_path(f.path): (f.name, f.size, f.mtime) for f in present}
-        # Reading bytes and writing Parquet are I/O: they take no CPU slot, so that a pool holding every CPU
-        # (one actor per core) does not starve them and stall the pipeline. A zero-CPU task is not limited
-        # by the CPUs either, though: without a cap Ray ran every read task at once, each in a freshly started
-        # worker process (about 100 on 2 cores), and those start-ups took the CPUs from the actors.
-        pool = max(1, actors)  # inference actors, and as many read and write tasks at a time
-        dataset = ray.data.read_binary_files(
-            [f.path for f in present], include_paths=True, num_cpus=0, concurrency=pool
-        )
+        pool = max(1, actors)
+        listing = [{"path": _encode(f.path), "size": f.size, "mtime": f.mtime} for f in todo]
+        # a few blocks per actor, so that a slow block does not leave the others idle at the end
+        blocks = max(1, min(len(todo), pool * 4, -(-len(todo) // max(1, batch_size))))
+        dataset = ray.data.from_items(listing, override_num_blocks=blocks)
         scored = dataset.map_batches(
             RayScorer,
-            fn_constructor_kwargs={"spec": spec, "top_k": top_k, "batch_size": batch_size, "keys": keys},
+            fn_constructor_kwargs={"spec": spec, "top_k": top_k, "batch_size": batch_size},
             batch_size=batch_size,
             batch_format="pyarrow",
             concurrency=pool,
         )
+        # writing Parquet is I/O: it takes no CPU slot, so that a pool holding every CPU does not stall it
         scored.write_parquet(store.out, ray_remote_args={"num_cpus": 0}, concurrency=pool)
     done = store.done()
     for f in todo:

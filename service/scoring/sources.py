@@ -189,18 +189,6 @@ def open_bytes(path: str, max_bytes: int, storage_options: dict[str, Any] | None
     return _read_regular(local, max_bytes)
 
 
-def is_special_local(path: str) -> bool:
-    """A local path (or `file://` URL) that exists but is no regular file or folder (FIFO, socket, device)."""
-    path = path.removeprefix("file://")
-    if "://" in path:
-        return False
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return bool({"file", "local"} & set(protocols))
