@@ -500,7 +500,9 @@ def main() -> None:
         variants += [service_variant(folder, device, max(batches)), uint8_variant(folder, device)]
         for batch in batches:
             for v in variants:
-                v.rows[batch] = measure(v, batch, device, args.seconds, photos, ref)
+                v.rows[batch] = row = measure(v, batch, device, args.seconds, photos, ref)
+                done = f"{row['images_per_s']:,.0f} images/s" if "images_per_s" in row else row["error"]
+                print(f"  {name} batch {batch} {v.name}: {done}", flush=True)  # partial results, if cut
         agree = agreement(folder, device)
         report["models"][name] = {
             "trained": trained,
