@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 actors=args.ray_actors,
                 address=args.ray_address,
+                chunk_size=args.chunk_size,
             )
         else:
             summary = _score_local(todo, store, settings, args)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray  # the `ray` extra, which `make test` installs: a missing Ray is a failure here, not a skip
 
@@ -109,17 +110,12 @@ def test_files_changed_after_listing_get_their_rows_and_the_job_finishes(tmp_pat
     store = ResultStore(str(tmp_path / "out.parquet"))
     settings = Settings(repository=str(repo), max_request_bytes=2_000_000)
     summary = score_ray(
-        todo,
-        store,
-        settings,
-        model=model,
-        version=None,
-        top_k=3,
-        tta="none",
-        batch_size=4,
-        actors=2,
-        address=None,
-    )
+        todo, store, settings, model=model, version=None, top_k=3, tta="none", batch_size=1, actors=1,
+        address=None, chunk_size=1,
+    )  # fmt: skip
+    # --chunk-size bounds the rows per part file, as in the local engine: the unit an interrupted job keeps
+    parts = sorted(pq.ParquetFile(p).metadata.num_rows for p in Path(store.out).glob("*.parquet"))
+    assert parts == [1] * 8
     rows = {Path(r["path"]).name: r for r in store.read_all()}
     assert len(rows) == len(todo) == 8
     assert rows["gone.jpg"]["error"].startswith("not_found:")

@@ -93,8 +93,13 @@ def score_ray(
     batch_size: int,
     actors: int,
     address: str | None,
+    chunk_size: int = 1000,
 ) -> Summary:
-    """Score `todo` on Ray (a new local Ray, or the cluster at `address`) and write Parquet into the store."""
+    """Score `todo` on Ray (a new local Ray, or the cluster at `address`) and write Parquet into the store.
+
+    The listing is cut into blocks of at most `chunk_size` files (and at least four blocks per actor, so that
+    a slow block does not leave the others idle at the end); each block's rows are written as it finishes,
+    so an interrupted job keeps them and a rerun resumes after them."""
     import ray
 
     if store.format != "parquet":
@@ -110,8 +115,7 @@ def score_ray(
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         pool = max(1, actors)
         listing = [{"path": _encode(f.path), "size": f.size, "mtime": f.mtime} for f in todo]
-        # a few blocks per actor, so that a slow block does not leave the others idle at the end
-        blocks = max(1, min(len(todo), pool * 4, -(-len(todo) // max(1, batch_size))))
+        blocks = max(1, min(len(todo), max(pool * 4, -(-len(todo) // max(1, chunk_size)))))
         dataset = ray.data.from_items(listing, override_num_blocks=blocks)
         scored = dataset.map_batches(
             RayScorer,
