@@ -132,9 +132,15 @@ def test_runtime_requirements_are_pinned_and_match_pyproject() -> None:
 
 
 def test_development_onnxruntime_is_the_image_release() -> None:
-    """`make install` constrains the CPU build to requirements/cpu.txt: the tests run the image's release."""
-    assert pins(ROOT / "requirements" / "cpu.txt") == {"onnxruntime": pins(RUNTIME)["onnxruntime-gpu"]}
+    """`make install` constrains the CPU build to requirements/cpu.txt: the tests run the image's release.
+    The image's export stage validates the graphs it bakes in on that release too."""
+    release = pins(RUNTIME)["onnxruntime-gpu"]
+    assert pins(ROOT / "requirements" / "cpu.txt") == {"onnxruntime": release}
     assert "requirements/cpu.txt" in (ROOT / "Makefile").read_text()
+    export = pins(ROOT / "requirements" / "export.txt")
+    assert export["onnxruntime"] == release
+    shared = set(export) & set(pins(RUNTIME))  # numpy, pillow, protobuf...: the same in both stages
+    assert shared and all(export[name] == pins(RUNTIME)[name] for name in shared)
 
 
 @pytest.mark.slow
