@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="images (views) per ONNX Runtime run")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in-process)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="rows per part file (unit of resume)")
+    parser.add_argument(
+        "--read-threads", type=int, default=8, help="files each process reads at once (remote stores: more)"
+    )
     parser.add_argument("--manifest", action="store_true", default=None, help="INPUT is a manifest")
     parser.add_argument("--all-files", action="store_true", help="take every file of folders")
     parser.add_argument("--retry-failed", action="store_true", help="rescore files with an error row")
@@ -86,6 +89,8 @@ def check_args(args: argparse.Namespace, settings: Settings) -> None:
         raise InputError("--chunk-size must be at least 1")
     if args.workers < 0:
         raise InputError("--workers must not be negative")
+    if args.read_threads < 1:
+        raise InputError("--read-threads must be at least 1")
     if output_format(args.out) != "parquet" and args.engine == "ray":
         raise InputError("--engine ray writes Parquet: give --out a .parquet folder")
 
@@ -127,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 actors=args.ray_actors,
                 address=args.ray_address,
                 chunk_size=args.chunk_size,
+                read_threads=args.read_threads,
             )
         else:
             summary = _score_local(todo, store, settings, args)
@@ -156,7 +162,7 @@ def _score_local(
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
     check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k)  # as the service refuses k > classes
-    spec = PrepareSpec.for_runner(runner, settings, args.tta)
+    spec = PrepareSpec.for_runner(runner, settings, args.tta, args.read_threads)
     with tqdm(
         total=len(todo),
         unit="img",

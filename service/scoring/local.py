@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.pipeline import ModelRunner, PrepareSpec, describe, prepare_bytes, prepare_file
+from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_bytes, prepare_files, read_files
 from service.scoring.results import ResultStore
-from service.scoring.sources import SourceFile, open_bytes
+from service.scoring.sources import SourceFile
 
 TASK_FILES = 4  # files per worker task: amortizes inter-process overhead without starving the batcher
 PROCESS_LOCAL = ("memory://",)  # filesystems whose files exist only in this process
@@ -81,7 +81,7 @@ def _prepare_many(files: list[SourceFile], payloads: list[bytes | str] | None) -
     """Worker task: read (unless the main process already did) and prepare a few files."""
     assert _WORKER_SPEC is not None
     if payloads is None:
-        return [prepare_file(f.path, _WORKER_SPEC) for f in files]
+        return prepare_files([f.path for f in files], _WORKER_SPEC)
     return [prepare_bytes(p, _WORKER_SPEC) if isinstance(p, bytes) else (None, p) for p in payloads]
 
 
@@ -89,13 +89,7 @@ def _read_here(files: list[SourceFile], spec: PrepareSpec) -> list[bytes | str] 
     """Bytes (or an error) of files on a filesystem other processes cannot see (`memory://`); else None."""
     if not any(f.path.startswith(PROCESS_LOCAL) for f in files):
         return None
-    out: list[bytes | str] = []
-    for f in files:
-        try:
-            out.append(open_bytes(f.path, spec.settings.max_request_bytes))
-        except Exception as exc:
-            out.append(describe(exc))
-    return out
+    return read_files([f.path for f in files], spec.settings.max_request_bytes, spec.read_threads)
 
 
 class _Batch:
@@ -177,18 +171,19 @@ def score_local(
         if batch.views >= batch_size:
             run_batch()
 
-    tasks = [files[i : i + TASK_FILES] for i in range(0, len(files), TASK_FILES)]
+    per_task = max(TASK_FILES, spec.read_threads)  # a task's files are read at once: keep every thread busy
+    tasks = [files[i : i + per_task] for i in range(0, len(files), per_task)]
     pool = None
     try:
         if workers <= 0:
             for task in tasks:
-                for source in task:
-                    take(source, *prepare_file(source.path, spec))
+                for source, prepared in zip(task, prepare_files([f.path for f in task], spec), strict=True):
+                    take(source, *prepared)
         else:
             context = multiprocessing.get_context("spawn")
             pool = context.Pool(workers, initializer=_init_worker, initargs=(spec,))
             workers_at_start = {p.pid for p in pool._pool}  # type: ignore[attr-defined]
-            window = max(2, (batch_size * 2) // TASK_FILES + workers * 2)
+            window = max(2, (batch_size * 2) // per_task + workers * 2)
             pending: deque = deque()
             next_task = 0
             while next_task < len(tasks) or pending:

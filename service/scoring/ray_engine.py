@@ -3,15 +3,14 @@
 Ray's own readers are not used. Its image reader applies no EXIF orientation or size limits, and one bad file
 fails the whole job; its binary reader reads each file whole, waits forever on a FIFO, and fails the job on a
 file deleted after listing. Here the dataset is the listing itself (path, size, mtime), and each actor reads
-every file with the local engine's bounded read (`pipeline.prepare_file`), so both engines give every file
-the same row. This is the only module that imports Ray; nothing on the serving path imports it.
+every file with the local engine's bounded, concurrent read (`pipeline.read_files`), so both engines give
+every file the same row. This is the only module that imports Ray; nothing on the serving path imports it.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,9 @@ import pyarrow as pa
 
 from service.config import Settings
 from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import ModelRunner, PrepareSpec, describe, prepare_bytes
+from service.scoring.pipeline import READ_THREADS, ModelRunner, PrepareSpec, prepare_files
 from service.scoring.results import SCHEMA, ResultStore
-from service.scoring.sources import SourceFile, open_bytes
-
-READ_THREADS = 8  # files of one batch read at a time by an actor: object stores answer slowly, not busily
+from service.scoring.sources import SourceFile
 
 
 def _encode(path: str) -> bytes:
@@ -43,14 +40,6 @@ class RayScorer:
         self.top_k = top_k
         self.batch_size = batch_size
         self.runner = ModelRunner(spec.settings, spec.model, spec.version, batch_size)
-        self.reader = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
-
-    def _read(self, path: str) -> bytes | str:
-        """The file's bytes (at most the size limit + 1), or its error row's text."""
-        try:
-            return open_bytes(path, self.spec.settings.max_request_bytes)
-        except Exception as exc:  # deleted after listing, a FIFO, no permission: a row, never a failed job
-            return describe(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         sources = [
@@ -64,11 +53,8 @@ class RayScorer:
         ]
         rows: list[dict[str, Any]] = []
         ready: list[tuple[SourceFile, np.ndarray]] = []
-        for source, data in zip(sources, self.reader.map(self._read, [s.path for s in sources]), strict=True):
-            if isinstance(data, str):
-                rows.append(result_row(source, self.runner, None, data))
-                continue
-            views, error = prepare_bytes(data, self.spec)
+        prepared = prepare_files([s.path for s in sources], self.spec)
+        for source, (views, error) in zip(sources, prepared, strict=True):
             if views is None:
                 rows.append(result_row(source, self.runner, None, error))
             else:
@@ -94,6 +80,7 @@ def score_ray(
     actors: int,
     address: str | None,
     chunk_size: int = 1000,
+    read_threads: int = READ_THREADS,
 ) -> Summary:
     """Score `todo` on Ray (a new local Ray, or the cluster at `address`) and write Parquet into the store.
 
@@ -107,7 +94,7 @@ def score_ray(
     summary = Summary(total=len(todo))
     started = time.perf_counter()
     runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
-    spec = PrepareSpec.for_runner(runner, settings, tta)
+    spec = PrepareSpec.for_runner(runner, settings, tta, read_threads)
     if todo:
         if not ray.is_initialized():
             # a local Ray's GCS server gets 30 s to start by default: a busy machine can take longer

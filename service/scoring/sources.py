@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from fsspec.core import url_to_fs
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".lst", ".manifest")
 GLOB_CHARS = ("*", "?", "[")
+STAT_THREADS = 16  # manifest entries stat-ed at once
 
 
 class NotRegularFile(OSError):
@@ -148,14 +150,16 @@ def list_inputs(
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read the manifest {spec!r}: {exc}") from None
         base = root.rsplit("/", 1)[0] if "/" in root else ""
-        files = []
+        targets = []
         for name in names:
             if "://" in name:
-                other_fs, other_path = url_to_fs(name, **(storage_options or {}))
-                files.append(_entry(other_fs, other_path, None))
+                targets.append(url_to_fs(name, **(storage_options or {})))
             else:
                 path = name if name.startswith("/") or not base else f"{base}/{name}"
-                files.append(_entry(fs, posixpath.normpath(path), None))  # ./a.jpg is a.jpg
+                targets.append((fs, posixpath.normpath(path)))  # ./a.jpg is a.jpg
+        # one stat per file: a round trip each on an object store, so many at once
+        with ThreadPoolExecutor(STAT_THREADS, thread_name_prefix="stat") as pool:
+            files = list(pool.map(lambda target: _entry(target[0], target[1], None), targets))
         if not files:
             raise InputError(f"the manifest {spec!r} lists no path")
         return _dedupe(files)
