@@ -25,6 +25,7 @@ from service.scoring.sources import InputError, SourceFile, list_inputs
 from service.sessions import GpuRequired
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+MAX_READ_THREADS = 256  # threads per process: more only queues requests a store would throttle anyway
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +90,8 @@ def check_args(args: argparse.Namespace, settings: Settings) -> None:
         raise InputError("--chunk-size must be at least 1")
     if args.workers < 0:
         raise InputError("--workers must not be negative")
-    if args.read_threads < 1:
-        raise InputError("--read-threads must be at least 1")
+    if not 1 <= args.read_threads <= MAX_READ_THREADS:
+        raise InputError(f"--read-threads must be between 1 and {MAX_READ_THREADS}")
     if output_format(args.out) != "parquet" and args.engine == "ray":
         raise InputError("--engine ray writes Parquet: give --out a .parquet folder")
 

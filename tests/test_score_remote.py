@@ -102,4 +102,5 @@ def test_read_threads_1_reads_one_file_at_a_time(tmp_path, store, tiny_repo):
     args = ["--model", "tiny", "--repository", str(tiny_repo), "--no-progress", "--workers", "0"]
     assert main([str(manifest), "--out", str(tmp_path / "o.jsonl"), "--read-threads", "1", *args]) == 0
     assert store.peak["GET"] == 1, store.peak
-    assert main([str(manifest), "--out", str(tmp_path / "p.jsonl"), "--read-threads", "0", *args]) == 2
+    for bad in ("0", "257"):
+        assert main([str(manifest), "--out", str(tmp_path / "p.jsonl"), "--read-threads", bad, *args]) == 2
