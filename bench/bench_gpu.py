@@ -320,10 +320,10 @@ def uint8_graph(path: str, spec: Any) -> bytes:
 def affine(spec: Any) -> tuple[np.ndarray, np.ndarray]:
     """(scale, offset), shaped (1, C, 1, 1): normalized = pixel * scale + offset, as the service's fast
     preprocessing computes it (x / 255, then (x - mean) / std), with `invert` (255 - pixel) folded in."""
-    c = spec.channels
-    std = np.asarray(spec.std, np.float32).reshape(1, c, 1, 1)
-    mean = np.asarray(spec.mean, np.float32).reshape(1, c, 1, 1)
-    scale, offset = 1.0 / (255.0 * std), -mean / std
+    from service.preprocessing import Preprocessor
+
+    pre = Preprocessor(spec, "fast")
+    scale, offset = pre.scale[None], pre.offset[None]
     if spec.invert:
         scale, offset = -scale, 255.0 * scale + offset
     return scale.astype(np.float32), offset.astype(np.float32)

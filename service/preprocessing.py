@@ -108,9 +108,9 @@ class Preprocessor:
         std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
         mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._mean, self._std = mean, std
-        # fast: x/255 then normalize == x * scale + offset, one fused pass
-        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
-        self._offset = (-mean / std).astype(np.float32)
+        # fast: x/255 then normalize == x * scale + offset, one fused pass; (C, 1, 1) each
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.offset = (-mean / std).astype(np.float32)
 
     @property
     def decode_draft(self) -> bool:
@@ -178,8 +178,8 @@ class Preprocessor:
             if self.spec.invert:
                 arr = 255 - arr
             # x/255 then normalize, fused and written in place: no float temporaries
-            np.multiply(arr, self._scale, out=out[i])
-            np.add(out[i], self._offset, out=out[i])
+            np.multiply(arr, self.scale, out=out[i])
+            np.add(out[i], self.offset, out=out[i])
             rendered[key] = i
 
 

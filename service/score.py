@@ -20,6 +20,7 @@ from service.errors import ServiceError
 from service.postprocessing import check_top_k
 from service.repository import RepositoryError
 from service.scoring.local import WorkerLost
+from service.scoring.pipeline import READ_THREADS
 from service.scoring.results import OutputError, ResultStore, output_format
 from service.scoring.sources import InputError, SourceFile, list_inputs
 from service.sessions import GpuRequired
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in-process)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="rows per part file (unit of resume)")
     parser.add_argument(
-        "--read-threads", type=int, default=8, help="files each process reads at once (remote stores: more)"
+        "--read-threads",
+        type=int,
+        default=READ_THREADS,
+        help="files each process reads at once (remote stores: more)",
     )
     parser.add_argument("--manifest", action="store_true", default=None, help="INPUT is a manifest")
     parser.add_argument("--all-files", action="store_true", help="take every file of folders")

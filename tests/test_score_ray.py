@@ -111,7 +111,7 @@ def test_files_changed_after_listing_get_their_rows_and_the_job_finishes(tmp_pat
     settings = Settings(repository=str(repo), max_request_bytes=2_000_000)
     summary = score_ray(
         todo, store, settings, model=model, version=None, top_k=3, tta="none", batch_size=1, actors=1,
-        address=None, chunk_size=1,
+        address=None, chunk_size=1, read_threads=8,
     )  # fmt: skip
     # --chunk-size bounds the rows per part file, as in the local engine: the unit an interrupted job keeps
     parts = sorted(pq.ParquetFile(p).metadata.num_rows for p in Path(store.out).glob("*.parquet"))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_bytes, prepare_files, read_files
+from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_files, prepare_payloads, read_files
 from service.scoring.results import ResultStore
 from service.scoring.sources import SourceFile
 
@@ -82,7 +82,7 @@ def _prepare_many(files: list[SourceFile], payloads: list[bytes | str] | None) -
     assert _WORKER_SPEC is not None
     if payloads is None:
         return prepare_files([f.path for f in files], _WORKER_SPEC)
-    return [prepare_bytes(p, _WORKER_SPEC) if isinstance(p, bytes) else (None, p) for p in payloads]
+    return prepare_payloads(payloads, _WORKER_SPEC)
 
 
 def _read_here(files: list[SourceFile], spec: PrepareSpec) -> list[bytes | str] | None:

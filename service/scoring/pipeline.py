@@ -128,10 +128,14 @@ def read_files(paths: list[str], max_bytes: int, threads: int = READ_THREADS) ->
     return list(_READERS[threads].map(read, paths))
 
 
+def prepare_payloads(payloads: list[bytes | str], spec: PrepareSpec) -> list[tuple[np.ndarray | None, str]]:
+    """`read_files`' results prepared: bytes decoded into views, an error text passed on as the row's."""
+    return [prepare_bytes(p, spec) if isinstance(p, bytes) else (None, p) for p in payloads]
+
+
 def prepare_files(paths: list[str], spec: PrepareSpec) -> list[tuple[np.ndarray | None, str]]:
     """Read (concurrently) and prepare files; errors become the rows' `error`."""
-    payloads = read_files(paths, spec.settings.max_request_bytes, spec.read_threads)
-    return [prepare_bytes(p, spec) if isinstance(p, bytes) else (None, p) for p in payloads]
+    return prepare_payloads(read_files(paths, spec.settings.max_request_bytes, spec.read_threads), spec)
 
 
 class ModelRunner:

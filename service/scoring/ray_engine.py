@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from service.config import Settings
 from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import READ_THREADS, ModelRunner, PrepareSpec, prepare_files
+from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_files
 from service.scoring.results import SCHEMA, ResultStore
 from service.scoring.sources import SourceFile
 
@@ -79,8 +79,8 @@ def score_ray(
     batch_size: int,
     actors: int,
     address: str | None,
-    chunk_size: int = 1000,
-    read_threads: int = READ_THREADS,
+    chunk_size: int,
+    read_threads: int,
 ) -> Summary:
     """Score `todo` on Ray (a new local Ray, or the cluster at `address`) and write Parquet into the store.
 
