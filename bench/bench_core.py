@@ -8,7 +8,7 @@
    repository has none).
 4. Fast-vs-exact preprocessing: top-1 agreement of efficientnet_lite0 over crops/scales of real photos.
 
-Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet]
+Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet] [--caps 2,4,8,16]
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], roun
     info = core.model_info(model)
     per_image = {b: round(t * 1000, 1) for b, t in info.get("per_image_s", {}).items()}
     cap = info["preferred_batch"]
-    print(f"  {model}: warm-up ms/image by batch size {per_image}, batches capped at {cap}")
+    clock = "CPU-ms" if info.get("per_image_clock") == "cpu" else "ms"
+    print(f"  {model}: warm-up {clock}/image by batch size {per_image}, batches capped at {cap}")
     pairs = [(sequential(), asyncio.run(concurrent())) for _ in range(rounds)]  # side by side, alternating
     seq = statistics.median(p[0] for p in pairs)
     con = statistics.median(p[1] for p in pairs)
@@ -164,6 +165,32 @@ def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], roun
         f"throughput {model}: one by one {seq:.1f} images/s, {len(images)} concurrent callers {con:.1f} "
         f"images/s, ratio {ratio:.2f}x (median of {rounds} alternating rounds of {len(images)} images; "
         "target >= 1.5x)"
+    )
+
+
+def bench_caps(core: InferenceCore, model: str, images: list[bytes], rounds: int, caps: list[int]) -> None:
+    """The batch cap warm-up picks against other caps: the same concurrent calls, caps alternating."""
+    session = core._entry(model, None).session
+    assert session is not None
+    picked = session.preferred_batch
+
+    async def concurrent() -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(core.classify([d], model=model, top_k=5) for d in images))
+        return len(images) / (time.perf_counter() - t0)
+
+    rates: dict[int, list[float]] = {c: [] for c in caps}
+    try:
+        for _ in range(rounds):
+            for cap in caps:
+                session.preferred_batch = cap
+                rates[cap].append(asyncio.run(concurrent()))
+    finally:
+        session.preferred_batch = picked
+    parts = ", ".join(f"cap {c}: {statistics.median(r):.1f}" for c, r in rates.items())
+    print(
+        f"  {model} batch caps, {len(images)} concurrent callers, images/s (median of {rounds} rounds): "
+        f"{parts}; warm-up picked {picked}"
     )
 
 
@@ -282,6 +309,7 @@ def main() -> None:
     ap.add_argument("--agreement", type=int, default=200)
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin")
+    ap.add_argument("--caps", default="", help="also compare these batch caps side by side, e.g. 2,4,8,16")
     args = ap.parse_args()
     model = "efficientnet_lite0"
     card = json.loads((Path(args.repository) / model / "1" / "model.json").read_text())
@@ -306,6 +334,8 @@ def main() -> None:
     bench_single(core, model, data, args.runs)
     images = photo_set(32)
     bench_concurrency(core, model, images, args.rounds)
+    if args.caps:
+        bench_caps(core, model, images, 2 * args.rounds, [int(c) for c in args.caps.split(",")])
     core.close()
 
     if not args.skip_resnet:

@@ -17,6 +17,7 @@ from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
+from service.sessions import pick_batch
 from tests.conftest import encode
 
 
@@ -46,6 +47,36 @@ class Recorder(NullObserver):
 
 def _images(chelsea: Image.Image, n: int) -> list[bytes]:
     return [encode(chelsea.rotate(7 * i).resize((120, 80)), "PNG") for i in range(n)]
+
+
+def test_batch_cap_is_the_largest_near_tie_of_the_cheapest() -> None:
+    # costs seen on a 2-vCPU host for EfficientNet-Lite0 (CPU seconds per image): batch 4 is the cheapest and
+    # batch 8 is 7% dearer, so batches are capped at 4
+    cpu = {1: 6.4e-3, 2: 5.4e-3, 4: 5.1e-3, 8: 5.5e-3, 16: 5.9e-3, 32: 6.9e-3}
+    assert pick_batch(cpu) == 4
+    # a GPU: the cost falls, then flattens; the largest bucket of the flat part wins the near tie
+    gpu = {1: 1.0e-3, 8: 2.0e-4, 64: 5.1e-5, 128: 5.0e-5, 256: 5.1e-5}
+    assert pick_batch(gpu) == 256
+    assert pick_batch(gpu, tolerance=0.0) == 128
+    assert pick_batch({1: 3e-3, 2: float("inf")}) == 1  # a bucket never timed never wins
+    with pytest.raises(ValueError, match="no batch size"):
+        pick_batch({})
+
+
+def test_warm_up_costs_cpu_sessions_in_cpu_time(tiny_repo: Path) -> None:
+    """On CPU the cost is the process's CPU time, and model_info says which clock its figures are."""
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", max_batch_size=8))
+    core.load()
+    try:
+        session = core._entry("tiny", None).session
+        assert not session.on_gpu
+        assert set(session.per_image_s) == set(session.buckets)
+        assert all(0 <= t < 1 for t in session.per_image_s.values())
+        assert session.preferred_batch == pick_batch(session.per_image_s)
+        info = core.model_info("tiny")
+        assert info["per_image_clock"] == "cpu" and info["preferred_batch"] == session.preferred_batch
+    finally:
+        core.close()
 
 
 def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image) -> None:
