@@ -190,7 +190,7 @@ class ModelSession:
         `preferred_batch` caps the batcher's batches (see `pick_batch`). The cost is what throughput under
         load pays for: on GPU the wall time of a run; on CPU the process's CPU time, because there the decode
         threads share the cores with inference, so a run that keeps two cores busy for 3 ms costs 6 ms of
-        the machine, whatever its wall time.
+        the machine, whatever its wall time (nothing else of the process runs during warm-up).
         """
 
         # Normalized pixels look like a standard normal; zeros can run faster on a GPU than real data does.
@@ -230,11 +230,11 @@ def pick_batch(per_image: dict[int, float], tolerance: float = PICK_TOLERANCE) -
     """The batch cap: the largest bucket costing at most `tolerance` more per image than the cheapest.
 
     On GPU the cost falls with the batch until the device is full, so this is a large bucket. On a CPU with
-    a few cores, batches of a depthwise network such as EfficientNet-Lite0 overflow the caches: on a 2-vCPU
-    host batch 4 costs about 5.3 CPU-ms per image, batch 8 about 5.9 and batch 32 about 7.2, and under load
-    a cap of 4 serves about 5% more images per second than a cap of 8 (`bench/bench_core.py --caps`). The
-    tolerance lets a larger batch win a near tie (fewer batcher hand-offs) but stays below the gap between
-    those buckets.
+    a few cores, batches of a depthwise network such as EfficientNet-Lite0 can overflow the caches: on a
+    2-vCPU host batch 4 often costs about 5.3 CPU-ms per image, batch 8 about 5.9 and batch 32 about 7.2, and
+    under load a cap of 4 then serves about 3% more images per second than a cap of 8 (median of 7 runs of
+    `bench/bench_core.py --caps 4,8,16`). The tolerance lets a larger batch win a near tie (fewer batcher
+    hand-offs) but stays below the gap between those buckets.
     """
     finite = {b: t for b, t in per_image.items() if math.isfinite(t) and t >= 0}
     if not finite:

@@ -32,7 +32,7 @@ def ray_cluster():
             break
         except Exception as e:  # noqa: BLE001 - Ray's own start-up, not the code under test
             # Once (2026-12-01, a slow phase of a shared host) the raylet never came up, not even its log
-            # files, and ray.init gave up after its fixed 30 s; the next start worked.
+            # files, and ray.init gave up after its fixed 30 s; the next run of the suite started it at once.
             ray.shutdown()
             if attempt == 2:
                 raise
