@@ -31,6 +31,9 @@ class Settings:
     repository: str = _setting("models", "the model repository: models/<name>/<version>/model.json")
     default_model: str = _setting("efficientnet_lite0", "the model a request gets when it names none")
     models: tuple[str, ...] = _setting((), "comma-separated names to load; empty: all in the repository")
+    strict_readiness: bool = _setting(
+        True, "ready only once every model loaded (the protocol's rule, Triton's default); 0: once any did"
+    )
 
     # ONNX Runtime
     providers: tuple[str, ...] = _setting(

@@ -100,7 +100,8 @@ class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
         self.observer: Observer = observer or NullObserver()
-        self.ready = False
+        self.ready = False  # what the readiness probes answer: see `load`
+        self.loaded = False  # load() finished and close() not begun: each ready model serves
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits.from_settings(self.settings)
         self._models: dict[tuple[str, str], LoadedModel] = {}
@@ -150,7 +151,12 @@ class InferenceCore:
                 entry.reason = f"{type(e).__name__}: {e}"[:500]
                 log.error("model %s:%s unavailable: %s", name, v, entry.reason)
         self.batcher.start()
-        self.ready = any(m.state == "ready" for m in self._models.values())
+        self.loaded = True
+        # The Open Inference Protocol's server readiness is "all the models are ready" (Triton's strict
+        # readiness): a rollout whose new pods hold a broken model stops there, the old pods serving on.
+        # Without it, a pod serves its good models and answers ModelUnavailable for the others.
+        states = [m.state == "ready" for m in self._models.values()]
+        self.ready = any(states) and (all(states) or not self.settings.strict_readiness)
 
     async def start(self) -> None:
         try:
@@ -172,7 +178,7 @@ class InferenceCore:
 
         The pool goes first: stopping the batcher while an image was still being decoded would leave that
         image with nowhere to go."""
-        self.ready = False
+        self.ready = self.loaded = False
         self._pool.shutdown(wait=True)
         self.batcher.stop(self.settings.drain_timeout_s)
 
@@ -265,7 +271,9 @@ class InferenceCore:
         )
         return entry.preprocessor(img, augmentation.plan_views(entry.spec, tta, img.size))
 
-    def _check(self, images: Sequence[bytes], model: str | None, version: str | None, top_k: int, tta: str):
+    def _check(
+        self, images: Sequence[bytes], model: str | None, version: str | None, top_k: int | None, tta: str
+    ):
         entry = self._entry(model, version)
         augmentation.check_mode(tta)
         assert entry.card is not None
@@ -307,7 +315,7 @@ class InferenceCore:
         *,
         model: str | None = None,
         version: str | None = None,
-        top_k: int = 5,
+        top_k: int | None = None,
         tta: str = "none",
         deadline: float | None = None,
     ) -> list[Prediction | ServiceError]:
@@ -331,7 +339,7 @@ class InferenceCore:
         *,
         model: str | None = None,
         version: str | None = None,
-        top_k: int = 5,
+        top_k: int | None = None,
         tta: str = "none",
         deadline: float | None = None,
     ) -> list[Prediction | ServiceError]:

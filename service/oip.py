@@ -11,10 +11,10 @@ Every model exposes two inputs, of which a request sends exactly one:
 and two outputs: `probabilities` (FP32 [-1, classes]) and `top_k` (BYTES [-1, k], each element
 `"<probability>:<index>:<label>"` as in Triton's classification extension).
 
-Request parameters: `top_k` (int, default 5) and `tta` (string, default "none"). Output parameter:
-`classification` (int N), Triton's classification extension: that output answers its N best classes as
-BYTES [-1, N] `"<probability>:<index>:<label>"` instead of its values (what tritonclient's `class_count`
-asks for).
+Request parameters: `top_k` (int, default 5, or every class of a model with fewer) and `tta` (string,
+default "none"). Output parameter: `classification` (int N), Triton's classification extension: that output
+answers its N best classes as BYTES [-1, N] `"<probability>:<index>:<label>"` instead of its values (what
+tritonclient's `class_count` asks for); as in Triton, an N above the class count answers every class.
 
 Shared codecs also live here: Triton's binary BYTES encoding (each element prefixed by its length, 4 bytes
 little-endian) and the datatype <-> NumPy mapping.
@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
 from service.errors import InvalidArgument, ModelUnavailable, ServiceError
+from service.postprocessing import check_top_k
 
 SERVER_NAME = "cnn-serve"
 EXTENSIONS = ("binary_tensor_data", "classification", "parameters")
@@ -42,7 +43,6 @@ PROBABILITIES_OUTPUT = "probabilities"
 TOP_K_OUTPUT = "top_k"
 OUTPUT_NAMES = (PROBABILITIES_OUTPUT, TOP_K_OUTPUT)
 CLASSIFICATION = "classification"
-DEFAULT_TOP_K = 5
 # Request parameters that Triton's and KServe's clients add on their own; accepted and ignored here (the
 # transports handle binary output themselves, and the deadline comes from the transport).
 IGNORED_PARAMETERS = ("binary_data_output", "priority", "timeout", "headers")
@@ -314,7 +314,10 @@ class OpenInference:
         card_input = info.get("input") or {}
         fp32_name = card_input.get("name", "input")
         parameters = dict(parameters or {})
-        top_k = self._top_k(parameters.get("top_k", DEFAULT_TOP_K), len(labels))
+        for key in ("top_k", "tta"):
+            if key in parameters and parameters[key] is None:
+                raise InvalidArgument(f"parameter {key!r} has no value")
+        top_k = self._top_k(parameters.get("top_k"), len(labels))
         tta = parameters.get("tta", "none")
         if not isinstance(tta, str):
             raise InvalidArgument("parameter 'tta' must be a string")
@@ -323,7 +326,7 @@ class OpenInference:
             raise InvalidArgument(f"unknown parameters {sorted(unknown)}; this model takes 'top_k' and 'tta'")
         outputs = list(requested_outputs or [RequestedOutput(n) for n in OUTPUT_NAMES])
         classes = max(0, _class_count(info))
-        for out in outputs:
+        for i, out in enumerate(outputs):
             if out.name not in OUTPUT_NAMES:
                 raise InvalidArgument(f"unknown output {out.name!r}; model {name!r} has {list(OUTPUT_NAMES)}")
             if out.classification and out.name != PROBABILITIES_OUTPUT:
@@ -331,8 +334,13 @@ class OpenInference:
                     f"output {out.name!r} is already classes; {CLASSIFICATION!r} applies to "
                     f"{PROBABILITIES_OUTPUT!r}"
                 )
-            if out.classification:
-                self._top_k(out.classification, classes, f"output {out.name!r}: {CLASSIFICATION!r}")
+            if out.classification:  # Triton caps a class_count above the class count; so do we
+                outputs[i] = replace(
+                    out,
+                    classification=self._top_k(
+                        out.classification, classes, f"output {out.name!r}: {CLASSIFICATION!r}", cap=True
+                    ),
+                )
 
         if len(inputs) != 1:
             raise InvalidArgument(
@@ -360,14 +368,20 @@ class OpenInference:
                 result.append(Tensor(out.name, "BYTES", [probabilities.shape[0], k], elements))
         return InferResult(name, resolved_version, result)
 
-    def _top_k(self, value: Any, classes: int, what: str = "parameter 'top_k'") -> int:
+    def _top_k(self, value: Any, classes: int, what: str = "parameter 'top_k'", cap: bool = False) -> int:
+        """The k to answer; None (not asked) is the core's default, 5 or every class of a smaller model."""
+        max_top_k = getattr(getattr(self.core, "settings", None), "max_top_k", None)
+        if value is None:
+            return check_top_k(None, classes, max_top_k)
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise InvalidArgument(f"{what} must be an integer")
         try:
             k = int(value)
         except ValueError:
             raise InvalidArgument(f"{what} must be an integer, not {value!r}") from None
-        limit = min(classes or k, getattr(getattr(self.core, "settings", None), "max_top_k", classes or k))
+        limit = min(classes or k, max_top_k or classes or k)
+        if cap and k > limit:
+            return limit
         if k < 1 or k > limit:
             raise InvalidArgument(f"{what} must be between 1 and {limit}, got {k}")
         return k

@@ -50,10 +50,17 @@ def average_views(probabilities: np.ndarray, counts: Sequence[int]) -> list[np.n
     return out
 
 
+DEFAULT_TOP_K = 5  # Keras' decode_predictions default
+
+
 def check_top_k(top_k: Any, classes: int, limit: int | None = None) -> int:
+    """The k to answer. None (the caller did not ask) is 5, or every class of a model with fewer: a default
+    must never be an error."""
+    upper = min(classes, limit) if limit is not None else classes
+    if top_k is None:
+        return max(1, min(DEFAULT_TOP_K, upper))
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
         raise InvalidArgument(f"top_k must be an integer, not {top_k!r}")
-    upper = min(classes, limit) if limit is not None else classes
     if not 1 <= int(top_k) <= upper:
         raise InvalidArgument(f"top_k must be between 1 and {upper}, got {top_k}")
     return int(top_k)

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--version", default=None, help="model version (default: the latest)")
     parser.add_argument("--out", required=True, help="output folder: NAME.parquet, NAME.csv or NAME.jsonl")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=None, help="classes per image (default 5, or all)")
     parser.add_argument("--tta", default="none", help="test-time augmentation views (as the service's `tta`)")
     parser.add_argument("--batch-size", type=int, default=32, help="images (views) per ONNX Runtime run")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in-process)")
@@ -86,7 +86,7 @@ def plan(
 
 
 def check_args(args: argparse.Namespace, settings: Settings) -> None:
-    if args.top_k < 1 or args.top_k > settings.max_top_k:
+    if args.top_k is not None and not 1 <= args.top_k <= settings.max_top_k:
         raise InputError(f"--top-k must be between 1 and {settings.max_top_k}")
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
@@ -166,7 +166,7 @@ def _score_local(
     from service.scoring.pipeline import ModelRunner, PrepareSpec
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
-    check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k)  # as the service refuses k > classes
+    top_k = check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k)  # as the service does
     spec = PrepareSpec.for_runner(runner, settings, args.tta, args.read_threads)
     with tqdm(
         total=len(todo),
@@ -181,7 +181,7 @@ def _score_local(
             store,
             runner,
             spec,
-            top_k=args.top_k,
+            top_k=top_k,
             batch_size=args.batch_size,
             workers=args.workers,
             chunk_size=args.chunk_size,

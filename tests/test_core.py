@@ -127,6 +127,22 @@ def test_async_classify_and_infer_tensor(core: InferenceCore, photo: bytes) -> N
         asyncio.run(core.infer_tensor("tiny", None, np.zeros((1, 3, 8, 8), np.float32)))
 
 
+def test_default_top_k_is_every_class_of_a_smaller_model(tmp_path: Path, photo: bytes) -> None:
+    """Keras' default of 5 would be an error on a 3-class model that the caller never asked for."""
+    write_tiny_model(tmp_path, "three", "1", classes=3)
+    core = InferenceCore(Settings(repository=str(tmp_path), default_model="three"))
+    core.load()
+    try:
+        (p,) = core.classify_sync([photo])
+        assert len(p.top_k) == 3 and sorted(c.index for c in p.top_k) == [0, 1, 2]
+        (p,) = core.classify_sync([photo], top_k=2)
+        assert len(p.top_k) == 2
+        with pytest.raises(InvalidArgument, match="between 1 and 3"):
+            core.classify_sync([photo], top_k=5)  # asked for: still an error
+    finally:
+        core.close()
+
+
 def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: bytes) -> None:
     write_tiny_model(tmp_path, "good", "1")
     bad = write_tiny_model(tmp_path, "bad", "1", seed=5)
@@ -138,7 +154,8 @@ def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: b
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="good"))
     core.load()
     try:
-        assert core.ready
+        # strict readiness (the protocol's, Triton's default): not ready while a model is broken, yet serving
+        assert core.loaded and not core.ready
         info = core.model_info("bad")
         assert info["state"] == "unavailable" and "sha256" in info["reason"]
         assert "model.json" in core.model_info("nocard")["reason"]
@@ -148,6 +165,13 @@ def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: b
         assert p.model == "good"
     finally:
         core.close()
+    assert not core.loaded and not core.ready
+    lenient = InferenceCore(Settings(repository=str(tmp_path), default_model="good", strict_readiness=False))
+    lenient.load()
+    try:
+        assert lenient.ready and lenient.model_info("bad")["state"] == "unavailable"
+    finally:
+        lenient.close()
 
 
 def test_settings_models_filter_and_latest(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service import oip
 from service.config import Settings
+from tests.conftest import write_tiny_model
 
 # GRPC_TEST_MODELS: another repository with the same model names (e.g. while `models/` is being built).
 REPOSITORY = Path(os.environ.get("GRPC_TEST_MODELS") or Path(__file__).resolve().parent.parent / "models")
@@ -684,6 +685,55 @@ def test_unavailable_model(tmp_path: Path) -> None:
             assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
             check = health.Check(health_pb2.HealthCheckRequest(service="lenet5"), timeout=10)
             assert check.status == health_pb2.HealthCheckResponse.SERVING
+            # strict readiness, the protocol's "all the models are ready": the server is not ready
+            check = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            inference = pb_grpc.GRPCInferenceServiceStub(ch)
+            assert not inference.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+            assert inference.ModelReady(pb.ModelReadyRequest(name="lenet5"), timeout=10).ready
+            assert not inference.ModelReady(pb.ModelReadyRequest(name="broken"), timeout=10).ready
+    finally:
+        s.close()
+
+
+def test_small_models_parameters_of_every_kind_and_a_capped_class_count(tmp_path: Path) -> None:
+    """A 3-class model: a request without parameters answers its 3 classes (a default top_k of 5 was an
+    error); top_k arrives as int64, uint64 (the official proto's field 5) or a string; a double is refused
+    by name; Triton's class_count above the class count answers every class, as Triton does."""
+    write_tiny_model(tmp_path, "three", "1", classes=3)
+    s = Served(settings_for(tmp_path, default_model="three"))
+    image = png(Image.fromarray(data.chelsea()).resize((64, 48)))
+
+    def request(**params: Any) -> pb.ModelInferRequest:
+        tensor = _bytes_input([image])
+        tensor.contents.bytes_contents.append(image)
+        req = pb.ModelInferRequest(model_name="three", inputs=[tensor])
+        for key, (kind, value) in params.items():
+            setattr(req.parameters[key], kind, value)
+        return req
+
+    def shape_of(response: pb.ModelInferResponse, name: str) -> list[int]:
+        return next(list(o.shape) for o in response.outputs if o.name == name)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.server.port}") as ch:
+            inference = pb_grpc.GRPCInferenceServiceStub(ch)
+            assert shape_of(inference.ModelInfer(request(), timeout=60), "top_k") == [1, 3]
+            for kind, value in (("int64_param", 2), ("uint64_param", 2), ("string_param", "2")):
+                response = inference.ModelInfer(request(top_k=(kind, value)), timeout=60)
+                assert shape_of(response, "top_k") == [1, 2], kind
+            invalid = grpc.StatusCode.INVALID_ARGUMENT
+            err = fails(inference.ModelInfer, request(top_k=("double_param", 2.0)), invalid)
+            assert "top_k" in err.details() and "integer" in err.details()
+            fails(inference.ModelInfer, request(top_k=("uint64_param", 4)), invalid)
+            req = request()
+            wanted = req.outputs.add(name="probabilities")
+            wanted.parameters["classification"].int64_param = 20
+            response = inference.ModelInfer(req, timeout=60)
+            assert shape_of(response, "probabilities") == [1, 3]
+            classifier = classifier_pb2_grpc.ImageClassifierStub(ch)
+            result = classifier.Classify(classifier_pb2.ClassifyRequest(image=image), timeout=60).result
+            assert sorted(p.index for p in result.predictions) == [0, 1, 2]
     finally:
         s.close()
 

@@ -474,6 +474,21 @@ def test_oip_infer_errors(client: httpx.Client) -> None:
     }
     body, headers = _binary_request(doc, [bad_len])
     assert_error(client.post(url, content=body, headers=headers), 400, "invalid_argument")
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": [0.0] * (3 * 224 * 224)}
+    # the binary extension's flags are booleans: the string "false" once read as true
+    r = client.post(url, json={"inputs": [tensor], "parameters": {"binary_data_output": "false"}})
+    assert_error(r, 400, "invalid_argument")
+    assert "binary_data_output" in r.json()["error"]
+    r = client.post(
+        url, json={"inputs": [tensor], "outputs": [{"name": "top_k", "parameters": {"binary_data": 1}}]}
+    )
+    assert_error(r, 400, "invalid_argument")
+    # an id must come back as sent: one that is not a string is refused, not dropped
+    r = client.post(url, json={"id": 42, "inputs": [tensor]})
+    assert_error(r, 400, "invalid_argument")
+    assert "'id' must be a string" in r.json()["error"]
+    r = client.post(url, json={"id": "42", "inputs": [tensor], "parameters": {"binary_data_output": False}})
+    assert r.status_code == 200 and r.json()["id"] == "42"
 
 
 def test_oip_empty_outputs_list_means_every_output(client: httpx.Client, chelsea: bytes) -> None:

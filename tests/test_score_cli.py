@@ -23,6 +23,7 @@ from service.config import Settings
 from service.core import InferenceCore
 from service.score import main
 from service.scoring.results import ResultStore
+from tests.conftest import write_tiny_model
 from tests.score_helpers import image_folder, jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -452,3 +453,15 @@ def test_a_killed_worker_ends_the_run_instead_of_hanging_it(tmp_path, repo):
     assert proc.returncode == 1 and "worker process died" in err, err
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=120).returncode == 0
     assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in images)
+
+
+def test_default_top_k_is_every_class_of_a_smaller_model(tmp_path):
+    """`--top-k` defaults to 5, or every class of a model with fewer; asked for, a k above them is refused."""
+    write_tiny_model(tmp_path / "repo", "three", "1", classes=3)
+    image_folder(tmp_path / "in", 2)
+    repo = str(tmp_path / "repo")
+    common = [str(tmp_path / "in"), "--model", "three", "--repository", repo, "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "o.jsonl"), "--workers", "0"]) == 0
+    rows = rows_of(tmp_path / "o.jsonl")
+    assert len(rows) == 2 and all(sorted(r["top_k_indices"]) == [0, 1, 2] for r in rows)
+    assert main([*common, "--out", str(tmp_path / "p.jsonl"), "--workers", "0", "--top-k", "4"]) == 2

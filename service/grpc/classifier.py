@@ -10,8 +10,6 @@ from proto import classifier_pb2, classifier_pb2_grpc
 from service.errors import InvalidArgument, ServiceError
 from service.grpc.calls import Calls, deadline_from
 
-DEFAULT_TOP_K = 5
-
 
 def _classification(prediction: Any) -> classifier_pb2.Classification:
     return classifier_pb2.Classification(
@@ -64,7 +62,7 @@ class ImageClassifierServicer(classifier_pb2_grpc.ImageClassifierServicer):
             images,
             model=request.model or None,
             version=request.version or None,
-            top_k=request.top_k or DEFAULT_TOP_K,
+            top_k=request.top_k or None,  # 0, the proto default: not asked
             tta=request.tta or "none",
             deadline=deadline_from(context, self.settings.request_timeout_s),
         )

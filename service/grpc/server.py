@@ -150,7 +150,8 @@ class GrpcServer:
             await self._server.wait_for_termination()
 
     async def refresh_health(self) -> None:
-        """SERVING for "" and the services once the core is ready; per model by its state."""
+        """SERVING for "" and the services once the core is ready; per model by its state once loading is
+        over (a good model serves beside a broken one even while strict readiness keeps "" NOT_SERVING)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         ready = bool(self.core.ready)
@@ -159,7 +160,7 @@ class GrpcServer:
         for model in self.core.models():
             name = str(model.get("name", ""))
             if name:
-                state = model.get("state") == "ready" and ready
+                state = model.get("state") == "ready" and bool(self.core.loaded)
                 await self.health.set(name, serving if state else not_serving)
 
     async def _watch_health(self) -> None:

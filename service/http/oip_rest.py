@@ -94,7 +94,7 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput] | 
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidArgument("'parameters' must be an object")
-    all_binary = bool(params.get("binary_data_output", False))
+    all_binary = _flag(params.get("binary_data_output", False), "parameter 'binary_data_output'")
     outputs = doc.get("outputs")
     if outputs is not None and not isinstance(outputs, list):
         raise InvalidArgument("'outputs' must be a list")
@@ -109,8 +109,16 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput] | 
             raise InvalidArgument(f"output {out['name']!r}: 'parameters' must be an object")
         protocol = {k: v for k, v in out_params.items() if k not in TRANSPORT_PARAMETERS}
         names.append(oip.RequestedOutput.parse(out["name"], protocol))
-        binary[out["name"]] = bool(out_params.get("binary_data", all_binary))
+        flag = out_params.get("binary_data", all_binary)
+        binary[out["name"]] = _flag(flag, f"output {out['name']!r}: 'binary_data'")
     return names, binary
+
+
+def _flag(value: Any, what: str) -> bool:
+    """The binary extension's flags are JSON booleans: the string "false" must not read as true."""
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be true or false, not {value!r}")
+    return value
 
 
 def request_parameters(doc: dict[str, Any]) -> dict[str, Any]:

@@ -167,7 +167,7 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
     return ImageRequest(images, names, params)
 
 
-def int_param(params: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+def int_param(params: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
     raw = params.get(name)
     if raw is None or raw == "":
         return default

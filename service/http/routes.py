@@ -91,7 +91,7 @@ def _model_params(params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     model = params.get("model") or s.default_model
     version = params.get("version") or None
     tta = params.get("tta") or "none"
-    top_k = int_param(params, "top_k", 5, 1, s.max_top_k)
+    top_k = int_param(params, "top_k", None, 1, s.max_top_k)  # None: the core's default
     return {"model": model, "version": version, "top_k": top_k, "tta": tta}
 
 
@@ -218,6 +218,9 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
         body, request.headers.get(oip_rest.HEADER_LENGTH), runtime.settings.max_images_per_request
     )
     outputs, binary = oip_rest.requested_outputs(doc)
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):  # it must come back as sent: a string
+        raise InvalidArgument(f"'id' must be a string, not {type(request_id).__name__}")
     try:
         result = await _unless_disconnected(
             request,
@@ -234,7 +237,6 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
         raise
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid inference request: {exc}") from None
-    request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
     return oip_rest.infer_response(result, request_id, binary, {})
 
 

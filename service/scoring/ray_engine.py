@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from service.config import Settings
+from service.postprocessing import check_top_k
 from service.scoring.local import Summary, result_row
 from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_files
 from service.scoring.results import SCHEMA, ResultStore
@@ -74,7 +75,7 @@ def score_ray(
     *,
     model: str,
     version: str | None,
-    top_k: int,
+    top_k: int | None,
     tta: str,
     batch_size: int,
     actors: int,
@@ -94,6 +95,7 @@ def score_ray(
     summary = Summary(total=len(todo))
     started = time.perf_counter()
     runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
+    top_k = check_top_k(top_k, runner.card.num_classes, settings.max_top_k)
     spec = PrepareSpec.for_runner(runner, settings, tta, read_threads)
     if todo:
         if not ray.is_initialized():
