@@ -61,7 +61,10 @@ class Settings:
         40_000_000, "pixels an image header may declare (checked before decoding)"
     )
     max_aspect_ratio: float = _setting(20.0, "longer side over shorter side")
-    max_jpeg_scans: int = _setting(256, "scans a progressive JPEG may have; each is a pass over the image")
+    max_jpeg_scans: int = _setting(256, "scans a multi-scan JPEG may have; each is a pass over the image")
+    max_image_segments: int = _setting(
+        65_536, "JPEG marker segments before the pixels, PNG chunks, GIF blocks before the first frame"
+    )
     max_top_k: int = _setting(1000, "largest top_k a request may ask (also capped by the class count)")
 
     # Transports
@@ -112,7 +115,13 @@ class Settings:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ValueError(f"{name}: no file at {path!r}")
-        for name in ("max_top_k", "max_images_per_request", "max_image_pixels", "max_jpeg_scans"):
+        for name in (
+            "max_top_k",
+            "max_images_per_request",
+            "max_image_pixels",
+            "max_jpeg_scans",
+            "max_image_segments",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         # grpcio takes message sizes as a C int: past 2 GiB - 1 the server would fail after start-up.

@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from service import containers
 from service.errors import ImageTooLarge, InvalidImage, UnsupportedFormat, UrlNotAllowed
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey-filled
+# A truncated file is an error, not grey-filled. One exception Pillow cannot see: a JPEG cut short whose end
+# still has an EOI marker (libjpeg fills the rest with grey and only warns).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # Magic bytes of the containers we decode; Pillow is only asked to open these.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -53,10 +56,19 @@ class Limits:
     # Each scan of a progressive JPEG is a pass over the whole image: a few hundred KB of repeated scans can
     # take a decoder tens of seconds. Photos have 1 (baseline) to about 10 (progressive).
     max_jpeg_scans: int = 256
+    # JPEG marker segments before the image data, PNG chunks, GIF extension blocks: see service/containers.py
+    max_segments: int = 65_536
+    # Pillow decodes RLE-compressed BMPs in Python, about 0.1 s per megapixel (36 MP: 3 s from 25 KB)
+    max_rle_bmp_pixels: int = 4_000_000
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
-        return cls(settings.max_image_pixels, settings.max_aspect_ratio, settings.max_jpeg_scans)
+        return cls(
+            settings.max_image_pixels,
+            settings.max_aspect_ratio,
+            settings.max_jpeg_scans,
+            settings.max_image_segments,
+        )
 
 
 _URL_PREFIXES = (b"http://", b"https://", b"ftp://", b"file://", b"s3://", b"gs://")
@@ -139,6 +151,7 @@ def decode(
     """
     limits = limits or Limits()
     fmt = sniff(data)
+    layout = containers.check(fmt, data, limits.max_segments)
     # Our pixel limit is the authority (checked below, before decoding); Pillow's own bomb check, a second
     # guard, must not be tighter than it.
     if Image.MAX_IMAGE_PIXELS is not None and limits.max_pixels > Image.MAX_IMAGE_PIXELS:
@@ -157,7 +170,8 @@ def decode(
     try:
         width, height = img.size
         check_size(width, height, limits, min_short_side)
-        if fmt == "JPEG" and img.info.get("progressive"):
+        _check_layout(img, fmt, limits)
+        if fmt == "JPEG" and (layout.multi_scan if layout else img.info.get("progressive")):
             _check_scans(data, limits)
         # Image.open stands on the first frame (GIF, APNG, WebP) or page (TIFF). Never ask for `n_frames`:
         # it walks every page, in time quadratic in their count for TIFF (40,000 1x1 pages: 16 s).
@@ -169,6 +183,8 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
         exif_orientation = _orientation(img)
+        if fmt == "PNG" and "transparency" in img.info and img.mode != "P":
+            img = _png_colour_key(img, data)
         img = to_channels(img, channels)
         if exif_orientation not in (None, 1):
             img = _apply_orientation(img, exif_orientation)
@@ -187,12 +203,29 @@ def decode(
 
 
 def _check_scans(data: bytes, limits: Limits) -> None:
-    """Progressive JPEGs only (0.35 ms for a 330 KB file; a baseline JPEG's decoder stops after its frame).
-    Every SOS marker starts a scan; entropy-coded data never holds FF DA (an FF there is stuffed with 00), so
-    counting the pair only ever over-counts (a stray pair in an APP segment), never under."""
+    """Multi-scan JPEGs only (0.35 ms for a 330 KB file; see `containers.JpegLayout.multi_scan`: a baseline
+    photo has one scan). Every SOS marker starts a scan; entropy-coded data never holds FF DA (an FF there is
+    stuffed with 00), so counting the pair only ever over-counts (a stray pair in an APP segment), never
+    under."""
     scans = data.count(b"\xff\xda")
     if scans > limits.max_jpeg_scans:
-        raise ImageTooLarge(f"progressive JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
+        raise ImageTooLarge(f"JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
+
+
+def _check_layout(img: Image.Image, fmt: str, limits: Limits) -> None:
+    """What the header says beyond the size: decoders whose cost is not bounded by the pixel count."""
+    if fmt == "BMP" and img.info.get("compression") in (1, 2):  # BI_RLE8, BI_RLE4
+        if img.width * img.height > limits.max_rle_bmp_pixels:
+            raise ImageTooLarge(
+                f"RLE-compressed BMP of {img.width * img.height} pixels; the limit for this slow decoder is "
+                f"{limits.max_rle_bmp_pixels}"
+            )
+    if fmt == "TIFF":
+        # libtiff allocates a whole tile, whatever the image size: a 16x16 image may declare a 32768^2 tile
+        tag = getattr(img, "tag_v2", {})
+        tile = (tag.get(322) or 0) * (tag.get(323) or 0)
+        if tile > max(img.width * img.height, 1 << 20):
+            raise ImageTooLarge(f"TIFF tiles of {tile} pixels for a {img.width}x{img.height} image")
 
 
 def _short(e: Exception) -> str:
@@ -258,6 +291,29 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     raise ValueError(f"models take 1 or 3 channels, not {channels}")
 
 
+def _png_colour_key(img: Image.Image, data: bytes) -> Image.Image:
+    """A PNG colour key (tRNS) in the 8-bit terms `to_channels` composites by. Pillow keeps the key in the
+    file's bit depth while it scales 1-, 2- and 4-bit grey to 0..255, truncates 16-bit RGB to its high bytes,
+    and turns 16-bit grey into a mode whose key nothing reads. A 16-bit RGB key is compared by its high
+    bytes too (Pillow has no 16-bit RGB mode): a pixel differing from it only in the low bytes is keyed."""
+    if data[12:16] != b"IHDR" or len(data) < 26:
+        return img
+    depth, colour_type = data[24], data[25]
+    key = img.info["transparency"]
+    if colour_type == 0 and depth == 16 and isinstance(key, int) and img.mode.startswith("I"):
+        alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
+        return Image.merge("LA", (_high_depth_to_l(img), Image.fromarray(alpha, "L")))
+    if colour_type == 0 and depth < 8 and isinstance(key, int):
+        out = img.convert("L") if img.mode == "1" else img.copy()
+        out.info["transparency"] = (key & ((1 << depth) - 1)) * (255 // ((1 << depth) - 1))
+        return out
+    if colour_type == 2 and depth == 16 and isinstance(key, tuple):
+        out = img.copy()
+        out.info["transparency"] = tuple(int(k) >> 8 for k in key)
+        return out
+    return img
+
+
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
     """16-bit / 32-bit integer or float grey -> 8 bit by scaling the full 16-bit range, not clipping."""
     arr = np.asarray(img)
@@ -269,9 +325,3 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
         out = np.clip(arr * (255.0 / top), 0, 255)
     return Image.fromarray(np.round(out).astype(np.uint8), "L")
-
-
-def orientation_swaps(data: bytes) -> bool:
-    """Whether the EXIF orientation swaps width and height (5..8); for callers that plan view sizes."""
-    with Image.open(io.BytesIO(data)) as img:
-        return (_orientation(img) or 1) >= 5
