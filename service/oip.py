@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidArgument, ModelUnavailable, ServiceError
-from service.postprocessing import check_top_k
+from service.postprocessing import DEFAULT_TOP_K, check_top_k
 
 SERVER_NAME = "cnn-serve"
 EXTENSIONS = ("binary_tensor_data", "classification", "parameters")
@@ -371,8 +371,8 @@ class OpenInference:
     def _top_k(self, value: Any, classes: int, what: str = "parameter 'top_k'", cap: bool = False) -> int:
         """The k to answer; None (not asked) is the core's default, 5 or every class of a smaller model."""
         max_top_k = getattr(getattr(self.core, "settings", None), "max_top_k", None)
-        if value is None:
-            return check_top_k(None, classes, max_top_k)
+        if value is None:  # a card without labels (classes 0) keeps the plain default
+            return check_top_k(None, classes or DEFAULT_TOP_K, max_top_k)
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise InvalidArgument(f"{what} must be an integer")
         try:
