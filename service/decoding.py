@@ -48,8 +48,8 @@ WHITE = (255, 255, 255)
 
 @dataclass(frozen=True)
 class Limits:
-    """What a client image may be; built from `Settings` (max_image_pixels, max_aspect_ratio and
-    max_jpeg_scans)."""
+    """What a client image may be; built from `Settings` (max_image_pixels, max_aspect_ratio, max_jpeg_scans
+    and max_image_segments)."""
 
     max_pixels: int = 40_000_000
     max_aspect_ratio: float = 20.0
@@ -304,13 +304,10 @@ def _png_colour_key(img: Image.Image, data: bytes) -> Image.Image:
         alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
         return Image.merge("LA", (_high_depth_to_l(img), Image.fromarray(alpha, "L")))
     if colour_type == 0 and depth < 8 and isinstance(key, int):
-        out = img.convert("L") if img.mode == "1" else img.copy()
-        out.info["transparency"] = (key & ((1 << depth) - 1)) * (255 // ((1 << depth) - 1))
-        return out
-    if colour_type == 2 and depth == 16 and isinstance(key, tuple):
-        out = img.copy()
-        out.info["transparency"] = tuple(int(k) >> 8 for k in key)
-        return out
+        img = img.convert("L") if img.mode == "1" else img  # the decoded image is ours: its info too
+        img.info["transparency"] = (key & ((1 << depth) - 1)) * (255 // ((1 << depth) - 1))
+    elif colour_type == 2 and depth == 16 and isinstance(key, tuple):
+        img.info["transparency"] = tuple(int(k) >> 8 for k in key)
     return img
 
 
