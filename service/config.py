@@ -52,6 +52,9 @@ class Settings:
     max_wait_ms: float = _setting(2.0, "how long a batch waits for more images while others are decoding")
     queue_size: int = _setting(256, "images admitted and not yet answered; beyond it: overloaded at once")
     decode_threads: int = _setting(2, "threads decoding and preprocessing images beside inference")
+    decode_memory_mb: int = _setting(
+        1024, "MiB the images being decoded may hold at once, by estimate; an image needing more is too large"
+    )
     request_timeout_s: float = _setting(30.0, "a request's deadline when the client sends none")
 
     # Limits on what clients send
@@ -121,6 +124,7 @@ class Settings:
             "max_image_pixels",
             "max_jpeg_scans",
             "max_image_segments",
+            "decode_memory_mb",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -27,6 +27,7 @@ from service.errors import (
     Overloaded,
     ServiceError,
 )
+from service.memory import MemoryBudget
 from service.postprocessing import ClassScore
 from service.preprocessing import Preprocessor, Spec
 from service.repository import ModelCard, read_card, resolve, scan
@@ -104,6 +105,7 @@ class InferenceCore:
         self.loaded = False  # load() finished and close() not begun: each ready model serves
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits.from_settings(self.settings)
+        self.decode_memory = MemoryBudget(self.limits.max_decode_bytes)
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._versions: dict[str, list[str]] = {}
         self._lock = threading.Lock()
@@ -243,33 +245,40 @@ class InferenceCore:
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before decoding")
             t0 = time.perf_counter()
-            views = self.preprocess(data, entry, tta)
+            views = self.preprocess(data, entry, tta, deadline)
             self.observer.preprocess(time.perf_counter() - t0)
             self.batcher.submit(
                 Job(key=(entry.name, entry.version), views=views, future=fut, deadline=deadline)
             )
             queued = True
-        except ServiceError as e:
-            settle(fut, error=e)
+        except ServiceError as e:  # its traceback would keep the decoded image alive as long as the answer
+            settle(fut, error=e.with_traceback(None))
         except Exception as e:  # never leak a stack trace to clients
             settle(fut, error=ServiceError(f"preprocessing failed: {type(e).__name__}"))
         finally:
             if not queued:
                 self.batcher.prepared(1)
 
-    def preprocess(self, data: bytes, entry: LoadedModel, tta: str) -> np.ndarray:
-        """Bytes -> (views, C, H, W) float32 for one image (runs in the pool)."""
+    def preprocess(
+        self, data: bytes, entry: LoadedModel, tta: str, deadline: float | None = None
+    ) -> np.ndarray:
+        """Bytes -> (views, C, H, W) float32 for one image (runs in the pool). The decoded image's memory
+        is reserved from the decode memory budget until its views are cut."""
         assert entry.spec is not None and entry.preprocessor is not None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgument("each image must be bytes")
-        img = decoding.decode(
-            bytes(data),
-            channels=entry.spec.channels,
-            limits=self.limits,
-            min_short_side=augmentation.max_short_side(entry.spec, tta),
-            draft=entry.preprocessor.decode_draft,
-        )
-        return entry.preprocessor(img, augmentation.plan_views(entry.spec, tta, img.size))
+        with self.decode_memory.holding(deadline) as hold:
+            img = decoding.decode(
+                bytes(data),
+                channels=entry.spec.channels,
+                limits=self.limits,
+                min_short_side=augmentation.max_short_side(entry.spec, tta),
+                draft=entry.preprocessor.decode_draft,
+                reserve=hold.reserve,
+            )
+            views = entry.preprocessor(img, augmentation.plan_views(entry.spec, tta, img.size))
+            img.close()  # give the pixels back now, not when the collector gets to them
+            return views
 
     def _check(
         self, images: Sequence[bytes], model: str | None, version: str | None, top_k: int | None, tta: str

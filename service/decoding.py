@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from service import containers
-from service.errors import ImageTooLarge, InvalidImage, UnsupportedFormat, UrlNotAllowed
+from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedFormat, UrlNotAllowed
 
 # A truncated file is an error, not grey-filled. One exception Pillow cannot see: a JPEG cut short whose end
 # still has an EOI marker (libjpeg fills the rest with grey and only warns).
@@ -60,6 +61,8 @@ class Limits:
     max_segments: int = 65_536
     # Pillow decodes RLE-compressed BMPs in Python, about 0.1 s per megapixel (36 MP: 3 s from 25 KB)
     max_rle_bmp_pixels: int = 4_000_000
+    # What decoding one image may hold, by `decode_bytes`'s estimate (the whole decode memory budget)
+    max_decode_bytes: int = 1 << 30
 
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
@@ -68,6 +71,7 @@ class Limits:
             settings.max_aspect_ratio,
             settings.max_jpeg_scans,
             settings.max_image_segments,
+            max_decode_bytes=settings.decode_memory_mb << 20,
         )
 
 
@@ -142,12 +146,15 @@ def decode(
     limits: Limits | None = None,
     min_short_side: int | None = None,
     draft: bool = True,
+    reserve: Callable[[int], None] | None = None,
 ) -> Image.Image:
     """Decode to an upright image in mode RGB (channels=3) or L (channels=1).
 
     `min_short_side`: the largest shorter side any view will be resized to; JPEGs are then decoded at the
     smallest DCT scale that keeps the shorter side at least that big (when `draft` is True; exact mode turns
     it off to match torchvision, which decodes at full size).
+    `reserve`: called with the decode's memory estimate before any pixel is decoded (the caller's
+    `memory.Hold.reserve`, which may wait for room); the caller keeps the image's memory until it is done.
     """
     limits = limits or Limits()
     fmt = sniff(data)
@@ -179,6 +186,14 @@ def decode(
             scale = min_short_side / min(width, height)
             if scale < 1:
                 img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+        need = decode_bytes(img, fmt, data, channels, width * height, layout)
+        if need > limits.max_decode_bytes:
+            raise ImageTooLarge(
+                f"decoding this {width}x{height} {fmt} image needs about {need >> 20} MiB; the limit is "
+                f"{limits.max_decode_bytes >> 20} MiB"
+            )
+        if reserve is not None:
+            reserve(need)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
@@ -189,7 +204,7 @@ def decode(
         if exif_orientation not in (None, 1):
             img = _apply_orientation(img, exif_orientation)
         return img
-    except (ImageTooLarge, InvalidImage, UnsupportedFormat):
+    except ServiceError:  # our own checks, and a reservation's deadline
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge("image declares too many pixels (decompression bomb)") from None
@@ -200,6 +215,69 @@ def decode(
     finally:
         if img is not source:  # the decoded copy lives on; the file-backed original is done
             source.close()
+
+
+# Bytes per pixel of Pillow's storage: 1 for 1, L and P, 2 for 16-bit grey, 4 for every other mode (RGB too)
+def _storage_bpp(mode: str) -> int:
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+
+
+# Bytes per declared pixel a decoder holds beside the image: (while loading, after loading until closed).
+# libwebp's animation decoder, which Pillow uses for every WebP, keeps two RGBA canvases and gives a copy.
+_DECODER_BPP = {"WEBP": (12, 8)}
+
+
+def decode_bytes(
+    img: Image.Image,
+    fmt: str,
+    data: bytes,
+    channels: int,
+    declared: int,
+    layout: containers.JpegLayout | None = None,
+) -> int:
+    """Peak memory of decoding `img` (opened, drafted, not loaded; `declared` pixels before drafting) through
+    `decode`, from its header: the image at its decoded size, what the decoder holds beside it, and the copies
+    `to_channels` and the EXIF rotation make. An upper bound within 2x of the measured peak for every format
+    and mode (tests/test_decoding_memory.py measures it), so that the decode memory budget means what it
+    says."""
+    full = declared
+    out = img.width * img.height
+    source = _storage_bpp(img.mode) * out
+    while_loading, kept = _DECODER_BPP.get(fmt, (0, 0))
+    if fmt == "JPEG" and (layout.multi_scan if layout else img.info.get("progressive")):
+        # libjpeg buffers every component's DCT coefficients (2 bytes each) at full size, drafted or not
+        factors = [(h, v) for _, h, v, _ in getattr(img, "layer", [])] or [(1, 1)] * len(img.getbands())
+        hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
+        while_loading += sum(2 * h * v / (hmax * vmax) for h, v in factors) * 1.05  # whole 8x8 blocks
+    converted = _convert_bpp(img.mode, "transparency" in img.info, channels) * out
+    rotated = (4 if channels == 3 else 1) * out if _may_rotate(img, fmt, data) else 0
+    peak = max(source + while_loading * full, source + kept * full + converted + rotated)
+    return int(peak * 1.05) + _DECODE_OVERHEAD  # allocator slack; buffers of the resize and the views
+
+
+_DECODE_OVERHEAD = 8 << 20
+
+
+def _convert_bpp(mode: str, transparent: bool, channels: int) -> int:
+    """Bytes per decoded pixel that `to_channels` holds beside the source at its peak."""
+    if mode.startswith("I") or mode == "F":  # see _high_depth_to_l; then the 8-bit grey to RGB
+        return max(4 if mode.startswith("I;16") else 9, 5 if channels == 3 else 1)
+    if (transparent and mode in ("P", "L", "RGB")) or mode in ("PA", "RGBa", "La"):
+        return 8  # an RGBA copy, then the white background
+    if mode == ("RGB" if channels == 3 else "L"):
+        return 0
+    if channels == 1:
+        return 1 if mode == "RGB" else 5  # other modes reach grey through RGB
+    return 5 if mode == "LA" else 4  # LA: its grey background, then RGB
+
+
+def _may_rotate(img: Image.Image, fmt: str, data: bytes) -> bool:
+    """Whether an EXIF orientation may make a rotated copy: JPEG, WebP and PNG eXIf chunks that come before
+    the pixels are in `info` once opened; a PNG may also put its eXIf after them (the search over-counts,
+    never misses); a TIFF has the tag in its header."""
+    if "exif" in img.info or (fmt == "PNG" and b"eXIf" in data):
+        return True
+    return fmt == "TIFF" and 0x0112 in getattr(img, "tag_v2", {})
 
 
 def _check_scans(data: bytes, limits: Limits) -> None:
@@ -312,13 +390,23 @@ def _png_colour_key(img: Image.Image, data: bytes) -> Image.Image:
 
 
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """16-bit / 32-bit integer or float grey -> 8 bit by scaling the full 16-bit range, not clipping."""
+    """16-bit / 32-bit integer or float grey -> 8 bit by scaling the full 16-bit range, not clipping.
+    16-bit grey goes through a 64 K table (3 bytes a pixel beside the image, where float arithmetic took 14);
+    the rare 32-bit modes are scaled in place."""
     arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return Image.fromarray(_SIXTEEN_TO_EIGHT[arr], "L")
+    arr = arr.astype(np.float32)  # the integer copy is dropped as the name moves on
     if img.mode == "F":
         top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
-        out = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)
+        np.nan_to_num(arr, copy=False)
+        arr /= top
+        arr *= 255.0
     else:
-        arr = arr.astype(np.float32)
-        top = 65535.0 if img.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
-        out = np.clip(arr * (255.0 / top), 0, 255)
-    return Image.fromarray(np.round(out).astype(np.uint8), "L")
+        arr *= 255.0 / (65535.0 if arr.size and arr.max() > 255 else 255.0)
+    np.clip(arr, 0, 255, out=arr)
+    return Image.fromarray(np.round(arr, out=arr).astype(np.uint8), "L")
+
+
+# Each 16-bit value scaled as the float path scales it (float32 x 255/65535, rounded)
+_SIXTEEN_TO_EIGHT = np.round(np.arange(65536, dtype=np.float32) * (255.0 / 65535.0)).astype(np.uint8)

@@ -1,0 +1,87 @@
+"""The decode memory budget: how much memory the images being decoded at once may hold, all told.
+
+The pixel limit bounds one image's pixels, not its bytes: at 40 MP a WebP decodes through about 640 MB and a
+JPEG drafted to 1/8 scale through 7 MB. Each decode thread can hold one such image, so without a budget the
+worst case grows with `decode_threads`, and a pod's memory limit would be met by an OOM kill that loses every
+request in flight. With it, each decode reserves its estimate (`decoding.decode_bytes`) before Pillow loads a
+pixel and gives it back once the image is preprocessed; a decode that does not fit waits, in arrival order,
+for the others to finish. An image whose estimate alone exceeds the budget is refused by the decoder.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from service.errors import DeadlineExceeded, ImageTooLarge
+
+
+class MemoryBudget:
+    """A byte-counting semaphore, first come first served (a large image is never starved by small ones)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a memory budget needs at least one byte")
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0  # the most ever reserved at once: what tests and operators check against capacity
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[object] = collections.deque()
+
+    def acquire(self, nbytes: int, deadline: float | None = None) -> None:
+        """Block until `nbytes` fit and every earlier waiter has been served; until `deadline` (monotonic)."""
+        if nbytes > self.capacity:
+            raise ImageTooLarge(
+                f"decoding this image needs about {_mib(nbytes)} MiB; the limit is {_mib(self.capacity)} MiB"
+            )
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+            try:
+                while self._waiting[0] is not ticket or self.used + nbytes > self.capacity:
+                    timeout = None if deadline is None else deadline - time.monotonic()
+                    if timeout is not None and timeout <= 0:
+                        raise DeadlineExceeded("deadline passed while waiting for decode memory")
+                    self._cond.wait(timeout)
+                self.used += nbytes
+                self.peak = max(self.peak, self.used)
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()  # the next in line may fit now, or is now first
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    @contextmanager
+    def holding(self, deadline: float | None = None) -> Iterator[Hold]:
+        """A scope whose reservation (made at most once, through `Hold.reserve`) is given back at its end."""
+        hold = Hold(self, deadline)
+        try:
+            yield hold
+        finally:
+            if hold.nbytes:
+                self.release(hold.nbytes)
+
+
+class Hold:
+    """One decode's share of the budget; the decoder calls `reserve` once it knows the image's needs."""
+
+    def __init__(self, budget: MemoryBudget, deadline: float | None) -> None:
+        self._budget = budget
+        self._deadline = deadline
+        self.nbytes = 0
+
+    def reserve(self, nbytes: int) -> None:
+        if self.nbytes:
+            raise RuntimeError("a hold reserves once")  # a second wait while holding could deadlock
+        self._budget.acquire(nbytes, self._deadline)
+        self.nbytes = nbytes
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.0f}"

@@ -1,0 +1,274 @@
+"""The decode memory budget: `decode_bytes` is a real bound of what decoding takes, and the budget holds.
+
+The estimate is checked against the peak resident memory of a fresh process decoding and preprocessing one
+real 6 MP file of each format and mode; the budget with real threads and a real ONNX Runtime model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.core import InferenceCore, Prediction
+from service.decoding import Limits, decode, decode_bytes
+from service.errors import DeadlineExceeded, ImageTooLarge
+from service.memory import MemoryBudget
+from tests.conftest import encode
+
+ROOT = Path(__file__).resolve().parents[1]
+W, H = 3000, 2000
+MB = 1 << 20
+
+# Decode one file in a fresh process: peak RSS above the baseline, and the estimate the decoder reserved.
+MEASURE = """
+import sys
+from pathlib import Path
+from service import decoding
+from service.preprocessing import Preprocessor, Spec
+path, mode, channels = sys.argv[1], sys.argv[2], int(sys.argv[3])
+spec = Spec(channels, 224, 224, 256, "bicubic", (0.5,) * channels, (0.25,) * channels)
+pre = Preprocessor(spec, mode)
+data = Path(path).read_bytes()
+base = int(open("/proc/self/statm").read().split()[1]) * 4096
+need = []
+img = decoding.decode(data, channels=channels, limits=decoding.Limits(max_decode_bytes=1 << 40),
+                      min_short_side=256, draft=pre.decode_draft, reserve=need.append)
+views = pre(img, None)
+# VmHWM, not ru_maxrss: exec keeps the parent's high-water mark in ru_maxrss, a new mm starts its own
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+peak = int(hwm.split()[1]) * 1024 - base
+print(need[0], peak)
+"""
+
+
+def _gradient() -> np.ndarray:
+    y, x = np.mgrid[0:H, 0:W]
+    return np.stack([x * 255 // W, y * 255 // H, (x + y) * 127 // W], -1).astype(np.uint8)
+
+
+def _exif_rotated(img: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    rgb = Image.fromarray(_gradient())
+    alpha = Image.fromarray((np.arange(W, dtype=np.uint16)[None, :].repeat(H, 0) % 256).astype(np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    grey16 = Image.fromarray((np.arange(W, dtype=np.uint32)[None, :].repeat(H, 0) * 21).astype(np.uint16))
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 0
+    return {
+        "baseline.jpg": encode(rgb, "JPEG", quality=90),
+        "progressive.jpg": encode(rgb, "JPEG", quality=90, progressive=True),
+        "progressive444.jpg": encode(rgb, "JPEG", quality=90, progressive=True, subsampling=0),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG", quality=90),
+        "rotated.jpg": _exif_rotated(rgb),
+        "rgb.png": encode(rgb, "PNG", compress_level=1),
+        "rgba.png": encode(rgba, "PNG", compress_level=1),
+        "la.png": encode(rgba.convert("LA"), "PNG", compress_level=1),
+        "palette-trns.png": encode(palette, "PNG", compress_level=1),
+        "grey16.png": encode(grey16, "PNG", compress_level=1),
+        "lossy.webp": encode(rgb, "WEBP", quality=80, method=0),
+        "rgba.webp": encode(rgba, "WEBP", quality=80, method=0),
+        "palette.gif": encode(rgb.convert("P"), "GIF"),
+        "rgb.bmp": encode(rgb, "BMP"),
+        "rgb.tif": encode(rgb, "TIFF"),
+        "int32.tif": encode(Image.fromarray(np.asarray(grey16).astype(np.int32)), "TIFF"),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("six-megapixels")
+    for name, data in _files(folder).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+CASES = [
+    ("baseline.jpg", "fast", 3),
+    ("baseline.jpg", "exact", 3),
+    ("progressive.jpg", "fast", 3),
+    ("progressive444.jpg", "exact", 3),
+    ("cmyk.jpg", "exact", 3),
+    ("rotated.jpg", "exact", 3),
+    ("rgb.png", "fast", 3),
+    ("rgb.png", "fast", 1),
+    ("rgba.png", "fast", 3),
+    ("la.png", "fast", 3),
+    ("palette-trns.png", "fast", 3),
+    ("grey16.png", "fast", 3),
+    ("grey16.png", "fast", 1),
+    ("lossy.webp", "fast", 3),
+    ("rgba.webp", "fast", 3),
+    ("palette.gif", "fast", 3),
+    ("rgb.bmp", "fast", 3),
+    ("rgb.tif", "fast", 3),
+    ("int32.tif", "fast", 3),
+]
+
+
+@pytest.mark.parametrize(("name", "mode", "channels"), CASES, ids=[f"{n}-{m}-{c}" for n, m, c in CASES])
+def test_the_estimate_bounds_the_measured_peak_within_2x(files: Path, name: str, mode: str, channels: int):
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(files / name), mode, str(channels)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    estimate, peak = map(int, out.split())
+    assert peak > 0
+    assert estimate >= peak, f"{name}: estimate {estimate / MB:.1f} MiB under the peak {peak / MB:.1f} MiB"
+    assert estimate <= 2 * peak + 8 * MB, f"{name}: estimate {estimate / MB:.1f} MiB, peak {peak / MB:.1f}"
+
+
+def test_sixteen_bit_grey_decodes_in_a_quarter_of_the_old_memory(files: Path):
+    """The float path it replaced held 15 bytes a pixel (600 MB at 40 MP); the 64 K table holds about 7."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(files / "grey16.png"), "fast", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    peak = int(out.split()[1])
+    assert peak < 9 * W * H
+
+
+def test_an_image_over_the_limit_is_refused_before_decoding():
+    data = encode(Image.new("RGBA", (2000, 1500), (1, 2, 3, 4)), "PNG")
+    reserved: list[int] = []
+    with pytest.raises(ImageTooLarge, match=r"needs about \d+ MiB; the limit is 16 MiB"):
+        decode(data, limits=Limits(max_decode_bytes=16 * MB), reserve=reserved.append)
+    assert reserved == []  # refused from the header: nothing reserved, nothing decoded
+    decode(data, limits=Limits(max_decode_bytes=64 * MB), reserve=reserved.append)
+    assert 12 * MB < reserved[0] < 64 * MB
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("RGBA", "WEBP"), ("I", "TIFF"), ("CMYK", "JPEG")])
+def test_default_budget_takes_every_image_the_pixel_limit_lets_through(mode: str, fmt: str):
+    """At the default 40 MP and 1 GiB, the costliest paths fit: an RGBA WebP (two decoder canvases), a
+    rotated 32-bit TIFF (scaled in floats), a progressive CMYK JPEG decoded at full size (coefficients)."""
+    settings = Settings()
+    limits = Limits.from_settings(settings)
+    side = int(settings.max_image_pixels**0.5)
+    img = Image.new(mode, (side, side))
+    img.info["exif"] = b"Exif"  # an EXIF block: a rotated copy may be made
+    img.info["progressive"] = 1
+    try:
+        need = decode_bytes(img, fmt, b"", 3, side * side)
+    finally:
+        img.close()
+    assert 500 * MB < need < limits.max_decode_bytes == settings.decode_memory_mb * MB
+
+
+# -- the budget itself, with real threads ----
+
+
+def test_budget_waits_for_room_serves_in_arrival_order_and_honours_deadlines():
+    budget = MemoryBudget(100)
+    budget.acquire(70)
+    order: list[str] = []
+
+    def take(name: str, n: int) -> None:
+        budget.acquire(n, time.monotonic() + 5)
+        order.append(name)
+
+    big = threading.Thread(target=take, args=("big", 60))
+    big.start()
+    time.sleep(0.1)
+    small = threading.Thread(target=take, args=("small", 10))  # would fit now, but comes after `big`
+    small.start()
+    time.sleep(0.1)
+    assert order == []
+    with pytest.raises(DeadlineExceeded, match="waiting for decode memory"):
+        budget.acquire(1, time.monotonic() + 0.05)
+    budget.release(70)
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]
+    assert budget.used == 70 and budget.peak == 70
+    with pytest.raises(ImageTooLarge, match="the limit is"):
+        budget.acquire(101)
+
+
+def test_a_hold_gives_back_its_reservation_on_errors_too():
+    budget = MemoryBudget(100)
+    with pytest.raises(RuntimeError, match="reserves once"), budget.holding() as hold:
+        hold.reserve(40)
+        hold.reserve(10)
+    with pytest.raises(ValueError), budget.holding() as hold:
+        hold.reserve(30)
+        raise ValueError("the decoder failed")
+    assert budget.used == 0
+
+
+# -- through the core: a real model, concurrent callers ----
+
+
+def _pngs(n: int, side: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+    return [encode(Image.fromarray(np.roll(pixels, i, axis=1)), "PNG", compress_level=1) for i in range(n)]
+
+
+def test_core_never_holds_more_than_its_budget_and_answers_everything(tiny_repo: Path):
+    """1.4 MP PNGs need about 14 MiB each to decode: a 32 MiB budget lets two of four threads at once."""
+    core = InferenceCore(
+        Settings(repository=str(tiny_repo), models=("tiny",), decode_threads=4, decode_memory_mb=32)
+    )
+    core.load()
+    try:
+        images = _pngs(16, 1200)
+        one: list[int] = []
+        decode(images[0], limits=core.limits, reserve=one.append)
+        assert 12 * MB < one[0] < 16 * MB
+        with concurrent.futures.ThreadPoolExecutor(8) as callers:
+            results = list(callers.map(lambda d: core.classify_sync([d], model="tiny")[0], images))
+        assert all(isinstance(r, Prediction) for r in results)
+        assert 2 * one[0] <= core.decode_memory.peak <= 32 * MB  # two at once, never a third
+        assert core.decode_memory.used == 0
+    finally:
+        core.close()
+
+
+def test_core_refuses_an_image_over_its_budget_and_keeps_serving(tiny_repo: Path):
+    core = InferenceCore(Settings(repository=str(tiny_repo), models=("tiny",), decode_memory_mb=12))
+    core.load()
+    try:
+        big, small = _pngs(1, 1500)[0], _pngs(1, 200)[0]
+        over, ok = core.classify_sync([big, small], model="tiny")
+        assert isinstance(over, ImageTooLarge) and "the limit is 12 MiB" in over.message
+        assert isinstance(ok, Prediction)
+        assert core.decode_memory.used == 0
+    finally:
+        core.close()
+
+
+def test_no_room_before_the_deadline_is_deadline_exceeded(tiny_repo: Path):
+    core = InferenceCore(Settings(repository=str(tiny_repo), models=("tiny",), decode_memory_mb=16))
+    core.load()
+    try:
+        core.decode_memory.acquire(15 * MB)  # another decode holding nearly all of it
+        (answer,) = core.classify_sync(_pngs(1, 200), model="tiny", deadline=time.monotonic() + 0.3)
+        assert isinstance(answer, DeadlineExceeded)
+        core.decode_memory.release(15 * MB)
+        (answer,) = core.classify_sync(_pngs(1, 200), model="tiny")
+        assert isinstance(answer, Prediction)
+    finally:
+        core.close()
