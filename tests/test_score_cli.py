@@ -170,6 +170,19 @@ def test_limits_vanished_and_unknown_inputs_give_error_rows(tmp_path, repo):
     assert [errors[p.name] for p in images] == ["", "", ""]
 
 
+def test_decode_memory_limit_gives_an_error_row(tmp_path, repo):
+    """The serving budget's per-image rule holds in batch jobs too: an image whose decode alone needs more
+    than --decode-memory-mb is an image_too_large row, and the others are scored."""
+    images = image_folder(tmp_path / "in", 2)
+    Image.new("RGBA", (1500, 1500), (10, 20, 30, 40)).save(tmp_path / "in" / "big.png")
+    out = tmp_path / "out.jsonl"
+    rc = score([str(tmp_path / "in"), "--out", str(out), "--workers", "1", "--decode-memory-mb", "12"], repo)
+    assert rc == 1
+    errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
+    assert errors["big.png"].startswith("image_too_large:") and "the limit is 12 MiB" in errors["big.png"]
+    assert [errors[p.name] for p in images] == ["", ""]
+
+
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_a_fifo_or_device_gets_an_error_row_instead_of_hanging_the_run(tmp_path, repo, workers):
     """Opening a FIFO for reading waits for a writer that never comes, and `/dev/zero` never ends: both
