@@ -39,9 +39,11 @@ __all__ = ["ClassScore", "InferenceCore", "NullObserver", "Observer", "Predictio
 
 
 class Observer(Protocol):
-    """What the core reports from the batcher (service/metrics.py implements it with Prometheus)."""
+    """What the core reports from the batcher and the decode memory budget (service/metrics.py implements it
+    with Prometheus)."""
 
     def queue_depth(self, n: int) -> None: ...
+    def decode_memory(self, nbytes: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def preprocess(self, seconds: float) -> None: ...
     def inference(self, seconds: float, batch_size: int, model: str) -> None: ...
@@ -49,6 +51,9 @@ class Observer(Protocol):
 
 class NullObserver:
     def queue_depth(self, n: int) -> None:
+        pass
+
+    def decode_memory(self, nbytes: int) -> None:
         pass
 
     def queue_wait(self, seconds: float) -> None:
@@ -105,7 +110,7 @@ class InferenceCore:
         self.loaded = False  # load() finished and close() not begun: each ready model serves
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits.from_settings(self.settings)
-        self.decode_memory = MemoryBudget(self.limits.max_decode_bytes)
+        self.decode_memory = MemoryBudget(self.limits.max_decode_bytes, self.observer.decode_memory)
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._versions: dict[str, list[str]] = {}
         self._lock = threading.Lock()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from service.errors import DeadlineExceeded, ImageTooLarge
@@ -22,10 +22,11 @@ from service.errors import DeadlineExceeded, ImageTooLarge
 class MemoryBudget:
     """A byte-counting semaphore, first come first served (a large image is never starved by small ones)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, observe: Callable[[int], None] | None = None) -> None:
         if capacity < 1:
             raise ValueError("a memory budget needs at least one byte")
         self.capacity = capacity
+        self._observe = observe or (lambda _used: None)  # the bytes reserved now, after each change
         self.used = 0
         self.peak = 0  # the most ever reserved at once: what tests and operators check against capacity
         self._cond = threading.Condition()
@@ -48,6 +49,7 @@ class MemoryBudget:
                     self._cond.wait(timeout)
                 self.used += nbytes
                 self.peak = max(self.peak, self.used)
+                self._observe(self.used)
             finally:
                 self._waiting.remove(ticket)
                 self._cond.notify_all()  # the next in line may fit now, or is now first
@@ -55,6 +57,7 @@ class MemoryBudget:
     def release(self, nbytes: int) -> None:
         with self._cond:
             self.used -= nbytes
+            self._observe(self.used)
             self._cond.notify_all()
 
     @contextmanager

@@ -6,8 +6,8 @@ set the directory would live only in memory and never appear. For the same reaso
 (value 1, labelled name/version/provider), since `Info` does not work in multiprocess mode, and every gauge
 names its multiprocess mode.
 
-`Metrics` also implements the core's observer protocol (`queue_depth`, `queue_wait`, `preprocess`,
-`inference`), so the core reports batching figures without importing prometheus.
+`Metrics` also implements the core's observer protocol (`queue_depth`, `decode_memory`, `queue_wait`,
+`preprocess`, `inference`), so the core reports batching figures without importing prometheus.
 """
 
 from __future__ import annotations
@@ -108,6 +108,12 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.decode_memory_gauge = prom.Gauge(
+            f"{PREFIX}_decode_memory_bytes",
+            "Memory reserved by the images being decoded (estimates), against decode_memory_mb.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.in_flight_gauge = prom.Gauge(
             f"{PREFIX}_in_flight_requests",
             "Requests being answered now, by protocol.",
@@ -169,6 +175,9 @@ class Metrics:
     # --- the core's observer ----------------------------------------------------------------------------
     def queue_depth(self, n: int) -> None:
         self.queue_depth_gauge.set(n)
+
+    def decode_memory(self, nbytes: int) -> None:
+        self.decode_memory_gauge.set(nbytes)
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(max(0.0, seconds))

@@ -181,7 +181,8 @@ def test_default_budget_takes_every_image_the_pixel_limit_lets_through(mode: str
 
 
 def test_budget_waits_for_room_serves_in_arrival_order_and_honours_deadlines():
-    budget = MemoryBudget(100)
+    seen: list[int] = []
+    budget = MemoryBudget(100, seen.append)
     budget.acquire(70)
     order: list[str] = []
 
@@ -203,6 +204,7 @@ def test_budget_waits_for_room_serves_in_arrival_order_and_honours_deadlines():
     small.join(5)
     assert order == ["big", "small"]
     assert budget.used == 70 and budget.peak == 70
+    assert seen == [70, 0, 60, 70]  # what the metrics gauge is set to, change by change
     with pytest.raises(ImageTooLarge, match="the limit is"):
         budget.acquire(101)
 

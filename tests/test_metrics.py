@@ -27,6 +27,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     with m.in_flight("grpc"):
         inside = _families(generate_latest(m.registry).decode())
     m.queue_depth(3)
+    m.decode_memory(12_345_678)
     m.queue_wait(0.004)
     m.preprocess(0.01)
     m.inference(0.05, 8, "lenet5")
@@ -44,6 +45,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     after = [s for s in fams["cnn_serve_in_flight_requests"].samples if s.labels["protocol"] == "grpc"]
     assert after[0].value == 0.0
     assert fams["cnn_serve_queue_depth"].samples[0].value == 3.0
+    assert fams["cnn_serve_decode_memory_bytes"].samples[0].value == 12_345_678.0
     batch = {
         s.labels.get("le"): s.value
         for s in fams["cnn_serve_batch_size"].samples

@@ -59,6 +59,8 @@ def test_metrics_count_http_and_grpc(server: Server) -> None:
     assert count("cnn_serve_queue_wait_seconds") >= 1
     assert count("cnn_serve_preprocess_seconds") >= 1
     assert "cnn_serve_queue_depth" in fams
+    # every decode gave its reservation back: the worker's gauge is back to 0 once the requests are answered
+    assert [s.value for s in fams["cnn_serve_decode_memory_bytes"].samples] == [0.0]
     in_flight = {s.labels["protocol"]: s.value for s in fams["cnn_serve_in_flight_requests"].samples}
     assert in_flight.get("http") == 0.0
     info = {
