@@ -124,10 +124,11 @@ class Settings:
             "max_image_pixels",
             "max_jpeg_scans",
             "max_image_segments",
-            "decode_memory_mb",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.decode_memory_mb < 16:  # each decode's estimate has an 8 MiB allowance besides its pixels
+            raise ValueError("decode_memory_mb must be at least 16")
         # grpcio takes message sizes as a C int: past 2 GiB - 1 the server would fail after start-up.
         if not 1 <= self.max_request_bytes <= 2**31 - 1:
             raise ValueError(f"max_request_bytes must be between 1 and {2**31 - 1}")

@@ -1,7 +1,7 @@
 """The decode memory budget: how much memory the images being decoded at once may hold, all told.
 
 The pixel limit bounds one image's pixels, not its bytes: at 40 MP a WebP decodes through about 640 MB and a
-JPEG drafted to 1/8 scale through 7 MB. Each decode thread can hold one such image, so without a budget the
+JPEG drafted to 1/8 scale through 6 MB. Each decode thread can hold one such image, so without a budget the
 worst case grows with `decode_threads`, and a pod's memory limit would be met by an OOM kill that loses every
 request in flight. With it, each decode reserves its estimate (`decoding.decode_bytes`) before Pillow loads a
 pixel and gives it back once the image is preprocessed; a decode that does not fit waits, in arrival order,

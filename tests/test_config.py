@@ -55,6 +55,7 @@ def test_to_env_round_trips() -> None:
         ({"CNN_SERVE_PREPROCESS_MODE": "rough"}, "preprocess_mode must be fast or exact"),
         ({"CNN_SERVE_LOG_LEVEL": "LOUD"}, "log_level must be one of DEBUG"),
         ({"CNN_SERVE_DECODE_THREADS": "0"}, "decode_threads must be at least 1"),
+        ({"CNN_SERVE_DECODE_MEMORY_MB": "8"}, "decode_memory_mb must be at least 16"),
         ({"CNN_SERVE_INTRA_OP_THREADS": "-2"}, "thread counts must not be negative"),
         ({"CNN_SERVE_GRPC_TLS_CERT": "cert.pem"}, "grpc_tls_cert and grpc_tls_key go together"),
         (

@@ -250,12 +250,12 @@ def test_core_never_holds_more_than_its_budget_and_answers_everything(tiny_repo:
 
 
 def test_core_refuses_an_image_over_its_budget_and_keeps_serving(tiny_repo: Path):
-    core = InferenceCore(Settings(repository=str(tiny_repo), models=("tiny",), decode_memory_mb=12))
+    core = InferenceCore(Settings(repository=str(tiny_repo), models=("tiny",), decode_memory_mb=16))
     core.load()
     try:
         big, small = _pngs(1, 1500)[0], _pngs(1, 200)[0]
         over, ok = core.classify_sync([big, small], model="tiny")
-        assert isinstance(over, ImageTooLarge) and "the limit is 12 MiB" in over.message
+        assert isinstance(over, ImageTooLarge) and "the limit is 16 MiB" in over.message
         assert isinstance(ok, Prediction)
         assert core.decode_memory.used == 0
     finally:

@@ -176,10 +176,10 @@ def test_decode_memory_limit_gives_an_error_row(tmp_path, repo):
     images = image_folder(tmp_path / "in", 2)
     Image.new("RGBA", (1500, 1500), (10, 20, 30, 40)).save(tmp_path / "in" / "big.png")
     out = tmp_path / "out.jsonl"
-    rc = score([str(tmp_path / "in"), "--out", str(out), "--workers", "1", "--decode-memory-mb", "12"], repo)
+    rc = score([str(tmp_path / "in"), "--out", str(out), "--workers", "1", "--decode-memory-mb", "16"], repo)
     assert rc == 1
     errors = {Path(r["path"]).name: r["error"] for r in rows_of(out)}
-    assert errors["big.png"].startswith("image_too_large:") and "the limit is 12 MiB" in errors["big.png"]
+    assert errors["big.png"].startswith("image_too_large:") and "the limit is 16 MiB" in errors["big.png"]
     assert [errors[p.name] for p in images] == ["", ""]
 
 
