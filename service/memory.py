@@ -54,6 +54,12 @@ class MemoryBudget:
                 self._waiting.remove(ticket)
                 self._cond.notify_all()  # the next in line may fit now, or is now first
 
+    @property
+    def waiting(self) -> int:
+        """Decodes waiting for room now."""
+        with self._cond:
+            return len(self._waiting)
+
     def release(self, nbytes: int) -> None:
         with self._cond:
             self.used -= nbytes

@@ -181,30 +181,31 @@ def test_default_budget_takes_every_image_the_pixel_limit_lets_through(mode: str
 
 
 def test_budget_waits_for_room_serves_in_arrival_order_and_honours_deadlines():
-    seen: list[int] = []
+    seen: list[int] = []  # what the metrics gauge is set to, change by change
     budget = MemoryBudget(100, seen.append)
     budget.acquire(70)
-    order: list[str] = []
 
-    def take(name: str, n: int) -> None:
-        budget.acquire(n, time.monotonic() + 5)
-        order.append(name)
+    def queued(n: int) -> None:
+        for _ in range(500):
+            if budget.waiting == n:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"{budget.waiting} waiting, not {n}")
 
-    big = threading.Thread(target=take, args=("big", 60))
+    big = threading.Thread(target=budget.acquire, args=(60, time.monotonic() + 10))
     big.start()
-    time.sleep(0.1)
-    small = threading.Thread(target=take, args=("small", 10))  # would fit now, but comes after `big`
-    small.start()
-    time.sleep(0.1)
-    assert order == []
+    queued(1)
+    small = threading.Thread(target=budget.acquire, args=(10, time.monotonic() + 10))
+    small.start()  # 70 + 10 would fit, but `big` came first
+    queued(2)
     with pytest.raises(DeadlineExceeded, match="waiting for decode memory"):
         budget.acquire(1, time.monotonic() + 0.05)
+    assert seen == [70] and budget.waiting == 2
     budget.release(70)
-    big.join(5)
-    small.join(5)
-    assert order == ["big", "small"]
-    assert budget.used == 70 and budget.peak == 70
-    assert seen == [70, 0, 60, 70]  # what the metrics gauge is set to, change by change
+    big.join(10)
+    small.join(10)
+    assert seen == [70, 0, 60, 70]  # `big` was served first, then `small`
+    assert budget.used == 70 and budget.peak == 70 and budget.waiting == 0
     with pytest.raises(ImageTooLarge, match="the limit is"):
         budget.acquire(101)
 
