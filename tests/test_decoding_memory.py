@@ -1,13 +1,13 @@
 """The decode memory budget: `decode_bytes` is a real bound of what decoding takes, and the budget holds.
 
 The estimate is checked against the peak resident memory of a fresh process decoding and preprocessing one
-real 6 MP file of each format and mode; the budget with real threads and a real ONNX Runtime model.
+real 6 MP file of each format and mode (bench/bench_decode_memory.py's measurement, which prints the same at
+40 MP); the budget with real threads and a real ONNX Runtime model.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import subprocess
 import sys
 import threading
 import time
@@ -27,118 +27,23 @@ from service.memory import MemoryBudget
 from tests.conftest import encode
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_decode_memory import CASES, make_files, measure  # noqa: E402
+
 W, H = 3000, 2000
 MB = 1 << 20
-
-# Decode one file in a fresh process: peak RSS above the baseline, and the estimate the decoder reserved.
-MEASURE = """
-import sys
-from pathlib import Path
-from service import decoding
-from service.preprocessing import Preprocessor, Spec
-path, mode, channels = sys.argv[1], sys.argv[2], int(sys.argv[3])
-spec = Spec(channels, 224, 224, 256, "bicubic", (0.5,) * channels, (0.25,) * channels)
-pre = Preprocessor(spec, mode)
-data = Path(path).read_bytes()
-base = int(open("/proc/self/statm").read().split()[1]) * 4096
-need = []
-img = decoding.decode(data, channels=channels, limits=decoding.Limits(max_decode_bytes=1 << 40),
-                      min_short_side=256, draft=pre.decode_draft, reserve=need.append)
-views = pre(img, None)
-# VmHWM, not ru_maxrss: exec keeps the parent's high-water mark in ru_maxrss, a new mm starts its own
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-peak = int(hwm.split()[1]) * 1024 - base
-print(need[0], peak)
-"""
-
-
-def _gradient() -> np.ndarray:
-    y, x = np.mgrid[0:H, 0:W]
-    return np.stack([x * 255 // W, y * 255 // H, (x + y) * 127 // W], -1).astype(np.uint8)
-
-
-def _exif_rotated(img: Image.Image) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    rgb = Image.fromarray(_gradient())
-    alpha = Image.fromarray((np.arange(W, dtype=np.uint16)[None, :].repeat(H, 0) % 256).astype(np.uint8))
-    rgba = rgb.copy()
-    rgba.putalpha(alpha)
-    grey16 = Image.fromarray((np.arange(W, dtype=np.uint32)[None, :].repeat(H, 0) * 21).astype(np.uint16))
-    palette = rgb.convert("P")
-    palette.info["transparency"] = 0
-    return {
-        "baseline.jpg": encode(rgb, "JPEG", quality=90),
-        "progressive.jpg": encode(rgb, "JPEG", quality=90, progressive=True),
-        "progressive444.jpg": encode(rgb, "JPEG", quality=90, progressive=True, subsampling=0),
-        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG", quality=90),
-        "rotated.jpg": _exif_rotated(rgb),
-        "rgb.png": encode(rgb, "PNG", compress_level=1),
-        "rgba.png": encode(rgba, "PNG", compress_level=1),
-        "la.png": encode(rgba.convert("LA"), "PNG", compress_level=1),
-        "palette-trns.png": encode(palette, "PNG", compress_level=1),
-        "grey16.png": encode(grey16, "PNG", compress_level=1),
-        "lossy.webp": encode(rgb, "WEBP", quality=80, method=0),
-        "rgba.webp": encode(rgba, "WEBP", quality=80, method=0),
-        "palette.gif": encode(rgb.convert("P"), "GIF"),
-        "rgb.bmp": encode(rgb, "BMP"),
-        "rgb.tif": encode(rgb, "TIFF"),
-        "int32.tif": encode(Image.fromarray(np.asarray(grey16).astype(np.int32)), "TIFF"),
-    }
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("six-megapixels")
-    for name, data in _files(folder).items():
-        (folder / name).write_bytes(data)
+    make_files(folder, W, H)
     return folder
-
-
-CASES = [
-    ("baseline.jpg", "fast", 3),
-    ("baseline.jpg", "exact", 3),
-    ("progressive.jpg", "fast", 3),
-    ("progressive444.jpg", "exact", 3),
-    ("cmyk.jpg", "exact", 3),
-    ("rotated.jpg", "exact", 3),
-    ("rgb.png", "fast", 3),
-    ("rgb.png", "fast", 1),
-    ("rgba.png", "fast", 3),
-    ("la.png", "fast", 3),
-    ("palette-trns.png", "fast", 3),
-    ("grey16.png", "fast", 3),
-    ("grey16.png", "fast", 1),
-    ("lossy.webp", "fast", 3),
-    ("rgba.webp", "fast", 3),
-    ("palette.gif", "fast", 3),
-    ("rgb.bmp", "fast", 3),
-    ("rgb.tif", "fast", 3),
-    ("int32.tif", "fast", 3),
-]
-
-
-def measure(path: Path, mode: str, channels: int) -> tuple[int, int]:
-    """(estimate, peak) of decoding `path` in a fresh process."""
-    out = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), mode, str(channels)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    estimate, peak = map(int, out.split())
-    return estimate, peak
 
 
 @pytest.mark.parametrize(("name", "mode", "channels"), CASES, ids=[f"{n}-{m}-{c}" for n, m, c in CASES])
 def test_the_estimate_bounds_the_measured_peak_within_2x(files: Path, name: str, mode: str, channels: int):
-    estimate, peak = measure(files / name, mode, channels)
+    estimate, peak, _ = measure(files / name, mode, channels)
     assert peak > 0
     assert estimate >= peak, f"{name}: estimate {estimate / MB:.1f} MiB under the peak {peak / MB:.1f} MiB"
     assert estimate <= 2 * peak + 8 * MB, f"{name}: estimate {estimate / MB:.1f} MiB, peak {peak / MB:.1f}"
@@ -146,7 +51,7 @@ def test_the_estimate_bounds_the_measured_peak_within_2x(files: Path, name: str,
 
 def test_sixteen_bit_grey_takes_under_9_bytes_a_pixel(files: Path):
     """The float path the 64 K table replaced held 15 bytes a pixel (600 MB at 40 MP); the table about 7."""
-    _, peak = measure(files / "grey16.png", "fast", 3)
+    _, peak, _ = measure(files / "grey16.png", "fast", 3)
     assert peak < 9 * W * H
 
 
