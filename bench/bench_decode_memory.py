@@ -42,6 +42,7 @@ CASES = [
     ("palette-trns.png", "fast", 3),
     ("grey16.png", "fast", 3),
     ("grey16.png", "fast", 1),
+    ("grey16-key.png", "fast", 3),
     ("lossy.webp", "fast", 3),
     ("rgba.webp", "fast", 3),
     ("palette.gif", "fast", 3),
@@ -81,6 +82,9 @@ def make_files(folder: Path, width: int, height: int) -> None:
         "la.png": _encode(rgba.convert("LA"), "PNG", compress_level=1),
         "palette-trns.png": _encode(palette, "PNG", compress_level=1),
         "grey16.png": _encode(grey16, "PNG", compress_level=1),
+        "grey16-key.png": _encode(
+            grey16, "PNG", compress_level=1, transparency=int(np.asarray(grey16)[0, 5])
+        ),
         "lossy.webp": _encode(rgb, "WEBP", quality=80, method=0),
         "rgba.webp": _encode(rgba, "WEBP", quality=80, method=0),
         "palette.gif": _encode(rgb.convert("P"), "GIF"),

@@ -178,7 +178,8 @@ def decode(
         width, height = img.size
         check_size(width, height, limits, min_short_side)
         _check_layout(img, fmt, limits)
-        if fmt == "JPEG" and (layout.multi_scan if layout else img.info.get("progressive")):
+        multi_scan = fmt == "JPEG" and bool(layout.multi_scan if layout else img.info.get("progressive"))
+        if multi_scan:
             _check_scans(data, limits)
         # Image.open stands on the first frame (GIF, APNG, WebP) or page (TIFF). Never ask for `n_frames`:
         # it walks every page, in time quadratic in their count for TIFF (40,000 1x1 pages: 16 s).
@@ -186,7 +187,7 @@ def decode(
             scale = min_short_side / min(width, height)
             if scale < 1:
                 img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
-        need = decode_bytes(img, fmt, data, channels, width * height, layout)
+        need = decode_bytes(img, fmt, data, channels, width * height, multi_scan)
         if need > limits.max_decode_bytes:
             raise ImageTooLarge(
                 f"decoding this {width}x{height} {fmt} image needs about {need >> 20} MiB; the limit is "
@@ -233,9 +234,10 @@ def decode_bytes(
     data: bytes,
     channels: int,
     declared: int,
-    layout: containers.JpegLayout | None = None,
+    multi_scan: bool = False,
 ) -> int:
-    """Peak memory of decoding `img` (opened, drafted, not loaded; `declared` pixels before drafting) through
+    """Peak memory of decoding `img` (opened, drafted, not loaded; `declared` pixels before drafting; a
+    `multi_scan` JPEG, see `containers.JpegLayout.multi_scan`) through
     `decode`, from its header: the image at its decoded size, what the decoder holds beside it, and the copies
     `to_channels` and the EXIF rotation make. An upper bound within 2x of the measured peak for every format
     and mode (tests/test_decoding_memory.py measures it), so that the decode memory budget means what it
@@ -244,7 +246,7 @@ def decode_bytes(
     out = img.width * img.height
     source = _storage_bpp(img.mode) * out
     while_loading, kept = _DECODER_BPP.get(fmt, (0, 0))
-    if fmt == "JPEG" and (layout.multi_scan if layout else img.info.get("progressive")):
+    if multi_scan:
         # libjpeg buffers every component's DCT coefficients (2 bytes each) at full size, drafted or not
         factors = [(h, v) for _, h, v, _ in getattr(img, "layer", [])] or [(1, 1)] * len(img.getbands())
         hmax, vmax = max(h for h, _ in factors), max(v for _, v in factors)
@@ -260,6 +262,8 @@ _DECODE_OVERHEAD = 8 << 20
 
 def _convert_bpp(mode: str, transparent: bool, channels: int) -> int:
     """Bytes per decoded pixel that `to_channels` holds beside the source at its peak."""
+    if mode.startswith("I") and transparent:  # 16-bit colour key: an LA copy, then its background
+        return 9 if channels == 3 else 8
     if mode.startswith("I") or mode == "F":  # see _high_depth_to_l; then the 8-bit grey to RGB
         return max(4 if mode.startswith("I;16") else 9, 5 if channels == 3 else 1)
     if (transparent and mode in ("P", "L", "RGB")) or mode in ("PA", "RGBa", "La"):
@@ -379,7 +383,7 @@ def _png_colour_key(img: Image.Image, data: bytes) -> Image.Image:
     depth, colour_type = data[24], data[25]
     key = img.info["transparency"]
     if colour_type == 0 and depth == 16 and isinstance(key, int) and img.mode.startswith("I"):
-        alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
+        alpha = np.where(np.asarray(img) == key, np.uint8(0), np.uint8(255))  # 8-bit from the start
         return Image.merge("LA", (_high_depth_to_l(img), Image.fromarray(alpha, "L")))
     if colour_type == 0 and depth < 8 and isinstance(key, int):
         img = img.convert("L") if img.mode == "1" else img  # the decoded image is ours: its info too
