@@ -3,12 +3,15 @@
 1. Preprocessing a 1920x1280 JPEG (quality 90), bytes -> normalized tensor: the core's fast mode against
    torchvision's evaluation transform (PIL open + Resize + CenterCrop + ToTensor + Normalize). Target >= 3x.
 2. Single-request classify of that JPEG with efficientnet_lite0, bytes -> top-5: p50. Target <= 15 ms.
-3. 32 concurrent callers through the batcher against the same calls made one by one on the same core:
-   images/s for efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the
-   repository has none).
+3. 32 concurrent callers through the batcher against the same calls made one by one: images/s for
+   efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the repository has
+   none). Two configurations of the same 2 threads: one batch at a time on 2 ONNX Runtime threads (the
+   default), and 2 batches at once on 1 thread each (`inference_workers=2, intra_op_threads=1`); both
+   against the calls one by one on the default, the fastest way to make them one by one.
 4. Fast-vs-exact preprocessing: top-1 agreement of efficientnet_lite0 over crops/scales of real photos.
 
-Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet] [--caps 2,4,8,16]
+Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet] [--skip-workers]
+       [--caps 2,4,8,16]
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> None:
     )
 
 
-def bench_single(core: InferenceCore, model: str, data: bytes, runs: int) -> None:
+def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, name: str = "") -> None:
     """p50 of a lone classify, and where its time goes: every run also times each stage alone, in this
     thread, so that the machine's noise hits both alike; the rest is the hand-offs between the caller, the
     decode pool and the batcher thread."""
@@ -126,7 +129,7 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int) -> Non
     total = sorted(times.pop("classify"))
     p50, p90 = total[len(total) // 2], total[int(len(total) * 0.9)]
     print(
-        f"single classify bytes->top5 {model}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
+        f"single classify bytes->top5 {model}{name}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
         f"(target p50 <= 15 ms)"
     )
     stages = {name: statistics.median(t) for name, t in times.items()}
@@ -134,38 +137,54 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int) -> Non
     print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(stages.values()):.2f}")
 
 
-def bench_concurrency(core: InferenceCore, model: str, images: list[bytes], rounds: int) -> None:
-    """Same calls: one by one (each waits for the last) vs 32 concurrent callers sharing the batcher."""
+def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[bytes], rounds: int) -> None:
+    """Same calls: one by one (each waits for the last) vs 32 concurrent callers sharing the batcher.
 
-    def sequential() -> float:
+    The first core is the baseline: the calls one by one on it, then concurrent on each core in turn, every
+    round, so that the host's slow and fast phases hit all alike. Each ratio is against the first core's one
+    by one, the fastest way to make the calls one by one (all threads on each call)."""
+
+    def sequential(core: InferenceCore) -> float:
         t0 = time.perf_counter()
         for data in images:
             (p,) = core.classify_sync([data], model=model, top_k=5)
             assert isinstance(p, Prediction)
         return len(images) / (time.perf_counter() - t0)
 
-    async def concurrent() -> float:
+    async def gathered(core: InferenceCore) -> float:
         t0 = time.perf_counter()
         results = await asyncio.gather(*(core.classify([d], model=model, top_k=5) for d in images))
         assert all(isinstance(r[0], Prediction) for r in results)
         return len(images) / (time.perf_counter() - t0)
 
-    sequential()
-    asyncio.run(concurrent())
-    info = core.model_info(model)
-    per_image = {b: round(t * 1000, 1) for b, t in info.get("per_image_s", {}).items()}
-    cap = info["preferred_batch"]
-    clock = "CPU-ms" if info.get("per_image_clock") == "cpu" else "ms"
-    print(f"  {model}: warm-up {clock}/image by batch size {per_image}, batches capped at {cap}")
-    pairs = [(sequential(), asyncio.run(concurrent())) for _ in range(rounds)]  # side by side, alternating
-    seq = statistics.median(p[0] for p in pairs)
-    con = statistics.median(p[1] for p in pairs)
-    ratio = statistics.median(c / s for s, c in pairs)
-    print(
-        f"throughput {model}: one by one {seq:.1f} images/s, {len(images)} concurrent callers {con:.1f} "
-        f"images/s, ratio {ratio:.2f}x (median of {rounds} alternating rounds of {len(images)} images; "
-        "target >= 1.5x)"
-    )
+    def concurrent(core: InferenceCore) -> float:
+        return asyncio.run(gathered(core))
+
+    names = list(cores)
+    base = cores[names[0]]
+    for name, core in cores.items():
+        sequential(core)
+        concurrent(core)
+        info = core.model_info(model)
+        per_image = {b: round(t * 1000, 1) for b, t in info.get("per_image_s", {}).items()}
+        clock = "CPU-ms" if info.get("per_image_clock") == "cpu" else "ms"
+        print(
+            f"  {model}, {name}: warm-up {clock}/image by batch size {per_image}, "
+            f"batches capped at {info['preferred_batch']}"
+        )
+    seq: list[float] = []
+    con: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):  # side by side, alternating
+        seq.append(sequential(base))
+        for name in names:
+            con[name].append(concurrent(cores[name]))
+    for name in names:
+        ratio = statistics.median(c / s for s, c in zip(seq, con[name], strict=True))
+        print(
+            f"throughput {model}, {name}: one by one {statistics.median(seq):.1f} images/s ({names[0]}), "
+            f"{len(images)} concurrent callers {statistics.median(con[name]):.1f} images/s, ratio "
+            f"{ratio:.2f}x (median of {rounds} alternating rounds of {len(images)} images; target >= 1.5x)"
+        )
 
 
 def bench_caps(core: InferenceCore, model: str, images: list[bytes], rounds: int, caps: list[int]) -> None:
@@ -301,6 +320,18 @@ def export_resnet50(root: Path) -> str:
     return str(root)
 
 
+def make_cores(settings: Settings, skip_workers: bool) -> dict[str, InferenceCore]:
+    """The default core (one batch at a time on every thread), then the throughput configuration: as many
+    single-threaded batches at once as there were threads. Loaded."""
+    configs = {f"1 worker x {THREADS} threads": settings}
+    if not skip_workers:
+        configs[f"{THREADS} workers x 1 thread"] = settings.replace(intra_op_threads=1, inference_workers=THREADS)
+    cores = {name: InferenceCore(s) for name, s in configs.items()}
+    for c in cores.values():
+        c.load()
+    return cores
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repository", default=str(ROOT / "models"))
@@ -309,6 +340,7 @@ def main() -> None:
     ap.add_argument("--agreement", type=int, default=200)
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin")
+    ap.add_argument("--skip-workers", action="store_true", help="only the default: 1 worker x 2 threads")
     ap.add_argument("--caps", default="", help="also compare these batch caps side by side, e.g. 2,4,8,16")
     args = ap.parse_args()
     model = "efficientnet_lite0"
@@ -329,23 +361,25 @@ def main() -> None:
         max_batch_size=32,
         thread_spinning=args.spinning,
     )
-    core = InferenceCore(settings)
-    core.load()
-    bench_single(core, model, data, args.runs)
+    cores = make_cores(settings, args.skip_workers)
+    for name, c in cores.items():
+        bench_single(c, model, data, args.runs, f", {name}")
+    core = next(iter(cores.values()))
     images = photo_set(32)
-    bench_concurrency(core, model, images, args.rounds)
+    bench_concurrency(cores, model, images, args.rounds)
     if args.caps:
         bench_caps(core, model, images, 2 * args.rounds, [int(c) for c in args.caps.split(",")])
-    core.close()
+    for c in cores.values():
+        c.close()
 
     if not args.skip_resnet:
         repo = args.repository
         if not (Path(repo) / "resnet50").is_dir():
             repo = export_resnet50(Path(tempfile.mkdtemp(prefix="bench-resnet50-")))
-        core = InferenceCore(settings.replace(repository=repo, models=("resnet50",)))
-        core.load()
-        bench_concurrency(core, "resnet50", images, max(1, args.rounds // 2))
-        core.close()
+        cores = make_cores(settings.replace(repository=repo, models=("resnet50",)), args.skip_workers)
+        bench_concurrency(cores, "resnet50", images, max(1, args.rounds // 2))
+        for c in cores.values():
+            c.close()
 
     if args.agreement:
         bench_agreement(args.repository, model, args.agreement)

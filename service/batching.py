@@ -4,11 +4,15 @@ Requests are admitted against a bound (`queue_size` images between admission and
 answers `Overloaded` at once instead of queueing without limit. Admitted images are decoded and preprocessed
 in a thread pool (the core's), in parallel with inference, then queued here as jobs of one or more views.
 
-One worker thread forms batches: it takes the oldest job and, while images are still being preprocessed and
+A worker thread forms batches: it takes the oldest job and, while images are still being preprocessed and
 the batch is below `max_batch_size` views, waits up to `max_wait_ms` for more jobs of the same model. When
 nothing else is on its way it runs at once, so a lone request pays no waiting; under load batches grow by
 themselves while the previous batch runs (that is the "adaptive" part). Jobs whose deadline has passed, or
 whose caller gave up, are dropped before inference.
+
+There is one worker by default. With `workers` > 1 that many batches run at once (an ONNX Runtime session
+takes concurrent runs): on a CPU, two single-threaded runs side by side do more work per core than one run
+spread over two threads, which waits on its slowest thread at every operator.
 """
 
 from __future__ import annotations
@@ -60,7 +64,10 @@ class Batcher:
         observer: Any,
         model_name: Callable[[Hashable], str] = str,
         batch_limit: Callable[[Hashable], int] | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError("the batcher needs at least one worker")
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -73,7 +80,8 @@ class Batcher:
         self._outstanding = 0  # admitted images not yet answered
         self._preparing = 0  # admitted images still in decoding/preprocessing
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.workers = workers
+        self._threads: list[threading.Thread] = []
 
     # -- admission ----
     def admit(self, n: int, preparing: bool = True) -> None:
@@ -120,20 +128,31 @@ class Batcher:
         self.observer.queue_depth(depth)
 
     def start(self) -> None:
-        """Start the worker (lazily, at the first job); never again once stopped."""
-        if self._thread is None or not self._thread.is_alive():
-            with self._cond:
-                if not self._stopping and (self._thread is None or not self._thread.is_alive()):
-                    self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-                    self._thread.start()
+        """Start the workers (lazily, at the first job); never again once stopped."""
+        if len(self._threads) == self.workers and all(t.is_alive() for t in self._threads):
+            return
+        with self._cond:
+            if self._stopping:
+                return
+            self._threads = [t for t in self._threads if t.is_alive()]
+            while len(self._threads) < self.workers:
+                t = threading.Thread(target=self._loop, name=f"batcher-{len(self._threads)}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then end the worker."""
+        """Finish what is queued, then end the workers."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        until = None if timeout is None else time.monotonic() + timeout
+        for t in list(self._threads):
+            t.join(None if until is None else max(0.0, until - time.monotonic()))
+
+    @property
+    def alive(self) -> bool:
+        """Whether any worker thread still runs."""
+        return any(t.is_alive() for t in self._threads)
 
     # -- worker ----
     def _take(self) -> list[Job] | None:

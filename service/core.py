@@ -125,6 +125,7 @@ class InferenceCore:
             observer=self.observer,
             model_name=lambda key: key[0],
             batch_limit=self._batch_limit,
+            workers=self.settings.inference_workers,
         )
 
     # -- lifecycle ----

@@ -238,7 +238,7 @@ def test_close_while_an_image_is_decoding_answers_it_and_stays_closed(tiny_repo:
     core.close()
     caller.join(60)
     assert len(answers) == 1 and isinstance(answers[0], Prediction), answers
-    assert not core.batcher._thread.is_alive()
+    assert not core.batcher.alive
     with pytest.raises(Overloaded, match="shutting down"):
         core.classify_sync([big.getvalue()])
     assert core.batcher.outstanding == 0 and core.batcher._preparing == 0
@@ -281,3 +281,47 @@ def test_the_worker_survives_a_failing_observer() -> None:
     b.submit(second, from_preparing=False)
     assert second.future.result(10).shape == (1, 1)
     b.stop(1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_run_so_many_batches_at_once(workers: int) -> None:
+    """With n workers, n batches are in ONNX Runtime at once (never more); every job is answered, and stop
+    ends every worker."""
+    lock, running, peak = threading.Lock(), [0], [0]
+    both = threading.Event()
+
+    def run(key, batch: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            if running[0] == 2:
+                both.set()
+        both.wait(0.3)  # a second worker takes the next job meanwhile; a lone one times out here
+        with lock:
+            running[0] -= 1
+        return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
+
+    b = Batcher(run, max_batch_size=1, max_wait_s=0.0, queue_size=8, observer=NullObserver(), workers=workers)
+    jobs = [_job("m", deadline=time.monotonic() + 30) for _ in range(6)]
+    b.admit(len(jobs), preparing=False)
+    for job in jobs:
+        b.submit(job, from_preparing=False)
+    assert [j.future.result(10).tolist() for j in jobs] == [[[4.0]]] * 6
+    assert peak[0] == workers
+    assert len(b._threads) == workers
+    b.stop(5)
+    assert not b.alive
+
+
+def test_inference_workers_setting_is_checked_and_reaches_the_batcher(tiny_repo: Path) -> None:
+    with pytest.raises(ValueError, match="inference_workers"):
+        Settings(inference_workers=0).validate()
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", inference_workers=3))
+    core.load()
+    try:
+        assert core.batcher.workers == 3
+        (p,) = core.classify_sync([encode(Image.new("RGB", (40, 30), "red"), "PNG")])
+        assert isinstance(p, Prediction)
+    finally:
+        core.close()
+    assert not core.batcher.alive
