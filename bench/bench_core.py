@@ -325,7 +325,8 @@ def make_cores(settings: Settings, skip_workers: bool) -> dict[str, InferenceCor
     single-threaded batches at once as there were threads. Loaded."""
     configs = {f"1 worker x {THREADS} threads": settings}
     if not skip_workers:
-        configs[f"{THREADS} workers x 1 thread"] = settings.replace(intra_op_threads=1, inference_workers=THREADS)
+        throughput = settings.replace(intra_op_threads=1, inference_workers=THREADS)
+        configs[f"{THREADS} workers x 1 thread"] = throughput
     cores = {name: InferenceCore(s) for name, s in configs.items()}
     for c in cores.values():
         c.load()
