@@ -95,7 +95,7 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> None:
     )
 
 
-def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, name: str = "") -> None:
+def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label: str = "") -> None:
     """p50 of a lone classify, and where its time goes: every run also times each stage alone, in this
     thread, so that the machine's noise hits both alike; the rest is the hand-offs between the caller, the
     decode pool and the batcher thread."""
@@ -129,7 +129,7 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, name: 
     total = sorted(times.pop("classify"))
     p50, p90 = total[len(total) // 2], total[int(len(total) * 0.9)]
     print(
-        f"single classify bytes->top5 {model}{name}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
+        f"single classify bytes->top5 {model}{label}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
         f"(target p50 <= 15 ms)"
     )
     stages = {name: statistics.median(t) for name, t in times.items()}

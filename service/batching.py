@@ -79,6 +79,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._outstanding = 0  # admitted images not yet answered
         self._preparing = 0  # admitted images still in decoding/preprocessing
+        self._running = 0  # views taken by workers and not yet answered
         self._stopping = False
         self.workers = workers
         self._threads: list[threading.Thread] = []
@@ -170,6 +171,12 @@ class Batcher:
                 if views >= limit or self._preparing <= 0 or now >= wait_until or self._stopping:
                     break
                 self._cond.wait(wait_until - now)
+            if self.workers > 1:
+                # A fair share of the work in sight (queued, being preprocessed, in the other workers' runs):
+                # one worker taking all that is queued would run it alone on its threads while the others
+                # idle at the end of a burst.
+                in_sight = views + self._preparing + self._running
+                limit = min(limit, max(1, -(-in_sight // self.workers)))
             taken, rest, total = [], deque(), 0
             for job in self._queue:
                 n = job.views.shape[0]
@@ -179,6 +186,7 @@ class Batcher:
                 else:
                     rest.append(job)
             self._queue = rest
+            self._running += total
             depth = len(rest)
         self.observer.queue_depth(depth)
         return taken
@@ -200,6 +208,9 @@ class Batcher:
                 log.exception("batcher: a batch failed outside inference")
                 for job in jobs:
                     settle(job.future, error=ServiceError(f"inference failed: {type(e).__name__}"))
+            finally:
+                with self._cond:
+                    self._running -= sum(j.views.shape[0] for j in jobs)
 
     def _serve(self, jobs: list[Job]) -> None:
         now = time.monotonic()

@@ -325,3 +325,31 @@ def test_inference_workers_setting_is_checked_and_reaches_the_batcher(tiny_repo:
     finally:
         core.close()
     assert not core.batcher.alive
+
+
+@pytest.mark.parametrize(("workers", "sizes"), [(1, [8]), (2, [4, 4])])
+def test_workers_share_a_burst(workers: int, sizes: list[int]) -> None:
+    """Eight images arriving at once: one worker runs them as one batch; two take four each, rather than the
+    first taking all eight and running them alone while the other idles."""
+    lock, ran = threading.Lock(), []
+    started = threading.Event()
+
+    def run(key, batch: np.ndarray) -> np.ndarray:
+        with lock:
+            ran.append(batch.shape[0])
+            if len(ran) == workers:
+                started.set()
+        started.wait(2)  # each batch is still running when the other worker takes its share
+        return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
+
+    b = Batcher(
+        run, max_batch_size=32, max_wait_s=5.0, queue_size=8, observer=NullObserver(), workers=workers
+    )
+    jobs = [_job("m", deadline=time.monotonic() + 30) for _ in range(8)]
+    b.admit(8)  # all eight are being preprocessed: the batch waits for them
+    for job in jobs:
+        b.submit(job)
+    for job in jobs:
+        assert job.future.result(10).shape == (1, 1)
+    assert sorted(ran) == sizes
+    b.stop(5)
