@@ -152,6 +152,13 @@ class InferenceCore:
                 entry.session = session
                 entry.state = "ready"
                 log.info("model %s:%s ready on %s (%s)", name, v, session.provider, session.precision)
+                if session.on_gpu and self.settings.inference_workers > 1:
+                    log.warning(
+                        "%s:%s: GPU runs take turns, so inference_workers=%d only splits batches; use 1",
+                        name,
+                        v,
+                        self.settings.inference_workers,
+                    )
             except GpuRequired:
                 raise
             except Exception as e:  # one broken model must not take the others down
