@@ -137,6 +137,27 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label:
     print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(stages.values()):.2f}")
 
 
+def one_by_one(core: InferenceCore, model: str, images: list[bytes]) -> float:
+    """Images/s of the calls made one by one, each waiting for the last."""
+    t0 = time.perf_counter()
+    for data in images:
+        (p,) = core.classify_sync([data], model=model, top_k=5)
+        assert isinstance(p, Prediction)
+    return len(images) / (time.perf_counter() - t0)
+
+
+def concurrent(core: InferenceCore, model: str, images: list[bytes]) -> float:
+    """Images/s of the same calls made at once, one caller per image, sharing the batcher."""
+
+    async def gathered() -> float:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(core.classify([d], model=model, top_k=5) for d in images))
+        assert all(isinstance(r[0], Prediction) for r in results)
+        return len(images) / (time.perf_counter() - t0)
+
+    return asyncio.run(gathered())
+
+
 def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[bytes], rounds: int) -> None:
     """Same calls: one by one (each waits for the last) vs 32 concurrent callers sharing the batcher.
 
@@ -144,27 +165,11 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
     round, so that the host's slow and fast phases hit all alike. Each ratio is against the first core's one
     by one, the fastest way to make the calls one by one (all threads on each call)."""
 
-    def sequential(core: InferenceCore) -> float:
-        t0 = time.perf_counter()
-        for data in images:
-            (p,) = core.classify_sync([data], model=model, top_k=5)
-            assert isinstance(p, Prediction)
-        return len(images) / (time.perf_counter() - t0)
-
-    async def gathered(core: InferenceCore) -> float:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(core.classify([d], model=model, top_k=5) for d in images))
-        assert all(isinstance(r[0], Prediction) for r in results)
-        return len(images) / (time.perf_counter() - t0)
-
-    def concurrent(core: InferenceCore) -> float:
-        return asyncio.run(gathered(core))
-
     names = list(cores)
     base = cores[names[0]]
     for name, core in cores.items():
-        sequential(core)
-        concurrent(core)
+        one_by_one(core, model, images)
+        concurrent(core, model, images)
         info = core.model_info(model)
         per_image = {b: round(t * 1000, 1) for b, t in info.get("per_image_s", {}).items()}
         clock = "CPU-ms" if info.get("per_image_clock") == "cpu" else "ms"
@@ -175,9 +180,9 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
     seq: list[float] = []
     con: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):  # side by side, alternating
-        seq.append(sequential(base))
+        seq.append(one_by_one(base, model, images))
         for name in names:
-            con[name].append(concurrent(cores[name]))
+            con[name].append(concurrent(cores[name], model, images))
     for name in names:
         ratio = statistics.median(c / s for s, c in zip(seq, con[name], strict=True))
         print(
@@ -192,18 +197,12 @@ def bench_caps(core: InferenceCore, model: str, images: list[bytes], rounds: int
     session = core._entry(model, None).session
     assert session is not None
     picked = session.preferred_batch
-
-    async def concurrent() -> float:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(core.classify([d], model=model, top_k=5) for d in images))
-        return len(images) / (time.perf_counter() - t0)
-
     rates: dict[int, list[float]] = {c: [] for c in caps}
     try:
         for _ in range(rounds):
             for cap in caps:
                 session.preferred_batch = cap
-                rates[cap].append(asyncio.run(concurrent()))
+                rates[cap].append(concurrent(core, model, images))
     finally:
         session.preferred_batch = picked
     parts = ", ".join(f"cap {c}: {statistics.median(r):.1f}" for c, r in rates.items())
