@@ -9,6 +9,10 @@ figures are medians over rounds (the machine is noisy; side by side beats one af
 generator is the same lean asyncio HTTP/1.1 client for every HTTP server.
 
     python bench/bench_serving.py [--models efficientnet_lite0,resnet50] [--clients 1,8,32] [--requests 160]
+
+Settings are the service's defaults (the caller's `CNN_SERVE_*` variables are not passed on). `--variant`
+starts more instances of the service with other settings and measures them over HTTP in the same rounds, e.g.
+`--variant spin:THREAD_SPINNING=1 --variant workers:INFERENCE_WORKERS=2,INTRA_OP_THREADS=1`.
 """
 
 from __future__ import annotations
@@ -281,7 +285,22 @@ def row(name: str, model: str, clients: int, r: dict) -> str:
     )
 
 
-def start_service(repo: Path, env: dict) -> tuple[subprocess.Popen, int, int]:
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`name:KEY=VALUE,...` -> (name, {"CNN_SERVE_KEY": "VALUE", ...}); keys with or without the prefix."""
+    name, sep, assignments = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--variant wants NAME:KEY=VALUE[,KEY=VALUE], got {text!r}")
+    settings = {}
+    for item in filter(None, assignments.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(f"--variant {name}: {item!r} is not KEY=VALUE")
+        key = key.strip().upper().replace("-", "_")
+        settings[key if key.startswith("CNN_SERVE_") else f"CNN_SERVE_{key}"] = value.strip()
+    return name.strip(), settings
+
+
+def start_service(repo: Path, env: dict, log: str = "service") -> tuple[subprocess.Popen, int, int]:
     """This service on the benchmark repository; gRPC port retried if a just-freed port was taken again."""
     for _ in range(3):
         http_port, grpc_port = free_port(), free_port()
@@ -290,7 +309,7 @@ def start_service(repo: Path, env: dict) -> tuple[subprocess.Popen, int, int]:
             + ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--log-level", "WARNING"],
             cwd=ROOT,
             env=env,
-            stdout=open(OUT / "service.log", "wb"),
+            stdout=open(OUT / f"{log}.log", "wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -299,7 +318,7 @@ def start_service(repo: Path, env: dict) -> tuple[subprocess.Popen, int, int]:
             return proc, http_port, grpc_port
         except RuntimeError:
             continue
-    raise RuntimeError(f"the service did not start; see {OUT / 'service.log'}")
+    raise RuntimeError(f"the service did not start; see {OUT / f'{log}.log'}")
 
 
 def start_reference(repo: Path, model: str, weights: Path, env: dict) -> tuple[subprocess.Popen, int]:
@@ -318,6 +337,18 @@ def start_reference(repo: Path, model: str, weights: Path, env: dict) -> tuple[s
     return proc, port
 
 
+def compare_variant(results: dict, name: str, model: str, clients: int) -> None:
+    """A variant against the default service: median of the per-round images/s ratios, and both p50s."""
+    v, d = results.get((name, model, clients)), results.get(("cnn-serve HTTP", model, clients))
+    if not (v and d):
+        return
+    ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(v["rounds"], d["rounds"], strict=True)]
+    print(
+        f"{model}, {name} at {clients} clients: images/s {statistics.median(ratios):.2f}x the default's, "
+        f"p50 {v['p50_ms']:.1f} against {d['p50_ms']:.1f} ms"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
@@ -331,6 +362,14 @@ def main() -> int:
         "--source", type=Path, default=ROOT / "models", help="repository with efficientnet_lite0"
     )
     parser.add_argument("--no-grpc", action="store_true")
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="also measure the service with these settings over HTTP, e.g. spin:THREAD_SPINNING=1",
+    )
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     levels = [int(c) for c in args.clients.split(",")]
@@ -352,6 +391,11 @@ def main() -> int:
         proc, http_port, grpc_port = start_service(repo, env)
         procs.append(proc)
         ours = f"http://127.0.0.1:{http_port}"
+        variants = []
+        for name, settings in args.variant:
+            vproc, vport, _ = start_service(repo, env | settings, log=f"service-{name}")
+            procs.append(vproc)
+            variants.append((f"cnn-serve HTTP {name}", f"http://127.0.0.1:{vport}"))
         for model in models:
             ref_proc, ref_port = start_reference(repo, model, weights[model], env)
             procs.append(ref_proc)
@@ -362,6 +406,8 @@ def main() -> int:
                     cells = [("cnn-serve HTTP", bench_http(ours, f"/classify?model={model}", *common))]
                     if not args.no_grpc:
                         cells.append(("cnn-serve gRPC", bench_grpc(grpc_port, model, *common)))
+                    for name, url in variants:
+                        cells.append((name, bench_http(url, f"/classify?model={model}", *common)))
                     cells.append(("FastAPI+PyTorch ref", bench_http(ref, "/classify", *common)))
                     for name, measurement in cells:
                         rounds.setdefault((name, model, clients), []).append(asyncio.run(measurement))
@@ -399,6 +445,9 @@ def main() -> int:
         )
         if model == "efficientnet_lite0":
             print(f"target (>= 3x images/s and lower p99): {'met' if speed >= 3.0 and lower else 'NOT met'}")
+        for name, _ in variants:
+            for clients in levels:
+                compare_variant(results, name, model, clients)
     (OUT / "results.json").write_text(
         json.dumps({f"{n}|{m}|{c}": r for (n, m, c), r in results.items()}, indent=1)
     )

@@ -13,6 +13,9 @@ whose caller gave up, are dropped before inference.
 There is one worker by default. With `workers` > 1 that many batches run at once (an ONNX Runtime session
 takes concurrent runs): on a CPU, two single-threaded runs side by side do more work per core than one run
 spread over two threads, which waits on its slowest thread at every operator.
+
+`run` is told whether its batch runs *alone*: nothing else queued, being preprocessed or running. Such a batch
+has the machine to itself, and the session may then spend every core on it (see `solo_threads`).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def settle(future: Future, result: Any = None, error: BaseException | None = Non
 class Batcher:
     def __init__(
         self,
-        run: Callable[[Hashable, np.ndarray], np.ndarray],
+        run: Callable[[Hashable, np.ndarray, bool], np.ndarray],
         *,
         max_batch_size: int,
         max_wait_s: float,
@@ -156,7 +159,8 @@ class Batcher:
         return any(t.is_alive() for t in self._threads)
 
     # -- worker ----
-    def _take(self) -> list[Job] | None:
+    def _take(self) -> tuple[list[Job], bool] | None:
+        """The next batch, and whether it runs alone (nothing else queued, preparing or running)."""
         with self._cond:
             while not self._queue:
                 if self._stopping:
@@ -186,10 +190,11 @@ class Batcher:
                 else:
                     rest.append(job)
             self._queue = rest
+            alone = not rest and self._preparing <= 0 and self._running == 0
             self._running += total
             depth = len(rest)
         self.observer.queue_depth(depth)
-        return taken
+        return taken, alone
 
     def limit(self, key: Hashable) -> int:
         """Views per batch for this model: the max batch size, or less where the model runs better so."""
@@ -199,11 +204,12 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            jobs = self._take()
-            if jobs is None:
+            taken = self._take()
+            if taken is None:
                 return
+            jobs, alone = taken
             try:
-                self._serve(jobs)
+                self._serve(jobs, alone)
             except Exception as e:  # noqa: BLE001 - the worker never dies: the queue behind it would wait forever
                 log.exception("batcher: a batch failed outside inference")
                 for job in jobs:
@@ -212,7 +218,7 @@ class Batcher:
                 with self._cond:
                     self._running -= sum(j.views.shape[0] for j in jobs)
 
-    def _serve(self, jobs: list[Job]) -> None:
+    def _serve(self, jobs: list[Job], alone: bool = False) -> None:
         now = time.monotonic()
         live = []
         for job in jobs:
@@ -224,9 +230,9 @@ class Batcher:
                 continue
             live.append(job)
         if live:
-            self._execute(live)
+            self._execute(live, alone)
 
-    def _execute(self, jobs: list[Job]) -> None:
+    def _execute(self, jobs: list[Job], alone: bool = False) -> None:
         key = jobs[0].key
         limit = self.limit(key)
         batch = jobs[0].views if len(jobs) == 1 else np.concatenate([j.views for j in jobs])
@@ -235,7 +241,7 @@ class Batcher:
             for i in range(0, batch.shape[0], limit):  # one call per `limit` views
                 chunk = batch[i : i + limit]
                 t0 = time.perf_counter()
-                outputs.append(self._run(key, chunk))
+                outputs.append(self._run(key, chunk, alone))
                 self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), self._model_name(key))
             out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         except ServiceError as e:

@@ -43,7 +43,10 @@ class Settings:
     gpu_mem_limit_mb: int = _setting(0, "cap of ONNX Runtime's CUDA memory arena per model, MiB; 0: none")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per batch; 0: its default, one per core")
     inter_op_threads: int = _setting(1, "above 1: ONNX Runtime runs independent branches at once, in so many")
-    thread_spinning: bool = _setting(False, "ONNX Runtime threads spin between ops: lower latency, CPU burnt")
+    thread_spinning: bool = _setting(False, "ONNX Runtime threads spin inside runs: lower latency, CPU burnt")
+    solo_threads: int = _setting(
+        0, "CPU: threads for a batch that runs alone, on a second session of the model that spins; 0: none"
+    )
     precision: str = _setting("auto", "auto (fp16 on GPU, fp32 on CPU), fp32 or fp16: which graph to load")
     preprocess_mode: str = _setting("fast", "fast, or exact (torchvision's PIL evaluation transform)")
 
@@ -105,7 +108,8 @@ class Settings:
             raise ValueError("max_batch_size must be at least 1")
         if self.queue_size < 1:
             raise ValueError("queue_size must be at least 1")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0 or self.decode_threads < 1:
+        threads = (self.intra_op_threads, self.inter_op_threads, self.solo_threads)
+        if min(threads) < 0 or self.decode_threads < 1:
             raise ValueError("thread counts must not be negative, and decode_threads must be at least 1")
         if not 1 <= self.inference_workers <= 64:
             raise ValueError("inference_workers must be between 1 and 64")

@@ -226,10 +226,10 @@ class InferenceCore:
         session = self._models[key].session
         return session.preferred_batch if session is not None else self.settings.max_batch_size
 
-    def _run_batch(self, key: tuple[str, str], batch: np.ndarray) -> np.ndarray:
+    def _run_batch(self, key: tuple[str, str], batch: np.ndarray, alone: bool = False) -> np.ndarray:
         session = self._models[key].session
         assert session is not None
-        return session.run(batch)
+        return session.run(batch, alone=alone)
 
     def _submit(
         self, images: Sequence[bytes], entry: LoadedModel, tta: str, deadline: float

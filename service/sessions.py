@@ -1,5 +1,11 @@
 """One ONNX Runtime session per model: provider choice, precision, I/O binding on GPU, warm-up.
 
+On a CPU, `solo_threads` adds a second session of the same graph for batches that run alone (nothing else
+queued, decoding or running): it spreads them over that many threads, spinning between operators inside a run,
+while the first session serves the batches of a busy service (typically one thread each, several at once).
+A lone request then gets every core without slowing the service under load; the price is a second copy of
+the model's weights in memory.
+
 ONNX Runtime silently drops to CPU when CUDA or cuDNN libraries are missing; we compare the providers the
 session really got with the ones asked for and, with `require_gpu`, refuse to start instead of serving slowly.
 Without it, a session that fell back is served, on the fp32 graph when the precision was `auto`.
@@ -72,6 +78,11 @@ class ModelSession:
             log.warning("%s: CUDA unavailable, on %s: serving the fp32 graph", card.name, self.provider)
             self._open(card, self._pick_file(card, "fp32"), providers)
         self.on_gpu = self.provider == CUDA
+        self.solo: ort.InferenceSession | None = None
+        if settings.solo_threads and not self.on_gpu:
+            options = self._options(threads=settings.solo_threads, spinning=True)
+            graph = card.read_verified(self.file)
+            self.solo = ort.InferenceSession(graph, sess_options=options, providers=[CPU])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
@@ -85,9 +96,10 @@ class ModelSession:
 
     def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> None:
         graph = card.read_verified(fname)  # sha256 of the very bytes ONNX Runtime gets
+        self.file = fname
         self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
         self.session = ort.InferenceSession(
-            graph, sess_options=self._options(card, fname), providers=self._provider_options(providers)
+            graph, sess_options=self._options(), providers=self._provider_options(providers)
         )
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
@@ -104,16 +116,19 @@ class ModelSession:
                     return fname
         raise RepositoryError(f"no {precision} graph listed in the card")
 
-    def _options(self, card: ModelCard, fname: str) -> ort.SessionOptions:
-        """Session options. The card's `optimization` says what the saved graph already has (the exporter
-        keeps files portable); at run time ONNX Runtime may apply every optimization for the provider it got.
+    def _options(self, threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
+        """Session options: `intra_op_threads` and `thread_spinning` unless given. The card's `optimization`
+        says what the saved graph already has (the exporter keeps files portable); at run time ONNX Runtime
+        may apply every optimization for the provider it got.
         Thread spinning is off by default: decoding threads run beside inference and spinning ones would
-        starve them (and burn a pod's CPU quota while idle); `thread_spinning` turns it on.
+        starve them. `thread_spinning` turns it on inside a run only: with `session.force_spinning_stop` the
+        threads stop spinning when the last run returns, so an idle service burns no CPU (or pod quota).
         """
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.settings.intra_op_threads:
-            so.intra_op_num_threads = self.settings.intra_op_threads
+        threads = self.settings.intra_op_threads if threads is None else threads
+        if threads:
+            so.intra_op_num_threads = threads
         # Independent branches (Inception's, GoogLeNet's) run at once only in parallel mode; with one inter-op
         # thread ONNX Runtime runs the nodes one after another, each spread over the intra-op threads.
         if self.settings.inter_op_threads > 1:
@@ -121,9 +136,10 @@ class ModelSession:
             so.inter_op_num_threads = self.settings.inter_op_threads
         else:
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        spin = "1" if self.settings.thread_spinning else "0"
+        spin = "1" if (self.settings.thread_spinning if spinning is None else spinning) else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        so.add_session_config_entry("session.force_spinning_stop", spin)
         so.log_severity_level = 3
         return so
 
@@ -146,8 +162,10 @@ class ModelSession:
                 return b
         return n
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Raw network outputs (fp32) for an fp32 NCHW batch of any size (split by the fixed batch if any)."""
+    def run(self, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        """Raw network outputs (fp32) for an fp32 NCHW batch of any size (split by the fixed batch if any).
+        `alone`: nothing else is running or waiting, so the solo session (if any) may take every core."""
+        session = self.solo if alone and self.solo is not None else self.session
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.fixed_batch and batch.shape[0] != self.fixed_batch:
             parts = []
@@ -158,7 +176,7 @@ class ModelSession:
                     chunk = np.concatenate(
                         [chunk, np.zeros((self.fixed_batch - n, *chunk.shape[1:]), np.float32)]
                     )
-                parts.append(self._run(chunk)[:n])
+                parts.append(self._run(chunk, session)[:n])
             return np.concatenate(parts)
         n = batch.shape[0]
         if self.on_gpu:
@@ -166,10 +184,10 @@ class ModelSession:
             if b > n:  # fixed shapes keep cuDNN's tuned algorithms
                 batch = np.concatenate([batch, np.zeros((b - n, *batch.shape[1:]), np.float32)])
             return self._run_bound(batch)[:n]
-        return self._run(batch)
+        return self._run(batch, session)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: batch})[0]
+    def _run(self, batch: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
+        out = session.run([self.output_name], {self.input_name: batch})[0]
         return np.asarray(out, dtype=np.float32)
 
     def _run_bound(self, batch: np.ndarray) -> np.ndarray:
@@ -199,6 +217,8 @@ class ModelSession:
         data = rng.standard_normal((self.buckets[-1], *self.input_shape), dtype=np.float32)
         for b in self.buckets:
             self.run(data[:b])
+            if self.solo is not None:
+                self.run(data[:b], alone=True)
         clock = time.perf_counter if self.on_gpu else time.process_time
         per_image = {b: float("inf") for b in self.buckets}
         for _ in range(max(1, timed_passes)):
@@ -220,6 +240,7 @@ class ModelSession:
             "per_image_s": dict(self.per_image_s),
             "per_image_clock": "wall" if self.on_gpu else "cpu",
             "io_binding": self.on_gpu,
+            "solo_threads": self.settings.solo_threads if self.solo is not None else 0,
         }
 
 

@@ -112,7 +112,7 @@ def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image)
 def _gated_batcher(queue_size: int = 4) -> tuple[Batcher, threading.Event, list]:
     gate, ran = threading.Event(), []
 
-    def run(key, batch: np.ndarray) -> np.ndarray:
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
         ran.append((key, batch.shape[0]))
         gate.wait(5)
         return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
@@ -203,7 +203,7 @@ def test_past_deadline_through_the_core(tiny_repo: Path, chelsea: Image.Image) -
 def test_batch_limit_caps_views_per_call() -> None:
     ran = []
 
-    def run(key, batch: np.ndarray) -> np.ndarray:
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
         ran.append(batch.shape[0])
         return batch.reshape(batch.shape[0], -1).sum(axis=1, keepdims=True)
 
@@ -267,7 +267,7 @@ def test_the_worker_survives_a_failing_observer() -> None:
                 raise RuntimeError("scrape failed")
 
     b = Batcher(
-        lambda key, x: x.sum(axis=(1, 2, 3))[:, None],
+        lambda key, x, alone=False: x.sum(axis=(1, 2, 3))[:, None],
         max_batch_size=4,
         max_wait_s=0.0,
         queue_size=8,
@@ -290,7 +290,7 @@ def test_workers_run_so_many_batches_at_once(workers: int) -> None:
     lock, running, peak = threading.Lock(), [0], [0]
     both = threading.Event()
 
-    def run(key, batch: np.ndarray) -> np.ndarray:
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -334,7 +334,7 @@ def test_workers_share_a_burst(workers: int, sizes: list[int]) -> None:
     lock, ran = threading.Lock(), []
     started = threading.Event()
 
-    def run(key, batch: np.ndarray) -> np.ndarray:
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
         with lock:
             ran.append(batch.shape[0])
             if len(ran) == workers:
@@ -352,4 +352,47 @@ def test_workers_share_a_burst(workers: int, sizes: list[int]) -> None:
     for job in jobs:
         assert job.future.result(10).shape == (1, 1)
     assert sorted(ran) == sizes
+    b.stop(5)
+
+
+def test_a_batch_runs_alone_only_when_nothing_else_is_in_sight() -> None:
+    """`alone` (the solo session's cue) holds for a lone job, and fails while another image is being
+    preprocessed or another batch is running: the solo session's threads must not crowd a busy service."""
+    seen: list[tuple[float, bool]] = []
+    release = threading.Event()
+
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        value = float(batch.reshape(-1)[0])
+        seen.append((value, alone))
+        if value == 1.0:
+            release.wait(10)  # the first batch is still running when the second one is taken
+        return batch.reshape(batch.shape[0], -1)[:, :1]
+
+    b = Batcher(run, max_batch_size=4, max_wait_s=0.0, queue_size=8, observer=NullObserver(), workers=2)
+
+    def job(value: float) -> Job:
+        return Job("m", np.full((1, 1, 2, 2), value, np.float32), Future(), time.monotonic() + 30)
+
+    lone = job(0.0)
+    b.admit(1, preparing=False)
+    b.submit(lone, from_preparing=False)
+    assert lone.future.result(10).tolist() == [[0.0]]
+
+    b.admit(1)  # an image still being decoded: the job in the queue does not run alone
+    early = job(3.0)
+    b.admit(1, preparing=False)
+    b.submit(early, from_preparing=False)
+    early.future.result(10)
+    b.prepared(1)  # that image failed to decode
+
+    first, second = job(1.0), job(2.0)
+    b.admit(2, preparing=False)
+    b.submit(first, from_preparing=False)
+    while not any(v == 1.0 for v, _ in seen):
+        time.sleep(0.01)
+    b.submit(second, from_preparing=False)  # taken by the other worker while `first` runs
+    second.future.result(10)
+    release.set()
+    first.future.result(10)
+    assert seen == [(0.0, True), (3.0, False), (1.0, True), (2.0, False)]
     b.stop(5)

@@ -236,6 +236,71 @@ def test_inter_op_threads_run_branches_in_parallel_with_the_same_answers(
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-7)
 
 
+def test_thread_spinning_stops_when_the_run_returns(tiny_repo: Path, photo: bytes) -> None:
+    """Spinning, when asked for, is confined to runs: an idle service must not burn a pod's CPU quota."""
+    for spinning, expected in ((False, "0"), (True, "1")):
+        core = InferenceCore(
+            Settings(repository=str(tiny_repo), default_model="tiny", thread_spinning=spinning)
+        )
+        core.load()
+        try:
+            session = core._entry("tiny", None).session
+            assert session is not None
+            options = session.session.get_session_options()
+            for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+                assert options.get_session_config_entry(key) == expected, key
+            (p,) = core.classify_sync([photo], top_k=3)
+            assert isinstance(p, Prediction)
+        finally:
+            core.close()
+
+
+def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, photo: bytes) -> None:
+    """`solo_threads`: a second session, on that many spinning threads, runs the batches that run alone; its
+    answers are the first session's. Without the setting there is no second session."""
+    answers, runs = [], {"solo": 0, "first": 0}
+    for solo in (0, 2):
+        settings = Settings(
+            repository=str(tiny_repo),
+            default_model="tiny",
+            intra_op_threads=1,
+            inference_workers=2,
+            solo_threads=solo,
+        )
+        core = InferenceCore(settings)
+        core.load()
+        try:
+            session = core._entry("tiny", None).session
+            assert session is not None
+            assert core.model_info("tiny")["solo_threads"] == solo
+            if not solo:
+                assert session.solo is None
+            else:
+                assert session.solo is not None
+                options = session.solo.get_session_options()
+                assert options.intra_op_num_threads == 2
+                assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+                assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+                for name, ort_session in (("solo", session.solo), ("first", session.session)):
+                    ort_run = ort_session.run
+
+                    def counted(*args, _name=name, _run=ort_run, **kw):
+                        runs[_name] += 1
+                        return _run(*args, **kw)
+
+                    ort_session.run = counted
+            (p,) = core.classify_sync([photo], top_k=3)
+            assert isinstance(p, Prediction)
+            answers.append(p.probabilities)
+            if solo:
+                assert runs == {"solo": 1, "first": 0}
+        finally:
+            core.close()
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="thread counts must not be negative"):
+        Settings(solo_threads=-1).validate()
+
+
 def test_batch_buckets() -> None:
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
