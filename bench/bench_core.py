@@ -3,14 +3,15 @@
 1. Preprocessing a 1920x1280 JPEG (quality 90), bytes -> normalized tensor: the core's fast mode against
    torchvision's evaluation transform (PIL open + Resize + CenterCrop + ToTensor + Normalize). Target >= 3x.
 2. Single-request classify of that JPEG with efficientnet_lite0, bytes -> top-5: p50. Target <= 15 ms.
-3. 32 concurrent callers through the batcher against the same calls made one by one: images/s for
-   efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the repository has
-   none). Two configurations of the same 2 threads: one batch at a time on 2 ONNX Runtime threads (the
-   default), and 2 batches at once on 1 thread each (`inference_workers=2, intra_op_threads=1`); both
-   against the calls one by one on the default, the fastest way to make them one by one.
+3. 32 concurrent callers through the batcher against the same calls made one by one on the same core:
+   images/s for efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the
+   repository has none).
+Figures 2 and 3 for two configurations of the same 2 threads: the default (one batch at a time on 2 ONNX
+Runtime threads) and the CPU profile (`inference_workers=2, intra_op_threads=1, solo_threads=2`: 2 batches
+at once on 1 thread each under load, a lone batch on a second session's 2 spinning threads).
 4. Fast-vs-exact preprocessing: top-1 agreement of efficientnet_lite0 over crops/scales of real photos.
 
-Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet] [--skip-workers]
+Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet] [--default-only]
        [--caps 2,4,8,16]
 """
 
@@ -116,7 +117,7 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label:
             data, channels=spec.channels, min_short_side=spec.resize
         ),
         "resize+crop+normalize": lambda: pre(img),
-        "ONNX Runtime, batch 1": lambda: session.run(views),
+        "ONNX Runtime, batch 1": lambda: session.run(views, alone=True),
         "softmax+top-5": lambda: core._finish(entry, 5, out),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -159,14 +160,12 @@ def concurrent(core: InferenceCore, model: str, images: list[bytes]) -> float:
 
 
 def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[bytes], rounds: int) -> None:
-    """Same calls: one by one (each waits for the last) vs 32 concurrent callers sharing the batcher.
-
-    The first core is the baseline: the calls one by one on it, then concurrent on each core in turn, every
-    round, so that the host's slow and fast phases hit all alike. Each ratio is against the first core's one
-    by one, the fastest way to make the calls one by one (all threads on each call)."""
+    """Same calls: one by one (each waits for the last) vs 32 concurrent callers sharing the batcher, on the
+    same core. Every round makes both on each core in turn, so that the host's slow and fast phases hit all
+    alike; the ratio is the median of the per-round ratios. Each later core's concurrent rate is also given
+    against the first core's."""
 
     names = list(cores)
-    base = cores[names[0]]
     for name, core in cores.items():
         one_by_one(core, model, images)
         concurrent(core, model, images)
@@ -177,18 +176,23 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
             f"  {model}, {name}: warm-up {clock}/image by batch size {per_image}, "
             f"batches capped at {info['preferred_batch']}"
         )
-    seq: list[float] = []
+    seq: dict[str, list[float]] = {name: [] for name in names}
     con: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):  # side by side, alternating
-        seq.append(one_by_one(base, model, images))
         for name in names:
+            seq[name].append(one_by_one(cores[name], model, images))
             con[name].append(concurrent(cores[name], model, images))
     for name in names:
-        ratio = statistics.median(c / s for s, c in zip(seq, con[name], strict=True))
+        ratio = statistics.median(c / s for s, c in zip(seq[name], con[name], strict=True))
+        versus = ""
+        if name != names[0]:
+            gain = statistics.median(a / b for a, b in zip(con[name], con[names[0]], strict=True))
+            versus = f"; concurrent {gain:.2f}x the default's"
         print(
-            f"throughput {model}, {name}: one by one {statistics.median(seq):.1f} images/s ({names[0]}), "
+            f"throughput {model}, {name}: one by one {statistics.median(seq[name]):.1f} images/s, "
             f"{len(images)} concurrent callers {statistics.median(con[name]):.1f} images/s, ratio "
             f"{ratio:.2f}x (median of {rounds} alternating rounds of {len(images)} images; target >= 1.5x)"
+            f"{versus}"
         )
 
 
@@ -319,13 +323,18 @@ def export_resnet50(root: Path) -> str:
     return str(root)
 
 
-def make_cores(settings: Settings, skip_workers: bool) -> dict[str, InferenceCore]:
-    """The default core (one batch at a time on every thread), then the throughput configuration: as many
-    single-threaded batches at once as there were threads. Loaded."""
-    configs = {f"1 worker x {THREADS} threads": settings}
-    if not skip_workers:
-        throughput = settings.replace(intra_op_threads=1, inference_workers=THREADS)
-        configs[f"{THREADS} workers x 1 thread"] = throughput
+PROFILE = f"CPU profile: {THREADS} workers x 1 thread, solo {THREADS} threads"
+
+
+def make_cores(settings: Settings, default_only: bool) -> dict[str, InferenceCore]:
+    """The default core (one batch at a time on every thread), then the CPU profile: as many single-threaded
+    batches at once as there are threads, and a solo session on all of them for a batch that runs alone.
+    Loaded."""
+    configs = {f"default: 1 worker x {THREADS} threads": settings}
+    if not default_only:
+        configs[PROFILE] = settings.replace(
+            intra_op_threads=1, inference_workers=THREADS, solo_threads=THREADS
+        )
     cores = {name: InferenceCore(s) for name, s in configs.items()}
     for c in cores.values():
         c.load()
@@ -340,7 +349,7 @@ def main() -> None:
     ap.add_argument("--agreement", type=int, default=200)
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin")
-    ap.add_argument("--skip-workers", action="store_true", help="only the default: 1 worker x 2 threads")
+    ap.add_argument("--default-only", action="store_true", help="only the default, not the CPU profile")
     ap.add_argument("--caps", default="", help="also compare these batch caps side by side, e.g. 2,4,8,16")
     args = ap.parse_args()
     model = "efficientnet_lite0"
@@ -361,7 +370,7 @@ def main() -> None:
         max_batch_size=32,
         thread_spinning=args.spinning,
     )
-    cores = make_cores(settings, args.skip_workers)
+    cores = make_cores(settings, args.default_only)
     for name, c in cores.items():
         bench_single(c, model, data, args.runs, f", {name}")
     core = next(iter(cores.values()))
@@ -376,7 +385,7 @@ def main() -> None:
         repo = args.repository
         if not (Path(repo) / "resnet50").is_dir():
             repo = export_resnet50(Path(tempfile.mkdtemp(prefix="bench-resnet50-")))
-        cores = make_cores(settings.replace(repository=repo, models=("resnet50",)), args.skip_workers)
+        cores = make_cores(settings.replace(repository=repo, models=("resnet50",)), args.default_only)
         bench_concurrency(cores, "resnet50", images, max(1, args.rounds // 2))
         for c in cores.values():
             c.close()

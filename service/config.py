@@ -53,7 +53,7 @@ class Settings:
     # Batching
     max_batch_size: int = _setting(32, "images (test-time views included) per ONNX Runtime call")
     inference_workers: int = _setting(
-        1, "batches run at once; on CPU, 2 with intra_op_threads=1 serve more images/s, lone ones slower"
+        1, "batches run at once; on CPU, 2 with intra_op_threads=1 serve more images/s (see solo_threads)"
     )
     max_wait_ms: float = _setting(2.0, "how long a batch waits for more images while others are decoding")
     queue_size: int = _setting(256, "images admitted and not yet answered; beyond it: overloaded at once")
