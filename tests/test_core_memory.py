@@ -74,3 +74,46 @@ def test_rss_stable_over_1000_bad_inputs(tiny_repo: Path, chelsea: Image.Image) 
         assert grown <= 50, f"RSS grew by {grown:.1f} MB over {done} bad inputs"
     finally:
         core.close()
+
+
+_LOAD_RSS = """
+import json, sys
+import psutil
+from service import sessions
+from service.config import Settings
+from service.core import InferenceCore
+
+sessions.pick_batch = lambda per_image, tolerance=0.0: 4  # what warm-up picks on a small CPU, made certain
+before = psutil.Process().memory_info().rss
+core = InferenceCore(Settings(repository=sys.argv[1], models=("efficientnet_lite0",), max_batch_size=32,
+                              intra_op_threads=1, inference_workers=2, solo_threads=int(sys.argv[2])))
+core.load()
+print(json.dumps({"mb": (psutil.Process().memory_info().rss - before) / 2**20,
+                  "preferred": core.model_info("efficientnet_lite0")["preferred_batch"]}))
+core.close()
+"""
+
+
+def test_a_loaded_model_keeps_no_memory_for_batches_it_will_not_run(model_repo: Path) -> None:
+    """Warm-up runs every bucket up to max_batch_size (32), but the batcher runs at most the preferred batch
+    (4 here): the activation memory of the larger ones goes back (it was about 400 MB of 500 for
+    efficientnet_lite0), and the solo session costs about its weights and a small batch, not a second
+    32-image arena."""
+    import json
+    import subprocess
+    import sys
+
+    loaded = {}
+    for solo in (0, 2):
+        out = subprocess.run(
+            [sys.executable, "-c", _LOAD_RSS, str(model_repo), str(solo)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+        )
+        loaded[solo] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(r["preferred"] == 4 for r in loaded.values()), loaded
+    assert loaded[0]["mb"] < 250, loaded
+    assert loaded[2]["mb"] - loaded[0]["mb"] < 150, loaded

@@ -149,7 +149,10 @@ class ModelRunner:
         self.name = model
         self.card = repository.read_card(Path(settings.repository) / model / self.version)
         self.labels = self.card.labels
-        self.session = ModelSession(self.card, settings.replace(max_batch_size=max(1, batch_size)))
+        # Scoring never runs a batch alone: no solo session (a second copy of the weights for nothing).
+        self.session = ModelSession(
+            self.card, settings.replace(max_batch_size=max(1, batch_size), solo_threads=0)
+        )
         self.preprocessing = json.dumps(self.card.preprocessing, sort_keys=True)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
