@@ -45,7 +45,10 @@ def average_views(probabilities: np.ndarray, counts: Sequence[int]) -> list[np.n
     """Split a (sum(counts), classes) array per image and average each image's views."""
     out, start = [], 0
     for n in counts:
-        out.append(probabilities[start : start + n].mean(axis=0, dtype=np.float64).astype(np.float32))
+        if n == 1:  # the common case (no test-time augmentation): nothing to average
+            out.append(probabilities[start])
+        else:
+            out.append(probabilities[start : start + n].mean(axis=0, dtype=np.float64).astype(np.float32))
         start += n
     return out
 

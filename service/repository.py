@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ class ModelCard:
     def preprocessing(self) -> dict[str, Any]:
         return self.data.get("preprocessing", {})
 
-    @property
-    def labels(self) -> list[dict[str, Any]]:
-        return list(self.data.get("labels") or [])
+    @cached_property
+    def labels(self) -> tuple[dict[str, Any], ...]:
+        """Read once: every answer looks its classes up here."""
+        return tuple(self.data.get("labels") or ())
 
     @property
     def num_classes(self) -> int:
