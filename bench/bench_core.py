@@ -176,6 +176,7 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
             f"  {model}, {name}: warm-up {clock}/image by batch size {per_image}, "
             f"batches capped at {info['preferred_batch']}"
         )
+    target = "target >= 1.5x" if model == "efficientnet_lite0" else "reported"
     seq: dict[str, list[float]] = {name: [] for name in names}
     con: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):  # side by side, alternating
@@ -191,7 +192,7 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
         print(
             f"throughput {model}, {name}: one by one {statistics.median(seq[name]):.1f} images/s, "
             f"{len(images)} concurrent callers {statistics.median(con[name]):.1f} images/s, ratio "
-            f"{ratio:.2f}x (median of {rounds} alternating rounds of {len(images)} images; target >= 1.5x)"
+            f"{ratio:.2f}x (median of {rounds} alternating rounds of {len(images)} images; {target})"
             f"{versus}"
         )
 
