@@ -232,7 +232,7 @@ class ModelSession:
 
     def _settle_memory(self, data: np.ndarray) -> None:
         """CPU: the batcher runs at most `preferred_batch` views at a time, so the activation memory of the
-        larger buckets (about 300 MB at 32 for EfficientNet-Lite0) goes back; a later larger run (batch
+        larger buckets (about 400 MB up to 32 for EfficientNet-Lite0) goes back; a later larger run (batch
         scoring) takes it again. The solo session is warmed up to that size only."""
         if self.solo is not None:
             for b in self.buckets:
