@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from service import postprocessing
 from service.config import Settings
 from service.core import InferenceCore, Prediction
 from service.errors import InvalidArgument, InvalidImage, ModelNotFound, ModelUnavailable
-from service.sessions import GpuRequired, batch_buckets
+from service.sessions import GpuRequired, ModelSession, batch_buckets
 from tests.conftest import encode, write_tiny_model
 
 
@@ -212,6 +215,25 @@ def test_providers_override_is_reported(tmp_path: Path) -> None:
         core.close()
 
 
+@contextlib.contextmanager
+def _tiny_core(tiny_repo: Path, **settings: Any) -> Iterator[tuple[InferenceCore, ModelSession]]:
+    """A loaded core serving `tiny` with these settings, and tiny's session; closed afterwards."""
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", **settings))
+    core.load()
+    try:
+        session = core._entry("tiny", None).session
+        assert session is not None
+        yield core, session
+    finally:
+        core.close()
+
+
+def _classify(core: InferenceCore, photo: bytes) -> np.ndarray:
+    (p,) = core.classify_sync([photo], top_k=3)
+    assert isinstance(p, Prediction)
+    return p.probabilities
+
+
 def test_inter_op_threads_run_branches_in_parallel_with_the_same_answers(
     tiny_repo: Path, photo: bytes
 ) -> None:
@@ -219,19 +241,9 @@ def test_inter_op_threads_run_branches_in_parallel_with_the_same_answers(
 
     answers, modes = [], []
     for inter in (1, 2):
-        core = InferenceCore(
-            Settings(repository=str(tiny_repo), default_model="tiny", inter_op_threads=inter)
-        )
-        core.load()
-        try:
-            session = core._entry("tiny", None).session
-            assert session is not None
+        with _tiny_core(tiny_repo, inter_op_threads=inter) as (core, session):
             modes.append(session.session.get_session_options().execution_mode)
-            (p,) = core.classify_sync([photo], top_k=3)
-            assert isinstance(p, Prediction)
-            answers.append(p.probabilities)
-        finally:
-            core.close()
+            answers.append(_classify(core, photo))
     assert modes == [ort.ExecutionMode.ORT_SEQUENTIAL, ort.ExecutionMode.ORT_PARALLEL]
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-7)
 
@@ -239,20 +251,11 @@ def test_inter_op_threads_run_branches_in_parallel_with_the_same_answers(
 def test_thread_spinning_stops_when_the_run_returns(tiny_repo: Path, photo: bytes) -> None:
     """Spinning, when asked for, is confined to runs: an idle service must not burn a pod's CPU quota."""
     for spinning, expected in ((False, "0"), (True, "1")):
-        core = InferenceCore(
-            Settings(repository=str(tiny_repo), default_model="tiny", thread_spinning=spinning)
-        )
-        core.load()
-        try:
-            session = core._entry("tiny", None).session
-            assert session is not None
+        with _tiny_core(tiny_repo, thread_spinning=spinning) as (core, session):
             options = session.session.get_session_options()
             for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
                 assert options.get_session_config_entry(key) == expected, key
-            (p,) = core.classify_sync([photo], top_k=3)
-            assert isinstance(p, Prediction)
-        finally:
-            core.close()
+            _classify(core, photo)
 
 
 def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, photo: bytes) -> None:
@@ -260,18 +263,8 @@ def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, 
     answers are the first session's. Without the setting there is no second session."""
     answers, runs = [], {"solo": 0, "first": 0}
     for solo in (0, 2):
-        settings = Settings(
-            repository=str(tiny_repo),
-            default_model="tiny",
-            intra_op_threads=1,
-            inference_workers=2,
-            solo_threads=solo,
-        )
-        core = InferenceCore(settings)
-        core.load()
-        try:
-            session = core._entry("tiny", None).session
-            assert session is not None
+        profile = {"intra_op_threads": 1, "inference_workers": 2, "solo_threads": solo}
+        with _tiny_core(tiny_repo, **profile) as (core, session):
             assert core.model_info("tiny")["solo_threads"] == solo
             if not solo:
                 assert session.solo is None
@@ -289,13 +282,9 @@ def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, 
                         return _run(*args, **kw)
 
                     ort_session.run = counted
-            (p,) = core.classify_sync([photo], top_k=3)
-            assert isinstance(p, Prediction)
-            answers.append(p.probabilities)
+            answers.append(_classify(core, photo))
             if solo:
                 assert runs == {"solo": 1, "first": 0}
-        finally:
-            core.close()
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="thread counts must not be negative"):
         Settings(solo_threads=-1).validate()
