@@ -67,7 +67,7 @@ class ModelSession:
         precision = settings.precision
         if precision == "auto":
             precision = "fp16" if on_gpu_requested else "fp32"
-        self._open(card, self._pick_file(card, precision), providers)
+        graph = self._open(card, self._pick_file(card, precision), providers)
         if settings.require_gpu and self.provider != CUDA:
             raise GpuRequired(
                 f"require_gpu is set but the session fell back to {self.provider} (CUDA or cuDNN missing?)"
@@ -76,13 +76,13 @@ class ModelSession:
             # ONNX Runtime fell back to the CPU on its own (CUDA or cuDNN missing): fp16 was chosen for a GPU
             # and only costs time on a CPU, so serve the fp32 graph there.
             log.warning("%s: CUDA unavailable, on %s: serving the fp32 graph", card.name, self.provider)
-            self._open(card, self._pick_file(card, "fp32"), providers)
+            graph = self._open(card, self._pick_file(card, "fp32"), providers)
         self.on_gpu = self.provider == CUDA
         self.solo: ort.InferenceSession | None = None
-        if settings.solo_threads and not self.on_gpu:
+        if settings.solo_threads and not self.on_gpu:  # from the same checked bytes: no second read and hash
             options = self._options(threads=settings.solo_threads, spinning=True)
-            graph = card.read_verified(self.file)
             self.solo = ort.InferenceSession(graph, sess_options=options, providers=[CPU])
+        del graph  # ONNX Runtime holds its own copy: a VGG's 550 MB must not stay alive here too
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
@@ -94,15 +94,16 @@ class ModelSession:
         self.preferred_batch = self.buckets[-1]  # until warm_up measures the buckets
         self.per_image_s: dict[int, float] = {}
 
-    def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> None:
+    def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> bytes:
+        """Open the session on `fname`; the graph's checked bytes are returned for a solo session."""
         graph = card.read_verified(fname)  # sha256 of the very bytes ONNX Runtime gets
-        self.file = fname
         self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
         self.session = ort.InferenceSession(
             graph, sess_options=self._options(), providers=self._provider_options(providers)
         )
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
+        return graph
 
     @staticmethod
     def _pick_file(card: ModelCard, precision: str) -> str:
