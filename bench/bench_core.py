@@ -98,8 +98,8 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> None:
 
 def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label: str = "") -> None:
     """p50 of a lone classify, and where its time goes: every run also times each stage alone, in this
-    thread, so that the machine's noise hits both alike; the rest is the hand-offs between the caller, the
-    decode pool and the batcher thread."""
+    thread, so that the machine's noise hits both alike; the rest is the hand-offs between the caller and the
+    decode pool (which runs a lone batch itself)."""
     entry = core._entry(model, None)
     spec, pre, session = entry.spec, entry.preprocessor, entry.session
     assert spec is not None and pre is not None and session is not None

@@ -118,7 +118,11 @@ class Batcher:
         return self._outstanding
 
     # -- queue ----
-    def submit(self, job: Job, from_preparing: bool = True) -> None:
+    def submit(self, job: Job, from_preparing: bool = True, run_here: bool = False) -> None:
+        """Queue a job for the workers. With `run_here` (a thread that may block: the core's preprocessing
+        pool, never an event loop), a job that would run alone runs at once on the calling thread instead:
+        its tensor is still in this core's cache, and no worker needs waking, which costs a lone request
+        0.5 to 2 ms on a small VM."""
         self.start()
         with self._cond:
             if from_preparing:
@@ -126,10 +130,16 @@ class Batcher:
             if self._stopping:  # stopped for good: a late job is answered, never a reason to restart
                 settle(job.future, error=Overloaded("the service is shutting down"))
                 return
-            self._queue.append(job)
+            inline = run_here and not self._queue and self._preparing <= 0 and self._running == 0
+            if inline:  # taken as a worker would take it: later jobs see it running, and wait their turn
+                self._running += job.views.shape[0]
+            else:
+                self._queue.append(job)
+                self._cond.notify_all()
             depth = len(self._queue)
-            self._cond.notify_all()
         self.observer.queue_depth(depth)
+        if inline:
+            self._serve_taken([job], alone=True)
 
     def start(self) -> None:
         """Start the workers (lazily, at the first job); never again once stopped."""
@@ -207,16 +217,19 @@ class Batcher:
             taken = self._take()
             if taken is None:
                 return
-            jobs, alone = taken
-            try:
-                self._serve(jobs, alone)
-            except Exception as e:  # noqa: BLE001 - the worker never dies: the queue behind it would wait forever
-                log.exception("batcher: a batch failed outside inference")
-                for job in jobs:
-                    settle(job.future, error=ServiceError(f"inference failed: {type(e).__name__}"))
-            finally:
-                with self._cond:
-                    self._running -= sum(j.views.shape[0] for j in jobs)
+            self._serve_taken(*taken)
+
+    def _serve_taken(self, jobs: list[Job], alone: bool) -> None:
+        """Serve jobs counted in `_running`, and count them out; never raises."""
+        try:
+            self._serve(jobs, alone)
+        except Exception as e:  # noqa: BLE001 - the worker never dies: the queue behind it would wait forever
+            log.exception("batcher: a batch failed outside inference")
+            for job in jobs:
+                settle(job.future, error=ServiceError(f"inference failed: {type(e).__name__}"))
+        finally:
+            with self._cond:
+                self._running -= sum(j.views.shape[0] for j in jobs)
 
     def _serve(self, jobs: list[Job], alone: bool = False) -> None:
         now = time.monotonic()

@@ -261,7 +261,8 @@ class InferenceCore:
             views = self.preprocess(data, entry, tta, deadline)
             self.observer.preprocess(time.perf_counter() - t0)
             self.batcher.submit(
-                Job(key=(entry.name, entry.version), views=views, future=fut, deadline=deadline)
+                Job(key=(entry.name, entry.version), views=views, future=fut, deadline=deadline),
+                run_here=True,
             )
             queued = True
         except ServiceError as e:  # its traceback would keep the decoded image alive as long as the answer

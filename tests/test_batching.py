@@ -396,3 +396,51 @@ def test_a_batch_runs_alone_only_when_nothing_else_is_in_sight() -> None:
     first.future.result(10)
     assert seen == [(0.0, True), (3.0, False), (1.0, True), (2.0, False)]
     b.stop(5)
+
+
+def test_a_lone_job_runs_on_the_thread_that_prepared_it() -> None:
+    """`run_here` (the preprocessing pool's submissions): a job that would run alone runs at once on the
+    submitting thread, with no worker to wake. A job that comes while it runs is queued for a worker, as is
+    one submitted without `run_here` (an event loop must never block on a run); the answers are the same."""
+    seen: list[tuple[list[float], str, bool]] = []
+    running, release = threading.Event(), threading.Event()
+
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        values = batch[:, 0, 0, 0].tolist()
+        seen.append((values, threading.current_thread().name, alone))
+        if values == [1.0]:
+            running.set()
+            release.wait(10)
+        return batch.reshape(batch.shape[0], -1)[:, :1] * 2
+
+    b = Batcher(run, max_batch_size=4, max_wait_s=0.0, queue_size=8, observer=NullObserver())
+
+    def job(value: float) -> Job:
+        return Job("m", np.full((1, 1, 2, 2), value, np.float32), Future(), time.monotonic() + 30)
+
+    first, second, third = job(1.0), job(2.0), job(3.0)
+    b.admit(1)
+    pool = threading.Thread(target=b.submit, args=(first,), kwargs={"run_here": True}, name="preprocess-0")
+    pool.start()
+    assert running.wait(10)
+    b.admit(1)
+    b.submit(second, run_here=True)  # `first` is running: this one waits for the worker
+    b.admit(1, preparing=False)
+    b.submit(third, from_preparing=False)
+    release.set()
+    pool.join(10)
+    assert [f.result(10).tolist() for f in (first.future, second.future, third.future)] == [
+        [[2.0]],
+        [[4.0]],
+        [[6.0]],
+    ]
+    assert seen[0] == ([1.0], "preprocess-0", True)
+    assert sorted(v for values, _, _ in seen[1:] for v in values) == [2.0, 3.0]
+    assert all(name.startswith("batcher-") and not alone for _, name, alone in seen[1:])
+
+    b.admit(1, preparing=False)
+    lone = job(4.0)
+    b.submit(lone, from_preparing=False)  # alone, but from a thread that must not block: a worker runs it
+    assert lone.future.result(10).tolist() == [[8.0]]
+    assert seen[-1] == ([4.0], "batcher-0", True)
+    b.stop(5)
