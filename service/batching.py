@@ -82,7 +82,8 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._outstanding = 0  # admitted images not yet answered
         self._preparing = 0  # admitted images still in decoding/preprocessing
-        self._running = 0  # views taken by workers and not yet answered
+        self._running = 0  # views taken (by workers, or run where they were prepared) and not yet answered
+        self._batches = 0  # batches running: never more than `workers`, whichever thread runs them
         self._stopping = False
         self.workers = workers
         self._threads: list[threading.Thread] = []
@@ -133,6 +134,7 @@ class Batcher:
             inline = run_here and not self._queue and self._preparing <= 0 and self._running == 0
             if inline:  # taken as a worker would take it: later jobs see it running, and wait their turn
                 self._running += job.views.shape[0]
+                self._batches += 1
             else:
                 self._queue.append(job)
                 self._cond.notify_all()
@@ -172,8 +174,10 @@ class Batcher:
     def _take(self) -> tuple[list[Job], bool] | None:
         """The next batch, and whether it runs alone (nothing else queued, preparing or running)."""
         with self._cond:
-            while not self._queue:
-                if self._stopping:
+            # A batch run where it was prepared holds a worker's place: the jobs that come meanwhile wait and
+            # batch, as they would behind a worker's run, instead of running beside it.
+            while not self._queue or self._batches >= self.workers:
+                if self._stopping and not self._queue:
                     return None
                 self._cond.wait()
             first = self._queue[0]
@@ -202,6 +206,7 @@ class Batcher:
             self._queue = rest
             alone = not rest and self._preparing <= 0 and self._running == 0
             self._running += total
+            self._batches += 1
             depth = len(rest)
         self.observer.queue_depth(depth)
         return taken, alone
@@ -230,6 +235,9 @@ class Batcher:
         finally:
             with self._cond:
                 self._running -= sum(j.views.shape[0] for j in jobs)
+                self._batches -= 1
+                if self._queue:  # a worker may be waiting for this batch's place
+                    self._cond.notify_all()
 
     def _serve(self, jobs: list[Job], alone: bool = False) -> None:
         now = time.monotonic()
