@@ -260,9 +260,10 @@ class InferenceCore:
             t0 = time.perf_counter()
             views = self.preprocess(data, entry, tta, deadline)
             self.observer.preprocess(time.perf_counter() - t0)
+            # A lone job runs on this thread when another pool thread is left to decode what comes meanwhile
             self.batcher.submit(
                 Job(key=(entry.name, entry.version), views=views, future=fut, deadline=deadline),
-                run_here=True,
+                run_here=self.settings.decode_threads > 1,
             )
             queued = True
         except ServiceError as e:  # its traceback would keep the decoded image alive as long as the answer

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,23 @@ def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, 
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="thread counts must not be negative"):
         Settings(solo_threads=-1).validate()
+
+
+def test_a_lone_image_runs_on_its_pool_thread_when_another_is_left(tiny_repo: Path, photo: bytes) -> None:
+    """A lone image's batch runs on the pool thread that prepared it (no worker to wake), unless that is the
+    only pool thread: it must stay free to decode the next image while the batch runs."""
+    for decode_threads, runner in ((2, "preprocess"), (1, "batcher")):
+        with _tiny_core(tiny_repo, decode_threads=decode_threads) as (core, _):
+            threads: list[str] = []
+            batch_run = core.batcher._run
+
+            def recorded(key, batch, alone=False, _run=batch_run, _threads=threads):
+                _threads.append(threading.current_thread().name)
+                return _run(key, batch, alone)
+
+            core.batcher._run = recorded
+            _classify(core, photo)
+            assert len(threads) == 1 and threads[0].startswith(runner), threads
 
 
 def test_batch_buckets() -> None:
