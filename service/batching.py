@@ -131,7 +131,7 @@ class Batcher:
             if self._stopping:  # stopped for good: a late job is answered, never a reason to restart
                 settle(job.future, error=Overloaded("the service is shutting down"))
                 return
-            inline = run_here and not self._queue and self._preparing <= 0 and self._running == 0
+            inline = run_here and self._idle()
             if inline:  # taken as a worker would take it: later jobs see it running, and wait their turn
                 self._running += job.views.shape[0]
                 self._batches += 1
@@ -208,12 +208,17 @@ class Batcher:
                 else:
                     rest.append(job)
             self._queue = rest
-            alone = not rest and self._preparing <= 0 and self._running == 0
+            alone = self._idle()
             self._running += total
             self._batches += 1
             depth = len(rest)
         self.observer.queue_depth(depth)
         return taken, alone
+
+    def _idle(self) -> bool:
+        """Nothing queued, being preprocessed or running (the caller holds the lock): a batch taken now runs
+        alone."""
+        return not self._queue and self._preparing <= 0 and self._running == 0
 
     def limit(self, key: Hashable) -> int:
         """Views per batch for this model: the max batch size, or less where the model runs better so."""
