@@ -99,7 +99,8 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> None:
 def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label: str = "") -> None:
     """p50 of a lone classify, and where its time goes: every run also times each stage alone, in this
     thread, so that the machine's noise hits both alike; the rest is the hand-offs between the caller and the
-    decode pool (which runs a lone batch itself)."""
+    decode pool (which runs a lone batch itself). Then each stage again, back to back: the floor with warm
+    caches, which a lone request arriving at an idle service never gets."""
     entry = core._entry(model, None)
     spec, pre, session = entry.spec, entry.preprocessor, entry.session
     assert spec is not None and pre is not None and session is not None
@@ -136,6 +137,21 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label:
     stages = {name: statistics.median(t) for name, t in times.items()}
     parts = ", ".join(f"{name} {t:.2f}" for name, t in stages.items())
     print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(stages.values()):.2f}")
+    # The same stages each repeated back to back in this thread: what they cost with warm caches and a busy
+    # core. The gap to the p50 is what running them once each, on two threads after an idle moment, adds.
+    warm = {}
+    for name, fn in steps.items():
+        if name == "classify":
+            continue
+        t = []
+        for i in range(10 + runs // 4):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 10:
+                t.append((time.perf_counter() - t0) * 1000)
+        warm[name.split(" (")[0]] = statistics.median(t)
+    parts = ", ".join(f"{name} {t:.2f}" for name, t in warm.items())
+    print(f"  each stage warm, back to back (medians, ms): {parts}; sum {sum(warm.values()):.2f}")
 
 
 def one_by_one(core: InferenceCore, model: str, images: list[bytes]) -> float:
