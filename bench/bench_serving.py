@@ -9,6 +9,7 @@ figures are medians over rounds (the machine is noisy; side by side beats one af
 generator is the same lean asyncio HTTP/1.1 client for every HTTP server.
 
     python bench/bench_serving.py [--models efficientnet_lite0,resnet50] [--clients 1,8,32] [--requests 160]
+        [--work bench/out/serving]
 
 Settings are the service's defaults (the caller's `CNN_SERVE_*` variables are not passed on). `--variant`
 starts more instances of the service with other settings and measures them over HTTP in the same rounds, e.g.
@@ -350,6 +351,7 @@ def compare_variant(results: dict, name: str, model: str, clients: int) -> None:
 
 
 def main() -> int:
+    global OUT  # --work moves every file the script writes
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
     parser.add_argument("--clients", default="1,8,32")
@@ -363,6 +365,9 @@ def main() -> int:
     )
     parser.add_argument("--no-grpc", action="store_true")
     parser.add_argument(
+        "--work", type=Path, default=OUT, help="where the repository, server logs and results.json go"
+    )
+    parser.add_argument(
         "--variant",
         type=parse_variant,
         action="append",
@@ -371,6 +376,7 @@ def main() -> int:
         help="also measure the service with these settings over HTTP, e.g. spin:THREAD_SPINNING=1",
     )
     args = parser.parse_args()
+    OUT = args.work.resolve()
     models = [m for m in args.models.split(",") if m]
     levels = [int(c) for c in args.clients.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,82 @@
+"""The scripts in `bench/` that print the issues' figures run end to end, briefly, and print every figure.
+
+The figures themselves are the benchmarks' to report, never asserted here: a timed test on a shared CI
+machine would measure the machine. What is asserted is that each script still runs against the real
+repository and servers, and that no request it sent failed. (`bench_gpu.py` and `bench_decode_memory.py`
+have tests of their own.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def run_bench(script: str, *args: str, exit_codes: tuple[int, ...] = (0,)) -> str:
+    """The script's output; `exit_codes` besides 0 for a script that exits 1 when its figure misses its target
+    (a few images measure start-up, not throughput)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode in exit_codes, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_core_prints_every_figure(model_repo: Path) -> None:
+    out = run_bench(
+        "bench_core.py", "--repository", str(model_repo), "--runs", "6", "--rounds", "1", "--agreement", "8",
+        "--skip-resnet",
+    )  # fmt: skip
+    assert re.search(rf"fast {NUMBER} ms, torchvision eval transform {NUMBER} ms, speed-up {NUMBER}x", out)
+    for config in ("default: 1 worker x 2 threads", "CPU profile"):
+        assert re.search(rf"single classify bytes->top5 efficientnet_lite0, {config}.*: p50 {NUMBER} ms", out)
+        assert re.search(rf"throughput efficientnet_lite0, {config}.*ratio {NUMBER}x", out), out
+    # the lone call's breakdown: interleaved with the calls, then each stage warm, for both configurations
+    assert len(re.findall(rf"where it goes .*hand-offs and the rest -?{NUMBER}", out)) == 2
+    assert len(re.findall(rf"each stage warm, back to back .*sum {NUMBER}", out)) == 2
+    assert re.search(rf"efficientnet_lite0 top-1 agreement: [0-9]+/8 = {NUMBER}%", out), out
+
+
+def test_bench_serving_measures_every_server_without_errors(model_repo: Path, tmp_path: Path) -> None:
+    out = run_bench(
+        "bench_serving.py", "--models", "efficientnet_lite0", "--clients", "1,4", "--requests", "8",
+        "--rounds", "1", "--source", str(model_repo), "--work", str(tmp_path),
+    )  # fmt: skip
+    rows = re.findall(
+        r"^(cnn-serve HTTP|cnn-serve gRPC|FastAPI\+PyTorch ref) +efficientnet_lite0 +(\d+) .* (\d+) +(\d+)$",
+        out,
+        re.M,
+    )
+    assert sorted((server, clients) for server, clients, _, _ in rows) == sorted(
+        (s, c) for s in ("cnn-serve HTTP", "cnn-serve gRPC", "FastAPI+PyTorch ref") for c in ("1", "4")
+    ), out
+    assert all(n == "8" and err == "0" for _, _, n, err in rows), out  # every request answered, none failed
+    assert re.search(rf"HTTP images/s {NUMBER}x the reference", out), out
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_bench_score_prints_ours_and_the_peer(model_repo: Path, tmp_path: Path) -> None:
+    out = run_bench(
+        "bench_score.py", "--images", "24", "--models", "efficientnet_lite0", "--no-ray",
+        "--repository", str(model_repo), "--work", str(tmp_path), exit_codes=(0, 1),
+    )  # fmt: skip
+    assert re.search(rf"service\.score \(local.*: +{NUMBER} images/s", out), out
+    assert re.search(rf"torch DataLoader \+ eager +: +{NUMBER} images/s", out), out
+    assert re.search(rf"ratio ours / torch +: +{NUMBER}x", out), out
+
+
+def test_bench_remote_compares_read_threads(model_repo: Path) -> None:
+    out = run_bench(
+        "bench_remote.py", "--images", "12", "--delay-ms", "5", "--rounds", "1", "--model", "lenet5",
+        "--repository", str(model_repo),
+    )  # fmt: skip
+    rates = rf"--read-threads 8 {NUMBER} images/s, --read-threads 1 {NUMBER} images/s, ratio {NUMBER}x"
+    assert re.search(f"remote inputs: {rates}", out), out
