@@ -3,7 +3,8 @@
 The figures themselves are the benchmarks' to report, never asserted here: a timed test on a shared CI
 machine would measure the machine. What is asserted is that each script still runs against the real
 repository and servers, and that no request it sent failed. (`bench_gpu.py` and `bench_decode_memory.py`
-have tests of their own.)"""
+have tests of their own; `bench_export.py` is left out, as one ResNet-50 export and validation alone takes a
+minute here; `tests/test_export.py` runs the same pipeline on smaller nets.)"""
 
 from __future__ import annotations
 
