@@ -28,6 +28,7 @@ def run_bench(script: str, *args: str, exit_codes: tuple[int, ...] = (0,)) -> st
         cwd=ROOT,
     )
     assert proc.returncode in exit_codes, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a crash exits 1 too
     return proc.stdout
 
 
