@@ -139,17 +139,11 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label:
     print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(stages.values()):.2f}")
     # The same stages each repeated back to back in this thread: what they cost with warm caches and a busy
     # core. The gap to the p50 is what running them once each, on two threads after an idle moment, adds.
-    warm = {}
-    for name, fn in steps.items():
-        if name == "classify":
-            continue
-        t = []
-        for i in range(10 + runs // 4):
-            t0 = time.perf_counter()
-            fn()
-            if i >= 10:
-                t.append((time.perf_counter() - t0) * 1000)
-        warm[name.split(" (")[0]] = statistics.median(t)
+    warm = {
+        name.split(" (")[0]: median_ms(fn, max(1, runs // 4), warm=10)
+        for name, fn in steps.items()
+        if name != "classify"
+    }
     parts = ", ".join(f"{name} {t:.2f}" for name, t in warm.items())
     print(f"  each stage warm, back to back (medians, ms): {parts}; sum {sum(warm.values()):.2f}")
 
