@@ -38,10 +38,13 @@ def test_bench_core_prints_every_figure(model_repo: Path) -> None:
         "--skip-resnet",
     )  # fmt: skip
     assert re.search(rf"fast {NUMBER} ms, torchvision eval transform {NUMBER} ms, speed-up {NUMBER}x", out)
+    assert re.search(rf"this host {NUMBER}x slower; the 15 ms .* target scaled to it {NUMBER} ms", out)
     for config in ("default: 1 worker x 2 threads", "CPU profile"):
         assert re.search(rf"single classify bytes->top5 efficientnet_lite0, {config}.*: p50 {NUMBER} ms", out)
         assert re.search(rf"throughput efficientnet_lite0, {config}.*ratio {NUMBER}x", out), out
-    # the lone call's breakdown: interleaved with the calls, then each stage warm, for both configurations
+    # the lone call's peer (the stages inline, no service), its breakdown interleaved with the calls, then
+    # each stage warm, for both configurations
+    assert len(re.findall(rf"peer: .* no service: p50 {NUMBER} ms; the service adds -?{NUMBER} ms", out)) == 2
     assert len(re.findall(rf"where it goes .*hand-offs and the rest -?{NUMBER}", out)) == 2
     assert len(re.findall(rf"each stage warm, back to back .*sum {NUMBER}", out)) == 2
     assert re.search(rf"efficientnet_lite0 top-1 agreement: [0-9]+/8 = {NUMBER}%", out), out
