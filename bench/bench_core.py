@@ -160,8 +160,12 @@ def bench_single(
         "softmax+top-5": lambda: core._finish(entry, 5, out),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for i in range(10 + runs):
-        for name, fn in steps.items():
+        # The call and its peer swap places every run: neither always follows the other's warm caches.
+        order = names if i % 2 else [names[1], names[0], *names[2:]]
+        for name in order:
+            fn = steps[name]
             t0 = time.perf_counter()
             fn()
             if i >= 10:  # warm-up
