@@ -61,10 +61,6 @@ def jpeg_of(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def jpeg_1920x1280() -> bytes:
-    return jpeg_of(1920, 1280)
-
-
 def median_ms(fn, runs: int, warm: int = 5) -> float:
     for _ in range(warm):
         fn()
@@ -101,20 +97,16 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> float:
     def ours() -> np.ndarray:
         return fast(decode(data, channels=spec.channels, min_short_side=spec.resize))
 
-    def torchvision() -> object:
-        return tv(Image.open(io.BytesIO(data)).convert("RGB"))
+    def torchvision(jpeg: bytes) -> object:
+        return tv(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
-    square = jpeg_of(1920, 1920)
-
-    def torchvision_square() -> object:
-        return tv(Image.open(io.BytesIO(square)).convert("RGB"))
-
-    t_fast, t_tv = median_ms(ours, runs), median_ms(torchvision, runs)
+    t_fast, t_tv = median_ms(ours, runs), median_ms(lambda: torchvision(data), runs)
     print(
         f"preprocess 1920x1280 JPEG q90 -> {spec.channels}x{spec.height}x{spec.width}: fast {t_fast:.2f} ms, "
         f"torchvision eval transform {t_tv:.2f} ms, speed-up {t_tv / t_fast:.2f}x (target >= 3x)"
     )
-    t_square = median_ms(torchvision_square, max(1, runs // 4))
+    square = jpeg_of(1920, 1920)
+    t_square = median_ms(lambda: torchvision(square), max(1, runs // 4))
     slower = t_square / REFERENCE_TV_MS
     print(
         f"host speed: torchvision eval transform on a 1920x1920 JPEG q90 {t_square:.2f} ms here, "
@@ -160,10 +152,10 @@ def bench_single(
         "softmax+top-5": lambda: core._finish(entry, 5, out),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
+    stage_names = [name for name in steps if name not in ("classify", "inline")]
     for i in range(10 + runs):
         # The call and its peer swap places every run: neither always follows the other's warm caches.
-        order = names if i % 2 else [names[1], names[0], *names[2:]]
+        order = ["classify", "inline", *stage_names] if i % 2 else ["inline", "classify", *stage_names]
         for name in order:
             fn = steps[name]
             t0 = time.perf_counter()
@@ -186,11 +178,7 @@ def bench_single(
     print(f"  where it goes (medians, ms): {parts}; hand-offs and the rest {p50 - sum(stages.values()):.2f}")
     # The same stages each repeated back to back in this thread: what they cost with warm caches and a busy
     # core. The gap to the p50 is what running them once each, on two threads after an idle moment, adds.
-    warm = {
-        name.split(" (")[0]: median_ms(fn, max(1, runs // 4), warm=10)
-        for name, fn in steps.items()
-        if name not in ("classify", "inline")
-    }
+    warm = {name.split(" (")[0]: median_ms(steps[name], max(1, runs // 4), warm=10) for name in stage_names}
     parts = ", ".join(f"{name} {t:.2f}" for name, t in warm.items())
     print(f"  each stage warm, back to back (medians, ms): {parts}; sum {sum(warm.values()):.2f}")
 
@@ -417,7 +405,7 @@ def main() -> None:
     args = ap.parse_args()
     model = "efficientnet_lite0"
     card = json.loads((Path(args.repository) / model / "1" / "model.json").read_text())
-    data = jpeg_1920x1280()
+    data = jpeg_of(1920, 1280)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
         f"bench_core: CPU, {THREADS} threads, medians of {args.runs} runs; repository {args.repository}; "
