@@ -76,6 +76,7 @@ class ModelSession:
             # ONNX Runtime fell back to the CPU on its own (CUDA or cuDNN missing): fp16 was chosen for a GPU
             # and only costs time on a CPU, so serve the fp32 graph there.
             log.warning("%s: CUDA unavailable, on %s: serving the fp32 graph", card.name, self.provider)
+            del graph  # this copy of the fp16 bytes goes before the fp32 ones are read
             graph = self._open(card, self._pick_file(card, "fp32"), providers)
         self.on_gpu = self.provider == CUDA
         self.solo: ort.InferenceSession | None = None
