@@ -11,7 +11,7 @@ from dataclasses import fields
 import pytest
 
 from service.config import ENV_PREFIX, Settings, add_arguments, from_args, settings_table
-from tests.test_http_server_helpers import ROOT
+from tests.http_server import ROOT
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> Settings:

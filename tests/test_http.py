@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from tests.test_http_server_helpers import Server, jpeg, png, running_server
+from tests.http_server import Server, jpeg, png, running_server
 
 CAT_WORDS = ("cat", "tabby", "lynx", "tiger")
 

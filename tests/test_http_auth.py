@@ -9,7 +9,7 @@ import httpx
 import pytest
 from skimage import data as photos
 
-from tests.test_http_server_helpers import Server, jpeg, running_server
+from tests.http_server import Server, jpeg, running_server
 
 TOKEN = "s3cret-token-for-tests"
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from tests.test_http_server_helpers import running_server
+from tests.http_server import running_server
 
 
 def _has_cuda() -> bool:
@@ -45,7 +45,7 @@ def test_failed_start_is_not_live_and_never_ready(tmp_path: Path) -> None:
 
 def test_not_ready_while_models_load_then_ready(tmp_path: Path) -> None:
     """Live at once; not ready (HTTP and gRPC health) until every model is loaded and warmed up."""
-    from tests.test_http_server_helpers import MODELS
+    from tests.http_server import MODELS
 
     repo = tmp_path / "repo"
     (repo / "efficientnet_lite0").mkdir(parents=True)

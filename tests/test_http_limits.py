@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from proto import classifier_pb2, classifier_pb2_grpc
-from tests.test_http_server_helpers import Server, running_server
+from tests.http_server import Server, running_server
 
 
 @pytest.fixture(scope="module")

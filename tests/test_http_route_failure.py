@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from skimage import data as photos
 
-from tests.test_http_server_helpers import jpeg, running_server
+from tests.http_server import jpeg, running_server
 
 
 def test_a_failing_route_is_answered_500_and_the_service_keeps_serving(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from skimage import data as photos
 
 from proto import classifier_pb2, classifier_pb2_grpc
-from tests.test_http_server_helpers import Server, jpeg, running_server
+from tests.http_server import Server, jpeg, running_server
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 from skimage import data as photos
 
 from service.preprocessing import Preprocessor, Spec
-from tests.test_http_server_helpers import MODELS, ROOT, jpeg, png, running_server
+from tests.http_server import MODELS, ROOT, jpeg, png, running_server
 
 PYTHON = ROOT / "build" / "tritonclient" / "bin" / "python"
 SCRIPT = ROOT / "tests" / "clients" / "triton_oip.py"

@@ -15,7 +15,7 @@ import httpx
 from skimage import data as photos
 
 import service
-from tests.test_http_server_helpers import ROOT, jpeg, running_server
+from tests.http_server import ROOT, jpeg, running_server
 
 BLOCKED = ("torch", "torchvision", "timm", "ray")
 HOOK = f"""

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from skimage import data as photos
 
 from proto import classifier_pb2, classifier_pb2_grpc
-from tests.test_http_server_helpers import descendants, jpeg, running_server
+from tests.http_server import descendants, jpeg, running_server
 
 IN_FLIGHT = 32
 GRPC_IN_FLIGHT = 8
