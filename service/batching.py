@@ -122,8 +122,8 @@ class Batcher:
     def submit(self, job: Job, from_preparing: bool = True, run_here: bool = False) -> None:
         """Queue a job for the workers. With `run_here` (a thread that may block: the core's preprocessing
         pool, never an event loop), a job that would run alone runs at once on the calling thread instead:
-        its tensor is still in this core's cache, and no worker needs waking (1.4 to 3.1 ms of a lone
-        request's 25 on a 2-vCPU VM)."""
+        its tensor is still in this core's cache, and no worker needs waking (what that saves a lone
+        request: see docs/CORE.md, "Batching")."""
         self.start()
         with self._cond:
             if from_preparing:

@@ -59,7 +59,7 @@ class Limits:
     max_jpeg_scans: int = 256
     # JPEG marker segments before the image data, PNG chunks, GIF extension blocks: see service/containers.py
     max_segments: int = 65_536
-    # Pillow decodes RLE-compressed BMPs in Python, about 0.1 s per megapixel (36 MP: 3 s from 25 KB)
+    # Pillow decodes RLE-compressed BMPs in Python, slowly: a small file can take seconds (docs/CORE.md)
     max_rle_bmp_pixels: int = 4_000_000
     # What decoding one image may hold, by `decode_bytes`'s estimate (the whole decode memory budget)
     max_decode_bytes: int = 1 << 30
@@ -182,7 +182,7 @@ def decode(
         if multi_scan:
             _check_scans(data, limits)
         # Image.open stands on the first frame (GIF, APNG, WebP) or page (TIFF). Never ask for `n_frames`:
-        # it walks every page, in time quadratic in their count for TIFF (40,000 1x1 pages: 16 s).
+        # it walks every page, in time quadratic in their count for TIFF (see docs/CORE.md, "Decoding").
         if draft and fmt == "JPEG" and min_short_side:
             scale = min_short_side / min(width, height)
             if scale < 1:
@@ -285,10 +285,10 @@ def _may_rotate(img: Image.Image, fmt: str, data: bytes) -> bool:
 
 
 def _check_scans(data: bytes, limits: Limits) -> None:
-    """Multi-scan JPEGs only (0.35 ms for a 330 KB file; see `containers.JpegLayout.multi_scan`: a baseline
-    photo has one scan). Every SOS marker starts a scan; entropy-coded data never holds FF DA (an FF there is
-    stuffed with 00), so counting the pair only ever over-counts (a stray pair in an APP segment), never
-    under."""
+    """Multi-scan JPEGs only (`containers.JpegLayout.multi_scan`; a baseline photo has one scan, and counting
+    would cost it measurable time, see docs/CORE.md, "Decoding"). Every SOS marker starts a scan;
+    entropy-coded data never holds FF DA (an FF there is stuffed with 00), so counting the pair only ever
+    over-counts (a stray pair in an APP segment), never under."""
     scans = data.count(b"\xff\xda")
     if scans > limits.max_jpeg_scans:
         raise ImageTooLarge(f"JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
@@ -360,8 +360,8 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
         mode = img.mode
     if mode in ("RGBA", "LA"):
         # Pasting through its own alpha onto white is the alpha composite (src * a + white * (1 - a)) in one
-        # pass and one new image: 150 MB extra for a 40 MP RGBA PNG, against 610 MB (and 7x the time) for
-        # converting, alpha_composite and converting back.
+        # pass and one new image, where converting, alpha_composite and converting back take several passes
+        # and copies (decode peaks per format: docs/BENCHMARKS.md, bench_decode_memory.py).
         target = "RGB" if mode == "RGBA" else "L"
         background = Image.new(target, img.size, WHITE if target == "RGB" else 255)
         background.paste(img, mask=img)

@@ -234,7 +234,7 @@ class ModelSession:
 
     def _settle_memory(self, data: np.ndarray) -> None:
         """CPU: the batcher runs at most `preferred_batch` views at a time, so the activation memory of the
-        larger buckets (about 400 MB up to 32 for EfficientNet-Lite0) goes back; a later larger run (batch
+        larger buckets goes back (how much: see docs/CORE.md, "Batching"); a later larger run (batch
         scoring) takes it again. The solo session is warmed up to that size only."""
         if self.solo is not None:
             for b in self.buckets:
@@ -265,11 +265,10 @@ def pick_batch(per_image: dict[int, float], tolerance: float = PICK_TOLERANCE) -
     """The batch cap: the largest bucket costing at most `tolerance` more per image than the cheapest.
 
     On GPU the cost falls with the batch until the device is full, so this is a large bucket. On a CPU with
-    a few cores, batches of a depthwise network such as EfficientNet-Lite0 can overflow the caches: on a
-    2-vCPU host batch 4 often costs about 5.3 CPU-ms per image, batch 8 about 5.9 and batch 32 about 7.2, and
-    under load a cap of 4 then serves about 3% more images per second than a cap of 8 (median of 7 runs of
-    `bench/bench_core.py --caps 4,8,16`). The tolerance lets a larger batch win a near tie (fewer batcher
-    hand-offs) but stays below the gap between those buckets.
+    a few cores, batches of a depthwise network such as EfficientNet-Lite0 can overflow the caches, so that
+    a larger batch costs more per image and a small cap serves more images per second under load (see
+    docs/BENCHMARKS.md, `bench/bench_core.py --caps`). The tolerance lets a larger batch win a near tie
+    (fewer batcher hand-offs) but stays below the gap between such buckets.
     """
     finite = {b: t for b, t in per_image.items() if math.isfinite(t) and t >= 0}
     if not finite:
