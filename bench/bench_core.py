@@ -3,7 +3,7 @@
 1. Preprocessing a 1920x1280 JPEG (quality 90), bytes -> normalized tensor: the core's fast mode against
    torchvision's evaluation transform (PIL open + Resize + CenterCrop + ToTensor + Normalize). Target >= 3x.
 2. Single-request classify of that JPEG with efficientnet_lite0, bytes -> top-5: p50. Target <= 15 ms on
-   the issue's machine, where torchvision's transform took 18.7 ms on a 1920x1920 JPEG; that transform is
+   a reference machine, where torchvision's transform takes 18.7 ms on a 1920x1920 JPEG; that transform is
    timed here too, and the target scaled by the ratio. Peer: the same stages called inline, with no service.
 3. 32 concurrent callers through the batcher against the same calls made one by one on the same core:
    images/s for efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the
@@ -45,9 +45,9 @@ from service.preprocessing import Preprocessor, Spec  # noqa: E402
 THREADS = 2
 
 
-# The issue's own reference: torchvision's evaluation transform took 18.7 ms on its machine for a 1920x1920
-# JPEG. Timing the same transform here on the same size says how much slower this host is, so that the
-# absolute 15 ms target can be read against a peer measured in the same run.
+# The reference machine of the 15 ms target: torchvision's evaluation transform takes 18.7 ms there on a
+# 1920x1920 JPEG. Timing the same transform here on the same size says how much slower this host is, so that
+# the absolute 15 ms target can be read against a peer measured in the same run.
 REFERENCE_TV_MS = 18.7
 TARGET_SINGLE_MS = 15.0
 
@@ -73,8 +73,8 @@ def median_ms(fn, runs: int, warm: int = 5) -> float:
 
 
 def bench_preprocessing(card: dict, data: bytes, runs: int) -> float:
-    """Prints figure 1; returns how many times slower than the issue's machine this host runs torchvision's
-    transform on the issue's 1920x1920 JPEG."""
+    """Prints figure 1; returns how many times slower than the reference machine this host runs
+    torchvision's transform on a 1920x1920 JPEG."""
     import torch
     from torchvision import transforms as T
 
@@ -110,7 +110,7 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> float:
     slower = t_square / REFERENCE_TV_MS
     print(
         f"host speed: torchvision eval transform on a 1920x1920 JPEG q90 {t_square:.2f} ms here, "
-        f"{REFERENCE_TV_MS} ms on the issue's machine: this host {slower:.2f}x slower; "
+        f"{REFERENCE_TV_MS} ms on the reference machine: this host {slower:.2f}x slower; "
         f"the {TARGET_SINGLE_MS:g} ms lone-classify target scaled to it {TARGET_SINGLE_MS * slower:.1f} ms"
     )
     return slower
@@ -236,7 +236,7 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
             versus = f"; concurrent {gain:.2f}x the default's"
         entry = cores[name]._entry(model, None)
         assert entry.session is not None
-        # The issue compares calls on the same session. With a solo session the calls one by one run on
+        # The target compares calls on the same session. With a solo session the calls one by one run on
         # it, on both threads, while concurrent callers share the batcher's: faster lone calls, a lower ratio.
         same = "one session for both" if entry.session.solo is None else "one by one on the solo session"
         print(
