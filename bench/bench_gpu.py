@@ -1,4 +1,4 @@
-"""GPU model path (issue 7): ONNX Runtime on CUDA against PyTorch eager fp16 channels_last, per batch size.
+"""GPU model path: ONNX Runtime on CUDA against PyTorch eager fp16 channels_last, per batch size.
 
 For each model the script builds one PyTorch module (seeded random weights, or the trained default's when its
 weights package is installed), exports it with this project's exporter (`export.build`: fp32 graph and its
@@ -17,14 +17,14 @@ images/s (the median of timed iterations) of:
 
 Every variant is first checked: its outputs on real photos (scikit-image's) against PyTorch fp32 on the CPU,
 ‖out - ref‖ / ‖ref‖, the output buffer poisoned with NaN beforehand; a variant over the tolerance is marked
-WRONG and not timed. Timing follows the device method: warm-up first, inputs rotated over three random
+WRONG and not timed. Timing: warm-up first, inputs rotated over three random
 buffers (one for the CUDA graph, whose addresses are fixed), never zeros, the median of many iterations,
 device events for PyTorch and synchronous runs for ONNX Runtime. Also printed: the FLOPs per image (PyTorch's
 FlopCounterMode), the device's measured fp16 matrix rate, the best TFLOP/s reached, the provider options the
 CUDA sessions really got (cuDNN search and workspace: checked, not assumed), and the fp16 graph's top-1
 agreement with the fp32 graph over 256 inputs on this device.
 
-    python bench/bench_gpu.py --json $OUT/gpu.json                  # on the lent GPU (about 5 minutes)
+    python bench/bench_gpu.py --json gpu.json                       # on a CUDA host (about 5 minutes)
     python bench/bench_gpu.py --device cpu --models efficientnet_lite0 --batches 1,2 --seconds 0.2 \\
         --random-weights --samples 16                                 # the CPU smoke run CI makes
 """
