@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 2:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # the 2-core figure, children inherit
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # figures for 2 cores; children inherit
     work = Path(args.work)
     paths = make_images(work / "images", args.images)
     print(f"{len(paths)} JPEGs (mixed sizes) in {work / 'images'}; cores: {len(os.sched_getaffinity(0))}")
