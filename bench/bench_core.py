@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import hashlib
 import io
-import json
 import os
 import statistics
 import sys
@@ -37,10 +36,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.card import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FileEntry,
+    Label,
+    ModelCard,
+    Preprocessing,
+    TensorSpec,
+    read_card,
+    write_card,
+)
 from service.config import Settings  # noqa: E402
 from service.core import InferenceCore, Prediction  # noqa: E402
 from service.decoding import decode  # noqa: E402
-from service.preprocessing import Preprocessor, Spec  # noqa: E402
+from service.preprocessing import Preprocessor  # noqa: E402
 
 THREADS = 2
 
@@ -72,15 +82,13 @@ def median_ms(fn, runs: int, warm: int = 5) -> float:
     return statistics.median(times) * 1000
 
 
-def bench_preprocessing(card: dict, data: bytes, runs: int) -> float:
+def bench_preprocessing(spec: Preprocessing, data: bytes, runs: int) -> float:
     """Prints figure 1; returns how many times slower than the reference machine this host runs
     torchvision's transform on a 1920x1920 JPEG."""
     import torch
     from torchvision import transforms as T
 
     torch.set_num_threads(THREADS)
-    pre = card["preprocessing"]
-    spec = Spec.from_card(pre)
     fast = Preprocessor(spec, "fast")
     interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[
         spec.interpolation
@@ -90,7 +98,7 @@ def bench_preprocessing(card: dict, data: bytes, runs: int) -> float:
             T.Resize(spec.resize, interpolation=interp),
             T.CenterCrop((spec.height, spec.width)),
             T.ToTensor(),
-            T.Normalize(pre["mean"], pre["std"]),
+            T.Normalize(spec.mean, spec.std),
         ]
     )
 
@@ -342,35 +350,19 @@ def export_resnet50(root: Path) -> str:
         opset_version=18,
         dynamo=False,
     )
-    card = {
-        "schema": 1,
-        "name": "resnet50",
-        "version": "1",
-        "architecture": "resnet50",
-        "trained": False,
-        "source": "torchvision:resnet50 (random init)",
-        "input": {"name": "input", "shape": [-1, 3, 224, 224], "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": "logits", "shape": [-1, 1000], "kind": "logits"},
-        "preprocessing": {
-            "input_size": [3, 224, 224],
-            "resize": 256,
-            "crop_pct": 0.875,
-            "interpolation": "bilinear",
-            "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225],
-            "channels": 3,
-        },
-        "labels": [{"index": i, "id": str(i), "name": str(i)} for i in range(1000)],
-        "files": {
-            "model.onnx": {
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "bytes": path.stat().st_size,
-                "precision": "fp32",
-                "optimization": "all",
-            }
-        },
-    }
-    (folder / "model.json").write_text(json.dumps(card))
+    card = ModelCard(
+        name="resnet50",
+        version="1",
+        input=TensorSpec("input", (-1, 3, 224, 224), layout="NCHW"),
+        output=TensorSpec("logits", (-1, 1000), kind="logits"),
+        preprocessing=Preprocessing(3, 224, 224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+        files={"model.onnx": FileEntry(hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)},
+        labels=tuple(Label(i, str(i), str(i)) for i in range(1000)),
+        architecture="resnet50",
+        source="torchvision:resnet50 (random init)",
+        trained=False,
+    )
+    write_card(folder, card)
     return str(root)
 
 
@@ -404,7 +396,7 @@ def main() -> None:
     ap.add_argument("--caps", default="", help="also compare these batch caps side by side, e.g. 2,4,8,16")
     args = ap.parse_args()
     model = "efficientnet_lite0"
-    card = json.loads((Path(args.repository) / model / "1" / "model.json").read_text())
+    card = read_card(Path(args.repository) / model / "1")
     data = jpeg_of(1920, 1280)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(
@@ -412,7 +404,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, load average {load} (other processes share them)"
     )
 
-    slower = bench_preprocessing(card, data, args.runs)
+    slower = bench_preprocessing(card.preprocessing, data, args.runs)
     settings = Settings(
         repository=args.repository,
         models=(model,),

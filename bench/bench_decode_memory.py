@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service import decoding  # noqa: E402
-from service.preprocessing import Preprocessor, Spec  # noqa: E402
+from service.card import Preprocessing  # noqa: E402
+from service.preprocessing import Preprocessor  # noqa: E402
 
 # (file, preprocessing mode, model channels): every decode path with its own memory profile
 CASES = [
@@ -109,7 +110,7 @@ def _high_water() -> int:
 
 def _one(path: str, mode: str, channels: int) -> None:
     """In the child: decode and preprocess as the core does; print estimate, peak and seconds."""
-    spec = Spec(channels, 224, 224, 256, "bicubic", (0.5,) * channels, (0.25,) * channels)
+    spec = Preprocessing(channels, 224, 224, 256, "bicubic", (0.5,) * channels, (0.25,) * channels)
     pre = Preprocessor(spec, mode)
     data = Path(path).read_bytes()
     base = _resident()

@@ -108,7 +108,7 @@ def main() -> int:
             # What `python -m export build resnet50 --random-init` runs.
             folder = build(arch, tmp / "repo", model=resnet)
             walls.append(time.perf_counter() - t0)
-            report = repository.read_card(folder)["validation"]
+            report = repository.read_card(folder).extra["validation"]
             secs = report["seconds"]
             print(
                 f"resnet50 build + export + validation: {walls[-1]:.1f} s wall (export {secs['export']} s, "

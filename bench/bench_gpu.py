@@ -200,7 +200,7 @@ def ort_variant(
     precision = "fp16" if device == "cuda" else "fp32"
     path = str(card.file(precision) or card.file("fp32"))
     classes = card.num_classes
-    shape = tuple(int(d) for d in card.data["input"]["shape"][1:])
+    shape = card.input.shape[1:]
     where = "cuda" if device == "cuda" else "cpu"
     sessions: dict[int, Any] = {}  # one for all batch sizes; a CUDA graph needs one per batch size
 
@@ -347,11 +347,10 @@ def uint8_variant(folder: Path, device: str) -> Variant:
     is uint8 pixels and the normalization runs in the graph: the preprocessing-on-device lever."""
     import onnxruntime as ort
 
-    from service.preprocessing import Spec
     from service.repository import read_card
 
     card = read_card(folder)
-    spec = Spec.from_card(card.preprocessing)
+    spec = card.preprocessing
     precision = "fp16" if device == "cuda" else "fp32"
     graph = uint8_graph(str(card.file(precision)), spec)
     so = ort.SessionOptions()
@@ -424,7 +423,7 @@ def agreement(folder: Path, device: str, n: int = 256) -> dict[str, Any]:
     from service.repository import read_card
 
     card = read_card(folder)
-    x = validate.make_inputs(card.preprocessing, n=n, seed=3)
+    x = validate.make_inputs(card.preprocessing.to_dict(), n=n, seed=3)
     providers = [CUDA, CPU] if device == "cuda" else [CPU]
     outs = {}
     for precision in ("fp32", "fp16"):
@@ -451,7 +450,7 @@ def main() -> None:
     import torch
 
     from export import validate
-    from service.preprocessing import Spec
+    from service.card import Preprocessing
 
     device = args.device
     if device == "auto":
@@ -482,7 +481,7 @@ def main() -> None:
             f"  {name}: exported in {time.perf_counter() - t0:.0f} s to {folder}; "
             f"{flops / 1e9:.2f} GFLOP/image"
         )
-        spec = Spec.from_card(arch.preprocessing())
+        spec = Preprocessing.from_dict(arch.preprocessing())
         photos = quantized(validate.make_inputs(arch.preprocessing(), n=CHECK_ROWS, seed=5), spec)
         with torch.inference_mode():
             ref = model.float().cpu()(torch.from_numpy(photos)).numpy()

@@ -125,15 +125,15 @@ def _print_built(folder) -> None:
     from .repository import read_card
 
     card = read_card(folder)
-    v = card.get("validation") or {}
+    v = card.extra.get("validation") or {}
     f32, f16 = v.get("fp32", {}), v.get("fp16", {})
-    parts = [f"{folder}", f"trained={card.get('trained')}"]
+    parts = [f"{folder}", f"trained={card.trained}"]
     if f32:
         parts.append(f"fp32 rel_err={f32.get('rel_err', 0):.1e}")
     if f16:
         parts.append(f"fp16 top1={f16.get('top1_agreement', 0):.2%} top5={f16.get('top5_overlap', 0):.2%}")
-    if card.get("accuracy") is not None:
-        parts.append(f"accuracy={card['accuracy']:.2%}")
+    if card.extra.get("accuracy") is not None:
+        parts.append(f"accuracy={card.extra['accuracy']:.2%}")
     print("  ".join(parts))
 
 

@@ -110,7 +110,7 @@ def card_for(
             "layout": "NCHW",
         },
         "output": {"name": onnx_export.OUTPUT_NAME, "shape": [-1, len(labels)], "kind": "logits"},
-        "preprocessing": pre,
+        "preprocessing": repository.preprocessing(pre),
         "labels": labels,
         "files": exported["files"],
         "opset": exported["facts"]["opset"],

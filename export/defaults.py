@@ -103,7 +103,7 @@ def choose_lite0(state: dict) -> tuple[str, dict]:
 
 def _up_to_date(repo: Path, name: str) -> Path | None:
     folder = repo / name / VERSION
-    if folder.is_dir() and repository.is_valid(folder) and repository.read_card(folder).get("trained"):
+    if folder.is_dir() and repository.is_valid(folder) and repository.read_card(folder).trained:
         return folder
     return None
 

@@ -53,13 +53,12 @@ PRESETS: dict[str, dict] = {
     },
     "digits": dict(LENET_PREPROCESSING),
 }
-_INTERP = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 def parse_preprocessing(spec: str) -> dict:
     """A preset name, a JSON object, or a JSON file; missing keys come from the `imagenet` preset."""
     if spec in PRESETS:
-        return dict(PRESETS[spec])
+        return _checked(dict(PRESETS[spec]))
     text = spec
     if not spec.lstrip().startswith("{"):
         p = Path(spec)
@@ -79,32 +78,19 @@ def parse_preprocessing(spec: str) -> dict:
         raise ExportError("--preprocessing must be a JSON object")
     pre = dict(PRESETS["imagenet"])
     pre.update(given)
+    for derived in ("resize", "crop_pct"):  # each follows from the other when only one is given
+        if derived not in given:
+            pre.pop(derived)
+    if "channels" not in given:
+        pre.pop("channels")
+    return _checked(pre)
+
+
+def _checked(pre: dict) -> dict:
     try:
-        c, h, w = (int(v) for v in pre["input_size"])
-        pre["input_size"] = [c, h, w]
-        pre["channels"] = int(given.get("channels", c))
-        crop_pct = float(pre.get("crop_pct", 0.875))
-        if not 0 < crop_pct <= 1 or h < 1 or w < 1:
-            raise ExportError("--preprocessing: crop_pct must be in (0, 1] and input_size positive")
-        if "resize" not in given:
-            pre["resize"] = int(h / crop_pct)
-        if int(pre["resize"]) < 1:
-            raise ExportError(f"--preprocessing: resize must be a positive size, not {pre['resize']!r}")
-        if "crop_pct" not in given:
-            pre["crop_pct"] = round(h / pre["resize"], 4)
-        pre["mean"] = [float(v) for v in pre["mean"]]
-        pre["std"] = [float(v) for v in pre["std"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"--preprocessing: bad field ({e})") from None
-    if pre["interpolation"] not in _INTERP:
-        raise ExportError(f"--preprocessing: interpolation must be one of {', '.join(_INTERP)}")
-    if len(pre["mean"]) != c or len(pre["std"]) != c or c not in (1, 3) or pre["channels"] != c:
-        raise ExportError("--preprocessing: channels must be 1 or 3 with one mean and std per channel")
-    if any(s == 0 for s in pre["std"]):
-        raise ExportError("--preprocessing: std must not be 0")
-    if not isinstance(pre.get("invert", False), bool):
-        raise ExportError("--preprocessing: invert must be true or false (JSON booleans, not strings)")
-    return pre
+        return repository.preprocessing(pre)
+    except ExportError as e:
+        raise ExportError(f"--preprocessing: {str(e).removeprefix('preprocessing: ')}") from None
 
 
 def parse_labels(spec: str, classes: int) -> list[dict]:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from service import card as cards
+
 from .errors import ExportError
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGENET_MEAN = list(cards.IMAGENET_MEAN)
+IMAGENET_STD = list(cards.IMAGENET_STD)
 
 
 @dataclass(frozen=True)

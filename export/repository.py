@@ -1,49 +1,48 @@
 """Writes `models/<name>/<version>/` atomically: everything goes into a staging folder on the same filesystem
 (a dot-folder inside the repository, which readers skip) and is renamed into place only when complete. Any
 failure removes the staging folder and whatever this write created, so the repository stays as it was.
+
+The card's format, names, versions and checks are the service's (`service.card`): a card written here is one
+the service serves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from service import card as cards
+from service.repository import versions_of
 
 from .errors import ExportError
 from .weights import sha256_file
 
-CARD = "model.json"
-SCHEMA = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CARD = cards.CARD_FILE
+SCHEMA = cards.SCHEMA
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
-        raise ExportError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (max 64)")
-    return name
-
-
-_VERSION_RE = re.compile("[1-9][0-9]*")  # the service's rule: `07` or `²` is no version
+    try:
+        return cards.check_name(name)
+    except cards.CardError as e:
+        raise ExportError(str(e)) from None
 
 
 def check_version(version: str | int) -> str:
-    v = str(version)
-    if not _VERSION_RE.fullmatch(v):
-        raise ExportError(f"invalid version {v!r}: versions are positive integers (1, 2, ...; not 01)")
-    return v
+    try:
+        return cards.check_version(version)
+    except cards.CardError as e:
+        raise ExportError(str(e)) from None
 
 
 def versions(repo: Path, name: str) -> list[int]:
-    d = Path(repo) / name
-    if not d.is_dir():
-        return []
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and _VERSION_RE.fullmatch(p.name))
+    return [int(v) for v in versions_of(Path(repo) / name)]
 
 
 def next_version(repo: Path, name: str) -> str:
@@ -109,36 +108,40 @@ def _remove_created(created: Path | None) -> None:
 
 
 def file_entry(path: Path, precision: str, optimization: str = "basic") -> dict:
-    return {
-        "sha256": sha256_file(path),
-        "bytes": path.stat().st_size,
-        "precision": precision,
-        "provider": "any",
-        "optimization": optimization,
-    }
+    entry = cards.FileEntry(sha256_file(path), path.stat().st_size, precision, "any", optimization)
+    return entry.to_dict()
+
+
+def preprocessing(pre: dict[str, Any]) -> dict[str, Any]:
+    """A preprocessing object checked and completed by the service's rules (resize from crop_pct and back)."""
+    try:
+        return cards.Preprocessing.from_dict(pre).to_dict()
+    except cards.CardError as e:
+        raise ExportError(str(e)) from None
 
 
 def write_card(folder: Path, card: dict) -> Path:
-    card = {"schema": SCHEMA, **card}
+    """Check the card as the service will read it, then write it (atomically, the last file of a version)."""
+    card = dict(card)
     card.setdefault("created", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    path = folder / CARD
-    tmp = folder / (CARD + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    try:
+        typed = cards.ModelCard.from_dict(card)
+    except cards.CardError as e:
+        raise ExportError(f"the card would not serve: {e}") from None
+    return cards.write_card(folder, typed)
 
 
-def read_card(folder: Path) -> dict:
-    return json.loads((Path(folder) / CARD).read_text())
+def read_card(folder: Path) -> cards.ModelCard:
+    """The card of a written version, typed (the service's reader)."""
+    return cards.read_card(folder)
 
 
 def is_valid(folder: Path) -> bool:
     """True when the folder holds a card whose every listed file exists with the recorded sha256."""
     try:
         card = read_card(folder)
-        files = card["files"]
-        if not files:
+        if not card.files:
             return False
-        return all(sha256_file(Path(folder) / f) == entry["sha256"] for f, entry in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
+        return all(sha256_file(Path(folder) / f) == entry.sha256 for f, entry in card.files.items())
+    except (OSError, cards.RepositoryError):
         return False

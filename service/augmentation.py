@@ -22,8 +22,9 @@ VGG report.
 
 from __future__ import annotations
 
+from service.card import Preprocessing
 from service.errors import InvalidArgument
-from service.preprocessing import Spec, View, center_box, resized_size
+from service.preprocessing import View, center_box, resized_size
 
 MODES = ("none", "flip", "five_crop", "ten_crop", "multiscale")
 MULTISCALE_SIDES = (256, 384, 512)
@@ -35,7 +36,7 @@ def check_mode(tta: str) -> str:
     return tta
 
 
-def scales(spec: Spec, tta: str) -> list[int]:
+def scales(spec: Preprocessing, tta: str) -> list[int]:
     """The shorter sides a mode resizes to (the decoder needs the largest)."""
     if tta == "multiscale":
         ratio = spec.resize / 256.0
@@ -43,7 +44,7 @@ def scales(spec: Spec, tta: str) -> list[int]:
     return [spec.resize]
 
 
-def max_short_side(spec: Spec, tta: str) -> int:
+def max_short_side(spec: Preprocessing, tta: str) -> int:
     return max(scales(spec, tta))
 
 
@@ -53,7 +54,7 @@ def five_crops(width: int, height: int, crop_w: int, crop_h: int) -> list[tuple[
     return [(0, 0), (width - crop_w, 0), (0, height - crop_h), (width - crop_w, height - crop_h), (cl, ct)]
 
 
-def plan_views(spec: Spec, tta: str, size: tuple[int, int]) -> list[View]:
+def plan_views(spec: Preprocessing, tta: str, size: tuple[int, int]) -> list[View]:
     """The views of mode `tta` for an image of (width, height) `size` (after decoding)."""
     check_mode(tta)
     w, h = size

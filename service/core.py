@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service import augmentation, decoding, postprocessing
+from service import augmentation, decoding, limits, postprocessing
 from service.batching import Batcher, Job, settle
 from service.config import Settings
 from service.errors import (
@@ -28,14 +28,14 @@ from service.errors import (
     ServiceError,
 )
 from service.memory import MemoryBudget
+from service.pipeline import Pipeline
 from service.postprocessing import ClassScore
-from service.preprocessing import Preprocessor, Spec
-from service.repository import ModelCard, read_card, resolve, scan
+from service.repository import ModelCard, entry_path, read_card, resolve, scan
 from service.sessions import GpuRequired, ModelSession
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClassScore", "InferenceCore", "NullObserver", "Observer", "Prediction"]
+__all__ = ["ClassScore", "InferenceCore", "ModelInfo", "NullObserver", "Observer", "Prediction"]
 
 
 class Observer(Protocol):
@@ -81,25 +81,47 @@ class Prediction:
         }
 
 
-@dataclass
-class LoadedModel:
-    card: ModelCard | None
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the core tells transports about one model version: its card (None when the card could not be
+    read), its state and why it is not ready, and how its session runs (provider, precision, batches)."""
+
     name: str
     version: str
+    state: str  # loading | ready | unavailable
+    reason: str = ""
+    card: ModelCard | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def provider(self) -> str:
+        return str(self.runtime.get("provider", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (`GET /models`): the card's metadata, the state and the runtime description."""
+        out: dict[str, Any] = self.card.metadata() if self.card else {}
+        out.update({"name": self.name, "version": self.version, "state": self.state, "reason": self.reason})
+        out.update(self.runtime or {"provider": ""})
+        return out
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    card: ModelCard | None = None
     state: str = "loading"  # loading | ready | unavailable
     reason: str = ""
     session: ModelSession | None = None
-    spec: Spec | None = None
-    preprocessor: Preprocessor | None = None
+    pipeline: Pipeline | None = None
 
-    def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = self.card.metadata() if self.card else {}
-        out.update({"name": self.name, "version": self.version, "state": self.state, "reason": self.reason})
-        if self.session is not None:
-            out.update(self.session.describe())
-        else:
-            out.setdefault("provider", "")
-        return out
+    def info(self) -> ModelInfo:
+        runtime = self.session.describe() if self.session is not None else {}
+        return ModelInfo(self.name, self.version, self.state, self.reason, self.card, runtime)
 
 
 class InferenceCore:
@@ -140,13 +162,12 @@ class InferenceCore:
         self._versions = versions
         for name, vs in versions.items():
             for v in vs:
-                self._models[(name, v)] = LoadedModel(None, name, v)
+                self._models[(name, v)] = LoadedModel(name, v)
         for (name, v), entry in self._models.items():
             try:
                 card = read_card(entry_path(self.settings.repository, name, v))
                 entry.card = card
-                entry.spec = Spec.from_card(card.preprocessing)
-                entry.preprocessor = Preprocessor(entry.spec, self.settings.preprocess_mode)
+                entry.pipeline = Pipeline.for_card(card, self.limits, self.settings.preprocess_mode)
                 session = ModelSession(card, self.settings)
                 session.warm_up()
                 entry.session = session
@@ -198,10 +219,11 @@ class InferenceCore:
         self.batcher.stop(self.settings.drain_timeout_s)
 
     # -- metadata ----
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelInfo]:
         return [m.info() for m in self._models.values()]
 
-    def model_info(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+    def model_info(self, name: str | None = None, version: str | None = None) -> ModelInfo:
+        """The version asked for, or the latest; ModelNotFound for an unknown name or version."""
         return self._entry(name, version, require_ready=False).info()
 
     def _entry(self, name: str | None, version: str | None, require_ready: bool = True) -> LoadedModel:
@@ -279,21 +301,9 @@ class InferenceCore:
     ) -> np.ndarray:
         """Bytes -> (views, C, H, W) float32 for one image (runs in the pool). The decoded image's memory
         is reserved from the decode memory budget until its views are cut."""
-        assert entry.spec is not None and entry.preprocessor is not None
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidArgument("each image must be bytes")
+        assert entry.pipeline is not None
         with self.decode_memory.holding(deadline) as hold:
-            img = decoding.decode(
-                bytes(data),
-                channels=entry.spec.channels,
-                limits=self.limits,
-                min_short_side=augmentation.max_short_side(entry.spec, tta),
-                draft=entry.preprocessor.decode_draft,
-                reserve=hold.reserve,
-            )
-            views = entry.preprocessor(img, augmentation.plan_views(entry.spec, tta, img.size))
-            img.close()  # give the pixels back now, not when the collector gets to them
-            return views
+            return entry.pipeline.prepare(data, tta, reserve=hold.reserve)
 
     def _check(
         self, images: Sequence[bytes], model: str | None, version: str | None, top_k: int | None, tta: str
@@ -302,12 +312,7 @@ class InferenceCore:
         augmentation.check_mode(tta)
         assert entry.card is not None
         k = postprocessing.check_top_k(top_k, entry.card.num_classes, self.settings.max_top_k)
-        if not images:
-            raise InvalidArgument("no image given")
-        if len(images) > self.settings.max_images_per_request:
-            raise InvalidArgument(
-                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}"
-            )
+        limits.check_count(len(images), self.settings.max_images_per_request)
         return entry, k
 
     def _outcome(
@@ -325,10 +330,9 @@ class InferenceCore:
             return outcome
         if isinstance(outcome, BaseException):
             return ServiceError(f"classification failed: {type(outcome).__name__}")
-        assert entry.card is not None
-        probs = postprocessing.to_probabilities(outcome, entry.card.output_kind)
-        avg = postprocessing.average_views(probs, [probs.shape[0]])[0]
-        return Prediction(entry.name, entry.version, postprocessing.top_k(avg, k, entry.card.labels), avg)
+        assert entry.pipeline is not None
+        (answer,) = entry.pipeline.finish(outcome, [outcome.shape[0]], k)
+        return Prediction(entry.name, entry.version, answer.top_k, answer.probabilities)
 
     def _deadline(self, deadline: float | None) -> float:
         return deadline if deadline is not None else time.monotonic() + self.settings.request_timeout_s
@@ -357,27 +361,6 @@ class InferenceCore:
                     f.cancel()
         return [self._outcome(entry, k, w, done=w not in pending) for w in wrapped]
 
-    def classify_sync(
-        self,
-        images: Sequence[bytes],
-        *,
-        model: str | None = None,
-        version: str | None = None,
-        top_k: int | None = None,
-        tta: str = "none",
-        deadline: float | None = None,
-    ) -> list[Prediction | ServiceError]:
-        """The same as `classify`, for threads without an event loop (batch scoring)."""
-        entry, k = self._check(images, model, version, top_k, tta)
-        deadline = self._deadline(deadline)
-        futures = self._submit(images, entry, tta, deadline)
-        concurrent.futures.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-        results = [self._outcome(entry, k, f, done=f.done()) for f in futures]
-        for f in futures:
-            if not f.done():
-                f.cancel()
-        return results
-
     async def infer_tensor(
         self, model: str | None, version: str | None, array: np.ndarray, deadline: float | None = None
     ) -> np.ndarray:
@@ -390,8 +373,8 @@ class InferenceCore:
             raise InvalidArgument(
                 f"tensor must have shape [N >= 1, {', '.join(map(str, expected))}], got {list(array.shape)}"
             )
+        samples = limits.check_count(int(array.shape[0]), self.settings.max_images_per_request, "samples")
         deadline = self._deadline(deadline)
-        samples = int(array.shape[0])
         self.batcher.admit(samples, preparing=False)  # a place in the queue per sample, as per image
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.add_done_callback(lambda _f: self.batcher.release(samples))
@@ -401,10 +384,5 @@ class InferenceCore:
         except asyncio.TimeoutError:
             fut.cancel()
             raise DeadlineExceeded("deadline passed before inference finished") from None
-        return postprocessing.to_probabilities(out, entry.card.output_kind)
-
-
-def entry_path(repository: str, name: str, version: str):
-    from pathlib import Path
-
-    return Path(repository) / name / version
+        assert entry.pipeline is not None
+        return entry.pipeline.probabilities(out)

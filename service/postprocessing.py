@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from service.card import Label, label_for
 from service.errors import InvalidArgument
 
 
@@ -69,19 +70,12 @@ def check_top_k(top_k: Any, classes: int, limit: int | None = None) -> int:
     return int(top_k)
 
 
-def top_k(probabilities: np.ndarray, k: int, labels: Sequence[dict[str, Any]]) -> list[ClassScore]:
-    """The k most probable classes, best first; equal probabilities in ascending class index."""
+def top_k(probabilities: np.ndarray, k: int, labels: tuple[Label, ...]) -> list[ClassScore]:
+    """The k most probable classes, best first; equal probabilities in ascending class index. A class the card
+    has no label for is named by its index (`service.card.label_for`)."""
     order = np.argsort(-probabilities, kind="stable")[:k]
     result = []
     for i in order:
-        i = int(i)
-        meta = labels[i] if i < len(labels) else {}
-        result.append(
-            ClassScore(
-                index=i,
-                id=str(meta.get("id", i)),
-                label=str(meta.get("name", meta.get("label", str(i)))),
-                probability=float(probabilities[i]),
-            )
-        )
+        label = label_for(labels, int(i))
+        result.append(ClassScore(int(i), label.id, label.name, float(probabilities[i])))
     return result

@@ -9,18 +9,20 @@ Two modes (`Settings.preprocess_mode`):
   keeps (`Image.resize(box=...)`, with Pillow's `reducing_gap` pre-reduction) and normalizes with one fused
   multiply-add in NumPy. Its top-1 agreement with `exact` is measured in `bench/bench_core.py`.
 
-A *view* is (shorter side S, crop box in the S-resized image, mirror); test-time augmentation (see
-`service/augmentation.py`) is a list of views, and this module renders them.
+The parameters are the model card's (`service.card.Preprocessing`). A *view* is (shorter side S, crop box in
+the S-resized image, mirror); test-time augmentation (`service/augmentation.py`) is a list of views, and this
+module renders them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from service.card import Preprocessing
 
 INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -45,41 +47,6 @@ class View:
     mirror: bool = False
 
 
-@dataclass(frozen=True)
-class Spec:
-    """The preprocessing parameters of one model card."""
-
-    channels: int
-    height: int
-    width: int
-    resize: int
-    interpolation: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    invert: bool = False
-
-    @classmethod
-    def from_card(cls, pre: Mapping[str, Any]) -> Spec:
-        c, h, w = (int(v) for v in pre["input_size"])
-        channels = int(pre.get("channels", c))
-        resize = pre.get("resize")
-        if resize is None:
-            crop_pct = float(pre.get("crop_pct", 1.0))
-            resize = int(h / crop_pct)
-        interp = str(pre.get("interpolation", "bilinear")).lower()
-        if interp not in INTERPOLATION:
-            raise ValueError(f"unknown interpolation {interp!r}")
-        mean = tuple(float(v) for v in pre.get("mean", [0.0] * channels))
-        std = tuple(float(v) for v in pre.get("std", [1.0] * channels))
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean/std need {channels} values")
-        return cls(channels, h, w, int(resize), interp, mean, std, bool(pre.get("invert", False)))
-
-    @property
-    def resample(self) -> Image.Resampling:
-        return INTERPOLATION[self.interpolation]
-
-
 def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     """torchvision's `Resize(int)` output size: shorter side = `short`, longer side truncated (int())."""
     if width <= height:
@@ -92,7 +59,7 @@ def center_box(width: int, height: int, crop_w: int, crop_h: int) -> tuple[int, 
     return int(round((width - crop_w) / 2.0)), int(round((height - crop_h) / 2.0))
 
 
-def center_view(spec: Spec) -> View:
+def center_view(spec: Preprocessing) -> View:
     """The one view of tta=none, expressed for a nominal square; `plan_views` fits it to an image."""
     return View(spec.resize, -1, -1, spec.width, spec.height)
 
@@ -100,11 +67,12 @@ def center_view(spec: Spec) -> View:
 class Preprocessor:
     """Renders views of a decoded image into a float32 (V, C, H, W) array, normalized per the card."""
 
-    def __init__(self, spec: Spec, mode: str = "fast") -> None:
+    def __init__(self, spec: Preprocessing, mode: str = "fast") -> None:
         if mode not in MODES:
             raise ValueError(f"preprocess mode must be one of {MODES}, not {mode!r}")
         self.spec = spec
         self.mode = mode
+        self.resample = INTERPOLATION[spec.interpolation]
         std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
         mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._mean, self._std = mean, std
@@ -139,7 +107,7 @@ class Preprocessor:
         for i, view in enumerate(views):
             view = self.fit(view, img.size)
             if view.short not in resized:
-                resized[view.short] = img.resize(resized_size(*img.size, view.short), self.spec.resample)
+                resized[view.short] = img.resize(resized_size(*img.size, view.short), self.resample)
             crop = _crop_padded(resized[view.short], view)
             arr = np.asarray(crop, dtype=np.uint8)
             x = _to_chw(arr).astype(np.float32) / np.float32(255.0)  # ToTensor
@@ -169,9 +137,9 @@ class Preprocessor:
                     (view.left + view.width) * sx,
                     (view.top + view.height) * sy,
                 )
-                crop = img.resize((view.width, view.height), self.spec.resample, box=box, reducing_gap=3.0)
+                crop = img.resize((view.width, view.height), self.resample, box=box, reducing_gap=3.0)
             else:  # crop larger than the resized image (tiny inputs): torchvision pads with zeros
-                crop = _crop_padded(img.resize((rw, rh), self.spec.resample), view)
+                crop = _crop_padded(img.resize((rw, rh), self.resample), view)
             arr = _to_chw(np.asarray(crop, dtype=np.uint8))
             if view.mirror:
                 arr = arr[:, :, ::-1]

@@ -20,8 +20,8 @@ from service.errors import ServiceError
 from service.postprocessing import check_top_k
 from service.repository import RepositoryError
 from service.scoring.local import WorkerLost
-from service.scoring.pipeline import READ_THREADS
 from service.scoring.results import OutputError, ResultStore, output_format
+from service.scoring.runner import READ_THREADS
 from service.scoring.sources import InputError, SourceFile, list_inputs
 from service.sessions import GpuRequired
 
@@ -163,7 +163,7 @@ def _score_local(
     from tqdm import tqdm
 
     from service.scoring.local import score_local
-    from service.scoring.pipeline import ModelRunner, PrepareSpec
+    from service.scoring.runner import ModelRunner, PrepareSpec
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
     top_k = check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k)  # as the service does

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from service.card import ModelCard, RepositoryError
 from service.config import Settings
-from service.repository import ModelCard, RepositoryError
 
 log = logging.getLogger("service.sessions")
 CUDA = "CUDAExecutionProvider"
@@ -89,7 +89,7 @@ class ModelSession:
         self.output_name = self.session.get_outputs()[0].name
         first = inp.shape[0] if inp.shape else None
         self.fixed_batch = first if isinstance(first, int) and first > 0 else None
-        self.input_shape = tuple(int(d) for d in card.data["input"]["shape"][1:])
+        self.input_shape = tuple(card.input.shape[1:])
         self.buckets = batch_buckets(settings.max_batch_size, self.fixed_batch)
         self._lock = threading.Lock()
         self.preferred_batch = self.buckets[-1]  # until warm_up measures the buckets
@@ -98,7 +98,7 @@ class ModelSession:
     def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> bytes:
         """Open the session on `fname`; the graph's checked bytes are returned for a solo session."""
         graph = card.read_verified(fname)  # sha256 of the very bytes ONNX Runtime gets
-        self.precision = (card.data["files"][fname] or {}).get("precision", "fp32")
+        self.precision = card.files[fname].precision
         self.session = ort.InferenceSession(
             graph, sess_options=self._options(), providers=self._provider_options(providers)
         )
@@ -108,14 +108,11 @@ class ModelSession:
 
     @staticmethod
     def _pick_file(card: ModelCard, precision: str) -> str:
-        files = card.data.get("files") or {}
-        for fname, meta in files.items():
-            if (meta or {}).get("precision", "fp32") == precision:
-                return fname
-        if precision == "fp16":  # no fp16 graph in the card: serve fp32 rather than nothing
-            for fname, meta in files.items():
-                if (meta or {}).get("precision", "fp32") == "fp32":
-                    return fname
+        path = card.file(precision)
+        if path is None and precision == "fp16":  # no fp16 graph in the card: serve fp32 rather than nothing
+            path = card.file("fp32")
+        if path is not None:
+            return path.name
         raise RepositoryError(f"no {precision} graph listed in the card")
 
     def _options(self, threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:

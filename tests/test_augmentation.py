@@ -7,13 +7,16 @@ import pytest
 from PIL import Image
 
 from service.augmentation import MODES, check_mode, plan_views, scales
+from service.card import Preprocessing
 from service.config import Settings
 from service.core import InferenceCore
 from service.errors import InvalidArgument
-from service.preprocessing import Preprocessor, Spec
+from service.preprocessing import Preprocessor
 from tests.conftest import encode
 
-SPEC = Spec.from_card({"input_size": [3, 224, 224], "resize": 256, "mean": [0.5] * 3, "std": [0.25] * 3})
+SPEC = Preprocessing.from_dict(
+    {"input_size": [3, 224, 224], "resize": 256, "mean": [0.5] * 3, "std": [0.25] * 3}
+)
 
 
 def test_views_are_the_named_crops() -> None:
@@ -39,9 +42,11 @@ def test_views_are_the_named_crops() -> None:
 
 
 def test_multiscale_follows_the_models_size_ratio() -> None:
-    lenet = Spec.from_card({"input_size": [1, 32, 32], "resize": 32, "channels": 1, "mean": [0], "std": [1]})
+    lenet = Preprocessing.from_dict(
+        {"input_size": [1, 32, 32], "resize": 32, "channels": 1, "mean": [0], "std": [1]}
+    )
     assert scales(lenet, "multiscale") == [32, 48, 64]
-    inception = Spec.from_card({"input_size": [3, 299, 299], "resize": 342})
+    inception = Preprocessing.from_dict({"input_size": [3, 299, 299], "resize": 342})
     assert scales(inception, "multiscale") == [342, 513, 684]
 
 

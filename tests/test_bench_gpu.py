@@ -76,14 +76,15 @@ def test_uint8_graph_equals_the_services_preprocessing_then_the_model(tmp_path, 
     its fast preprocessing in NumPy, then the fp32 graph."""
     from PIL import Image
 
-    from service.preprocessing import Preprocessor, Spec
+    from service.card import Preprocessing
+    from service.preprocessing import Preprocessor
     from tests.conftest import write_tiny_model
 
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_gpu import to_pixels, uint8_graph
 
     folder = write_tiny_model(tmp_path, "tiny", "1", channels=channels, seed=5)
-    spec = Spec(
+    spec = Preprocessing(
         channels,
         32,
         32,

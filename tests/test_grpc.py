@@ -384,11 +384,12 @@ def test_oip_infer_raw_input_contents_like_triton(inference: pb_grpc.GRPCInferen
 def test_oip_infer_fp32_preprocessed_tensor(
     served: Served, inference: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
-    from service.preprocessing import Preprocessor, Spec
+    from service.card import Preprocessing
+    from service.preprocessing import Preprocessor
 
     info = served.core.model_info("efficientnet_lite0")
     photo = Image.fromarray(data.chelsea()).resize((256, 256))
-    tensor = Preprocessor(Spec.from_card(info["preprocessing"]), mode="fast")(photo)
+    tensor = Preprocessor(Preprocessing.from_dict(info["preprocessing"]), mode="fast")(photo)
     assert tensor.shape == (1, 3, 224, 224)
     fp32 = pb.ModelInferRequest.InferInputTensor(
         name=info["input"]["name"], datatype="FP32", shape=tensor.shape

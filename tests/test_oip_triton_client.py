@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from service.preprocessing import Preprocessor, Spec
+from service.card import Preprocessing
+from service.preprocessing import Preprocessor
 from tests.http_server import MODELS, ROOT, jpeg, png, running_server
 
 PYTHON = ROOT / "build" / "tritonclient" / "bin" / "python"
@@ -37,7 +38,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     coffee.write_bytes(png(photos.coffee()))
     card = json.loads((MODELS / MODEL / "1" / "model.json").read_text())
     photo = Image.fromarray(photos.chelsea()).resize((256, 256))
-    tensor = Preprocessor(Spec.from_card(card["preprocessing"]), mode="fast")(photo)
+    tensor = Preprocessor(Preprocessing.from_dict(card["preprocessing"]), mode="fast")(photo)
     np.save(tmp / "tensor.npy", tensor)
     with running_server(tmp) as server:
         done = subprocess.run(

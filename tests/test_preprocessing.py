@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.card import Preprocessing
 from service.decoding import decode
-from service.preprocessing import Preprocessor, Spec, resized_size
+from service.preprocessing import Preprocessor, resized_size
 from tests.conftest import encode
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -52,7 +53,7 @@ def torchvision_eval(img: Image.Image, pre: dict) -> np.ndarray:
 @pytest.mark.parametrize("photo", ["chelsea", "coffee", "astronaut"])
 def test_exact_mode_matches_torchvision(card: str, photo: str, request: pytest.FixtureRequest) -> None:
     pre = CARDS[card]
-    spec = Spec.from_card(pre)
+    spec = Preprocessing.from_dict(pre)
     data = encode(request.getfixturevalue(photo), "JPEG", quality=90)
     img = decode(data, channels=spec.channels, draft=False)
     ours = Preprocessor(spec, "exact")(img)
@@ -65,7 +66,7 @@ def test_exact_mode_matches_torchvision(card: str, photo: str, request: pytest.F
 
 @pytest.mark.parametrize("card", sorted(CARDS))
 def test_fast_mode_close_to_exact(card: str, chelsea: Image.Image) -> None:
-    spec = Spec.from_card(CARDS[card])
+    spec = Preprocessing.from_dict(CARDS[card])
     data = encode(chelsea, "JPEG", quality=90)
     grey_levels = 255.0 * np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     exact = Preprocessor(spec, "exact")(decode(data, channels=spec.channels, draft=False))
@@ -85,7 +86,7 @@ def test_resize_sizes_follow_torchvision() -> None:
 
 
 def test_normalization_values() -> None:
-    spec = Spec.from_card(
+    spec = Preprocessing.from_dict(
         {"input_size": [3, 4, 4], "resize": 4, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.25, 1.0]}
     )
     img = Image.new("RGB", (4, 4), (255, 0, 51))
@@ -95,7 +96,7 @@ def test_normalization_values() -> None:
 
 
 def test_lenet_gray_and_invert() -> None:
-    spec = Spec.from_card(
+    spec = Preprocessing.from_dict(
         {"input_size": [1, 32, 32], "resize": 32, "mean": [0.0], "std": [1.0], "channels": 1, "invert": True}
     )
     img = Image.new("L", (40, 40), 255)
@@ -105,6 +106,6 @@ def test_lenet_gray_and_invert() -> None:
 
 
 def test_tiny_image_is_upscaled_and_cropped() -> None:
-    spec = Spec.from_card(CARDS["inception"])
+    spec = Preprocessing.from_dict(CARDS["inception"])
     x = Preprocessor(spec, "fast")(Image.new("RGB", (1, 1), (255, 255, 255)))
     assert x.shape == (1, 3, 299, 299) and np.allclose(x, 1.0, atol=1e-5)

@@ -12,56 +12,16 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_files, prepare_payloads, read_files
-from service.scoring.results import ResultStore
+from service.scoring.results import ResultStore, Summary, result_row
+from service.scoring.runner import ModelRunner, PrepareSpec, prepare_files, prepare_payloads, read_files
 from service.scoring.sources import SourceFile
 
 TASK_FILES = 4  # files per worker task: amortizes inter-process overhead without starving the batcher
 PROCESS_LOCAL = ("memory://",)  # filesystems whose files exist only in this process
-
-
-@dataclass
-class Summary:
-    total: int = 0
-    skipped: int = 0  # already done by an earlier run
-    failed_before: int = 0  # of those, rows with an error (rerun with --retry-failed to try again)
-    scored: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    interrupted: bool = False
-    parts: list[str] = field(default_factory=list)
-
-    @property
-    def images_per_s(self) -> float:
-        return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        state = "interrupted" if self.interrupted else "done"
-        earlier = f" ({self.failed_before} failed in earlier runs)" if self.failed_before else ""
-        return (
-            f"{state}: scored {self.scored}, failed {self.failed}, skipped (already done) "
-            f"{self.skipped}{earlier}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s"
-        )
-
-
-def result_row(source: SourceFile, runner: ModelRunner, top: list[Any] | None, error: str) -> dict[str, Any]:
-    return {
-        "path": source.name,
-        "size": source.size,
-        "mtime": source.mtime,
-        "model": runner.name,
-        "version": runner.version,
-        "top_k_indices": [int(c.index) for c in top] if top else [],
-        "top_k_ids": [str(c.id) for c in top] if top else [],
-        "top_k_labels": [str(c.label) for c in top] if top else [],
-        "top_k_probabilities": [float(c.probability) for c in top] if top else [],
-        "error": error,
-    }
 
 
 _WORKER_SPEC: PrepareSpec | None = None

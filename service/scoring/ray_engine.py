@@ -3,7 +3,7 @@
 Ray's own readers are not used. Its image reader applies no EXIF orientation or size limits, and one bad file
 fails the whole job; its binary reader reads each file whole, waits forever on a FIFO, and fails the job on a
 file deleted after listing. Here the dataset is the listing itself (path, size, mtime), and each actor reads
-every file with the local engine's bounded, concurrent read (`pipeline.read_files`), so both engines give
+every file with the local engine's bounded, concurrent read (`runner.read_files`), so both engines give
 every file the same row. This is the only module that imports Ray; nothing on the serving path imports it.
 """
 
@@ -18,9 +18,8 @@ import pyarrow as pa
 
 from service.config import Settings
 from service.postprocessing import check_top_k
-from service.scoring.local import Summary, result_row
-from service.scoring.pipeline import ModelRunner, PrepareSpec, prepare_files
-from service.scoring.results import SCHEMA, ResultStore
+from service.scoring.results import SCHEMA, ResultStore, Summary, result_row
+from service.scoring.runner import ModelRunner, PrepareSpec, prepare_files
 from service.scoring.sources import SourceFile
 
 

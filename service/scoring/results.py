@@ -16,11 +16,18 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+from service.postprocessing import ClassScore
+from service.scoring.sources import SourceFile
+
+if TYPE_CHECKING:
+    from service.scoring.runner import ModelRunner
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 LIST_COLUMNS = ("top_k_indices", "top_k_ids", "top_k_labels", "top_k_probabilities")
@@ -39,6 +46,50 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    skipped: int = 0  # already done by an earlier run
+    failed_before: int = 0  # of those, rows with an error (rerun with --retry-failed to try again)
+    scored: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.scored + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        state = "interrupted" if self.interrupted else "done"
+        earlier = f" ({self.failed_before} failed in earlier runs)" if self.failed_before else ""
+        return (
+            f"{state}: scored {self.scored}, failed {self.failed}, skipped (already done) "
+            f"{self.skipped}{earlier}, {self.images_per_s:.1f} images/s over {self.seconds:.1f} s"
+        )
+
+
+def result_row(
+    source: SourceFile, runner: ModelRunner, top: list[ClassScore] | None, error: str
+) -> dict[str, Any]:
+    """One file's row: its top-k, or its error."""
+    return {
+        "path": source.name,
+        "size": source.size,
+        "mtime": source.mtime,
+        "model": runner.name,
+        "version": runner.version,
+        "top_k_indices": [int(c.index) for c in top] if top else [],
+        "top_k_ids": [str(c.id) for c in top] if top else [],
+        "top_k_labels": [str(c.label) for c in top] if top else [],
+        "top_k_probabilities": [float(c.probability) for c in top] if top else [],
+        "error": error,
+    }
+
+
 TEMP_PREFIX = ".tmp-"
 
 

@@ -1,28 +1,22 @@
-"""The core's pieces as batch scoring drives them: file → views tensor in a worker, tensor batch → top-k.
-
-Decoding (`service.decoding`, limits and EXIF), preprocessing (`service.preprocessing`) and test-time views
-(`service.augmentation`) are the core's own code; this module only arranges them so that decoding can run in
-other processes (everything a worker needs is in the picklable `PrepareSpec`) while the main process owns
-the ONNX Runtime session.
+"""Batch scoring's side of the one path from bytes to answer (`service.pipeline`): files are read here, with
+bounded concurrent reads, prepared by the model's `Pipeline` in decoding processes (everything a worker needs
+is in the picklable `PrepareSpec`), and finished by the same `Pipeline` after the main process's session run.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from service import augmentation, postprocessing, repository
+from service import augmentation, repository
 from service.config import Settings
-from service.decoding import Limits, decode
+from service.decoding import Limits
 from service.errors import ImageTooLarge, ServiceError
+from service.pipeline import Pipeline
 from service.postprocessing import ClassScore
-from service.preprocessing import Preprocessor, Spec
 from service.scoring.sources import open_bytes
 from service.sessions import ModelSession
 
@@ -31,13 +25,13 @@ READ_THREADS = 8  # files each process reads at once: object stores answer slowl
 
 @dataclass(frozen=True)
 class PrepareSpec:
-    """Everything a decoding worker needs (picklable): limits, the model's preprocessing, the TTA mode."""
+    """Everything a decoding worker needs (picklable): the model's pipeline, the TTA mode, the read limits."""
 
     settings: Settings
     model: str
     version: str
+    pipeline: Pipeline
     tta: str = "none"
-    preprocessing: str = field(default="", compare=False)  # the card's preprocessing as JSON
     read_threads: int = READ_THREADS  # files each process reads at once
 
     @classmethod
@@ -45,34 +39,8 @@ class PrepareSpec:
         cls, runner: ModelRunner, settings: Settings, tta: str, read_threads: int = READ_THREADS
     ) -> PrepareSpec:
         """The spec of the model `runner` loaded, checked: a bad --tta fails before any worker starts."""
-        spec = cls(
-            settings=settings,
-            model=runner.name,
-            version=runner.version,
-            tta=tta,
-            preprocessing=runner.preprocessing,
-            read_threads=read_threads,
-        )
-        spec.check()
-        return spec
-
-    def check(self) -> None:
-        """Refuse a bad --tta (or preprocessing) before any worker starts."""
-        _preparer(self)
-
-
-_PREPARERS: dict[tuple[Any, ...], tuple[Preprocessor, Limits]] = {}
-
-
-def _preparer(spec: PrepareSpec) -> tuple[Preprocessor, Limits]:
-    key = (spec.model, spec.version, spec.tta, spec.preprocessing, Limits.from_settings(spec.settings))
-    if key not in _PREPARERS:
-        augmentation.check_mode(spec.tta)
-        settings = spec.settings
-        preprocessor = Preprocessor(Spec.from_card(json.loads(spec.preprocessing)), settings.preprocess_mode)
-        limits = Limits.from_settings(settings)
-        _PREPARERS[key] = (preprocessor, limits)
-    return _PREPARERS[key]
+        augmentation.check_mode(tta)
+        return cls(settings, runner.name, runner.version, runner.pipeline, tta, read_threads)
 
 
 def describe(exc: BaseException) -> str:
@@ -95,15 +63,7 @@ def prepare_bytes(data: bytes, spec: PrepareSpec) -> tuple[np.ndarray | None, st
     try:
         if len(data) > spec.settings.max_request_bytes:
             raise ImageTooLarge(f"file is larger than {spec.settings.max_request_bytes} bytes")
-        preprocessor, limits = _preparer(spec)
-        img = decode(
-            data,
-            channels=preprocessor.spec.channels,
-            limits=limits,
-            min_short_side=augmentation.max_short_side(preprocessor.spec, spec.tta),
-            draft=preprocessor.decode_draft,
-        )
-        return preprocessor(img, augmentation.plan_views(preprocessor.spec, spec.tta, img.size)), ""
+        return spec.pipeline.prepare(data, spec.tta), ""
     except Exception as exc:  # one bad image becomes one error row, never a failed run
         return None, describe(exc)
 
@@ -147,19 +107,14 @@ class ModelRunner:
         versions = repository.scan(settings.repository)
         self.version = repository.resolve(versions, model, version)
         self.name = model
-        self.card = repository.read_card(Path(settings.repository) / model / self.version)
-        self.labels = self.card.labels
+        self.card = repository.read_card(repository.entry_path(settings.repository, model, self.version))
+        self.pipeline = Pipeline.for_card(self.card, Limits.from_settings(settings), settings.preprocess_mode)
         # Scoring never runs a batch alone: no solo session (a second copy of the weights for nothing).
         self.session = ModelSession(
             self.card, settings.replace(max_batch_size=max(1, batch_size), solo_threads=0)
         )
-        self.preprocessing = json.dumps(self.card.preprocessing, sort_keys=True)
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return postprocessing.to_probabilities(self.session.run(batch), self.card.output_kind)
 
     def score(self, views: list[np.ndarray], k: int) -> list[list[ClassScore]]:
         """Top-k per image of one session run over every view of `views` (softmax averaged per image)."""
-        probabilities = self.probabilities(np.concatenate(views, axis=0))
-        averaged = postprocessing.average_views(probabilities, [len(v) for v in views])
-        return [postprocessing.top_k(p, k, self.labels) for p in averaged]
+        outputs = self.session.run(np.concatenate(views, axis=0))
+        return [answer.top_k for answer in self.pipeline.finish(outputs, [len(v) for v in views], k)]

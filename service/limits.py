@@ -1,0 +1,16 @@
+"""Request-size rules every transport applies, each defined once. Transports call them early, before any
+work is spent (a multipart body counted before its parts are decoded); the core calls them again, so that a
+caller that skips the early check still meets the same rule and the same message."""
+
+from __future__ import annotations
+
+from service.errors import InvalidArgument
+
+
+def check_count(count: int, limit: int, what: str = "images") -> int:
+    """`count` items of one request within `limit`; none is an error too."""
+    if count < 1:
+        raise InvalidArgument(f"no {what} given")
+    if count > limit:
+        raise InvalidArgument(f"{count} {what} in one request; the limit is {limit}")
+    return count
