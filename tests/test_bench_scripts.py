@@ -1,4 +1,4 @@
-"""The scripts in `bench/` that print the issues' figures run end to end, briefly, and print every figure.
+"""The scripts in `bench/` that print the benchmark figures run end to end, briefly, and print every figure.
 
 The figures themselves are the benchmarks' to report, never asserted here: a timed test on a shared CI
 machine would measure the machine. What is asserted is that each script still runs against the real

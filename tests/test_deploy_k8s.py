@@ -1,5 +1,5 @@
 """The Kubernetes manifests, checked with the real tools: kubectl kustomize, kubernetes-validate (custom
-resources against tests/schemas), checkov and yamllint, plus the properties the issue asks for (probes,
+resources against tests/schemas), checkov and yamllint, plus the properties a deployment needs (probes,
 security, rollouts that lose no request, GPU scheduling, autoscaling on a metric the service exports).
 """
 
@@ -134,7 +134,7 @@ def test_batch_objects_and_rayjob_are_valid(batch: list[dict[str, Any]]) -> None
         validate(doc)
     rayjob = K8S / "batch" / "rayjob.yaml"
     if not rayjob.exists():
-        pytest.skip("k8s/batch/rayjob.yaml (the batch issue's) is not written yet")
+        pytest.skip("k8s/batch/rayjob.yaml is missing")
     docs = [d for d in yaml.safe_load_all(rayjob.read_text()) if d]
     assert [d["kind"] for d in docs] == ["RayJob"]
     for doc in docs:
