@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from service.card import FileEntry, Label, ModelCard, Preprocessing, TensorSpec, write_card
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("CNN_SERVE_TEST_MODELS", ROOT / "models"))  # CI: `make models` builds it
@@ -61,41 +64,26 @@ def write_tiny_model(
     model.ir_version = 8
     folder = root / name / version
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, folder / "model.onnx")
-    card = {
-        "schema": 1,
-        "name": name,
-        "version": version,
-        "architecture": "imported",
-        "source": "tests:onnx.helper",
-        "trained": False,
-        "description": "tiny test classifier",
-        "input": {"name": "input", "shape": [-1, channels, size, size], "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": out_name, "shape": [-1, classes], "kind": kind},
-        "preprocessing": {
-            "input_size": [channels, size, size],
-            "resize": int(size / 0.875),
-            "crop_pct": 0.875,
-            "interpolation": "bilinear",
-            "mean": [0.5] * channels,
-            "std": [0.25] * channels,
-            "channels": channels,
+    onnx_file = folder / "model.onnx"
+    onnx.save(model, onnx_file)
+    card = ModelCard(
+        name=name,
+        version=version,
+        input=TensorSpec("input", (-1, channels, size, size), layout="NCHW"),
+        output=TensorSpec(out_name, (-1, classes), kind=kind),
+        preprocessing=Preprocessing(
+            channels, size, size, int(size / 0.875), "bilinear", (0.5,) * channels, (0.25,) * channels
+        ),
+        files={
+            "model.onnx": FileEntry(_sha256(onnx_file), onnx_file.stat().st_size, optimization="extended")
         },
-        "labels": [{"index": i, "id": f"c{i}", "name": f"class {i}"} for i in range(classes)],
-        "files": {
-            "model.onnx": {
-                "sha256": _sha256(folder / "model.onnx"),
-                "bytes": (folder / "model.onnx").stat().st_size,
-                "precision": "fp32",
-                "provider": "any",
-                "optimization": "extended",
-            }
-        },
-        "opset": 17,
-        "weights": None,
-        "accuracy": None,
-    }
-    (folder / "model.json").write_text(json.dumps(card, indent=1))
+        labels=tuple(Label(i, f"c{i}", f"class {i}") for i in range(classes)),
+        architecture="imported",
+        source="tests:onnx.helper",
+        description="tiny test classifier",
+        extra={"opset": 17, "weights": None, "accuracy": None},
+    )
+    write_card(folder, card)
     return folder
 
 
@@ -116,6 +104,11 @@ def model_repo() -> Path:
     if not (MODELS / "efficientnet_lite0").is_dir() or not (MODELS / "lenet5").is_dir():
         pytest.fail(f"{MODELS} lacks efficientnet_lite0/lenet5: run `make models` first (make test does)")
     return MODELS
+
+
+def classify_now(core: Any, images: Any, **kwargs: Any) -> list:
+    """`core.classify`, waited for, from a thread without an event loop."""
+    return asyncio.run(core.classify(images, **kwargs))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:

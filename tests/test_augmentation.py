@@ -12,7 +12,7 @@ from service.config import Settings
 from service.core import InferenceCore
 from service.errors import InvalidArgument
 from service.preprocessing import Preprocessor
-from tests.conftest import encode
+from tests.conftest import classify_now, encode
 
 SPEC = Preprocessing.from_dict(
     {"input_size": [3, 224, 224], "resize": 256, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -85,7 +85,7 @@ def core(tiny_repo) -> InferenceCore:
 
 
 def _probs(core: InferenceCore, data: bytes, tta: str) -> np.ndarray:
-    (pred,) = core.classify_sync([data], top_k=3, tta=tta)
+    (pred,) = classify_now(core, [data], top_k=3, tta=tta)
     return pred.probabilities
 
 

@@ -18,7 +18,7 @@ from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 from service.sessions import pick_batch
-from tests.conftest import encode
+from tests.conftest import classify_now, encode
 
 
 class Recorder(NullObserver):
@@ -74,7 +74,10 @@ def test_warm_up_costs_cpu_sessions_in_cpu_time(tiny_repo: Path) -> None:
         assert all(0 <= t < 1 for t in session.per_image_s.values())
         assert session.preferred_batch == pick_batch(session.per_image_s)
         info = core.model_info("tiny")
-        assert info["per_image_clock"] == "cpu" and info["preferred_batch"] == session.preferred_batch
+        assert (
+            info.runtime["per_image_clock"] == "cpu"
+            and info.runtime["preferred_batch"] == session.preferred_batch
+        )
     finally:
         core.close()
 
@@ -90,7 +93,7 @@ def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image)
     session.preferred_batch = 16  # the warm-up measurement is timing-dependent; pin it for this test
     images = _images(chelsea, 24)
     try:
-        alone = [core.classify_sync([b])[0].probabilities for b in images]
+        alone = [classify_now(core, [b])[0].probabilities for b in images]
         obs.calls["inference"].clear()
 
         async def callers() -> list:
@@ -100,7 +103,7 @@ def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image)
         sizes = [b for _, b, _ in obs.calls["inference"]]
         assert sum(sizes) == 2 * len(images) and max(sizes) > 2 and max(sizes) <= 16  # views, batched
         assert all(m == "tiny" for _, _, m in obs.calls["inference"])
-        flip_alone = [core.classify_sync([b], tta="flip")[0].probabilities for b in images]
+        flip_alone = [classify_now(core, [b], tta="flip")[0].probabilities for b in images]
         for (p,), ref in zip(together, flip_alone, strict=True):
             np.testing.assert_allclose(p.probabilities, ref, atol=1e-5)
         assert not all(np.allclose(a, f) for a, f in zip(alone, flip_alone, strict=True))
@@ -144,12 +147,12 @@ def test_core_overload_is_typed(tiny_repo: Path, chelsea: Image.Image) -> None:
     try:
         core.batcher.admit(1, preparing=False)  # one image already waiting
         with pytest.raises(Overloaded):
-            core.classify_sync(_images(chelsea, 2))
+            classify_now(core, _images(chelsea, 2))
         core.batcher.release(1)
         # More images than the whole queue holds would never fit: a client error, not a 503 to retry.
         with pytest.raises(InvalidArgument, match="3 images in one request; the queue holds 2"):
-            core.classify_sync(_images(chelsea, 3))
-        assert all(isinstance(p, Prediction) for p in core.classify_sync(_images(chelsea, 2)))
+            classify_now(core, _images(chelsea, 3))
+        assert all(isinstance(p, Prediction) for p in classify_now(core, _images(chelsea, 2)))
         assert core.batcher.outstanding == 0
     finally:
         core.close()
@@ -192,7 +195,7 @@ def test_past_deadline_through_the_core(tiny_repo: Path, chelsea: Image.Image) -
     core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
     core.load()
     try:
-        (r,) = core.classify_sync(_images(chelsea, 1), deadline=time.monotonic() - 1)
+        (r,) = classify_now(core, _images(chelsea, 1), deadline=time.monotonic() - 1)
         assert isinstance(r, DeadlineExceeded)
         (r,) = asyncio.run(core.classify(_images(chelsea, 1), deadline=time.monotonic() - 1))
         assert isinstance(r, DeadlineExceeded)
@@ -232,7 +235,7 @@ def test_close_while_an_image_is_decoding_answers_it_and_stays_closed(tiny_repo:
     core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", preprocess_mode="exact"))
     core.load()
     answers: list = []
-    caller = threading.Thread(target=lambda: answers.extend(core.classify_sync([big.getvalue()])))
+    caller = threading.Thread(target=lambda: answers.extend(classify_now(core, [big.getvalue()])))
     caller.start()
     time.sleep(0.1)  # decoding a 12 MP JPEG at full size takes longer than this
     core.close()
@@ -240,7 +243,7 @@ def test_close_while_an_image_is_decoding_answers_it_and_stays_closed(tiny_repo:
     assert len(answers) == 1 and isinstance(answers[0], Prediction), answers
     assert not core.batcher.alive
     with pytest.raises(Overloaded, match="shutting down"):
-        core.classify_sync([big.getvalue()])
+        classify_now(core, [big.getvalue()])
     assert core.batcher.outstanding == 0 and core.batcher._preparing == 0
 
 
@@ -320,7 +323,7 @@ def test_inference_workers_setting_is_checked_and_reaches_the_batcher(tiny_repo:
     core.load()
     try:
         assert core.batcher.workers == 3
-        (p,) = core.classify_sync([encode(Image.new("RGB", (40, 30), "red"), "PNG")])
+        (p,) = classify_now(core, [encode(Image.new("RGB", (40, 30), "red"), "PNG")])
         assert isinstance(p, Prediction)
     finally:
         core.close()

@@ -20,7 +20,7 @@ from service.config import Settings
 from service.core import InferenceCore, Prediction
 from service.errors import InvalidArgument, InvalidImage, ModelNotFound, ModelUnavailable
 from service.sessions import GpuRequired, ModelSession, batch_buckets
-from tests.conftest import encode, write_tiny_model
+from tests.conftest import classify_now, encode, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +38,17 @@ def photo(chelsea: Image.Image) -> bytes:
 
 def test_loads_every_model_and_reports_metadata(core: InferenceCore) -> None:
     assert core.ready
-    infos = {(m["name"], m["version"]): m for m in core.models()}
+    infos = {(m.name, m.version): m for m in core.models()}
     assert set(infos) == {("tiny", "1"), ("tiny", "2"), ("tinygray", "1"), ("tinyprob", "1")}
     for m in infos.values():
-        assert m["state"] == "ready" and m["provider"] == "CPUExecutionProvider" and m["reason"] == ""
-        assert m["batch_buckets"] == [1, 2, 4, 8]
-    assert core.model_info()["name"] == "tiny" and core.model_info()["version"] == "2"
+        assert m.state == "ready" and m.provider == "CPUExecutionProvider" and m.reason == ""
+        assert m.runtime["batch_buckets"] == [1, 2, 4, 8]
+    assert core.model_info().name == "tiny" and core.model_info().version == "2"
 
 
 def test_latest_version_by_default_a_given_one_on_request(core: InferenceCore, photo: bytes) -> None:
-    (latest,) = core.classify_sync([photo], model="tiny")
-    (v1,) = core.classify_sync([photo], model="tiny", version="1")
+    (latest,) = classify_now(core, [photo], model="tiny")
+    (v1,) = classify_now(core, [photo], model="tiny", version="1")
     assert (latest.model, latest.version) == ("tiny", "2") and v1.version == "1"
     assert not np.allclose(latest.probabilities, v1.probabilities)  # two different graphs really ran
     d = latest.to_dict()
@@ -57,7 +57,7 @@ def test_latest_version_by_default_a_given_one_on_request(core: InferenceCore, p
 
 
 def test_top_k_ranked_with_labels(core: InferenceCore, photo: bytes) -> None:
-    (p,) = core.classify_sync([photo], top_k=10)
+    (p,) = classify_now(core, [photo], top_k=10)
     probs = [c.probability for c in p.top_k]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
     assert p.top_k[0].id == f"c{p.top_k[0].index}" and p.top_k[0].label == f"class {p.top_k[0].index}"
@@ -69,7 +69,7 @@ def test_probabilities_output_is_not_softmaxed_again(
 ) -> None:
     import onnxruntime as ort
 
-    (p,) = core.classify_sync([photo], model="tinyprob", top_k=3)
+    (p,) = classify_now(core, [photo], model="tinyprob", top_k=3)
     spec_views = core.preprocess(photo, core._entry("tinyprob", None), "none")
     sess = ort.InferenceSession(str(tiny_repo / "tinyprob" / "1" / "model.onnx"))
     direct = sess.run(None, {"input": spec_views})[0][0]
@@ -77,7 +77,7 @@ def test_probabilities_output_is_not_softmaxed_again(
 
 
 def test_grayscale_model(core: InferenceCore, photo: bytes) -> None:
-    (p,) = core.classify_sync([photo], model="tinygray", top_k=1)
+    (p,) = classify_now(core, [photo], model="tinygray", top_k=1)
     assert isinstance(p, Prediction) and p.model == "tinygray"
 
 
@@ -94,25 +94,25 @@ def test_softmax_is_stable() -> None:
 @pytest.mark.parametrize("k", [0, 11, -1])
 def test_top_k_out_of_range(core: InferenceCore, photo: bytes, k: int) -> None:
     with pytest.raises(InvalidArgument, match="top_k"):
-        core.classify_sync([photo], top_k=k)
+        classify_now(core, [photo], top_k=k)
 
 
 def test_unknown_tta(core: InferenceCore, photo: bytes) -> None:
     with pytest.raises(InvalidArgument, match="tta"):
-        core.classify_sync([photo], tta="mirror")
+        classify_now(core, [photo], tta="mirror")
 
 
 def test_unknown_model_and_version(core: InferenceCore, photo: bytes) -> None:
     with pytest.raises(ModelNotFound):
-        core.classify_sync([photo], model="vgg99")
+        classify_now(core, [photo], model="vgg99")
     with pytest.raises(ModelNotFound):
-        core.classify_sync([photo], model="tiny", version="7")
+        classify_now(core, [photo], model="tiny", version="7")
     with pytest.raises(ModelNotFound):
         core.model_info("vgg99")
 
 
 def test_bad_image_fails_only_itself(core: InferenceCore, photo: bytes) -> None:
-    results = core.classify_sync([photo, b"", photo])
+    results = classify_now(core, [photo, b"", photo])
     assert isinstance(results[0], Prediction) and isinstance(results[2], Prediction)
     assert isinstance(results[1], InvalidImage)
 
@@ -125,7 +125,7 @@ def test_async_classify_and_infer_tensor(core: InferenceCore, photo: bytes) -> N
 
     preds, probs = asyncio.run(go())
     assert all(isinstance(p, Prediction) and len(p.top_k) == 2 for p in preds)
-    (single,) = core.classify_sync([photo])
+    (single,) = classify_now(core, [photo])
     np.testing.assert_allclose(probs[0], single.probabilities, atol=1e-6)
     with pytest.raises(InvalidArgument, match="shape"):
         asyncio.run(core.infer_tensor("tiny", None, np.zeros((1, 3, 8, 8), np.float32)))
@@ -137,12 +137,12 @@ def test_default_top_k_is_every_class_of_a_smaller_model(tmp_path: Path, photo: 
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="three"))
     core.load()
     try:
-        (p,) = core.classify_sync([photo])
+        (p,) = classify_now(core, [photo])
         assert len(p.top_k) == 3 and sorted(c.index for c in p.top_k) == [0, 1, 2]
-        (p,) = core.classify_sync([photo], top_k=2)
+        (p,) = classify_now(core, [photo], top_k=2)
         assert len(p.top_k) == 2
         with pytest.raises(InvalidArgument, match="between 1 and 3"):
-            core.classify_sync([photo], top_k=5)  # asked for: still an error
+            classify_now(core, [photo], top_k=5)  # asked for: still an error
     finally:
         core.close()
 
@@ -161,11 +161,11 @@ def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: b
         # strict readiness (the protocol's, Triton's default): not ready while a model is broken, yet serving
         assert core.loaded and not core.ready
         info = core.model_info("bad")
-        assert info["state"] == "unavailable" and "sha256" in info["reason"]
-        assert "model.json" in core.model_info("nocard")["reason"]
+        assert info.state == "unavailable" and "sha256" in info.reason
+        assert "model.json" in core.model_info("nocard").reason
         with pytest.raises(ModelUnavailable):
-            core.classify_sync([photo], model="bad")
-        (p,) = core.classify_sync([photo], model="good")
+            classify_now(core, [photo], model="bad")
+        (p,) = classify_now(core, [photo], model="good")
         assert p.model == "good"
     finally:
         core.close()
@@ -173,7 +173,7 @@ def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: b
     lenient = InferenceCore(Settings(repository=str(tmp_path), default_model="good", strict_readiness=False))
     lenient.load()
     try:
-        assert lenient.ready and lenient.model_info("bad")["state"] == "unavailable"
+        assert lenient.ready and lenient.model_info("bad").state == "unavailable"
     finally:
         lenient.close()
 
@@ -186,8 +186,8 @@ def test_settings_models_filter_and_latest(tmp_path: Path) -> None:
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="a", models=("a",)))
     core.load()
     try:
-        assert core.model_info()["version"] == "10"  # numeric, not lexical
-        assert {m["name"] for m in core.models()} == {"a"}
+        assert core.model_info().version == "10"  # numeric, not lexical
+        assert {m.name for m in core.models()} == {"a"}
     finally:
         core.close()
 
@@ -211,7 +211,7 @@ def test_providers_override_is_reported(tmp_path: Path) -> None:
     )
     core.load()
     try:
-        assert core.model_info()["providers"] == ["CPUExecutionProvider"]
+        assert core.model_info().runtime["providers"] == ["CPUExecutionProvider"]
     finally:
         core.close()
 
@@ -230,7 +230,7 @@ def _tiny_core(tiny_repo: Path, **settings: Any) -> Iterator[tuple[InferenceCore
 
 
 def _classify(core: InferenceCore, photo: bytes) -> np.ndarray:
-    (p,) = core.classify_sync([photo], top_k=3)
+    (p,) = classify_now(core, [photo], top_k=3)
     assert isinstance(p, Prediction)
     return p.probabilities
 
@@ -266,7 +266,7 @@ def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, 
     for solo in (0, 2):
         profile = {"intra_op_threads": 1, "inference_workers": 2, "solo_threads": solo}
         with _tiny_core(tiny_repo, **profile) as (core, session):
-            assert core.model_info("tiny")["solo_threads"] == solo
+            assert core.model_info("tiny").runtime["solo_threads"] == solo
             if not solo:
                 assert session.solo is None
             else:
@@ -321,7 +321,7 @@ def test_card_precision_fp16_falls_back_to_fp32_file(tmp_path: Path, photo: byte
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="a", precision="fp16"))
     core.load()
     try:
-        assert core.model_info()["precision"] == "fp32"
+        assert core.model_info().runtime["precision"] == "fp32"
     finally:
         core.close()
 
@@ -340,9 +340,11 @@ def test_gpu_session_uses_fp16_and_io_binding(tmp_path: Path, photo: bytes) -> N
     try:
         info = core.model_info()
         assert (
-            info["provider"] == "CUDAExecutionProvider" and info["precision"] == "fp16" and info["io_binding"]
+            info.provider == "CUDAExecutionProvider"
+            and info.runtime["precision"] == "fp16"
+            and info.runtime["io_binding"]
         )
-        (p,) = core.classify_sync([photo])
+        (p,) = classify_now(core, [photo])
         assert isinstance(p, Prediction)
     finally:
         core.close()
@@ -352,7 +354,7 @@ def test_before_load_models_are_unavailable(tiny_repo: Path, photo: bytes) -> No
     core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
     assert not core.ready
     with pytest.raises(ModelUnavailable, match="starting"):
-        core.classify_sync([photo])
+        classify_now(core, [photo])
     core.close()
 
 
@@ -385,7 +387,7 @@ def test_repository_versions_are_plain_integers_and_the_folder_wins(tmp_path: Pa
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="tiny"))
     core.load()
     try:
-        assert {m["version"]: m["state"] for m in core.models()} == {"1": "ready", "2": "ready"}
+        assert {m.version: m.state for m in core.models()} == {"1": "ready", "2": "ready"}
     finally:
         core.close()
 
@@ -397,7 +399,7 @@ def test_a_silent_cpu_fallback_serves_the_fp32_graph(model_repo: Path) -> None:
     from service.sessions import CPU, CUDA, ModelSession
 
     card = read_card(model_repo / "efficientnet_lite0" / "1")
-    assert {m["precision"] for m in card.data["files"].values()} == {"fp32", "fp16"}
+    assert {m.precision for m in card.files.values()} == {"fp32", "fp16"}
     fell_back = ModelSession(card, Settings(providers=(CUDA, CPU)))
     assert (fell_back.provider, fell_back.precision) == (CPU, "fp32")
     asked = ModelSession(card, Settings(providers=(CUDA, CPU), precision="fp16"))  # what was asked, is served

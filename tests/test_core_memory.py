@@ -15,7 +15,7 @@ from PIL import Image
 from service.config import Settings
 from service.core import InferenceCore
 from service.errors import ServiceError
-from tests.conftest import encode
+from tests.conftest import classify_now, encode
 
 
 def _bomb(width: int, height: int) -> bytes:
@@ -54,20 +54,20 @@ def test_rss_stable_over_1000_bad_inputs(tiny_repo: Path, chelsea: Image.Image) 
     proc = psutil.Process()
     try:
         good = encode(chelsea, "JPEG")
-        core.classify_sync([good] + bad)  # warm every code path once
+        classify_now(core, [good] + bad)  # warm every code path once
         for kwargs in ({"top_k": 0}, {"tta": "nope"}, {"model": "nope"}, {"version": "99"}):
             with pytest.raises(ServiceError):
-                core.classify_sync([good], **kwargs)
+                classify_now(core, [good], **kwargs)
         gc.collect()
         before = proc.memory_info().rss
         done = 0
         while done < 1000:
-            results = core.classify_sync(bad)
+            results = classify_now(core, bad)
             assert all(isinstance(r, ServiceError) for r in results)
             done += len(bad)
             for kwargs in ({"top_k": 0}, {"tta": "nope"}, {"model": "nope"}, {"version": "99"}):
                 with pytest.raises(ServiceError):
-                    core.classify_sync([good], **kwargs)
+                    classify_now(core, [good], **kwargs)
                 done += 1
         gc.collect()
         grown = (proc.memory_info().rss - before) / 2**20
@@ -89,7 +89,7 @@ core = InferenceCore(Settings(repository=sys.argv[1], models=("efficientnet_lite
                               intra_op_threads=1, inference_workers=2, solo_threads=int(sys.argv[2])))
 core.load()
 print(json.dumps({"mb": (psutil.Process().memory_info().rss - before) / 2**20,
-                  "preferred": core.model_info("efficientnet_lite0")["preferred_batch"]}))
+                  "preferred": core.model_info("efficientnet_lite0").runtime["preferred_batch"]}))
 core.close()
 """
 

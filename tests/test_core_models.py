@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.config import Settings
 from service.core import InferenceCore, Prediction
-from tests.conftest import encode
+from tests.conftest import classify_now, encode
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -25,16 +25,16 @@ def core(model_repo: Path) -> InferenceCore:
 
 
 def _top1(core: InferenceCore, data: bytes, **kw: object) -> Prediction:
-    (p,) = core.classify_sync([data], **kw)
+    (p,) = classify_now(core, [data], **kw)
     assert isinstance(p, Prediction), p
     return p
 
 
 def test_default_models_ready(core: InferenceCore) -> None:
-    states = {m["name"]: m["state"] for m in core.models()}
+    states = {m.name: m.state for m in core.models()}
     assert states.get("efficientnet_lite0") == "ready" and states.get("lenet5") == "ready"
     info = core.model_info("efficientnet_lite0")
-    assert info["provider"] and info["labels"][281]["id"].startswith("n")
+    assert info.provider and info.card is not None and info.card.labels[281].id.startswith("n")
 
 
 def test_chelsea_is_a_cat_in_every_tta_mode(core: InferenceCore, chelsea: Image.Image) -> None:
@@ -115,7 +115,8 @@ def test_lenet_reads_digits(core: InferenceCore) -> None:
     from sklearn.datasets import load_digits
 
     # the card says whether the network wants light ink on dark (the data set) or inverts dark ink on paper
-    invert = bool(core.model_info("lenet5")["preprocessing"].get("invert", False))
+    card = core.model_info("lenet5").card
+    invert = card is not None and card.preprocessing.invert
     digits = load_digits()
     correct, n = 0, 60
     for img, label in zip(digits.images[-n:], digits.target[-n:], strict=True):

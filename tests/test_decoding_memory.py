@@ -24,7 +24,7 @@ from service.core import InferenceCore, Prediction
 from service.decoding import Limits, decode, decode_bytes
 from service.errors import DeadlineExceeded, ImageTooLarge
 from service.memory import MemoryBudget
-from tests.conftest import encode
+from tests.conftest import classify_now, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -152,7 +152,7 @@ def test_core_never_holds_more_than_its_budget_and_answers_everything(tiny_repo:
         decode(images[0], limits=core.limits, reserve=one.append)
         assert 12 * MB < one[0] < 16 * MB
         with concurrent.futures.ThreadPoolExecutor(8) as callers:
-            results = list(callers.map(lambda d: core.classify_sync([d], model="tiny")[0], images))
+            results = list(callers.map(lambda d: classify_now(core, [d], model="tiny")[0], images))
         assert all(isinstance(r, Prediction) for r in results)
         assert 2 * one[0] <= core.decode_memory.peak <= 32 * MB  # two at once, never a third
         assert core.decode_memory.used == 0
@@ -161,7 +161,7 @@ def test_core_never_holds_more_than_its_budget_and_answers_everything(tiny_repo:
 def test_core_refuses_an_image_over_its_budget_and_keeps_serving(tiny_repo: Path):
     with tiny_core(tiny_repo, decode_memory_mb=16) as core:
         big, small = _pngs(1, 1500)[0], _pngs(1, 200)[0]
-        over, ok = core.classify_sync([big, small], model="tiny")
+        over, ok = classify_now(core, [big, small], model="tiny")
         assert isinstance(over, ImageTooLarge) and "the limit is 16 MiB" in over.message
         assert isinstance(ok, Prediction)
         assert core.decode_memory.used == 0
@@ -170,8 +170,8 @@ def test_core_refuses_an_image_over_its_budget_and_keeps_serving(tiny_repo: Path
 def test_no_room_before_the_deadline_is_deadline_exceeded(tiny_repo: Path):
     with tiny_core(tiny_repo, decode_memory_mb=16) as core:
         core.decode_memory.acquire(15 * MB)  # another decode holding nearly all of it
-        (answer,) = core.classify_sync(_pngs(1, 200), model="tiny", deadline=time.monotonic() + 0.3)
+        (answer,) = classify_now(core, _pngs(1, 200), model="tiny", deadline=time.monotonic() + 0.3)
         assert isinstance(answer, DeadlineExceeded)
         core.decode_memory.release(15 * MB)
-        (answer,) = core.classify_sync(_pngs(1, 200), model="tiny")
+        (answer,) = classify_now(core, _pngs(1, 200), model="tiny")
         assert isinstance(answer, Prediction)

@@ -23,7 +23,7 @@ from service.config import Settings
 from service.core import InferenceCore
 from service.score import main
 from service.scoring.results import ResultStore
-from tests.conftest import write_tiny_model
+from tests.conftest import classify_now, write_tiny_model
 from tests.score_helpers import image_folder, jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_folder_to_parquet_matches_the_core_and_bad_files_get_rows(tmp_path, rep
     assert rows[str(tmp_path / "in" / "cut.jpg")]["error"].startswith("invalid_image:")
     core = InferenceCore(Settings(repository=str(repo)))
     core.load()
-    expected = core.classify_sync([p.read_bytes() for p in images], model="tiny", top_k=3)
+    expected = classify_now(core, [p.read_bytes() for p in images], model="tiny", top_k=3)
     for path, prediction in zip(images, expected, strict=True):
         row = rows[str(path)]
         assert row["error"] == "" and row["model"] == "tiny" and row["version"] == "2"
@@ -362,7 +362,7 @@ def test_tta_and_progress_bar(tmp_path, repo):
     assert piped.returncode == 0 and "img/s" not in piped.stderr, piped.stderr  # no bar in a log file
     core = InferenceCore(Settings(repository=str(repo)))
     core.load()
-    expected = core.classify_sync([p.read_bytes() for p in images], model="tiny", top_k=4, tta="flip")
+    expected = classify_now(core, [p.read_bytes() for p in images], model="tiny", top_k=4, tta="flip")
     rows = {r["path"]: r for r in rows_of(out)}
     for path, prediction in zip(images, expected, strict=True):
         assert rows[str(path)]["top_k_ids"] == [c.id for c in prediction.top_k]
