@@ -61,15 +61,11 @@ def parse_preprocessing(spec: str) -> dict:
         return _checked(dict(PRESETS[spec]))
     text = spec
     if not spec.lstrip().startswith("{"):
-        p = Path(spec)
-        if not p.is_file():
-            raise ExportError(
-                f"--preprocessing {spec!r}: not a preset ({', '.join(PRESETS)}), a JSON object or a JSON file"
-            )
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ExportError(f"--preprocessing {spec!r}: cannot read it as UTF-8 JSON ({e})") from None
+        text = _read_text(
+            Path(spec),
+            "--preprocessing",
+            f"not a preset ({', '.join(PRESETS)}), a JSON object or a JSON file",
+        )
     try:
         given = json.loads(text)
     except json.JSONDecodeError as e:
@@ -86,6 +82,16 @@ def parse_preprocessing(spec: str) -> dict:
     return _checked(pre)
 
 
+def _read_text(path: Path, flag: str, what: str) -> str:
+    """A flag's file as UTF-8 text; ExportError naming the flag when it is no file or unreadable."""
+    if not path.is_file():
+        raise ExportError(f"{flag} {str(path)!r}: {what}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{flag} {path.name}: cannot read it as UTF-8 ({e})") from None
+
+
 def _checked(pre: dict) -> dict:
     try:
         return repository.preprocessing(pre)
@@ -98,12 +104,7 @@ def parse_labels(spec: str, classes: int) -> list[dict]:
         labels = label_set(spec)
     else:
         p = Path(spec)
-        if not p.is_file():
-            raise ExportError(f"--labels {spec!r}: not 'imagenet', 'digits' or a file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ExportError(f"--labels {p.name}: cannot read it as UTF-8 ({e})") from None
+        text = _read_text(p, "--labels", "not 'imagenet', 'digits' or a file")
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
