@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import ExportError
 
@@ -74,32 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             for arch in registry.REGISTRY.values():
                 c, h, w = arch.input_shape()
                 print(f"{arch.name:22s} {arch.source:34s} {c}x{h}x{w}  {arch.labels}")
-        elif args.cmd == "build":
-            from .build import build
-
-            folder = build(
-                args.arch,
-                args.repository,
-                weights=args.weights,
-                random_init=args.random_init,
-                name=args.name,
-                version=args.version,
-                samples=args.samples,
-            )
-            _print_built(folder)
-        elif args.cmd == "import-onnx":
-            from .import_onnx import import_onnx
-
-            folder = import_onnx(
-                args.file,
-                args.repository,
-                name=args.name,
-                version=args.version,
-                preprocessing=args.preprocessing,
-                labels=args.labels,
-                description=args.description,
-            )
-            _print_built(folder)
+        elif args.cmd in ("build", "import-onnx"):
+            _print_built(_write_one(args))
         elif args.cmd == "defaults":
             from .defaults import build_defaults
 
@@ -121,7 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_built(folder) -> None:
+def _write_one(args: argparse.Namespace) -> Path:
+    """`build` or `import-onnx`: one new version in the repository; its folder."""
+    where = {"name": args.name, "version": args.version}
+    if args.cmd == "build":
+        from .build import build
+
+        options = {"weights": args.weights, "random_init": args.random_init, "samples": args.samples}
+        return build(args.arch, args.repository, **where, **options)
+    from .import_onnx import import_onnx
+
+    options = {"preprocessing": args.preprocessing, "labels": args.labels, "description": args.description}
+    return import_onnx(args.file, args.repository, **where, **options)
+
+
+def _print_built(folder: Path) -> None:
     from .repository import read_card
 
     card = read_card(folder)
