@@ -384,16 +384,14 @@ def test_oip_infer_raw_input_contents_like_triton(inference: pb_grpc.GRPCInferen
 def test_oip_infer_fp32_preprocessed_tensor(
     served: Served, inference: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
-    from service.card import Preprocessing
     from service.preprocessing import Preprocessor
 
-    info = served.core.model_info("efficientnet_lite0")
+    card = served.core.model_info("efficientnet_lite0").card
+    assert card is not None
     photo = Image.fromarray(data.chelsea()).resize((256, 256))
-    tensor = Preprocessor(Preprocessing.from_dict(info["preprocessing"]), mode="fast")(photo)
+    tensor = Preprocessor(card.preprocessing, mode="fast")(photo)
     assert tensor.shape == (1, 3, 224, 224)
-    fp32 = pb.ModelInferRequest.InferInputTensor(
-        name=info["input"]["name"], datatype="FP32", shape=tensor.shape
-    )
+    fp32 = pb.ModelInferRequest.InferInputTensor(name=card.input.name, datatype="FP32", shape=tensor.shape)
     raw = inference.ModelInfer(
         pb.ModelInferRequest(
             model_name="efficientnet_lite0", inputs=[fp32], raw_input_contents=[tensor.tobytes()]
@@ -755,9 +753,9 @@ def test_drain_answers_the_calls_in_flight_and_those_still_arriving_then_refuses
             )
             running = [stub.Classify.future(request, timeout=120) for _ in range(8)]
             deadline = time.monotonic() + 30
-            while s.server._calls.active < 2 and time.monotonic() < deadline:
+            while s.server.interceptor.active < 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
-            assert s.server._calls.active >= 2
+            assert s.server.interceptor.active >= 2
             draining = asyncio.run_coroutine_threadsafe(s.server.stop(60), s.loop.loop)
             while time.monotonic() < deadline:  # the drain has begun once health says so
                 status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
@@ -774,3 +772,56 @@ def test_drain_answers_the_calls_in_flight_and_those_still_arriving_then_refuses
     finally:
         s.servers.clear()  # stopped above
         s.close()
+
+
+def test_the_model_in_the_access_log_comes_from_the_request(
+    classifier: classifier_pb2_grpc.ImageClassifierStub, inference: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """The interceptor names the model from the request message: the default one where ImageClassifier's
+    request leaves it empty, the OIP request's model_name, none for a call about no model."""
+    import json
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("cnn_serve.access").addHandler(keep)
+    ids = {"model-1": "efficientnet_lite0", "model-2": "lenet5", "model-3": None}
+    try:
+        fails(
+            classifier.Classify,
+            classifier_pb2.ClassifyRequest(image=b"junk"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            metadata=(("x-request-id", "model-1"),),
+        )
+        fails(
+            inference.ModelInfer,
+            pb.ModelInferRequest(model_name="lenet5"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            metadata=(("x-request-id", "model-2"),),
+        )
+        classifier.ListModels(
+            classifier_pb2.ListModelsRequest(), metadata=(("x-request-id", "model-3"),), timeout=10
+        )
+        deadline = time.monotonic() + 10
+        while sum(f'"request_id": "{i}"' in line for line in lines for i in ids) < len(ids):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.01)
+    finally:
+        logging.getLogger("cnn_serve.access").removeHandler(keep)
+    entries = {e["request_id"]: e for e in map(json.loads, lines) if e["request_id"] in ids}
+    assert {i: entries[i]["model"] for i in ids} == ids
+
+
+def test_a_health_watch_is_not_a_call_the_drain_waits_for(served: Served, channel: grpc.Channel) -> None:
+    """Health streams (Watch) stay open for as long as the client likes: they are not counted as active."""
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert served.server.interceptor.active == 0
+    finally:
+        watch.cancel()

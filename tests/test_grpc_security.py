@@ -193,3 +193,73 @@ def test_overload_is_resource_exhausted_and_deadline_is_deadline_exceeded(tmp_pa
             assert trailing(err)["x-error-code"] == "deadline_exceeded"
     finally:
         s.close()
+
+
+def test_one_interceptor_refuses_servicers_and_reflection_alike(served: Served) -> None:
+    """The token rule is applied in one place for every method: a servicer's and reflection's refusals are
+    the same UNAUTHENTICATED, with the request id and `x-error-code`, and both are counted; health and the
+    probes stay open and still echo the request id, an error of health's own included."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metadata = (("x-request-id", "no-token-7"), ("authorization", "Bearer wrong"))
+    with grpc.insecure_channel(f"127.0.0.1:{served.server.port}") as ch:
+        refused = [
+            fails(
+                classifier_pb2_grpc.ImageClassifierStub(ch).ListModels,
+                classifier_pb2.ListModelsRequest(),
+                grpc.StatusCode.UNAUTHENTICATED,
+                metadata=metadata,
+            ),
+            fails(
+                pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer,
+                pb.ModelInferRequest(model_name="lenet5"),
+                grpc.StatusCode.UNAUTHENTICATED,
+                metadata=metadata,
+            ),
+        ]
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            list(
+                reflect.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                    timeout=10,
+                    metadata=metadata,
+                )
+            )
+        refused.append(info.value)
+        for err in refused:
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert err.details() == (
+                "missing or wrong bearer token in 'authorization' metadata (request id no-token-7)"
+            )
+            meta = trailing(err)
+            assert meta["x-request-id"] == "no-token-7" and meta["x-error-code"] == "unauthenticated"
+        health = health_pb2_grpc.HealthStub(ch)
+        _, call = health.Check.with_call(
+            health_pb2.HealthCheckRequest(service="lenet5"),
+            metadata=(("x-request-id", "probe-1"),),
+            timeout=10,
+        )
+        assert trailing(call)["x-request-id"] == "probe-1"
+        err = fails(
+            health.Check,
+            health_pb2.HealthCheckRequest(service="nope"),
+            grpc.StatusCode.NOT_FOUND,
+            metadata=(("x-request-id", "probe-2"),),
+        )
+        assert trailing(err)["x-request-id"] == "probe-2"
+        _, call = pb_grpc.GRPCInferenceServiceStub(ch).ServerLive.with_call(
+            pb.ServerLiveRequest(), metadata=(("x-request-id", "probe-3"),), timeout=10
+        )
+        assert trailing(call)["x-request-id"] == "probe-3"
+    text = generate_latest(served.metrics.registry).decode()
+    counted = {
+        s.labels["endpoint"]
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "cnn_serve_requests_total"
+        and s.labels["protocol"] == "grpc"
+        and s.labels["status"] == "UNAUTHENTICATED"
+    }
+    assert {"ListModels", "ModelInfer", "ServerReflectionInfo"} <= counted

@@ -1,20 +1,26 @@
-"""`cnnserve.v1.ImageClassifier`: this project's own API (Classify, ClassifyBatch, ListModels)."""
+"""`cnnserve.v1.ImageClassifier`: this project's own API (Classify, ClassifyBatch, ListModels).
+
+Protobuf to core calls and back only: the token, request id, metrics and error statuses are the
+interceptor's (`service/grpc/interceptor.py`)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import grpc
 
 from proto import classifier_pb2, classifier_pb2_grpc
+from service import limits
+from service.config import Settings
+from service.core import InferenceCore, ModelInfo, Prediction
 from service.errors import InvalidArgument, ServiceError
-from service.grpc.calls import Calls, deadline_from
+from service.grpc.interceptor import deadline_from
+
+Request = classifier_pb2.ClassifyRequest | classifier_pb2.ClassifyBatchRequest
 
 
-def _classification(prediction: Any) -> classifier_pb2.Classification:
+def _classification(prediction: Prediction) -> classifier_pb2.Classification:
     return classifier_pb2.Classification(
-        model=str(prediction.model),
-        version=str(prediction.version),
+        model=prediction.model,
+        version=prediction.version,
         predictions=[
             classifier_pb2.ClassScore(
                 index=int(s.index), id=str(s.id), label=str(s.label), probability=float(s.probability)
@@ -24,40 +30,33 @@ def _classification(prediction: Any) -> classifier_pb2.Classification:
     )
 
 
-def _model_info(m: dict[str, Any]) -> classifier_pb2.ModelInfo:
-    labels = m.get("labels")
-    label_count = m.get("label_count", len(labels) if isinstance(labels, list) else 0)
-    shape = (m.get("input") or {}).get("shape") or []
+def _model_info(m: ModelInfo) -> classifier_pb2.ModelInfo:
+    """A model as ListModels lists it; the card's fields are empty for a model whose card is unreadable."""
+    card = m.card
     return classifier_pb2.ModelInfo(
-        name=str(m.get("name", "")),
-        version=str(m.get("version", "")),
-        architecture=str(m.get("architecture", "") or ""),
-        input_shape=[int(d) for d in shape],
-        label_count=int(label_count or 0),
-        provider=str(m.get("provider", "") or ""),
-        trained=bool(m.get("trained", False)),
-        state=str(m.get("state", "") or ""),
-        reason=str(m.get("reason", "") or ""),
-        description=str(m.get("description", "") or ""),
+        name=m.name,
+        version=m.version,
+        architecture=card.architecture if card else "",
+        input_shape=list(card.input.shape) if card else [],
+        label_count=len(card.labels) if card else 0,
+        provider=m.provider,
+        trained=card.trained if card else False,
+        state=m.state,
+        reason=m.reason,
+        description=card.description if card else "",
     )
 
 
 class ImageClassifierServicer(classifier_pb2_grpc.ImageClassifierServicer):
-    def __init__(self, core: Any, settings: Any, calls: Calls) -> None:
+    def __init__(self, core: InferenceCore, settings: Settings) -> None:
         self.core = core
         self.settings = settings
-        self.calls = calls
 
-    def _model(self, name: str) -> str:
-        return name or self.settings.default_model
-
-    async def _classify(self, images: list[bytes], request: Any, context: grpc.aio.ServicerContext) -> list:
-        if not images:
-            raise InvalidArgument("no image in the request")
-        if len(images) > self.settings.max_images_per_request:
-            raise InvalidArgument(
-                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}"
-            )
+    async def _classify(
+        self, images: list[bytes], request: Request, context: grpc.aio.ServicerContext
+    ) -> list[Prediction | ServiceError]:
+        # The core checks the count too; here it is refused before any image is handed over.
+        limits.check_count(len(images), self.settings.max_images_per_request)
         return await self.core.classify(
             images,
             model=request.model or None,
@@ -67,37 +66,33 @@ class ImageClassifierServicer(classifier_pb2_grpc.ImageClassifierServicer):
             deadline=deadline_from(context, self.settings.request_timeout_s),
         )
 
-    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> classifier_pb2.ClassifyResponse:
-            if not request.image:
-                raise InvalidArgument("the request's 'image' is empty")
-            (result,) = await self._classify([request.image], request, context)
+    async def Classify(
+        self, request: classifier_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyResponse:
+        if not request.image:
+            raise InvalidArgument("the request's 'image' is empty")
+        (result,) = await self._classify([request.image], request, context)
+        if isinstance(result, ServiceError):
+            raise result
+        return classifier_pb2.ClassifyResponse(result=_classification(result))
+
+    async def ClassifyBatch(
+        self, request: classifier_pb2.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ClassifyBatchResponse:
+        entries = []
+        for result in await self._classify(list(request.images), request, context):
             if isinstance(result, ServiceError):
-                raise result
-            return classifier_pb2.ClassifyResponse(result=_classification(result))
+                error = classifier_pb2.Error(
+                    code=result.code, message=result.message, status=result.grpc_code
+                )
+                entries.append(classifier_pb2.BatchEntry(error=error))
+            else:
+                entries.append(classifier_pb2.BatchEntry(result=_classification(result)))
+        return classifier_pb2.ClassifyBatchResponse(results=entries)
 
-        return await self.calls.run(context, "Classify", self._model(request.model), body)
-
-    async def ClassifyBatch(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> classifier_pb2.ClassifyBatchResponse:
-            results = await self._classify(list(request.images), request, context)
-            entries = []
-            for result in results:
-                if isinstance(result, ServiceError):
-                    error = classifier_pb2.Error(
-                        code=result.code, message=result.message, status=result.grpc_code
-                    )
-                    entries.append(classifier_pb2.BatchEntry(error=error))
-                else:
-                    entries.append(classifier_pb2.BatchEntry(result=_classification(result)))
-            return classifier_pb2.ClassifyBatchResponse(results=entries)
-
-        return await self.calls.run(context, "ClassifyBatch", self._model(request.model), body)
-
-    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> classifier_pb2.ListModelsResponse:
-            return classifier_pb2.ListModelsResponse(
-                models=[_model_info(m) for m in self.core.models()], default_model=self.settings.default_model
-            )
-
-        return await self.calls.run(context, "ListModels", "", body)
+    async def ListModels(
+        self, request: classifier_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> classifier_pb2.ListModelsResponse:
+        return classifier_pb2.ListModelsResponse(
+            models=[_model_info(m) for m in self.core.models()], default_model=self.settings.default_model
+        )

@@ -2,7 +2,8 @@
 
 Wire details only: tensors come from `raw_input_contents` (what Triton's client sends) or from typed
 `contents` (what KServe's typed clients send) and go to `service.oip`; outputs are answered in the same form
-as the inputs came (raw in, raw out), which is what each kind of client reads.
+as the inputs came (raw in, raw out), which is what each kind of client reads. The token, request id,
+metrics and error statuses are the interceptor's (`service/grpc/interceptor.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import numpy as np
 from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service import oip
+from service.config import Settings
+from service.core import InferenceCore
 from service.errors import InvalidArgument
-from service.grpc.calls import Calls, deadline_from
+from service.grpc.interceptor import deadline_from
 
 # Which repeated field of InferTensorContents holds each datatype (FP16/BF16 only travel raw).
 CONTENTS_FIELD = {
@@ -97,73 +100,63 @@ def encode_outputs(result: oip.InferResult, raw: bool, response: pb.ModelInferRe
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: Any, settings: Any, calls: Calls) -> None:
+    def __init__(self, core: InferenceCore, settings: Settings) -> None:
         self.core = core
         self.settings = settings
-        self.calls = calls
         self.protocol = oip.OpenInference(core)
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=self.protocol.server_live())
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.protocol.server_live())
 
-        return await self.calls.run(context, "ServerLive", "", body, authenticate=False)
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.protocol.server_ready())
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self.protocol.server_ready())
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.protocol.model_ready(request.name, request.version or None))
 
-        return await self.calls.run(context, "ServerReady", "", body, authenticate=False)
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        meta = self.protocol.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        )
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> pb.ModelReadyResponse:
-            return pb.ModelReadyResponse(
-                ready=self.protocol.model_ready(request.name, request.version or None)
-            )
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        meta = self.protocol.model_metadata(request.name, request.version or None)
+        tensors = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensors(**t) for t in meta["inputs"]],
+            outputs=[tensors(**t) for t in meta["outputs"]],
+        )
 
-        return await self.calls.run(context, "ModelReady", request.name, body, authenticate=False)
-
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> pb.ServerMetadataResponse:
-            meta = self.protocol.server_metadata()
-            return pb.ServerMetadataResponse(
-                name=meta["name"], version=meta["version"], extensions=meta["extensions"]
-            )
-
-        return await self.calls.run(context, "ServerMetadata", "", body)
-
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> pb.ModelMetadataResponse:
-            meta = self.protocol.model_metadata(request.name, request.version or None)
-            tensors = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=meta["name"],
-                versions=meta["versions"],
-                platform=meta["platform"],
-                inputs=[tensors(**t) for t in meta["inputs"]],
-                outputs=[tensors(**t) for t in meta["outputs"]],
-            )
-
-        return await self.calls.run(context, "ModelMetadata", request.name, body)
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body(request_id: str) -> pb.ModelInferResponse:
-            if not request.model_name:
-                raise InvalidArgument("model_name is required")
-            inputs = decode_inputs(request, self.settings.max_images_per_request)
-            result = await self.protocol.infer(
-                request.model_name,
-                request.model_version or None,
-                inputs,
-                [oip.RequestedOutput.parse(o.name, parameters_of(o.parameters)) for o in request.outputs]
-                or None,
-                parameters_of(request.parameters),
-                deadline=deadline_from(context, self.settings.request_timeout_s),
-            )
-            response = pb.ModelInferResponse(
-                model_name=result.model_name, model_version=result.model_version, id=request.id
-            )
-            encode_outputs(result, raw=bool(request.raw_input_contents), response=response)
-            return response
-
-        return await self.calls.run(context, "ModelInfer", request.model_name, body)
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is required")
+        inputs = decode_inputs(request, self.settings.max_images_per_request)
+        result = await self.protocol.infer(
+            request.model_name,
+            request.model_version or None,
+            inputs,
+            [oip.RequestedOutput.parse(o.name, parameters_of(o.parameters)) for o in request.outputs] or None,
+            parameters_of(request.parameters),
+            deadline=deadline_from(context, self.settings.request_timeout_s),
+        )
+        response = pb.ModelInferResponse(
+            model_name=result.model_name, model_version=result.model_version, id=request.id
+        )
+        encode_outputs(result, raw=bool(request.raw_input_contents), response=response)
+        return response

@@ -4,7 +4,8 @@ It serves `cnnserve.v1.ImageClassifier`, `inference.GRPCInferenceService`, `grpc
 server "" and each model name, SERVING only once ready) and server reflection. With TLS configured, a
 second, plaintext port (Settings.grpc_health_port) serves only health, for Kubernetes' gRPC probe, which
 sends neither TLS nor metadata. The port is bound with SO_REUSEPORT off, so that a second server on the same
-port fails loudly instead of silently sharing the traffic.
+port fails loudly instead of silently sharing the traffic. Token, request ids, metrics, access log and error
+statuses are one interceptor's (`service/grpc/interceptor.py`), for the servicers and reflection alike.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from service.grpc.calls import REQUEST_ID_KEY, Calls, bearer_ok, request_id_from
+from proto import classifier_pb2_grpc, grpc_predict_v2_pb2_grpc
+from service.config import Settings
+from service.core import InferenceCore
 from service.grpc.classifier import ImageClassifierServicer
 from service.grpc.inference import InferenceServicer
+from service.grpc.interceptor import CLASSIFIER_SERVICE, HEALTH_SERVICE, INFERENCE_SERVICE, ServiceInterceptor
+from service.metrics import Metrics
 
 log = logging.getLogger("service.grpc")
 
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
-INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_REFRESH_S = 0.5
 # The drain stops the server once no call has been in a handler for this long.
 SETTLE_S, SETTLE_POLL_S = 0.2, 0.02
@@ -41,7 +41,7 @@ MIN_SEND_BYTES = 16 * 1024 * 1024
 class GrpcServer:
     """Start and stop the gRPC transport; `port` is the bound port (useful with grpc_port=0)."""
 
-    def __init__(self, core: Any, settings: Any, metrics: Any = None) -> None:
+    def __init__(self, core: InferenceCore, settings: Settings, metrics: Metrics | None = None) -> None:
         self.core = core
         self.settings = settings
         self.metrics = metrics
@@ -51,7 +51,7 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._watch: asyncio.Task | None = None
-        self._calls: Calls | None = None
+        self.interceptor = ServiceInterceptor(settings, metrics)
 
     def _options(self) -> list[tuple[str, Any]]:
         limit = int(self.settings.max_request_bytes)
@@ -74,14 +74,12 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and serve; raises RuntimeError if a port cannot be bound (e.g. already in use)."""
-        calls = self._calls = Calls(self.settings, self.metrics)
-        interceptors = [_ReflectionAuth(self.settings.auth_token)] if self.settings.auth_token else []
-        server = grpc.aio.server(options=self._options(), interceptors=interceptors)
+        server = grpc.aio.server(options=self._options(), interceptors=[self.interceptor])
         classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
-            ImageClassifierServicer(self.core, self.settings, calls), server
+            ImageClassifierServicer(self.core, self.settings), server
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.core, self.settings, calls), server
+            InferenceServicer(self.core, self.settings), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -132,12 +130,10 @@ class GrpcServer:
 
     async def _settle(self, deadline: float) -> None:
         """Until no call has been in a handler for SETTLE_S (arriving calls are served) or `deadline`."""
-        if self._calls is None:
-            return
         quiet_since = None
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if self._calls.active:
+            if self.interceptor.active:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = now
@@ -158,10 +154,7 @@ class GrpcServer:
         for service in ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE):
             await self.health.set(service, serving if ready else not_serving)
         for model in self.core.models():
-            name = str(model.get("name", ""))
-            if name:
-                state = model.get("state") == "ready" and bool(self.core.loaded)
-                await self.health.set(name, serving if state else not_serving)
+            await self.health.set(model.name, serving if model.ready and self.core.loaded else not_serving)
 
     async def _watch_health(self) -> None:
         while True:
@@ -184,50 +177,6 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
     if not port:
         raise RuntimeError(f"gRPC cannot bind {address} (in use?)")
     return port
-
-
-class _ReflectionAuth(grpc.aio.ServerInterceptor):
-    """The bearer token for reflection too; health and this service's own methods check it themselves."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{reflection.SERVICE_NAME}/"):
-            return handler
-        metadata = {k.lower(): v for k, v in details.invocation_metadata or ()}
-        header = metadata.get("authorization", "")
-        if bearer_ok(header, self.token):
-            return handler
-
-        async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-            request_id = request_id_from(context)
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"missing or wrong bearer token in 'authorization' metadata (request id {request_id})",
-                trailing_metadata=((REQUEST_ID_KEY, request_id),),
-            )
-
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                deny, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                deny, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                deny, handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            deny, handler.request_deserializer, handler.response_serializer
-        )
 
 
 __all__ = ["GrpcServer"]

@@ -1,0 +1,256 @@
+"""What every gRPC call of this server shares, in one interceptor: bearer token, request id, metrics, access
+log and error mapping.
+
+Like KServe's single gRPC interceptor (and MLServer's decorator), `ServiceInterceptor` wraps the behavior of
+every method handler, the servicers' and reflection's alike, so that the servicers only translate protobuf to
+core calls and back:
+
+- the bearer token (`service.auth`, HTTP's rule) is checked for every method but health and the probes
+  (`ServerLive`, `ServerReady`, `ModelReady`), which Kubernetes calls without metadata;
+- every answer, success or error, carries the request id (`x-request-id`: the client's if it is a plain
+  token, `service.logs`' rule, else a new one) in its trailing metadata;
+- every `ServiceError` becomes the status its `grpc_code` names, with a client-safe message, `x-error-code`
+  and, for Overloaded, `retry-after`; anything else is INTERNAL with a generic message (the trace is logged);
+- every call but health is counted in the Prometheus metrics (protocol="grpc", the `model` label from the
+  request message), in the in-flight gauge and in `active` (what the drain waits for), and written to the JSON
+  access log. Health is left out: probes would swamp both, and a `Watch` stream would hold the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from proto import classifier_pb2, grpc_predict_v2_pb2
+from service import auth, logs
+from service.config import Settings
+from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.metrics import Metrics
+
+log = logging.getLogger("service.grpc")
+access_log = logs.access_logger()
+
+REQUEST_ID_KEY = "x-request-id"
+ERROR_CODE_KEY = "x-error-code"
+RETRY_AFTER_KEY = "retry-after"
+AUTHORIZATION_KEY = "authorization"
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
+INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Probes send no metadata: these answer without the token, as health does (HTTP's open paths likewise).
+PROBE_METHODS = frozenset(f"/{INFERENCE_SERVICE}/{m}" for m in ("ServerLive", "ServerReady", "ModelReady"))
+# The request field that names the model, per method (the `model` label and the access log's `model`); an
+# empty one is the default model where the API says so (ImageClassifier's).
+MODEL_FIELDS: dict[str, tuple[str, bool]] = {
+    f"/{CLASSIFIER_SERVICE}/Classify": ("model", True),
+    f"/{CLASSIFIER_SERVICE}/ClassifyBatch": ("model", True),
+    f"/{INFERENCE_SERVICE}/ModelReady": ("name", False),
+    f"/{INFERENCE_SERVICE}/ModelMetadata": ("name", False),
+    f"/{INFERENCE_SERVICE}/ModelInfer": ("model_name", False),
+}
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """The first value of `key` in the call's metadata (keys are lower case on the wire)."""
+    for item in context.invocation_metadata() or ():
+        if item.key.lower() == key:
+            value = item.value
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
+
+
+def deadline_from(context: grpc.aio.ServicerContext, default_s: float) -> float:
+    """The call's deadline as an absolute `time.monotonic()`: the client's, capped by the server default."""
+    remaining = context.time_remaining()
+    budget = default_s if remaining is None else min(remaining, default_s)
+    if budget <= 0:
+        raise DeadlineExceeded("the call's deadline has already passed")
+    return time.monotonic() + budget
+
+
+@dataclass(frozen=True)
+class _Method:
+    """What the interceptor does for one method, decided once per call from its path."""
+
+    path: str
+    endpoint: str  # the metrics' and access log's name: the method's short name
+    authenticate: bool
+    observe: bool  # metrics, access log, in flight, `active`
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, request ids, metrics, access log and error mapping for every call of one server.
+
+    `active` counts the calls inside a handler now (health aside): the drain stops the server once it has
+    stayed at 0 for a moment."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.active = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
+            return None
+        service = details.method.lstrip("/").partition("/")[0]
+        method = _Method(
+            path=details.method,
+            endpoint=details.method.rpartition("/")[2],
+            authenticate=service != HEALTH_SERVICE and details.method not in PROBE_METHODS,
+            observe=service != HEALTH_SERVICE,
+        )
+        return _rewrap(handler, self._wrap(method, handler))
+
+    def _wrap(self, method: _Method, handler: grpc.RpcMethodHandler) -> Behavior:
+        """The handler's behavior run inside `_call`, in the same form so that grpc drives it the same way:
+        an async generator yields the answers, a coroutine returns the answer or writes them with
+        `context.write` (every handler here is one or the other, grpc's health and reflection included)."""
+        behavior = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        )
+        streams_requests = handler.request_streaming
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with self._call(method, None if streams_requests else request, context):
+                    async for response in behavior(request, context):
+                        yield response
+
+            return stream
+
+        async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._call(method, None if streams_requests else request, context):
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return coroutine
+
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, method: _Method, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Around one call's behavior: token, request id, error mapping; metrics and log if observed."""
+        request_id = logs.request_id(metadata_value(context, REQUEST_ID_KEY))
+        # Set first, so that an abort from inside a servicer (health's NOT_FOUND) carries it as well.
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        start = time.perf_counter()
+        status = "OK"
+        in_flight: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if method.observe:
+            self.active += 1
+            if self.metrics is not None:
+                in_flight = self.metrics.in_flight("grpc")
+        try:
+            with in_flight:
+                try:
+                    if method.authenticate:
+                        auth.check_bearer(
+                            metadata_value(context, AUTHORIZATION_KEY),
+                            self.settings.auth_token,
+                            f"'{AUTHORIZATION_KEY}' metadata",
+                        )
+                    yield
+                except ServiceError as err:
+                    status = err.grpc_code
+                    await _abort(context, err, request_id)
+                except asyncio.CancelledError:
+                    status = "CANCELLED"
+                    raise
+                except (grpc.aio.AbortError, grpc.RpcError):  # the servicer aborted itself
+                    status = _code_name(context) or "UNKNOWN"
+                    raise
+                except Exception:  # noqa: BLE001 - the client gets a safe message, the log the trace
+                    status = "INTERNAL"
+                    log.exception("gRPC %s failed (request id %s)", method.endpoint, request_id)
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL,
+                        f"internal error (request id {request_id})",
+                        trailing_metadata=((REQUEST_ID_KEY, request_id), (ERROR_CODE_KEY, "internal")),
+                    )
+        finally:
+            if method.observe:
+                self.active -= 1
+                self._record(method, request, context, request_id, status, time.perf_counter() - start)
+
+    def _record(
+        self,
+        method: _Method,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        status: str,
+        seconds: float,
+    ) -> None:
+        model = self._model(method.path, request)
+        if self.metrics is not None:
+            self.metrics.request(model, method.endpoint, "grpc", status, seconds)
+        logs.access(
+            access_log,
+            protocol="grpc",
+            request_id=request_id,
+            method=method.endpoint,
+            status=status,
+            duration_ms=round(seconds * 1000, 2),
+            client=context.peer(),
+            model=model or None,
+        )
+
+    def _model(self, path: str, request: Any) -> str:
+        """The model the request names ("" for none, or for a stream of requests)."""
+        field, defaults = MODEL_FIELDS.get(path, ("", False))
+        if not field or request is None:
+            return ""
+        name = str(getattr(request, field, "") or "")
+        return name or (self.settings.default_model if defaults else "")
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: ServiceError, request_id: str) -> None:
+    """End the call with the error's status; raises grpc's AbortError, as `context.abort` does."""
+    trailing = [(REQUEST_ID_KEY, request_id), (ERROR_CODE_KEY, err.code)]
+    if isinstance(err, Overloaded):
+        trailing.append((RETRY_AFTER_KEY, str(err.retry_after_s)))
+    code = getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL)
+    await context.abort(code, f"{err.message} (request id {request_id})", trailing_metadata=tuple(trailing))
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
+    """A handler like `handler` (same kind, same (de)serializers) that runs `behavior`."""
+    if handler.request_streaming and handler.response_streaming:
+        make = grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        make = grpc.unary_stream_rpc_method_handler
+    else:
+        make = grpc.unary_unary_rpc_method_handler
+    return make(behavior, handler.request_deserializer, handler.response_serializer)
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str | None:
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpcio has no code() on aio contexts
+        return None
+    if code is None:
+        return None
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+__all__ = ["ServiceInterceptor", "deadline_from", "metadata_value"]
