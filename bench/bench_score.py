@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -79,7 +80,8 @@ def ensure_resnet50(repo: Path) -> None:
     )
 
 
-def run_ours(images: Path, repo: Path, model: str, out: Path, extra: list[str]) -> dict:
+def run_ours(images: Path, repo: Path, model: str, out: Path, extra: list[str], source: Path = ROOT) -> dict:
+    """`python -m service.score` of the checkout `source` (this one by default)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -99,7 +101,7 @@ def run_ours(images: Path, repo: Path, model: str, out: Path, extra: list[str]) 
     ]
     env = {**os.environ, "CNN_SERVE_INTRA_OP_THREADS": "2"}
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=source, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -177,6 +179,20 @@ def run_torch(paths: list[Path], repo: Path, model: str) -> dict:
     return {"images_per_s": count / seconds, "scored": count}
 
 
+def compare_baseline(work: Path, repo: Path, model: str, baseline: Path, rounds: int) -> None:
+    """This checkout against `baseline`, alternating (the machine's slow and fast phases hit both alike)."""
+    ours, base = [], []
+    for _ in range(max(1, rounds)):
+        args = (work / "images", repo, model, work / f"{model}.parquet", ["--workers", "2"])
+        ours.append(run_ours(*args)["images_per_s"])
+        base.append(run_ours(*args, source=baseline)["images_per_s"])
+    ratio = statistics.median(a / b for a, b in zip(ours, base, strict=True))
+    print(
+        f"this checkout against {baseline}: {statistics.median(ours):.1f} vs {statistics.median(base):.1f} "
+        f"images/s (medians of {len(ours)} alternating runs), ratio {ratio:.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -184,6 +200,14 @@ def main() -> None:
     parser.add_argument("--repository", default=str(ROOT / "models"))
     parser.add_argument("--work", default=str(ROOT / "bench" / "out"))
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also score with another checkout's service.score (e.g. `git worktree add DIR main`), "
+        "alternating with this one for --rounds rounds; medians and the median per-round ratio",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds against --baseline")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 2:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # figures for 2 cores; children inherit
@@ -211,6 +235,8 @@ def main() -> None:
         print(f"ratio ours / torch                    : {ratio:8.2f}x{target}{verdict}")
         if model != "resnet50" and ratio < TARGET:
             failed = True
+        if args.baseline:
+            compare_baseline(work, repo, model, args.baseline.resolve(), args.rounds)
         if not args.no_ray:
             ray = run_ours(
                 work / "images",

@@ -301,14 +301,17 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name.strip(), settings
 
 
-def start_service(repo: Path, env: dict, log: str = "service") -> tuple[subprocess.Popen, int, int]:
-    """This service on the benchmark repository; gRPC port retried if a just-freed port was taken again."""
+def start_service(
+    repo: Path, env: dict, log: str = "service", source: Path = ROOT
+) -> tuple[subprocess.Popen, int, int]:
+    """The service of the checkout `source` (this one by default) on the benchmark repository; gRPC port
+    retried if a just-freed port was taken again."""
     for _ in range(3):
         http_port, grpc_port = free_port(), free_port()
         proc = subprocess.Popen(
             [PY, "-m", "service", "serve", "--repository", str(repo), "--host", "127.0.0.1"]
             + ["--http-port", str(http_port), "--grpc-port", str(grpc_port), "--log-level", "WARNING"],
-            cwd=ROOT,
+            cwd=source,  # `python -m service` imports the package of the folder it starts in
             env=env,
             stdout=open(OUT / f"{log}.log", "wb"),
             stderr=subprocess.STDOUT,
@@ -375,6 +378,13 @@ def main() -> int:
         metavar="NAME:KEY=VALUE,...",
         help="also measure the service with these settings over HTTP, e.g. spin:THREAD_SPINNING=1",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the service of another checkout (e.g. `git worktree add DIR main`, its proto "
+        "stubs generated) over HTTP with the default settings, in the same rounds",
+    )
     args = parser.parse_args()
     OUT = args.work.resolve()
     models = [m for m in args.models.split(",") if m]
@@ -402,6 +412,10 @@ def main() -> int:
             vproc, vport, _ = start_service(repo, env | settings, log=f"service-{name}")
             procs.append(vproc)
             variants.append((f"cnn-serve HTTP {name}", f"http://127.0.0.1:{vport}"))
+        if args.baseline:
+            bproc, bport, _ = start_service(repo, env, log="service-baseline", source=args.baseline.resolve())
+            procs.append(bproc)
+            variants.append(("cnn-serve HTTP baseline", f"http://127.0.0.1:{bport}"))
         for model in models:
             ref_proc, ref_port = start_reference(repo, model, weights[model], env)
             procs.append(ref_proc)
