@@ -230,12 +230,12 @@ def bench_concurrency(cores: dict[str, InferenceCore], model: str, images: list[
     for name, core in cores.items():
         one_by_one(core, model, images)
         concurrent(core, model, images)
-        info = core.model_info(model)
-        per_image = {b: round(t * 1000, 1) for b, t in info.get("per_image_s", {}).items()}
-        clock = "CPU-ms" if info.get("per_image_clock") == "cpu" else "ms"
+        runtime = core.model_info(model).runtime
+        per_image = {b: round(t * 1000, 1) for b, t in runtime.get("per_image_s", {}).items()}
+        clock = "CPU-ms" if runtime.get("per_image_clock") == "cpu" else "ms"
         print(
             f"  {model}, {name}: warm-up {clock}/image by batch size {per_image}, "
-            f"batches capped at {info['preferred_batch']}"
+            f"batches capped at {runtime['preferred_batch']}"
         )
     target = "target >= 1.5x" if model == "efficientnet_lite0" else "reported"
     seq: dict[str, list[float]] = {name: [] for name in names}

@@ -1,5 +1,5 @@
 """Batch scoring from a remote store: files read many at a time (`--read-threads 8`, the default) against one
-at a time (`--read-threads 1`, what the engine did before 2026-12-01).
+at a time (`--read-threads 1`).
 
 An object store answers each request after a round trip. A loopback HTTP server, in a process of its own,
 stands in for it: it holds every request `--delay-ms` before answering. The input is a manifest of its URLs;
