@@ -5,6 +5,7 @@ Ties are broken by class index (stable sort), so the same probabilities always g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,19 +56,33 @@ def average_views(probabilities: np.ndarray, counts: Sequence[int]) -> list[np.n
 
 
 DEFAULT_TOP_K = 5  # Keras' decode_predictions default
+# An integer in ASCII digits: int() alone also takes "٣" and "1_000", and raises on 5,000 digits
+_INTEGER = re.compile(r"\s*[+-]?[0-9]{1,100}\s*")
 
 
-def check_top_k(top_k: Any, classes: int, limit: int | None = None) -> int:
-    """The k to answer. None (the caller did not ask) is 5, or every class of a model with fewer: a default
-    must never be an error."""
+def check_top_k(
+    top_k: Any, classes: int, limit: int | None = None, *, what: str = "top_k", cap: bool = False
+) -> int:
+    """The k to answer, the one rule of every transport and of batch scoring. None (the caller did not ask)
+    is 5, or every class of a model with fewer: a default must never be an error. A string of decimal digits
+    (a query string, a form field, a string parameter) is that integer. `what` names the value in messages;
+    `cap` answers a k above the bound with the bound instead of refusing it (Triton's classification
+    extension does so for a class count above the model's)."""
     upper = min(classes, limit) if limit is not None else classes
     if top_k is None:
         return max(1, min(DEFAULT_TOP_K, upper))
+    if isinstance(top_k, str):
+        if not _INTEGER.fullmatch(top_k):
+            raise InvalidArgument(f"{what} must be an integer, not {top_k!r}")
+        top_k = int(top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise InvalidArgument(f"top_k must be an integer, not {top_k!r}")
-    if not 1 <= int(top_k) <= upper:
-        raise InvalidArgument(f"top_k must be between 1 and {upper}, got {top_k}")
-    return int(top_k)
+        raise InvalidArgument(f"{what} must be an integer, not {top_k!r}")
+    k = int(top_k)
+    if cap and k > upper >= 1:
+        return upper
+    if not 1 <= k <= upper:
+        raise InvalidArgument(f"{what} must be between 1 and {upper}, got {k}")
+    return k
 
 
 def top_k(probabilities: np.ndarray, k: int, labels: tuple[Label, ...]) -> list[ClassScore]:

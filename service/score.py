@@ -16,7 +16,7 @@ from typing import Any
 
 from service import logs
 from service.config import Settings, add_arguments, from_args
-from service.errors import ServiceError
+from service.errors import InvalidArgument, ServiceError
 from service.postprocessing import check_top_k
 from service.repository import RepositoryError
 from service.scoring.local import WorkerLost
@@ -86,8 +86,10 @@ def plan(
 
 
 def check_args(args: argparse.Namespace, settings: Settings) -> None:
-    if args.top_k is not None and not 1 <= args.top_k <= settings.max_top_k:
-        raise InputError(f"--top-k must be between 1 and {settings.max_top_k}")
+    try:  # the service's rule, bounded by max_top_k alone until the model's class count is known
+        check_top_k(args.top_k, settings.max_top_k, what="--top-k")
+    except InvalidArgument as exc:
+        raise InputError(exc.message) from None
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     if args.chunk_size < 1:
@@ -166,7 +168,7 @@ def _score_local(
     from service.scoring.runner import ModelRunner, PrepareSpec
 
     runner = ModelRunner(settings, args.model, args.version, args.batch_size)
-    top_k = check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k)  # as the service does
+    top_k = check_top_k(args.top_k, runner.card.num_classes, settings.max_top_k, what="--top-k")
     spec = PrepareSpec.for_runner(runner, settings, args.tta, args.read_threads)
     with tqdm(
         total=len(todo),
