@@ -1,6 +1,7 @@
 """Open Inference Protocol v2 over REST: JSON tensors and Triton's binary tensor data extension.
 
-The protocol's rules live in `service.oip`; this module only turns HTTP bodies into `Tensor`s and back.
+The protocol's rules live in `service.oip` (codecs in `service.oip.codecs`, the endpoints in
+`service.oip.protocol`); this module only turns HTTP bodies into `Tensor`s and back.
 Binary form (what tritonclient sends by default): the `Inference-Header-Content-Length` header gives the size
 of the JSON header at the start of the body; inputs with `parameters.binary_data_size` take their data, in
 order, from the bytes after it (BYTES elements length-prefixed). Outputs are binary when the request says
@@ -84,7 +85,7 @@ def parse_infer_request(
 def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> oip.TensorData:
     if datatype != "BYTES":
         return oip.from_list(datatype, shape, data)
-    flat = oip._flatten(data) if isinstance(data, list) else [data]
+    flat = oip.flatten(data) if isinstance(data, list) else [data]
     decoded = [image_from_base64(e, f"input {name!r} element {j}") for j, e in enumerate(flat)]
     return oip.from_list("BYTES", shape, decoded)
 
