@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.core import ModelInfo
 
 PREFIX = "cnn_serve"
 
@@ -161,16 +164,11 @@ class Metrics:
                 elapsed = time.perf_counter() - start
                 self.request(outcome["model"], endpoint, protocol, outcome["status"], elapsed)
 
-    def model_info(self, models: list[dict[str, Any]]) -> None:
+    def model_info(self, models: Sequence[ModelInfo]) -> None:
         """Publish one `model_info` sample per model (from `core.models()`); their names become labels."""
-        self._models = self._models | {str(m.get("name", "")) for m in models}
+        self._models = self._models | {m.name for m in models}
         for m in models:
-            self.model_info_gauge.labels(
-                str(m.get("name", "")),
-                str(m.get("version", "")),
-                str(m.get("provider", "") or ""),
-                str(m.get("state", "")),
-            ).set(1)
+            self.model_info_gauge.labels(m.name, m.version, m.provider, m.state).set(1)
 
     # --- the core's observer ----------------------------------------------------------------------------
     def queue_depth(self, n: int) -> None:

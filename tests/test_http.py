@@ -211,6 +211,58 @@ def test_errors_limits(client: httpx.Client, chelsea: bytes) -> None:
     assert_error(client.post("/classify", files=two), 400, "invalid_argument")
 
 
+def test_images_per_request_is_one_rule_for_every_body(client: httpx.Client, chelsea: bytes) -> None:
+    """Multipart files and JSON images are counted by `service.limits.check_count`, with its one message; the
+    Open Inference Protocol refuses the same count on the declared shape, before any element is decoded."""
+    expected = "5 images in one request; the limit is 4"
+    encoded = base64.b64encode(chelsea).decode()
+    five = [("files", (f"{i}.jpg", chelsea, "image/jpeg")) for i in range(5)]
+    multipart = assert_error(client.post("/classify_batch", files=five), 400, "invalid_argument")
+    as_json = assert_error(client.post("/classify_batch", json={"images": [encoded] * 5}), 400)
+    assert multipart["message"] == as_json["message"] == expected
+    image = {"name": "image", "datatype": "BYTES", "shape": [5], "data": [encoded] * 5}
+    declared = assert_error(client.post("/v2/models/lenet5/infer", json={"inputs": [image]}), 400)
+    assert declared["message"] == "input 'image' declares 5 images; the limit is 4 per request"
+    image.update(shape=[4], data=[encoded] * 4)
+    assert client.post("/v2/models/lenet5/infer", json={"inputs": [image]}).status_code == 200
+    assert client.post("/classify_batch", json={"images": [encoded] * 4}).status_code == 200
+
+
+def test_top_k_is_one_rule_for_the_query_string_and_the_protocol(
+    client: httpx.Client, chelsea: bytes
+) -> None:
+    """A query string, a form field, a JSON key and an OIP parameter are checked by `check_top_k`, with one
+    message, bounded by the model's class count (lenet5 has 10) as well as by max_top_k."""
+    encoded = base64.b64encode(chelsea).decode()
+
+    def oip(model: str, top_k: object) -> httpx.Response:
+        image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [encoded]}
+        return client.post(
+            f"/v2/models/{model}/infer", json={"inputs": [image], "parameters": {"top_k": top_k}}
+        )
+
+    for model, value, message in (
+        ("efficientnet_lite0", "0", "parameter 'top_k' must be between 1 and 1000, got 0"),
+        ("lenet5", "11", "parameter 'top_k' must be between 1 and 10, got 11"),
+        ("lenet5", "many", "parameter 'top_k' must be an integer, not 'many'"),
+    ):
+        answers = [
+            client.post("/classify", params={"model": model, "top_k": value}, content=chelsea),
+            client.post(
+                "/classify", files={"file": ("c.jpg", chelsea)}, data={"model": model, "top_k": value}
+            ),
+            client.post("/classify", json={"image": encoded, "model": model, "top_k": value}),
+            oip(model, value),
+        ]
+        if value.isdigit():
+            answers.append(oip(model, int(value)))
+        for r in answers:
+            assert assert_error(r, 400, "invalid_argument")["message"] == message, r.request.url
+    r = client.post("/classify", params={"model": "lenet5", "top_k": "10"}, content=chelsea)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 10
+    assert oip("lenet5", "10").json()["outputs"][1]["shape"] == [1, 10]
+
+
 def test_deadline_exceeded_is_504(client: httpx.Client, chelsea: bytes) -> None:
     r = client.post("/classify", content=chelsea, headers={"x-request-timeout-ms": "0.001"})
     assert_error(r, 504, "deadline_exceeded")

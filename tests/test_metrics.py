@@ -11,6 +11,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.core import ModelInfo
 from service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     m.queue_wait(0.004)
     m.preprocess(0.01)
     m.inference(0.05, 8, "lenet5")
-    m.model_info([{"name": "lenet5", "version": "1", "provider": "CPUExecutionProvider", "state": "ready"}])
+    m.model_info([ModelInfo("lenet5", "1", "ready", runtime={"provider": "CPUExecutionProvider"})])
     fams = _families(generate_latest(m.registry).decode())
 
     reqs = {
@@ -54,6 +55,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     assert batch["4.0"] == 0.0 and batch["8.0"] == 1.0
     info = fams["cnn_serve_model_info"].samples[0]
     assert info.labels["provider"] == "CPUExecutionProvider" and info.value == 1.0
+    assert (info.labels["name"], info.labels["version"], info.labels["state"]) == ("lenet5", "1", "ready")
     for name in (
         "cnn_serve_request_duration_seconds",
         "cnn_serve_queue_wait_seconds",
@@ -70,11 +72,12 @@ def test_multiprocess_mode_writes_files_read_by_the_collector(tmp_path: Path) ->
         f"""
         import os, prometheus_client
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
+        from service.core import ModelInfo
         from service.metrics import Metrics
         m = Metrics()
         m.request("efficientnet_lite0", "classify", "grpc", "OK", 0.1)
         m.queue_depth(2)
-        m.model_info([{{"name": "x", "version": "1", "provider": "CPUExecutionProvider", "state": "ready"}}])
+        m.model_info([ModelInfo("x", "1", "ready", runtime={{"provider": "CPUExecutionProvider"}})])
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

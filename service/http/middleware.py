@@ -8,7 +8,6 @@ and written in the JSON access log line, one per request, on the `cnn_serve.acce
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -16,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from service import logs
+from service.auth import REALM, check_bearer
 from service.config import Settings
+from service.errors import Unauthenticated
 
-from .responses import plain_error
+from .responses import error_response, internal_message, plain_error
 
 ASGIApp = Any
 SCRAPE_ATTEMPTS, SCRAPE_RETRY_S = 3, 0.02
@@ -31,12 +32,13 @@ OPEN_MODEL_READY = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/ready")
 
 
 class RequestContextMiddleware:
-    """Request id, optional bearer token and the structured access log."""
+    """Request id, optional bearer token (`service.auth`, the rule gRPC applies too) and the structured access
+    log."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Callable[[], Any] = lambda: None) -> None:
         self.app = app
         self.metrics = metrics  # the worker's `Metrics` once it has started (None before)
-        self.token = settings.auth_token.encode() if settings.auth_token else b""
+        self.token = settings.auth_token
         self.log = logs.access_logger()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -63,20 +65,12 @@ class RequestContextMiddleware:
 
         try:
             path = scope.get("path", "")
-            if (
-                self.token
-                and path not in OPEN_PATHS
-                and not OPEN_MODEL_READY.fullmatch(path)
-                and not self._authorized(headers.get("authorization", ""))
-            ):
-                response = plain_error(
-                    401,
-                    "unauthenticated",
-                    "missing or wrong bearer token",
-                    request_id,
-                    headers={"WWW-Authenticate": 'Bearer realm="cnn-serve"'},
-                )
-                await response(scope, receive, send_with_id)
+            try:
+                if path not in OPEN_PATHS and not OPEN_MODEL_READY.fullmatch(path):
+                    check_bearer(headers.get("authorization"), self.token, "the Authorization header")
+            except Unauthenticated as refused:
+                challenge = {"WWW-Authenticate": f'Bearer realm="{REALM}"'}
+                await error_response(refused, request_id, challenge)(scope, receive, send_with_id)
                 metrics = self.metrics()
                 if metrics is not None:  # refused before any route: counted here, with no model or endpoint
                     metrics.request("-", "-", "http", "401", time.perf_counter() - start)
@@ -93,7 +87,7 @@ class RequestContextMiddleware:
                     raise
                 log.exception("HTTP %s %s failed (request id %s)", scope.get("method"), path, request_id)
                 status["code"] = 500
-                message = f"internal error (request id {request_id})"
+                message = internal_message(request_id)
                 await plain_error(500, "internal", message, request_id)(scope, receive, send_with_id)
         finally:
             content_length = headers.get("content-length", "")
@@ -126,7 +120,3 @@ class RequestContextMiddleware:
                     raise
                 log.warning("GET /metrics failed (attempt %d), reading again", attempt, exc_info=True)
                 await asyncio.sleep(SCRAPE_RETRY_S)
-
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token)

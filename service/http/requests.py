@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from service import limits
 from service.config import Settings
 from service.decoding import refuse_url
 from service.errors import InvalidArgument, RequestTooLarge
@@ -121,7 +124,7 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
             form = await request.form(
                 max_files=settings.max_images_per_request + 1, max_fields=64, max_part_size=1024 * 1024
             )
-        except Exception as exc:  # starlette raises its own HTTPException / MultiPartException types
+        except (HTTPException, MultiPartException) as exc:  # Starlette's answer to a malformed body
             raise InvalidArgument(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
@@ -140,10 +143,8 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
         if raw is None:
             raw = doc.get("image") if many else None
         items = raw if isinstance(raw, list) else [raw] if raw is not None else []
-        if len(items) > settings.max_images_per_request:  # before decoding any of them
-            raise InvalidArgument(
-                f"{len(items)} images in one request; the limit is {settings.max_images_per_request}"
-            )
+        if items:  # counted before any of them is decoded; none is answered below
+            limits.check_count(len(items), settings.max_images_per_request)
         for i, item in enumerate(items):
             images.append(image_from_base64(item, f"image {i}"))
             names.append(str(i))
@@ -160,24 +161,8 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
         )
     if not many and len(images) > 1:
         raise InvalidArgument(f"/classify takes one image, got {len(images)}; use /classify_batch")
-    if len(images) > settings.max_images_per_request:
-        raise InvalidArgument(
-            f"{len(images)} images in one request; the limit is {settings.max_images_per_request}"
-        )
+    limits.check_count(len(images), settings.max_images_per_request)
     return ImageRequest(images, names, params)
-
-
-def int_param(params: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(str(raw))
-    except ValueError:
-        raise InvalidArgument(f"{name} must be an integer, not {raw!r}") from None
-    if not low <= value <= high:
-        raise InvalidArgument(f"{name} must be between {low} and {high}, got {value}")
-    return value
 
 
 def deadline_of(request: Request, settings: Settings) -> float:

@@ -34,10 +34,15 @@ def error_response(
     )
 
 
+def internal_message(request_id: str) -> str:
+    """What a client is told of a fault of the server: nothing but the id under which the log has it."""
+    return f"internal error (request id {request_id})"
+
+
 def internal_error(request_id: str) -> JSONResponse:
     """An unexpected failure: logged with its traceback here, never sent to the client."""
     log.exception("unhandled error in request %s", request_id)
-    return JSONResponse(error_body("internal", "internal server error", request_id), status_code=500)
+    return JSONResponse(error_body("internal", internal_message(request_id), request_id), status_code=500)
 
 
 def plain_error(

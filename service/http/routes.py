@@ -22,13 +22,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
 from service.config import Settings
-from service.core import Prediction
-from service.errors import ClientGone, InvalidArgument, ModelUnavailable, ServiceError
+from service.core import InferenceCore, ModelInfo, Prediction
+from service.errors import ClientGone, InvalidArgument, ServiceError
 from service.metrics import Metrics
 from service.oip import OpenInference
+from service.postprocessing import check_top_k
 
 from . import oip_rest
-from .requests import ImageRequest, deadline_of, int_param, read_body, read_images
+from .requests import ImageRequest, deadline_of, read_body, read_images
 from .responses import error_response, internal_error, plain_error
 
 
@@ -37,7 +38,7 @@ class Runtime:
     """What the routes share, attached to the app's state by the BentoML service at start-up."""
 
     settings: Settings
-    core: Any
+    core: InferenceCore
     metrics: Metrics
     oip: OpenInference
 
@@ -54,7 +55,10 @@ def _rid(request: Request) -> str:
 
 
 def endpoint(name: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Errors as JSON, metrics counted, and a 503 while the service is still starting."""
+    """Errors as JSON, metrics counted, and a 503 while the service is still starting.
+
+    Only the service's own typed errors (`ServiceError`) are the client's: anything else a handler raises is
+    a fault of the server, answered 500 with the request id and logged with its traceback."""
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(handler)
@@ -86,13 +90,15 @@ def endpoint(name: str) -> Callable[[Handler], Callable[[Request], Awaitable[Res
     return wrap
 
 
-def _model_params(params: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
-    s = runtime.settings
-    model = params.get("model") or s.default_model
-    version = params.get("version") or None
-    tta = params.get("tta") or "none"
-    top_k = int_param(params, "top_k", None, 1, s.max_top_k)  # None: the core's default
-    return {"model": model, "version": version, "top_k": top_k, "tta": tta}
+def _top_k(raw: str | None, model: str, version: str | None, runtime: Runtime) -> int | None:
+    """The `top_k` asked for (None: the core's default), by the rule and with the message of the Open
+    Inference Protocol's parameter (`postprocessing.check_top_k`), bounded by the model's class count."""
+    if not raw:  # absent, or an empty field
+        return None
+    limit = runtime.settings.max_top_k
+    card = runtime.core.model_info(model, version).card
+    classes = card.num_classes if card is not None else limit  # no card: classify answers ModelUnavailable
+    return check_top_k(raw, classes, limit, what="parameter 'top_k'")
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -119,11 +125,20 @@ async def _classify(
 ) -> tuple[ImageRequest, list[Prediction | ServiceError]]:
     """Read the images and parameters of /classify or /classify_batch, and classify them."""
     req = await read_images(request, runtime.settings, many=many)
-    kwargs = _model_params(req.params, runtime)
-    request.scope["state"]["model"] = kwargs["model"]
+    model = req.params.get("model") or runtime.settings.default_model
+    version = req.params.get("version") or None
+    request.scope["state"]["model"] = model
+    top_k = _top_k(req.params.get("top_k"), model, version, runtime)
     results = await _unless_disconnected(
         request,
-        runtime.core.classify(req.images, deadline=deadline_of(request, runtime.settings), **kwargs),
+        runtime.core.classify(
+            req.images,
+            model=model,
+            version=version,
+            top_k=top_k,
+            tta=req.params.get("tta") or "none",
+            deadline=deadline_of(request, runtime.settings),
+        ),
     )
     return req, results
 
@@ -157,10 +172,11 @@ async def classify_batch(request: Request, runtime: Runtime) -> Response:
     )
 
 
-def _public(info: dict[str, Any]) -> dict[str, Any]:
-    """A model's metadata without its 1000-entry label list (the count is kept)."""
-    out = {k: v for k, v in info.items() if k not in ("labels",)}
-    out["label_count"] = len(info.get("labels") or [])
+def _public(info: ModelInfo) -> dict[str, Any]:
+    """A model's JSON (`ModelInfo.to_dict`) without its 1000-entry label list (the count is kept)."""
+    out = info.to_dict()
+    out.pop("labels", None)
+    out["label_count"] = len(info.card.labels) if info.card is not None else 0
     return out
 
 
@@ -221,22 +237,17 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):  # it must come back as sent: a string
         raise InvalidArgument(f"'id' must be a string, not {type(request_id).__name__}")
-    try:
-        result = await _unless_disconnected(
-            request,
-            runtime.oip.infer(
-                name,
-                version,
-                tensors,
-                outputs,
-                oip_rest.request_parameters(doc),
-                deadline=deadline_of(request, runtime.settings),
-            ),
-        )
-    except ModelUnavailable:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"invalid inference request: {exc}") from None
+    result = await _unless_disconnected(
+        request,
+        runtime.oip.infer(
+            name,
+            version,
+            tensors,
+            outputs,
+            oip_rest.request_parameters(doc),
+            deadline=deadline_of(request, runtime.settings),
+        ),
+    )
     return oip_rest.infer_response(result, request_id, binary, {})
 
 

@@ -15,17 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 
 from service import logs
 from service.config import Settings
+from service.core import InferenceCore
 from service.metrics import Metrics
 from service.oip import OpenInference
 
 from .middleware import RequestContextMiddleware
 from .routes import Runtime, build_app
+
+if TYPE_CHECKING:
+    from service.grpc.server import GrpcServer
 
 log = logging.getLogger("cnn_serve.http")
 
@@ -47,20 +51,19 @@ class ClassifierService:
     """Owns the process-wide objects; the routes reach them through `app.state.runtime`."""
 
     def __init__(self) -> None:
-        self.settings = SETTINGS
-        self.core: Any = None
-        self.grpc: Any = None
+        self.settings: Settings = SETTINGS
+        self.core: InferenceCore | None = None
+        self.grpc: GrpcServer | None = None
         self.metrics: Metrics | None = None
         self.load_task: asyncio.Task | None = None
         self.grpc_drain: asyncio.Task | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
-        from service.core import InferenceCore
-
         self.metrics = Metrics()
         self.core = InferenceCore(self.settings, observer=self.metrics)
-        app.state.runtime = Runtime(self.settings, self.core, self.metrics, OpenInference(self.core))
+        protocol = OpenInference(self.core, self.settings)
+        app.state.runtime = Runtime(self.settings, self.core, self.metrics, protocol)
         self.load_task = asyncio.create_task(self._load())
         if self.settings.grpc_port > 0:
             from service.grpc.server import GrpcServer
@@ -80,7 +83,7 @@ class ClassifierService:
         loop = asyncio.get_running_loop()
 
         def on_sigterm(signum: int, frame: Any) -> None:
-            if self.grpc_drain is None:
+            if self.grpc_drain is None and self.grpc is not None:
                 self.grpc_drain = loop.create_task(self.grpc.stop(self.settings.drain_timeout_s))
             previous(signum, frame)
 
@@ -90,6 +93,7 @@ class ClassifierService:
             pass
 
     async def _load(self) -> None:
+        assert self.core is not None and self.metrics is not None
         try:
             await self.core.start()
         except Exception as exc:  # a failed start-up: not live, never ready, and the log says why
@@ -98,11 +102,9 @@ class ClassifierService:
         finally:
             if self.grpc is not None:  # gRPC health follows at once, not at its next periodic refresh
                 await self.grpc.refresh_health()
-        assert self.metrics is not None
-        self.metrics.model_info(self.core.models())
-        log.info(
-            "models ready: %s", ", ".join(f"{m.get('name')}/{m.get('version')}" for m in self.core.models())
-        )
+        models = self.core.models()
+        self.metrics.model_info(models)
+        log.info("models ready: %s", ", ".join(f"{m.name}/{m.version}" for m in models))
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
