@@ -94,7 +94,7 @@ def score_ray(
     summary = Summary(total=len(todo))
     started = time.perf_counter()
     runner = ModelRunner(settings, model, version, batch_size)  # fails fast (unknown model) before Ray starts
-    top_k = check_top_k(top_k, runner.card.num_classes, settings.max_top_k)
+    top_k = check_top_k(top_k, runner.card.num_classes, settings.max_top_k, what="--top-k")
     spec = PrepareSpec.for_runner(runner, settings, tta, read_threads)
     if todo:
         if not ray.is_initialized():
