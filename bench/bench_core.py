@@ -2,9 +2,9 @@
 
 1. Preprocessing a 1920x1280 JPEG (quality 90), bytes -> normalized tensor: the core's fast mode against
    torchvision's evaluation transform (PIL open + Resize + CenterCrop + ToTensor + Normalize). Target >= 3x.
-2. Single-request classify of that JPEG with efficientnet_lite0, bytes -> top-5: p50. Target <= 15 ms on
-   a reference machine, where torchvision's transform takes 18.7 ms on a 1920x1920 JPEG; that transform is
-   timed here too, and the target scaled by the ratio. Peer: the same stages called inline, with no service.
+2. Single-request classify of that JPEG with efficientnet_lite0, bytes -> top-5: p50. Target <= 15 ms, as
+   it stands (never rescaled). Peer: the same stages called inline, with no service. The host's speed is
+   printed beside it: torchvision's transform on a 1920x1920 JPEG, 18.7 ms on the reference machine.
 3. 32 concurrent callers through the batcher against the same calls made one by one on the same core:
    images/s for efficientnet_lite0 (target >= 1.5x) and ResNet-50 (random init, exported here when the
    repository has none).
@@ -56,8 +56,7 @@ THREADS = 2
 
 
 # The reference machine of the 15 ms target: torchvision's evaluation transform takes 18.7 ms there on a
-# 1920x1920 JPEG. Timing the same transform here on the same size says how much slower this host is, so that
-# the absolute 15 ms target can be read against a peer measured in the same run.
+# 1920x1920 JPEG. Timing the same transform here says how this host compares; the target is not rescaled.
 REFERENCE_TV_MS = 18.7
 TARGET_SINGLE_MS = 15.0
 
@@ -90,9 +89,9 @@ def median_ms(fn, runs: int, warm: int = 5) -> float:
     return statistics.median(times) * 1000
 
 
-def bench_preprocessing(spec: Preprocessing, data: bytes, runs: int) -> float:
-    """Prints figure 1; returns how many times slower than the reference machine this host runs
-    torchvision's transform on a 1920x1920 JPEG."""
+def bench_preprocessing(spec: Preprocessing, data: bytes, runs: int) -> None:
+    """Prints figure 1, and how this host runs torchvision's transform on a 1920x1920 JPEG against the
+    reference machine."""
     import torch
     from torchvision import transforms as T
 
@@ -126,15 +125,11 @@ def bench_preprocessing(spec: Preprocessing, data: bytes, runs: int) -> float:
     slower = t_square / REFERENCE_TV_MS
     print(
         f"host speed: torchvision eval transform on a 1920x1920 JPEG q90 {t_square:.2f} ms here, "
-        f"{REFERENCE_TV_MS} ms on the reference machine: this host {slower:.2f}x slower; "
-        f"the {TARGET_SINGLE_MS:g} ms lone-classify target scaled to it {TARGET_SINGLE_MS * slower:.1f} ms"
+        f"{REFERENCE_TV_MS} ms on the reference machine: this host {slower:.2f}x slower"
     )
-    return slower
 
 
-def bench_single(
-    core: InferenceCore, model: str, data: bytes, runs: int, label: str = "", slower: float = 1.0
-) -> None:
+def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label: str = "") -> None:
     """p50 of a lone classify, against its peer: the same four stages called inline in this thread, with no
     queue, pool or batcher (what a hand-written app does), so that the service's own cost shows. Then where
     the time goes: every run also times each stage alone, so that the machine's noise hits all alike; the rest
@@ -183,7 +178,7 @@ def bench_single(
     bare = statistics.median(times.pop("inline"))
     print(
         f"single classify bytes->top5 {model}{label}: p50 {p50:.2f} ms, p90 {p90:.2f} ms over {runs} runs "
-        f"(target p50 <= {TARGET_SINGLE_MS:g} ms; scaled to this host <= {TARGET_SINGLE_MS * slower:.1f} ms)"
+        f"(target p50 <= {TARGET_SINGLE_MS:g} ms: {'met' if p50 <= TARGET_SINGLE_MS else 'NOT met'})"
     )
     print(
         f"  peer: the same stages inline in one thread, no service: p50 {bare:.2f} ms; "
@@ -412,7 +407,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, load average {load} (other processes share them)"
     )
 
-    slower = bench_preprocessing(card.preprocessing, data, args.runs)
+    bench_preprocessing(card.preprocessing, data, args.runs)
     settings = Settings(
         repository=args.repository,
         models=(model,),
@@ -423,7 +418,7 @@ def main() -> None:
     )
     cores = make_cores(settings, args.default_only)
     for name, c in cores.items():
-        bench_single(c, model, data, args.runs, f", {name}", slower)
+        bench_single(c, model, data, args.runs, f", {name}")
     core = next(iter(cores.values()))
     images = photo_set(32)
     bench_concurrency(cores, model, images, args.rounds)
