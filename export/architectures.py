@@ -7,6 +7,7 @@ redoes a subset).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -136,7 +137,10 @@ def _write(out: Path, store: Path, rows: dict[str, dict], samples: int) -> None:
         "temporary folder, validated against PyTorch, measured, deleted.",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; torch {tools.get('torch')}, "
-        f"onnxruntime {tools.get('onnxruntime')}, timm {tools.get('timm')}, onnx {tools.get('onnx')}.",
+        f"onnxruntime {tools.get('onnxruntime')}, timm {tools.get('timm')}, onnx {tools.get('onnx')}. "
+        f"Written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, load average "
+        f"{os.getloadavg()[1]:.1f} over its last 5 minutes (a load above the core count means other work "
+        "shared the cores: the latencies are then inflated).",
         "",
         "- **GFLOPs**: floating-point operations of one image at the listed input size "
         "(`torch.utils.flop_counter`, a multiply-add counts 2).",
