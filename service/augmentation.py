@@ -23,7 +23,7 @@ VGG report.
 from __future__ import annotations
 
 from service.card import Preprocessing
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, shown
 from service.preprocessing import View, center_box, resized_size
 
 MODES = ("none", "flip", "five_crop", "ten_crop", "multiscale")
@@ -32,7 +32,7 @@ MULTISCALE_SIDES = (256, 384, 512)
 
 def check_mode(tta: str) -> str:
     if tta not in MODES:
-        raise InvalidArgument(f"unknown tta {tta!r}; choose one of {', '.join(MODES)}")
+        raise InvalidArgument(f"unknown tta {shown(tta)}; choose one of {', '.join(MODES)}")
     return tta
 
 

@@ -2,10 +2,29 @@
 
 The core raises (or returns, per image) these; HTTP maps `http_status`, gRPC maps `grpc_code` (a name of
 `grpc.StatusCode`, kept as a string so that the core does not import grpc). Messages are meant for clients:
-they never carry a stack trace or a server path.
+they never carry a stack trace or a server path, and quote what a client sent only through `shown`.
 """
 
 from __future__ import annotations
+
+# How much of a client's value an error message quotes: enough to recognise it. A 10 KB model name echoed
+# whole would make a 20 KB error body, and over gRPC trailing metadata past the client's 8 KB limit, which
+# the client reports as RESOURCE_EXHAUSTED instead of the error itself.
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client's value as error messages quote it: its repr, cut to `limit` characters, with its length.
+
+    Strings and bytes are cut before `repr`, so that quoting a 10 MB value costs no more than a short one."""
+    sized = isinstance(value, (str, bytes, bytearray))
+    text = repr(value[: limit + 1] if sized else value)  # type: ignore[index]
+    if len(text) <= limit + 2:  # room for the quotes of a string of `limit` characters
+        return text
+    if sized:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{text[:limit]}... ({len(value)} {unit})"  # type: ignore[arg-type]
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ServiceError(Exception):
@@ -54,6 +73,15 @@ class ModelNotFound(ServiceError):
     code = "not_found"
     http_status = 404
     grpc_code = "NOT_FOUND"
+
+    @classmethod
+    def of(cls, name: str, version: str | None = None) -> ModelNotFound:
+        """The one message for a model or version not served: what was asked (cut short by `shown`), and
+        nothing of what is served. Readiness probes answer it without a token; `/models` (`ListModels`)
+        is where a client with the token sees the models."""
+        if version is None:
+            return cls(f"unknown model {shown(name)}")
+        return cls(f"model {shown(name)} has no version {shown(version)}")
 
 
 class ModelUnavailable(ServiceError):

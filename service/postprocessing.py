@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from service.card import Label, label_for
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, shown
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,10 @@ def check_top_k(
         return max(1, min(DEFAULT_TOP_K, upper))
     if isinstance(top_k, str):
         if not _INTEGER.fullmatch(top_k):
-            raise InvalidArgument(f"{what} must be an integer, not {top_k!r}")
+            raise InvalidArgument(f"{what} must be an integer, not {shown(top_k)}")
         top_k = int(top_k)
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise InvalidArgument(f"{what} must be an integer, not {top_k!r}")
+        raise InvalidArgument(f"{what} must be an integer, not {shown(top_k)}")
     k = int(top_k)
     if cap and k > upper >= 1:
         return upper

@@ -50,12 +50,13 @@ def scan(root: str | Path) -> dict[str, list[str]]:
 
 
 def resolve(versions: dict[str, list[str]], name: str, version: str | None) -> str:
-    """The version to serve: the one asked for, or the latest; ModelNotFound otherwise."""
+    """The version to serve: the one asked for, or the latest; ModelNotFound otherwise (its message lists
+    nothing of the repository: `ModelNotFound.of`)."""
     if name not in versions:
-        raise ModelNotFound(f"unknown model {name!r}; available: {sorted(versions)}")
+        raise ModelNotFound.of(name)
     if version in (None, "", "latest"):
         return versions[name][-1]
     version = str(version)
     if version not in versions[name]:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {versions[name]}")
+        raise ModelNotFound.of(name, version)
     return version

@@ -68,6 +68,34 @@ def test_probes_and_metrics_need_no_token(server: Server) -> None:
             assert c.get(path).status_code == 401, path
 
 
+def test_probes_tell_nothing_of_the_repository_and_echoes_are_cut_short(server: Server) -> None:
+    """The open model-readiness probe answers ready or 404 and lists no model; a 10 KB name comes back cut
+    short, on the open routes and behind the token alike."""
+    long_name = "m" * 10_240
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for path in (
+            "/v2/models/nope/ready",
+            "/v2/models/nope/versions/1/ready",
+            f"/v2/models/{long_name}/ready",
+        ):
+            r = c.get(path)
+            assert r.status_code == 404, r.text[:300]
+            assert "efficientnet_lite0" not in r.text and "available" not in r.text, r.text[:300]
+        r = c.get("/v2/models/efficientnet_lite0/versions/7/ready")
+        assert r.status_code == 404 and r.json()["message"] == "model 'efficientnet_lite0' has no version '7'"
+        answers = [
+            c.get(f"/v2/models/{long_name}/ready"),
+            c.get(f"/v2/models/{long_name}", headers=auth),
+            c.post("/classify", params={"model": long_name}, content=b"\x89PNG", headers=auth),
+            c.get(f"/{long_name}", headers=auth),
+        ]
+        for r in answers:
+            assert r.status_code == 404, r.text[:300]
+            assert len(r.content) < 600, r.text[:600]
+            assert "(10240 characters)" in r.json()["message"] or "characters)" in r.json()["message"]
+
+
 def test_overload_answers_503_with_retry_after(server: Server) -> None:
     image = jpeg(photos.astronaut())
 

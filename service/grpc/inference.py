@@ -18,7 +18,7 @@ from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service import oip
 from service.config import Settings
 from service.core import InferenceCore
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, shown
 from service.grpc.interceptor import deadline_from
 
 # Which repeated field of InferTensorContents holds each datatype (FP16/BF16 only travel raw).
@@ -59,25 +59,28 @@ def decode_inputs(request: pb.ModelInferRequest, max_items: int) -> list[oip.Ten
     for i, tensor in enumerate(request.inputs):
         shape = [int(d) for d in tensor.shape]
         if not tensor.datatype:
-            raise InvalidArgument(f"input {tensor.name!r} has no datatype")
+            raise InvalidArgument(f"input {shown(tensor.name)} has no datatype")
         oip.check_declared(tensor.name, tensor.datatype, shape, max_items)
         has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
         if raw:
             if has_typed:
-                raise InvalidArgument(f"input {tensor.name!r} has both typed contents and raw_input_contents")
+                raise InvalidArgument(
+                    f"input {shown(tensor.name)} has both typed contents and raw_input_contents"
+                )
             data = oip.decode_raw(tensor.datatype, shape, raw[i])
         else:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:
+                name = shown(tensor.name)
                 raise InvalidArgument(
-                    f"input {tensor.name!r}: datatype {tensor.datatype} must be sent in raw_input_contents"
+                    f"input {name}: datatype {tensor.datatype} must be sent in raw_input_contents"
                     if tensor.datatype in ("FP16", "BF16")
-                    else f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}"
+                    else f"input {name}: unknown datatype {shown(tensor.datatype)}"
                 )
             contents = getattr(tensor.contents, field)
             if len(contents) != oip.element_count(shape):  # before copying millions of values out
                 raise InvalidArgument(
-                    f"input {tensor.name!r} of shape {shape} needs {oip.element_count(shape)} elements, "
+                    f"input {shown(tensor.name)} of shape {shape} needs {oip.element_count(shape)} elements, "
                     f"got {len(contents)} in {field}"
                 )
             data = oip.from_list(tensor.datatype, shape, list(contents))

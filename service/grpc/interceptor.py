@@ -11,6 +11,9 @@ core calls and back:
   token, `service.logs`' rule, else a new one) in its trailing metadata;
 - every `ServiceError` becomes the status its `grpc_code` names, with a client-safe message, `x-error-code`
   and, for Overloaded, `retry-after`; anything else is INTERNAL with a generic message (the trace is logged);
+- request messages are deserialized here, inside the call, not by grpc before it: bytes that are not the
+  method's message are INVALID_ARGUMENT like any other bad request (answered with the request id, counted,
+  logged), where grpc would answer UNKNOWN naming its own exception and log a traceback per call;
 - every call but health is counted in the Prometheus metrics (protocol="grpc", the `model` label from the
   request message), in the in-flight gauge and in `active` (what the drain waits for), and written to the JSON
   access log. Health is left out: probes would swamp both, and a `Watch` stream would hold the drain.
@@ -24,7 +27,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -33,7 +36,7 @@ from grpc_health.v1 import health_pb2
 from proto import classifier_pb2, grpc_predict_v2_pb2
 from service import auth, logs
 from service.config import Settings
-from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 from service.metrics import Metrics
 
 log = logging.getLogger("service.grpc")
@@ -60,6 +63,7 @@ MODEL_FIELDS: dict[str, tuple[str, bool]] = {
 }
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+Decoder = Callable[[bytes], Any]
 
 
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -88,6 +92,14 @@ class _Method:
     endpoint: str  # the metrics' and access log's name: the method's short name
     authenticate: bool
     observe: bool  # metrics, access log, in flight, `active`
+
+
+@dataclass
+class _Call:
+    """One call in progress: its request message once decoded (None before, or for a stream of them)."""
+
+    request_id: str
+    request: Any = field(default=None)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -125,29 +137,40 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         )
+        decode = _decoder(handler.request_deserializer)
         streams_requests = handler.request_streaming
+
+        def requests(raw: Any, call: _Call) -> Any:
+            """The behavior's argument: the decoded message, or the stream of them decoded one by one."""
+            if streams_requests:
+                return _decoded(raw, decode)
+            call.request = decode(raw)
+            return call.request
+
         if inspect.isasyncgenfunction(behavior):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with self._call(method, None if streams_requests else request, context):
-                    async for response in behavior(request, context):
+            async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with self._call(method, context) as call:
+                    async for response in behavior(requests(raw, call), context):
                         yield response
 
             return stream
 
-        async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._call(method, None if streams_requests else request, context):
-                result = behavior(request, context)
+        async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._call(method, context) as call:
+                result = behavior(requests(raw, call), context)
                 return await result if inspect.isawaitable(result) else result
 
         return coroutine
 
     @contextlib.asynccontextmanager
-    async def _call(
-        self, method: _Method, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[None]:
-        """Around one call's behavior: token, request id, error mapping; metrics and log if observed."""
+    async def _call(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+        """Around one call's behavior: token, request id, error mapping; metrics and log if observed.
+
+        The token is checked before the request is decoded: a client without it learns nothing, not even
+        whether its bytes were a message."""
         request_id = logs.request_id(metadata_value(context, REQUEST_ID_KEY))
+        call = _Call(request_id)
         # Set first, so that an abort from inside a servicer (health's NOT_FOUND) carries it as well.
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         start = time.perf_counter()
@@ -166,7 +189,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                             self.settings.auth_token,
                             f"'{AUTHORIZATION_KEY}' metadata",
                         )
-                    yield
+                    yield call
                 except ServiceError as err:
                     status = err.grpc_code
                     await _abort(context, err, request_id)
@@ -187,7 +210,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         finally:
             if method.observe:
                 self.active -= 1
-                self._record(method, request, context, request_id, status, time.perf_counter() - start)
+                self._record(method, call.request, context, request_id, status, time.perf_counter() - start)
 
     def _record(
         self,
@@ -230,8 +253,32 @@ async def _abort(context: grpc.aio.ServicerContext, err: ServiceError, request_i
     await context.abort(code, f"{err.message} (request id {request_id})", trailing_metadata=tuple(trailing))
 
 
+def _decoder(deserializer: Decoder | None) -> Decoder:
+    """The handler's request deserializer, run inside the call: bytes that are not the method's message are
+    the client's error, InvalidArgument, never a traceback of ours."""
+    if deserializer is None:
+        return lambda raw: raw
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "request"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, or whatever else these bytes provoke
+            raise InvalidArgument(f"the request ({len(raw)} bytes) is not a valid {name} message") from None
+
+    return decode
+
+
+async def _decoded(raw: AsyncIterator[bytes], decode: Decoder) -> AsyncIterator[Any]:
+    """A stream of requests, each decoded as it arrives."""
+    async for message in raw:
+        yield decode(message)
+
+
 def _rewrap(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
-    """A handler like `handler` (same kind, same (de)serializers) that runs `behavior`."""
+    """A handler like `handler` (same kind, same response serializer) that runs `behavior` on the request's
+    bytes: `behavior` deserializes them itself (`_decoder`)."""
     if handler.request_streaming and handler.response_streaming:
         make = grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -240,7 +287,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMetho
         make = grpc.unary_stream_rpc_method_handler
     else:
         make = grpc.unary_unary_rpc_method_handler
-    return make(behavior, handler.request_deserializer, handler.response_serializer)
+    return make(behavior, None, handler.response_serializer)
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str | None:

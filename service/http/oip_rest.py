@@ -19,7 +19,7 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 
 from service import oip
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, shown
 
 from .requests import image_from_base64, parse_json
 
@@ -64,17 +64,19 @@ def parse_infer_request(
         oip.check_declared(name, datatype, shape, max_items)
         params = spec.get("parameters") or {}
         if not isinstance(params, dict):
-            raise InvalidArgument(f"input {name!r}: 'parameters' must be an object")
+            raise InvalidArgument(f"input {shown(name)}: 'parameters' must be an object")
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise InvalidArgument(f"input {name!r}: binary_data_size {size!r} does not fit the body")
+                raise InvalidArgument(
+                    f"input {shown(name)}: binary_data_size {shown(size)} does not fit the body"
+                )
             data = oip.decode_raw(datatype, shape, binary[offset : offset + size])
             offset += size
         elif "data" in spec:
             data = _json_data(name, datatype, shape, spec["data"])
         else:
-            raise InvalidArgument(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            raise InvalidArgument(f"input {shown(name)} has neither 'data' nor parameters.binary_data_size")
         extra = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMETERS}
         tensors.append(oip.Tensor(name, datatype, list(shape), data, extra))
     if offset != len(binary):
@@ -86,7 +88,7 @@ def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> oip.Ten
     if datatype != "BYTES":
         return oip.from_list(datatype, shape, data)
     flat = oip.flatten(data) if isinstance(data, list) else [data]
-    decoded = [image_from_base64(e, f"input {name!r} element {j}") for j, e in enumerate(flat)]
+    decoded = [image_from_base64(e, f"input {shown(name)} element {j}") for j, e in enumerate(flat)]
     return oip.from_list("BYTES", shape, decoded)
 
 
@@ -107,18 +109,18 @@ def requested_outputs(doc: dict[str, Any]) -> tuple[list[oip.RequestedOutput] | 
             raise InvalidArgument("each requested output needs a string 'name'")
         out_params = out.get("parameters") or {}
         if not isinstance(out_params, dict):
-            raise InvalidArgument(f"output {out['name']!r}: 'parameters' must be an object")
+            raise InvalidArgument(f"output {shown(out['name'])}: 'parameters' must be an object")
         protocol = {k: v for k, v in out_params.items() if k not in TRANSPORT_PARAMETERS}
         names.append(oip.RequestedOutput.parse(out["name"], protocol))
         flag = out_params.get("binary_data", all_binary)
-        binary[out["name"]] = _flag(flag, f"output {out['name']!r}: 'binary_data'")
+        binary[out["name"]] = _flag(flag, f"output {shown(out['name'])}: 'binary_data'")
     return names, binary
 
 
 def _flag(value: Any, what: str) -> bool:
     """The binary extension's flags are JSON booleans: the string "false" must not read as true."""
     if not isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be true or false, not {value!r}")
+        raise InvalidArgument(f"{what} must be true or false, not {shown(value)}")
     return value
 
 

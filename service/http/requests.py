@@ -24,7 +24,7 @@ from starlette.requests import Request
 from service import limits
 from service.config import Settings
 from service.decoding import refuse_url
-from service.errors import InvalidArgument, RequestTooLarge
+from service.errors import InvalidArgument, RequestTooLarge, shown
 
 FILE_FIELDS = ("file", "image", "files", "images")
 
@@ -48,7 +48,7 @@ def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
         return body
     if len(codings) > 1 or codings[0] not in _WBITS:
         raise UnsupportedEncoding(
-            f"Content-Encoding {content_encoding!r} is not supported; send gzip, deflate or identity"
+            f"Content-Encoding {shown(content_encoding)} is not supported; send gzip, deflate or identity"
         )
     coding = codings[0]
     for wbits in (_WBITS[coding], -zlib.MAX_WBITS) if coding == "deflate" else (_WBITS[coding],):
@@ -174,8 +174,8 @@ def deadline_of(request: Request, settings: Settings) -> float:
         try:
             asked = float(raw) / 1000.0
         except ValueError:
-            raise InvalidArgument(f"x-request-timeout-ms must be a number, not {raw!r}") from None
+            raise InvalidArgument(f"x-request-timeout-ms must be a number, not {shown(raw)}") from None
         if not (math.isfinite(asked) and asked > 0):
-            raise InvalidArgument(f"x-request-timeout-ms must be a positive number, not {raw!r}")
+            raise InvalidArgument(f"x-request-timeout-ms must be a positive number, not {shown(raw)}")
         seconds = min(seconds, asked)
     return time.monotonic() + seconds

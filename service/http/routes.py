@@ -23,7 +23,7 @@ from starlette.routing import Match, Route
 
 from service.config import Settings
 from service.core import InferenceCore, ModelInfo, Prediction
-from service.errors import ClientGone, InvalidArgument, ServiceError
+from service.errors import ClientGone, InvalidArgument, ServiceError, shown
 from service.metrics import Metrics
 from service.oip import OpenInference
 from service.postprocessing import check_top_k
@@ -283,11 +283,11 @@ async def not_found(request: Request, runtime: Runtime) -> Response:
         return plain_error(
             405,
             "method_not_allowed",
-            f"{request.method} is not allowed on {request.url.path}",
+            f"{shown(request.method)} is not allowed on {shown(request.url.path)}",
             _rid(request),
             headers={"Allow": ", ".join(sorted(allowed))},
         )
-    return plain_error(404, "not_found", f"no route {request.url.path}", _rid(request))
+    return plain_error(404, "not_found", f"no route {shown(request.url.path)}", _rid(request))
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service import limits
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, shown
 
 # Datatype names of the protocol and their NumPy element types (BYTES has none: a list of bytes).
 DATATYPES: dict[str, np.dtype] = {
@@ -61,7 +61,7 @@ def numpy_dtype(datatype: str) -> np.dtype:
     try:
         return DATATYPES[datatype]
     except KeyError:
-        raise InvalidArgument(f"datatype {datatype!r} has no numeric representation") from None
+        raise InvalidArgument(f"datatype {shown(datatype)} has no numeric representation") from None
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -97,7 +97,7 @@ def check_declared(name: str, datatype: str, shape: Sequence[int], max_items: in
         limits.check_count(items, max_items, what)
     except InvalidArgument:  # named after the input and its declaration: no element has been read yet
         raise InvalidArgument(
-            f"input {name!r} declares {items} {what}; the limit is {max_items} per request"
+            f"input {shown(name)} declares {items} {what}; the limit is {max_items} per request"
         ) from None
 
 
@@ -171,7 +171,7 @@ def from_list(datatype: str, shape: Sequence[int], values: Sequence[Any]) -> Ten
     try:
         array = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: -1 as UINT8, 1e400 as INT64
-        raise InvalidArgument(f"tensor data is not {datatype}: {exc}") from None
+        raise InvalidArgument(f"tensor data is not {datatype}: {shown(str(exc))}") from None
     if array.size != count:
         raise InvalidArgument(
             f"{datatype} tensor of shape {list(shape)} needs {count} elements, got {array.size}"

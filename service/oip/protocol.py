@@ -19,7 +19,7 @@ import numpy as np
 
 from service import limits
 from service.card import Label, ModelCard
-from service.errors import InvalidArgument, ModelUnavailable, ServiceError
+from service.errors import InvalidArgument, ModelUnavailable, ServiceError, shown
 from service.postprocessing import check_top_k, top_k
 
 from .codecs import Tensor
@@ -57,11 +57,12 @@ class RequestedOutput:
         unknown = set(parameters) - {CLASSIFICATION}
         if unknown:
             raise InvalidArgument(
-                f"unknown parameters {sorted(unknown)} for output {name!r}; outputs take {CLASSIFICATION!r}"
+                f"unknown parameters {shown(sorted(unknown))} for output {shown(name)}; outputs take "
+                f"{CLASSIFICATION!r}"
             )
         value = parameters.get(CLASSIFICATION, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgument(f"output {name!r}: {CLASSIFICATION!r} must be a non-negative integer")
+            raise InvalidArgument(f"output {shown(name)}: {CLASSIFICATION!r} must be a non-negative integer")
         return cls(name, value)
 
 
@@ -90,12 +91,14 @@ class InferRequest:
             raise InvalidArgument("parameter 'tta' must be a string")
         unknown = set(parameters) - set(REQUEST_PARAMETERS) - set(IGNORED_PARAMETERS)
         if unknown:
-            raise InvalidArgument(f"unknown parameters {sorted(unknown)}; this model takes 'top_k' and 'tta'")
+            raise InvalidArgument(
+                f"unknown parameters {shown(sorted(unknown))}; this model takes 'top_k' and 'tta'"
+            )
         outputs = tuple(requested_outputs or [RequestedOutput(n) for n in OUTPUT_NAMES])
         for out in outputs:
             if out.name not in OUTPUT_NAMES:
                 raise InvalidArgument(
-                    f"unknown output {out.name!r}; model {model!r} has {list(OUTPUT_NAMES)}"
+                    f"unknown output {shown(out.name)}; model {shown(model)} has {list(OUTPUT_NAMES)}"
                 )
             if out.classification and out.name != PROBABILITIES_OUTPUT:
                 raise InvalidArgument(
@@ -202,7 +205,7 @@ class OpenInference:
         """The model version that answers, with its card; ModelNotFound or ModelUnavailable otherwise."""
         info = self.core.model_info(model, version or None)
         if not info.ready or info.card is None:
-            raise ModelUnavailable(f"model {model!r} is {info.state}: {info.reason or 'not loaded'}")
+            raise ModelUnavailable(f"model {info.name!r} is {info.state}: {info.reason or 'not loaded'}")
         return info, info.card
 
     def plan(self, request: InferRequest, card: ModelCard) -> list[OutputPlan]:
@@ -241,7 +244,7 @@ class OpenInference:
         if tensor.name == fp32_name:
             return await self._run_tensor(tensor, info, card, deadline)
         raise InvalidArgument(
-            f"unknown input {tensor.name!r}; model {info.name!r} takes {IMAGE_INPUT!r} (BYTES) "
+            f"unknown input {shown(tensor.name)}; model {info.name!r} takes {IMAGE_INPUT!r} (BYTES) "
             f"or {fp32_name!r} (FP32)"
         )
 
@@ -249,7 +252,7 @@ class OpenInference:
         self, tensor: Tensor, info: ModelInfo, tta: str, deadline: float | None
     ) -> np.ndarray:
         if tensor.datatype != "BYTES":
-            raise InvalidArgument(f"input {IMAGE_INPUT!r} must be BYTES, not {tensor.datatype}")
+            raise InvalidArgument(f"input {IMAGE_INPUT!r} must be BYTES, not {shown(tensor.datatype)}")
         if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
             raise InvalidArgument(f"input {IMAGE_INPUT!r} must have shape [N] or [N, 1], not {tensor.shape}")
         images = list(tensor.data)  # type: ignore[arg-type]
@@ -273,7 +276,7 @@ class OpenInference:
         self, tensor: Tensor, info: ModelInfo, card: ModelCard, deadline: float | None
     ) -> np.ndarray:
         if tensor.datatype != "FP32":
-            raise InvalidArgument(f"input {tensor.name!r} must be FP32, not {tensor.datatype}")
+            raise InvalidArgument(f"input {tensor.name!r} must be FP32, not {shown(tensor.datatype)}")
         expected = [int(d) for d in card.input.shape]
         array = np.asarray(tensor.data, dtype=np.float32)
         if expected and (
