@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 
-from service.errors import Unauthenticated
+from service.errors import PermissionDenied, Unauthenticated
 
 REALM = "cnn-serve"
 
@@ -24,3 +24,14 @@ def check_bearer(header: str | None, token: str, where: str = "'authorization'")
     """Unauthenticated unless `header` carries `token`."""
     if not bearer_ok(header, token):
         raise Unauthenticated(f"missing or wrong bearer token in {where}")
+
+
+def check_admin(header: str | None, admin_token: str, where: str = "'authorization'") -> None:
+    """The repository's load and unload: PermissionDenied while no admin token is configured (they are off),
+    Unauthenticated unless `header` carries it. The inference token never opens them."""
+    if not admin_token:
+        raise PermissionDenied(
+            "loading and unloading models is off: start the server with --admin-token TOKEN "
+            "(or CNN_SERVE_ADMIN_TOKEN) and send it as the bearer token of these calls"
+        )
+    check_bearer(header, admin_token, where)

@@ -20,9 +20,10 @@ from service.logs import LEVELS
 ENV_PREFIX = "CNN_SERVE_"
 
 
-def _setting(default: Any, help: str) -> Any:
-    """A field with its help text: `python -m service serve --help` and docs/SERVING.md show it."""
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, repeat: bool = False) -> Any:
+    """A field with its help text: `python -m service serve --help` and docs/SERVING.md show it. `repeat`: the
+    flag may be given several times (Triton's `--load-model`), each adding to the list."""
+    return field(default=default, metadata={"help": help, "repeat": repeat})
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,13 @@ class Settings:
     models: tuple[str, ...] = _setting((), "comma-separated names to load; empty: all in the repository")
     strict_readiness: bool = _setting(
         True, "ready only once every model loaded (the protocol's rule, Triton's default); 0: once any did"
+    )
+    model_control: str = _setting(
+        "none", "none (load at start, never change), poll (rescan the repository) or explicit (on request)"
+    )
+    poll_interval_s: float = _setting(10.0, "poll mode: seconds between two scans of the repository")
+    load_model: tuple[str, ...] = _setting(
+        (), "explicit mode: a model to load at start (repeatable); empty: none", repeat=True
     )
 
     # ONNX Runtime
@@ -82,6 +90,9 @@ class Settings:
     grpc_port: int = _setting(50051, "gRPC port; 0: no gRPC server")
     grpc_health_port: int = _setting(0, "with TLS on: a plaintext port serving only gRPC health; 0: off")
     auth_token: str = _setting("", "bearer token every call but probes and /metrics must send; empty: none")
+    admin_token: str = _setting(
+        "", "bearer token of the repository's load and unload calls; empty: those calls are off"
+    )
     grpc_tls_cert: str = _setting("", "PEM certificate file for gRPC TLS (with grpc_tls_key)")
     grpc_tls_key: str = _setting("", "PEM private key file for gRPC TLS (with grpc_tls_cert)")
     drain_timeout_s: float = _setting(20.0, "on SIGTERM: time to finish the requests already accepted")
@@ -155,6 +166,12 @@ class Settings:
             raise ValueError(f"http_port, grpc_port and grpc_health_port must differ, got {ports}")
         if self.gpu_mem_limit_mb < 0:
             raise ValueError("gpu_mem_limit_mb must not be negative")
+        if self.model_control not in ("none", "poll", "explicit"):
+            raise ValueError(f"model_control must be none, poll or explicit, not {self.model_control!r}")
+        if not (math.isfinite(self.poll_interval_s) and 0.1 <= self.poll_interval_s <= 86_400):
+            raise ValueError(f"poll_interval_s must be between 0.1 and 86400, not {self.poll_interval_s!r}")
+        if self.load_model and self.model_control != "explicit":
+            raise ValueError("load_model applies to model_control=explicit only")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -204,6 +221,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help
             )
+        elif f.metadata.get("repeat"):
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="NAME", help=help)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help)
 
@@ -215,6 +234,8 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         value = getattr(args, f.name, None)
         if value is None:
             continue
+        if isinstance(value, list):  # a repeatable flag: each occurrence may itself be comma-separated
+            value = ",".join(value)
         overrides[f.name] = value if isinstance(value, bool) else _parse(f, str(value))
     return Settings.from_env(environ, **overrides)
 

@@ -1,7 +1,9 @@
 """`InferenceCore`: image bytes in, top-k predictions out; the facade every transport calls.
 
-It owns the loaded models (one ONNX Runtime session each), a decoding/preprocessing thread pool and the one
-adaptive batcher. It knows nothing of HTTP, gRPC or Prometheus: metrics flow through the `Observer` protocol.
+It owns the live model set (`service.models.ModelSet`: one ONNX Runtime session per version, loaded, swapped
+and drained there), a decoding/preprocessing thread pool and the one adaptive batcher. Each request holds the
+version that answers it until its answer is made. It knows nothing of HTTP, gRPC or Prometheus: metrics flow
+through the `Observer` protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,14 +29,21 @@ from service.errors import (
     ServiceError,
 )
 from service.memory import MemoryBudget
-from service.pipeline import Pipeline
+from service.models import LoadedModel, ModelSet
 from service.postprocessing import ClassScore
-from service.repository import ModelCard, entry_path, read_card, resolve, scan
-from service.sessions import GpuRequired, ModelSession
+from service.repository import ModelCard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClassScore", "InferenceCore", "ModelInfo", "NullObserver", "Observer", "Prediction"]
+__all__ = [
+    "ClassScore",
+    "InferenceCore",
+    "LoadedModel",
+    "ModelInfo",
+    "NullObserver",
+    "Observer",
+    "Prediction",
+]
 
 
 class Observer(Protocol):
@@ -47,6 +55,8 @@ class Observer(Protocol):
     def queue_wait(self, seconds: float) -> None: ...
     def preprocess(self, seconds: float) -> None: ...
     def inference(self, seconds: float, batch_size: int, model: str) -> None: ...
+    def model_load_failure(self, model: str) -> None: ...
+    def model_versions(self, model: str, loaded: int) -> None: ...
 
 
 class NullObserver:
@@ -63,6 +73,12 @@ class NullObserver:
         pass
 
     def inference(self, seconds: float, batch_size: int, model: str) -> None:
+        pass
+
+    def model_load_failure(self, model: str) -> None:
+        pass
+
+    def model_versions(self, model: str, loaded: int) -> None:
         pass
 
 
@@ -88,10 +104,11 @@ class ModelInfo:
 
     name: str
     version: str
-    state: str  # loading | ready | unavailable
+    state: str  # loading | ready | unloading | unavailable
     reason: str = ""
     card: ModelCard | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
+    in_flight: int = 0  # requests holding this version (an unloading one is released at 0)
 
     @property
     def ready(self) -> bool:
@@ -105,37 +122,26 @@ class ModelInfo:
         """The JSON form (`GET /models`): the card's metadata, the state and the runtime description."""
         out: dict[str, Any] = self.card.metadata() if self.card else {}
         out.update({"name": self.name, "version": self.version, "state": self.state, "reason": self.reason})
+        out["in_flight"] = self.in_flight
         out.update(self.runtime or {"provider": ""})
         return out
 
 
-@dataclass
-class LoadedModel:
-    name: str
-    version: str
-    card: ModelCard | None = None
-    state: str = "loading"  # loading | ready | unavailable
-    reason: str = ""
-    session: ModelSession | None = None
-    pipeline: Pipeline | None = None
-
-    def info(self) -> ModelInfo:
-        runtime = self.session.describe() if self.session is not None else {}
-        return ModelInfo(self.name, self.version, self.state, self.reason, self.card, runtime)
+def info_of(entry: LoadedModel) -> ModelInfo:
+    session = entry.session
+    runtime = session.describe() if session is not None else {}
+    return ModelInfo(entry.name, entry.version, entry.state, entry.reason, entry.card, runtime, entry.active)
 
 
 class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
         self.observer: Observer = observer or NullObserver()
-        self.ready = False  # what the readiness probes answer: see `load`
         self.loaded = False  # load() finished and close() not begun: each ready model serves
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits.from_settings(self.settings)
         self.decode_memory = MemoryBudget(self.limits.max_decode_bytes, self.observer.decode_memory)
-        self._models: dict[tuple[str, str], LoadedModel] = {}
-        self._versions: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
+        self.model_set = ModelSet(self.settings, self.limits, self.observer)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.settings.decode_threads), thread_name_prefix="preprocess"
         )
@@ -152,47 +158,20 @@ class InferenceCore:
 
     # -- lifecycle ----
     def load(self) -> None:
-        """Load and warm up every model version; failures are kept with their reason (GpuRequired raises)."""
-        versions = scan(self.settings.repository)
-        if self.settings.models:
-            missing = [m for m in self.settings.models if m not in versions]
-            if missing:
-                log.warning("models %s are not in the repository %s", missing, self.settings.repository)
-            versions = {k: v for k, v in versions.items() if k in self.settings.models}
-        self._versions = versions
-        for name, vs in versions.items():
-            for v in vs:
-                self._models[(name, v)] = LoadedModel(name, v)
-        for (name, v), entry in self._models.items():
-            try:
-                card = read_card(entry_path(self.settings.repository, name, v))
-                entry.card = card
-                entry.pipeline = Pipeline.for_card(card, self.limits, self.settings.preprocess_mode)
-                session = ModelSession(card, self.settings)
-                session.warm_up()
-                entry.session = session
-                entry.state = "ready"
-                log.info("model %s:%s ready on %s (%s)", name, v, session.provider, session.precision)
-                if session.on_gpu and self.settings.inference_workers > 1:
-                    log.warning(
-                        "%s:%s: GPU runs take turns, so inference_workers=%d only splits batches; use 1",
-                        name,
-                        v,
-                        self.settings.inference_workers,
-                    )
-            except GpuRequired:
-                raise
-            except Exception as e:  # one broken model must not take the others down
-                entry.state = "unavailable"
-                entry.reason = f"{type(e).__name__}: {e}"[:500]
-                log.error("model %s:%s unavailable: %s", name, v, entry.reason)
+        """Load and warm up the start set (`service.models`: every version the policies name, or
+        `load_model` in explicit mode); failures are kept with their reason (GpuRequired raises). In poll mode
+        the repository is then rescanned in the background."""
+        self.model_set.start()
         self.batcher.start()
         self.loaded = True
-        # The Open Inference Protocol's server readiness is "all the models are ready" (Triton's strict
-        # readiness): a rollout whose new pods hold a broken model stops there, the old pods serving on.
-        # Without it, a pod serves its good models and answers ModelUnavailable for the others.
-        states = [m.state == "ready" for m in self._models.values()]
-        self.ready = any(states) and (all(states) or not self.settings.strict_readiness)
+
+    @property
+    def ready(self) -> bool:
+        """What the readiness probes answer. The Open Inference Protocol's server readiness is "all the
+        models are ready" (Triton's strict readiness): every model that should serve has a ready version, so
+        a rollout whose new pods hold a broken model stops there, the old pods serving on. Without it, a pod
+        serves its good models and answers ModelUnavailable for the others."""
+        return self.loaded and self.model_set.ready()
 
     async def start(self) -> None:
         try:
@@ -214,43 +193,53 @@ class InferenceCore:
 
         The pool goes first: stopping the batcher while an image was still being decoded would leave that
         image with nowhere to go."""
-        self.ready = self.loaded = False
+        self.loaded = False
+        self.model_set.stop()
         self._pool.shutdown(wait=True)
         self.batcher.stop(self.settings.drain_timeout_s)
 
     # -- metadata ----
     def models(self) -> list[ModelInfo]:
-        return [m.info() for m in self._models.values()]
+        """Every version the model set reports: ready, loading, unloading or unavailable (with the reason)."""
+        return [info_of(m) for m in self.model_set.entries()]
 
     def model_info(self, name: str | None = None, version: str | None = None) -> ModelInfo:
-        """The version asked for, or the latest; ModelNotFound for an unknown name or version."""
-        return self._entry(name, version, require_ready=False).info()
+        """The version asked for, or the latest ready one; ModelNotFound for an unknown name or version."""
+        return info_of(self._entry(name, version, require_ready=False))
 
     def _entry(self, name: str | None, version: str | None, require_ready: bool = True) -> LoadedModel:
-        if not self._models:
-            raise ModelUnavailable("no model is loaded yet: the service is starting")
-        name = name or self._default_model()
-        v = resolve(self._versions, name, None if version is None else str(version))
-        entry = self._models[(name, v)]
-        if require_ready and entry.state != "ready":
-            raise ModelUnavailable(
-                f"model {name!r} version {v} is {entry.state}: {entry.reason or 'not loaded'}"
-            )
-        return entry
+        return self.model_set.entry(name, version, require_ready)
 
     def _default_model(self) -> str:
-        if self.settings.default_model in self._versions or not self._versions:
-            return self.settings.default_model
-        return next(iter(self._versions))
+        return self.model_set.default_model()
+
+    # -- the repository (Triton's model repository extension) ----
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every model of the repository and every version known: name, version, state, reason."""
+        return self.model_set.index(ready_only)
+
+    async def load_model(self, name: str) -> None:
+        """Explicit mode: load `name` by its version policy, off the event loop, one change at a time."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.model_set.loader, self.model_set.load, name)
+
+    async def unload_model(self, name: str) -> None:
+        """Explicit mode: retire every version of `name`; admitted requests finish on it first."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.model_set.loader, self.model_set.unload, name)
 
     # -- inference ----
-    def _batch_limit(self, key: tuple[str, str]) -> int:
-        session = self._models[key].session
+    def _batch_limit(self, key: tuple[str, str, int]) -> int:
+        try:
+            session = self.model_set.by_key(key).session
+        except ModelUnavailable:
+            session = None
         return session.preferred_batch if session is not None else self.settings.max_batch_size
 
-    def _run_batch(self, key: tuple[str, str], batch: np.ndarray, alone: bool = False) -> np.ndarray:
-        session = self._models[key].session
-        assert session is not None
+    def _run_batch(self, key: tuple[str, str, int], batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        session = self.model_set.by_key(key).session  # held by the requests of this batch
+        if session is None:
+            raise ModelUnavailable(f"model {key[0]!r} version {key[1]} is no longer loaded")
         return session.run(batch, alone=alone)
 
     def _submit(
@@ -284,7 +273,7 @@ class InferenceCore:
             self.observer.preprocess(time.perf_counter() - t0)
             # A lone job runs on this thread when another pool thread is left to decode what comes meanwhile
             self.batcher.submit(
-                Job(key=(entry.name, entry.version), views=views, future=fut, deadline=deadline),
+                Job(key=entry.key, views=views, future=fut, deadline=deadline),
                 run_here=self.settings.decode_threads > 1,
             )
             queued = True
@@ -305,15 +294,12 @@ class InferenceCore:
         with self.decode_memory.holding(deadline) as hold:
             return entry.pipeline.prepare(data, tta, reserve=hold.reserve)
 
-    def _check(
-        self, images: Sequence[bytes], model: str | None, version: str | None, top_k: int | None, tta: str
-    ):
-        entry = self._entry(model, version)
+    def _check(self, images: Sequence[bytes], entry: LoadedModel, top_k: int | None, tta: str) -> int:
         augmentation.check_mode(tta)
         assert entry.card is not None
         k = postprocessing.check_top_k(top_k, entry.card.num_classes, self.settings.max_top_k)
         limits.check_count(len(images), self.settings.max_images_per_request)
-        return entry, k
+        return k
 
     def _outcome(
         self, entry: LoadedModel, k: int, fut: asyncio.Future | concurrent.futures.Future, done: bool
@@ -347,25 +333,38 @@ class InferenceCore:
         tta: str = "none",
         deadline: float | None = None,
     ) -> list[Prediction | ServiceError]:
-        """One entry per image; a bad image fails only itself. Request-level problems raise."""
-        entry, k = self._check(images, model, version, top_k, tta)
-        deadline = self._deadline(deadline)
-        futures = self._submit(images, entry, tta, deadline)
-        wrapped = [asyncio.wrap_future(f) for f in futures]
-        timeout = max(0.0, deadline - time.monotonic())
+        """One entry per image; a bad image fails only itself. Request-level problems raise. The version that
+        answers is held from admission to answer: a swap or unload meanwhile does not touch it."""
+        entry = self.model_set.acquire(model, version)
         try:
-            done, pending = await asyncio.wait(wrapped, timeout=timeout)
-        finally:  # past the deadline, or the caller went away (a cancelled gRPC call): drop what is left
-            for f in futures:
-                if not f.done():
-                    f.cancel()
-        return [self._outcome(entry, k, w, done=w not in pending) for w in wrapped]
+            k = self._check(images, entry, top_k, tta)
+            deadline = self._deadline(deadline)
+            futures = self._submit(images, entry, tta, deadline)
+            wrapped = [asyncio.wrap_future(f) for f in futures]
+            timeout = max(0.0, deadline - time.monotonic())
+            try:
+                done, pending = await asyncio.wait(wrapped, timeout=timeout)
+            finally:  # past the deadline, or the caller went away (a cancelled gRPC call): drop what is left
+                for f in futures:
+                    if not f.done():
+                        f.cancel()
+            return [self._outcome(entry, k, w, done=w not in pending) for w in wrapped]
+        finally:
+            self.model_set.release(entry)
 
     async def infer_tensor(
         self, model: str | None, version: str | None, array: np.ndarray, deadline: float | None = None
     ) -> np.ndarray:
         """Probabilities (N, classes) for an already-preprocessed fp32 NCHW tensor, through the batcher."""
-        entry = self._entry(model, version)
+        entry = self.model_set.acquire(model, version)
+        try:
+            return await self._infer_tensor(entry, array, deadline)
+        finally:
+            self.model_set.release(entry)
+
+    async def _infer_tensor(
+        self, entry: LoadedModel, array: np.ndarray, deadline: float | None
+    ) -> np.ndarray:
         assert entry.session is not None and entry.card is not None
         array = np.ascontiguousarray(array, dtype=np.float32)
         expected = entry.session.input_shape
@@ -378,7 +377,7 @@ class InferenceCore:
         self.batcher.admit(samples, preparing=False)  # a place in the queue per sample, as per image
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.add_done_callback(lambda _f: self.batcher.release(samples))
-        self.batcher.submit(Job((entry.name, entry.version), array, fut, deadline), from_preparing=False)
+        self.batcher.submit(Job(entry.key, array, fut, deadline), from_preparing=False)
         try:
             out = await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:

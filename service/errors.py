@@ -115,3 +115,11 @@ class Unauthenticated(ServiceError):
     code = "unauthenticated"
     http_status = 401
     grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """A call this server has switched off (the repository's load and unload without an admin token)."""
+
+    code = "permission_denied"
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"

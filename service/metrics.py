@@ -131,6 +131,19 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.load_failures = prom.Counter(
+            f"{PREFIX}_model_load_failures",
+            "Model versions that failed to load (corrupt graph, sha256 mismatch, invalid card, warm-up).",
+            ["model"],
+            registry=r,
+        )
+        self.versions_loaded = prom.Gauge(
+            f"{PREFIX}_model_versions_loaded",
+            "Versions of a model ready to answer now.",
+            ["model"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
 
     # --- transports -------------------------------------------------------------------------------------
     def request(self, model: str, endpoint: str, protocol: str, status: str, seconds: float) -> None:
@@ -186,3 +199,11 @@ class Metrics:
     def inference(self, seconds: float, batch_size: int, model: str) -> None:
         self.inference_seconds.labels(model).observe(max(0.0, seconds))
         self.batch_size.labels(model).observe(batch_size)
+
+    def model_load_failure(self, model: str) -> None:
+        self.load_failures.labels(model).inc()
+
+    def model_versions(self, model: str, loaded: int) -> None:
+        """Also makes a model loaded after start-up a valid `model` label of the request metrics."""
+        self._models = self._models | {model}
+        self.versions_loaded.labels(model).set(loaded)
