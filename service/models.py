@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.card import CardError, ModelCard, is_version
 from service.config import Settings
-from service.errors import InvalidArgument, ModelNotFound, ModelUnavailable, PermissionDenied
+from service.errors import InvalidArgument, ModelNotFound, ModelUnavailable, PermissionDenied, shown
 from service.pipeline import Pipeline
 from service.repository import RepositoryError, entry_path, read_card, scan
 from service.sessions import GpuRequired, ModelSession
@@ -221,11 +221,10 @@ class ModelSet:
         name = name or self.settings.default_model
         # A version that is unloading takes no new request: for those it is gone already.
         versions = {v: e for v, e in self._entries.get(name, {}).items() if e.state != UNLOADING}
-        if not versions:
-            known = sorted(self._entries)
+        if not versions:  # the message lists nothing: the readiness probes answer it without a token
             if name in self._unloaded:
-                raise ModelNotFound(f"model {name!r} is not loaded (it was unloaded); loaded: {known}")
-            raise ModelNotFound(f"unknown model {name!r}; available: {known}")
+                raise ModelNotFound(f"model {shown(name)} is not loaded (it was unloaded)")
+            raise ModelNotFound.of(name)
         if version in (None, "", "latest"):
             ready = [v for v, e in versions.items() if e.state == READY]
             if ready:
@@ -234,9 +233,7 @@ class ModelSet:
         else:
             version = str(version)
             if version not in versions:
-                raise ModelNotFound(
-                    f"model {name!r} has no version {version[:32]!r}; available: {sorted(versions, key=int)}"
-                )
+                raise ModelNotFound.of(name, version)
             chosen = versions[version]
         if require_ready and chosen.state != READY:
             raise ModelUnavailable(
@@ -347,9 +344,7 @@ class ModelSet:
         with self._changes:
             listing = self._listing()
             if name not in listing:
-                raise ModelNotFound(
-                    f"unknown model {name!r}: the repository {self.root.name!r} has no such model"
-                )
+                raise ModelNotFound.of(name)
             self._unloaded.discard(name)
             self._sync(name, listing[name], pending_ok=False)
             failed = [e for e in self._entries.get(name, {}).values() if e.state == UNAVAILABLE]
@@ -367,9 +362,7 @@ class ModelSet:
             with self._lock:
                 versions = list(self._entries.get(name, {}).values())
             if not versions and name not in self._listing():
-                raise ModelNotFound(
-                    f"unknown model {name!r}: the repository {self.root.name!r} has no such model"
-                )
+                raise ModelNotFound.of(name)
             for e in versions:
                 self._retire(e, forget=True)
             self._unloaded.add(name)

@@ -258,7 +258,7 @@ def test_explicit_loads_the_start_set_then_on_request(
     assert ("other", "", "UNAVAILABLE", "unloaded") in [tuple(r.values()) for r in core.repository_index()]
     assert [r["name"] for r in core.repository_index(ready_only=True)] == ["tiny"]
 
-    with pytest.raises(ModelNotFound, match="no such model"):
+    with pytest.raises(ModelNotFound, match="unknown model .nosuch.$"):
         asyncio.run(core.load_model("nosuch"))
     with pytest.raises(ModelNotFound):
         asyncio.run(core.unload_model("nosuch"))
