@@ -1,8 +1,9 @@
 """`python -m service serve [--flags]`: the HTTP + gRPC service; `python -m service score ...`: batch scoring.
 
-`serve` reads the settings once (environment, then flags), validates them here so that a bad flag fails
-before BentoML starts, and replaces this process with `bentoml serve` (same pid: SIGTERM from a supervisor
-reaches BentoML's arbiter directly) with the settings in the environment of the worker.
+`serve` reads the settings once (environment, then flags), validates them and checks that its ports are free
+here, so that a bad flag or a busy port fails in one line before BentoML starts, and replaces this process
+with BentoML's `serve` (`service.arbiter`; same pid: SIGTERM from a supervisor reaches BentoML's arbiter
+directly) with the settings in the environment of the worker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import add_arguments, from_args
+from service.arbiter import check_ports
+from service.config import Settings, add_arguments, from_args
 
 SERVICE_TARGET = "service.http.service:ClassifierService"
 USAGE = """usage: python -m service {serve,score} [options]
@@ -25,18 +27,21 @@ python -m service serve --help, python -m service score --help: their options.""
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def serve_command(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """The `bentoml serve` command line and environment for these flags."""
+def serve_settings(argv: Sequence[str]) -> Settings:
+    """The settings of these flags (and the environment); ValueError names a bad one."""
     parser = argparse.ArgumentParser(prog="python -m service serve", description="Serve HTTP and gRPC.")
     add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    settings = from_args(args)
+    return from_args(parser.parse_args(list(argv)))
+
+
+def serve_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of BentoML's `serve` for these settings, run by `service.arbiter`."""
     env = {**os.environ, **settings.to_env()}
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     cmd = [
         sys.executable,
         "-m",
-        "bentoml",
+        "service.arbiter",
         "serve",
         SERVICE_TARGET,
         "--host",
@@ -60,10 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         try:
-            cmd, env = serve_command(rest)
+            settings = serve_settings(rest)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        try:
+            check_ports(settings)
+        except OSError as exc:  # the same status as when a worker finds its port taken (service.arbiter)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        cmd, env = serve_command(settings)
         os.execve(sys.executable, cmd, env)
     if command == "score":
         from service.score import main as score_main

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import bentoml
 
 from service import logs
+from service.arbiter import report_fatal
 from service.config import Settings
 from service.core import InferenceCore
 from service.metrics import Metrics
@@ -64,13 +65,21 @@ class ClassifierService:
         self.core = InferenceCore(self.settings, observer=self.metrics)
         protocol = OpenInference(self.core, self.settings)
         app.state.runtime = Runtime(self.settings, self.core, self.metrics, protocol)
-        self.load_task = asyncio.create_task(self._load())
-        if self.settings.grpc_port > 0:
+        if self.settings.grpc_port > 0:  # bound before any model loads: a taken port must cost nothing
             from service.grpc.server import GrpcServer
 
             self.grpc = GrpcServer(self.core, self.settings, self.metrics)
-            await self.grpc.start()
+            try:
+                await self.grpc.start()
+            except Exception as exc:  # a port taken, a key unreadable: a restarted worker would fail alike
+                self.grpc = None
+                if not report_fatal(
+                    str(exc) if isinstance(exc, RuntimeError) else f"gRPC cannot start: {exc}"
+                ):
+                    raise  # no arbiter of ours to stop: fail the start-up
+                return  # the arbiter stops the server (exit 1); no model loads meanwhile
             self._drain_grpc_on_sigterm()
+        self.load_task = asyncio.create_task(self._load())
 
     def _drain_grpc_on_sigterm(self) -> None:
         """Start draining gRPC when SIGTERM arrives, alongside uvicorn's HTTP drain, not after it.
