@@ -1,10 +1,15 @@
-"""SIGTERM with HTTP and gRPC requests in flight: every one is answered OK and the process exits 0."""
+"""SIGTERM with HTTP and gRPC requests in flight: every one is answered OK and the process exits 0.
+
+All 32 HTTP requests are in flight at SIGTERM, each in the middle of its body (the rest is sent after the
+signal), so that the test does not depend on the machine's speed: requests sent at full speed are answered,
+on a fast machine, before the last ones arrive."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,9 +23,11 @@ from tests.http_server import descendants, jpeg, running_server
 
 IN_FLIGHT = 32
 GRPC_IN_FLIGHT = 8
-# SIGTERM is sent once this many are in flight at the same moment. Not all of them: on a loaded machine the
-# first requests are answered before the last ones arrive, and waiting for all would never send it.
-AT_SIGTERM_HTTP, AT_SIGTERM_GRPC = 16, 4
+# SIGTERM is sent once every HTTP request and this many gRPC calls are in flight at the same moment. gRPC
+# calls (unary: in a handler only once their message is whole) are answered while later ones arrive.
+AT_SIGTERM_GRPC = 4
+# After SIGTERM, the HTTP bodies are finished this much later: the server is draining by then.
+RELEASE_AFTER_S = 0.5
 
 
 def _in_flight(url: str) -> dict[str, float]:
@@ -33,9 +40,28 @@ def _in_flight(url: str) -> dict[str, float]:
     return {}
 
 
+async def held_body(image: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
+    """The image's first half at once, the rest once `release` is set: the request stays in flight."""
+    yield image[: len(image) // 2]
+    await release.wait()
+    yield image[len(image) // 2 :]
+
+
+async def wait_in_flight(url: str, http: int, grpc: int, timeout: float = 60) -> dict[str, float]:
+    """The in-flight gauges once at least `http` and `grpc` requests are in flight (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        seen = await asyncio.to_thread(_in_flight, url)
+        if seen.get("http", 0) >= http and seen.get("grpc", 0) >= grpc:
+            break
+        await asyncio.sleep(0.02)
+    return seen
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     image = jpeg(photos.astronaut())
-    # Ten views per image, batches of one: the 40 requests take seconds and are in flight at SIGTERM.
+    # Ten views per image, batches of one: the 8 gRPC calls take seconds, and are in flight at SIGTERM.
     flags = (
         "--max-batch-size",
         "1",
@@ -57,10 +83,20 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             ):
                 await channel.channel_ready()
                 stub = classifier_pb2_grpc.ImageClassifierStub(channel)
+                release = asyncio.Event()
+                headers = {"content-type": "image/jpeg", "content-length": str(len(image))}
                 tasks = [
-                    asyncio.create_task(c.post("/classify", content=image, params={"tta": "ten_crop"}))
+                    asyncio.create_task(
+                        c.post(
+                            "/classify",
+                            content=held_body(image, release),
+                            params={"tta": "ten_crop"},
+                            headers=headers,
+                        )
+                    )
                     for _ in range(IN_FLIGHT)
                 ]
+                await wait_in_flight(server.url, http=IN_FLIGHT, grpc=0)
 
                 async def classify_grpc() -> classifier_pb2.ClassifyResponse:
                     return await stub.Classify(
@@ -68,18 +104,14 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
                     )
 
                 calls = [asyncio.create_task(classify_grpc()) for _ in range(GRPC_IN_FLIGHT)]
-                deadline = time.monotonic() + 30
-                seen: dict[str, float] = {}
-                while time.monotonic() < deadline:
-                    seen = await asyncio.to_thread(_in_flight, server.url)
-                    if seen.get("http", 0) >= AT_SIGTERM_HTTP and seen.get("grpc", 0) >= AT_SIGTERM_GRPC:
-                        break
-                    await asyncio.sleep(0.02)
+                seen = await wait_in_flight(server.url, http=IN_FLIGHT, grpc=AT_SIGTERM_GRPC)
                 server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(RELEASE_AFTER_S)
+                release.set()
                 return await asyncio.gather(*tasks), await asyncio.gather(*calls), seen
 
         responses, replies, seen = asyncio.run(scenario())
-        assert seen.get("http", 0) >= AT_SIGTERM_HTTP, f"only {seen} requests were in flight at SIGTERM"
+        assert seen.get("http", 0) == IN_FLIGHT, f"only {seen} requests were in flight at SIGTERM"
         assert seen.get("grpc", 0) >= AT_SIGTERM_GRPC, f"only {seen} requests were in flight at SIGTERM"
         assert [r.status_code for r in responses] == [200] * IN_FLIGHT
         assert all(r.json()["predictions"] for r in responses)
