@@ -28,6 +28,7 @@ from service.errors import (
     Overloaded,
     ServiceError,
 )
+from service.integrity import FileCheck
 from service.memory import MemoryBudget
 from service.models import LoadedModel, ModelSet
 from service.postprocessing import ClassScore
@@ -57,6 +58,7 @@ class Observer(Protocol):
     def inference(self, seconds: float, batch_size: int, model: str) -> None: ...
     def model_load_failure(self, model: str) -> None: ...
     def model_versions(self, model: str, loaded: int) -> None: ...
+    def model_files_intact(self, model: str, version: str, intact: bool) -> None: ...
 
 
 class NullObserver:
@@ -81,6 +83,9 @@ class NullObserver:
     def model_versions(self, model: str, loaded: int) -> None:
         pass
 
+    def model_files_intact(self, model: str, version: str, intact: bool) -> None:
+        pass
+
 
 @dataclass
 class Prediction:
@@ -100,7 +105,9 @@ class Prediction:
 @dataclass(frozen=True)
 class ModelInfo:
     """What the core tells transports about one model version: its card (None when the card could not be
-    read), its state and why it is not ready, and how its session runs (provider, precision, batches)."""
+    read), its state and why it is not ready, how its session runs (provider, precision, batches), and
+    whether the files it was loaded from still match what it serves (None: not checked; see
+    `service.integrity`)."""
 
     name: str
     version: str
@@ -109,6 +116,8 @@ class ModelInfo:
     card: ModelCard | None = None
     runtime: dict[str, Any] = field(default_factory=dict)
     in_flight: int = 0  # requests holding this version (an unloading one is released at 0)
+    files_intact: bool | None = None
+    files_problem: str = ""
 
     @property
     def ready(self) -> bool:
@@ -123,6 +132,7 @@ class ModelInfo:
         out: dict[str, Any] = self.card.metadata() if self.card else {}
         out.update({"name": self.name, "version": self.version, "state": self.state, "reason": self.reason})
         out["in_flight"] = self.in_flight
+        out.update({"files_intact": self.files_intact, "files_problem": self.files_problem})
         out.update(self.runtime or {"provider": ""})
         return out
 
@@ -130,7 +140,17 @@ class ModelInfo:
 def info_of(entry: LoadedModel) -> ModelInfo:
     session = entry.session
     runtime = session.describe() if session is not None else {}
-    return ModelInfo(entry.name, entry.version, entry.state, entry.reason, entry.card, runtime, entry.active)
+    return ModelInfo(
+        entry.name,
+        entry.version,
+        entry.state,
+        entry.reason,
+        entry.card,
+        runtime,
+        entry.active,
+        entry.files_intact,
+        entry.files_problem,
+    )
 
 
 class InferenceCore:
@@ -142,6 +162,9 @@ class InferenceCore:
         self.limits = decoding.Limits.from_settings(self.settings)
         self.decode_memory = MemoryBudget(self.limits.max_decode_bytes, self.observer.decode_memory)
         self.model_set = ModelSet(self.settings, self.limits, self.observer)
+        self.file_check = FileCheck(
+            self.model_set.entries, self.observer, self.settings.model_check_interval_s
+        )
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.settings.decode_threads), thread_name_prefix="preprocess"
         )
@@ -164,6 +187,7 @@ class InferenceCore:
         self.model_set.start()
         self.batcher.start()
         self.loaded = True
+        self.file_check.start()
 
     @property
     def ready(self) -> bool:
@@ -194,6 +218,7 @@ class InferenceCore:
         The pool goes first: stopping the batcher while an image was still being decoded would leave that
         image with nowhere to go."""
         self.loaded = False
+        self.file_check.stop()
         self.model_set.stop()
         self._pool.shutdown(wait=True)
         self.batcher.stop(self.settings.drain_timeout_s)

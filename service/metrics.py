@@ -144,6 +144,13 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.files_intact = prom.Gauge(
+            f"{PREFIX}_model_files_intact",
+            "1 while the files a ready model version was loaded from still match what it serves, else 0.",
+            ["model", "version"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
 
     # --- transports -------------------------------------------------------------------------------------
     def request(self, model: str, endpoint: str, protocol: str, status: str, seconds: float) -> None:
@@ -207,3 +214,6 @@ class Metrics:
         """Also makes a model loaded after start-up a valid `model` label of the request metrics."""
         self._models = self._models | {model}
         self.versions_loaded.labels(model).set(loaded)
+
+    def model_files_intact(self, model: str, version: str, intact: bool) -> None:
+        self.files_intact.labels(model, version).set(1 if intact else 0)

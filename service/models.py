@@ -136,6 +136,8 @@ class LoadedModel:
     generation: int = 0
     active: int = 0
     fingerprint: tuple = field(default=(), repr=False)
+    files_intact: bool | None = None  # its files still match what it serves (`service.integrity`)
+    files_problem: str = ""
 
     @property
     def key(self) -> tuple[str, str, int]:

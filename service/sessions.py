@@ -98,6 +98,7 @@ class ModelSession:
     def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> bytes:
         """Open the session on `fname`; the graph's checked bytes are returned for a solo session."""
         graph = card.read_verified(fname)  # sha256 of the very bytes ONNX Runtime gets
+        self.file = fname  # the graph file served (`service.integrity` compares it with what is loaded)
         self.precision = card.files[fname].precision
         self.session = ort.InferenceSession(
             graph, sess_options=self._options(), providers=self._provider_options(providers)
