@@ -42,9 +42,6 @@ class Settings:
     load_model: tuple[str, ...] = _setting(
         (), "explicit mode: a model to load at start (repeatable); empty: none", repeat=True
     )
-    model_check_interval_s: float = _setting(
-        30.0, "seconds between two checks that each ready model's files still match what it serves; 0: off"
-    )
 
     # ONNX Runtime
     providers: tuple[str, ...] = _setting(
@@ -92,9 +89,14 @@ class Settings:
     http_port: int = _setting(3000, "HTTP port")
     grpc_port: int = _setting(50051, "gRPC port; 0: no gRPC server")
     grpc_health_port: int = _setting(0, "with TLS on: a plaintext port serving only gRPC health; 0: off")
-    auth_token: str = _setting("", "bearer token every call but probes and /metrics must send; empty: none")
+    auth_token: str = _setting(
+        "", "bearer token every call but probes, /metrics and the pages' files must send; empty: none"
+    )
     admin_token: str = _setting(
         "", "bearer token of the repository's load and unload calls; empty: those calls are off"
+    )
+    web_ui: bool = _setting(
+        True, "serve the web page at / and Swagger UI at /docs; 0: an API-only port (/openapi.json stays)"
     )
     grpc_tls_cert: str = _setting("", "PEM certificate file for gRPC TLS (with grpc_tls_key)")
     grpc_tls_key: str = _setting("", "PEM private key file for gRPC TLS (with grpc_tls_cert)")
@@ -173,10 +175,6 @@ class Settings:
             raise ValueError(f"model_control must be none, poll or explicit, not {self.model_control!r}")
         if not (math.isfinite(self.poll_interval_s) and 0.1 <= self.poll_interval_s <= 86_400):
             raise ValueError(f"poll_interval_s must be between 0.1 and 86400, not {self.poll_interval_s!r}")
-        if not (math.isfinite(self.model_check_interval_s) and 0 <= self.model_check_interval_s <= 86_400):
-            raise ValueError(
-                f"model_check_interval_s must be between 0 and 86400, not {self.model_check_interval_s!r}"
-            )
         if self.load_model and self.model_control != "explicit":
             raise ValueError("load_model applies to model_control=explicit only")
 

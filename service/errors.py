@@ -84,6 +84,14 @@ class ModelNotFound(ServiceError):
         return cls(f"model {shown(name)} has no version {shown(version)}")
 
 
+class FileNotFound(ServiceError):
+    """A file the web pages do not have (`/static/...`, `/docs/...`)."""
+
+    code = "not_found"
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
 class ModelUnavailable(ServiceError):
     code = "model_unavailable"
     http_status = 503

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,77 @@ def write_tiny_model(
     )
     write_card(folder, card)
     return folder
+
+
+@pytest.fixture
+def openapi_conformance(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every answer the test receives from a server of `tests.http_server.running_server` is checked against
+    that server's own `/openapi.json`: status declared, content type, body schema, required headers."""
+    import httpx
+
+    from tests import http_server, openapi_check
+
+    received: list[httpx.Response] = []
+    send, send_async = httpx.Client.send, httpx.AsyncClient.send
+
+    def recording_send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        response = send(self, request, **kwargs)
+        received.append(response)
+        return response
+
+    async def recording_send_async(
+        self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any
+    ) -> httpx.Response:
+        response = await send_async(self, request, **kwargs)
+        received.append(response)
+        return response
+
+    monkeypatch.setattr(httpx.Client, "send", recording_send)
+    monkeypatch.setattr(httpx.AsyncClient, "send", recording_send_async)
+    yield
+    problems: list[str] = []
+    checked = 0
+    for response in received:
+        url = response.request.url
+        doc = http_server.DOCUMENTS.get(f"{url.scheme}://{url.host}:{url.port}")
+        if doc is None:
+            continue
+        try:
+            body = response.content
+        except httpx.ResponseNotRead:  # a streamed answer the test did not read
+            continue
+        checked += 1
+        problems += openapi_check.check(
+            doc, response.request.method, url.path, response.status_code, dict(response.headers), body
+        )
+    assert not problems, f"{len(problems)} of {checked} answers differ from the document:\n" + "\n".join(
+        problems[:30]
+    )
+
+
+# The token of `token_server`.
+WEB_TOKEN = "token-of-the-web-tests"
+
+
+@pytest.fixture(scope="session")
+def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The service with its default settings and both models, shared by tests/test_web_*.py (the suite's
+    last files, so that it runs only while they do)."""
+    from tests.http_server import running_server
+
+    with running_server(tmp_path_factory.mktemp("web")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """lenet5 alone behind a bearer token (`WEB_TOKEN`), with a 1 MiB request limit: the pages' token and
+    limit rules, shared by tests/test_web_*.py."""
+    from tests.http_server import running_server
+
+    flags = ("--models", "lenet5", "--default-model", "lenet5", "--auth-token", WEB_TOKEN)
+    with running_server(tmp_path_factory.mktemp("web-token"), *flags, "--max-request-bytes", "1048576") as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

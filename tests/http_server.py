@@ -32,12 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Each server's own OpenAPI document, by URL, fetched once it answers: `conftest.openapi_conformance` checks
+# the answers the tests receive against it.
+DOCUMENTS: dict[str, dict] = {}
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen
     url: str
     grpc_port: int
     log_path: Path
+    token: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -96,7 +102,10 @@ def running_server(
             cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{http_port}"
-    server = Server(proc, url, grpc_port, log_path)
+    token = env.get("CNN_SERVE_AUTH_TOKEN", "")
+    if "--auth-token" in flags:
+        token = flags[flags.index("--auth-token") + 1]
+    server = Server(proc, url, grpc_port, log_path, token)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -112,6 +121,7 @@ def running_server(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not ready in {ready_timeout}s:\n{server.log()[-4000:]}")
             time.sleep(0.3)
+        DOCUMENTS[url] = document(server)
         yield server
     except BaseException as exc:  # a failure (pytest.fail is no Exception), but not a skip
         if not isinstance(exc, pytest.skip.Exception):
@@ -119,6 +129,14 @@ def running_server(
         raise
     finally:
         stop(server)
+
+
+def document(server: Server) -> dict:
+    """The server's `/openapi.json` (with its token, if it has one)."""
+    headers = {"Authorization": f"Bearer {server.token}"} if server.token else {}
+    answer = httpx.get(server.url + "/openapi.json", headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
 
 
 def dump_stacks(server: Server) -> None:

@@ -20,6 +20,9 @@ from skimage import data as photos
 
 from tests.http_server import Server, jpeg, png, running_server
 
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
+
 CAT_WORDS = ("cat", "tabby", "lynx", "tiger")
 
 
@@ -601,7 +604,7 @@ def test_unknown_route_and_wrong_method_are_json(client: httpx.Client) -> None:
 def test_server_log_says_which_models_are_ready(server: Server) -> None:
     """The core's INFO lines reach the log at the default `log_level` (BentoML leaves the root at WARNING)."""
     log = server.log()
-    assert "[INFO] [service.core] model efficientnet_lite0:1 ready on CPUExecutionProvider (fp32)" in log, (
+    assert "[INFO] [service.models] model efficientnet_lite0:1 ready on CPUExecutionProvider (fp32)" in log, (
         log[-3000:]
     )
 

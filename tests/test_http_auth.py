@@ -11,6 +11,9 @@ from skimage import data as photos
 
 from tests.http_server import Server, jpeg, running_server
 
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
+
 TOKEN = "s3cret-token-for-tests"
 
 

@@ -13,6 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from tests.http_server import running_server
 
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
+
 
 def _has_cuda() -> bool:
     import onnxruntime

@@ -14,6 +14,9 @@ from PIL import Image
 from proto import classifier_pb2, classifier_pb2_grpc
 from tests.http_server import Server, running_server
 
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:

@@ -23,11 +23,15 @@ from skimage import data as photos
 
 from service.config import Settings
 from service.core import InferenceCore
+from service.http.api import build_app
 from service.http.middleware import RequestContextMiddleware
-from service.http.routes import Runtime, build_app
+from service.http.routes import Runtime
 from service.metrics import Metrics
 from service.oip import OpenInference
 from tests.http_server import free_port, jpeg, running_server
+
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
 
 
 def test_a_failing_route_is_answered_500_and_the_service_keeps_serving(tmp_path: Path) -> None:
@@ -56,7 +60,7 @@ def test_a_failing_route_is_answered_500_and_the_service_keeps_serving(tmp_path:
 def routes_in_process(settings: Settings, core: InferenceCore) -> Iterator[str]:
     """Our routes and middleware on a real uvicorn server on loopback, in this process: the same app the
     BentoML service mounts, so that a test can put a bug into the code it runs."""
-    app = build_app()
+    app = build_app(settings)
     app.state.runtime = Runtime(settings, core, Metrics(), OpenInference(core, settings))
     asgi = RequestContextMiddleware(app, settings, metrics=lambda: app.state.runtime.metrics)
     port = free_port()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,16 +18,12 @@ from service.auth import REALM, check_bearer
 from service.config import Settings
 from service.errors import Unauthenticated
 
+from .api import open_rule
 from .responses import error_response, internal_message, plain_error
 
 ASGIApp = Any
 SCRAPE_ATTEMPTS, SCRAPE_RETRY_S = 3, 0.02
 log = logging.getLogger("cnn_serve.http")
-
-# Probes and scrapers send no token: Kubernetes' probes and Prometheus must work with auth on.
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"})
-# A model's readiness is a probe too, open as gRPC's ModelReady and per-model health are.
-OPEN_MODEL_READY = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/ready")
 
 
 class RequestContextMiddleware:
@@ -39,6 +34,10 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics  # the worker's `Metrics` once it has started (None before)
         self.token = settings.auth_token
+        # The routes that need no token, from the routes' table (`api.OPERATIONS`, where the document says
+        # the same): probes and scrapers (Kubernetes' probes and Prometheus must work with auth on), a model's
+        # readiness (open as gRPC's ModelReady is), and the pages' files (a browser's navigation sends none).
+        self.is_open = open_rule(settings)
         self.log = logs.access_logger()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -66,7 +65,7 @@ class RequestContextMiddleware:
         try:
             path = scope.get("path", "")
             try:
-                if path not in OPEN_PATHS and not OPEN_MODEL_READY.fullmatch(path):
+                if not self.is_open(path):
                     check_bearer(headers.get("authorization"), self.token, "the Authorization header")
             except Unauthenticated as refused:
                 challenge = {"WWW-Authenticate": f'Bearer realm="{REALM}"'}
@@ -74,6 +73,16 @@ class RequestContextMiddleware:
                 metrics = self.metrics()
                 if metrics is not None:  # refused before any route: counted here, with no model or endpoint
                     metrics.request("-", "-", "http", "401", time.perf_counter() - start)
+                return
+            if "\n" in path:
+                # BentoML mounts our app with a pattern whose `.` stops at a line break: such a path would
+                # get BentoML's plain-text 404. No route has one; it gets ours, in the one error body.
+                await plain_error(404, "not_found", "no route for a path with a line break", request_id)(
+                    scope, receive, send_with_id
+                )
+                metrics = self.metrics()
+                if metrics is not None:
+                    metrics.request("-", "-", "http", "404", time.perf_counter() - start)
                 return
             try:
                 if path == "/metrics" and scope.get("method") in ("GET", "HEAD"):

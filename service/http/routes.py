@@ -1,9 +1,9 @@
-"""Every route of our own, as one Starlette app that the BentoML service mounts at `/`.
+"""The handlers of our own routes: classify, models and the Open Inference Protocol REST routes.
 
-BentoML's `@bentoml.api` routes are POST-only and its file inputs download URLs, so the classify routes, the
-GET routes and the Open Inference Protocol REST routes live here; BentoML itself serves `/livez`, `/readyz`
-(through the service's `__is_ready__`) and `/metrics`. Each handler is wrapped by `endpoint()`, which maps
-typed errors to JSON answers and records the request metrics.
+BentoML's `@bentoml.api` routes are POST-only and its file inputs download URLs, so these are plain Starlette
+handlers, routed by the table of `api.py` into one app that the BentoML service mounts at `/`; BentoML itself
+serves `/livez`, `/readyz` (through the service's `__is_ready__`) and `/metrics`. Each handler is wrapped by
+`endpoint()`, which maps typed errors to JSON answers and records the request metrics.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Match
 
 from service.config import Settings
 from service.core import InferenceCore, ModelInfo, Prediction
@@ -249,27 +247,6 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
         ),
     )
     return oip_rest.infer_response(result, request_id, binary, {})
-
-
-def build_app() -> Starlette:
-    base = "/v2/models/{name}"
-    routes = [
-        Route("/classify", classify, methods=["POST"]),
-        Route("/classify_batch", classify_batch, methods=["POST"]),
-        Route("/models", models, methods=["GET"]),
-        Route("/v2/health/live", v2_live, methods=["GET"]),
-        Route("/v2/health/ready", v2_ready, methods=["GET"]),
-        Route("/v2", v2_metadata, methods=["GET"]),
-        Route(base, v2_model_metadata, methods=["GET"]),
-        Route(base + "/versions/{version}", v2_model_metadata, methods=["GET"]),
-        Route(base + "/ready", v2_model_ready, methods=["GET"]),
-        Route(base + "/versions/{version}/ready", v2_model_ready, methods=["GET"]),
-        Route(base + "/infer", v2_infer, methods=["POST"]),
-        Route(base + "/versions/{version}/infer", v2_infer, methods=["POST"]),
-    ]
-    # Last: anything else is a JSON 404 (and a wrong method a JSON 405), like every other error.
-    routes.append(Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception})
 
 
 @endpoint("-")

@@ -26,8 +26,9 @@ from service.core import InferenceCore
 from service.metrics import Metrics
 from service.oip import OpenInference
 
+from .api import build_app
 from .middleware import RequestContextMiddleware
-from .routes import Runtime, build_app
+from .routes import Runtime
 
 if TYPE_CHECKING:
     from service.grpc.server import GrpcServer
@@ -36,7 +37,7 @@ log = logging.getLogger("cnn_serve.http")
 
 SETTINGS = Settings.from_env()
 logs.configure(SETTINGS.log_level)
-app = build_app()
+app = build_app(SETTINGS)
 
 
 @bentoml.asgi_app(app, path="/")
