@@ -42,6 +42,9 @@ class Settings:
     load_model: tuple[str, ...] = _setting(
         (), "explicit mode: a model to load at start (repeatable); empty: none", repeat=True
     )
+    model_check_interval_s: float = _setting(
+        30.0, "seconds between two checks that each ready model's files still match what it serves; 0: off"
+    )
 
     # ONNX Runtime
     providers: tuple[str, ...] = _setting(
@@ -175,6 +178,10 @@ class Settings:
             raise ValueError(f"model_control must be none, poll or explicit, not {self.model_control!r}")
         if not (math.isfinite(self.poll_interval_s) and 0.1 <= self.poll_interval_s <= 86_400):
             raise ValueError(f"poll_interval_s must be between 0.1 and 86400, not {self.poll_interval_s!r}")
+        if not (math.isfinite(self.model_check_interval_s) and 0 <= self.model_check_interval_s <= 86_400):
+            raise ValueError(
+                f"model_check_interval_s must be between 0 and 86400, not {self.model_check_interval_s!r}"
+            )
         if self.load_model and self.model_control != "explicit":
             raise ValueError("load_model applies to model_control=explicit only")
 
