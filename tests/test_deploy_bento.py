@@ -55,6 +55,9 @@ def test_bentoml_build_offline_packs_service_protos_and_models(tmp_path: Path) -
     src = bento / "src"
     # The service, the protos with their stubs, and every model file with its card.
     assert (src / "service" / "http" / "service.py").exists()
+    # The web page's files (Swagger UI's come from the swagger-ui-py requirement).
+    for page_file in (ROOT / "service" / "http" / "static").iterdir():
+        assert (src / "service" / "http" / "static" / page_file.name).read_bytes() == page_file.read_bytes()
     assert (src / "service" / "core.py").exists()
     for proto in (ROOT / "proto").glob("*.proto"):
         assert (src / "proto" / proto.name).read_bytes() == proto.read_bytes()

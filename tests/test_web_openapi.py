@@ -271,3 +271,10 @@ def test_the_pages_can_be_turned_off(api_only: Server) -> None:
         doc = c.get("/openapi.json").json()
         assert "/" not in doc["paths"] and "/docs" not in doc["paths"] and "/openapi.json" in doc["paths"]
         assert c.post("/classify", params={"model": "lenet5"}, content=b"not an image").status_code == 400
+
+
+def test_the_readme_shows_the_page_in_a_small_screenshot() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "http://localhost:3000/docs" in readme and "](docs/web-page.png)" in readme
+    shot = ROOT / "docs" / "web-page.png"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 200 * 1024
