@@ -381,9 +381,16 @@ class InferenceCore:
         self, model: str | None, version: str | None, array: np.ndarray, deadline: float | None = None
     ) -> np.ndarray:
         """Probabilities (N, classes) for an already-preprocessed fp32 NCHW tensor, through the batcher."""
+        probabilities, _ = await self.infer_tensor_versioned(model, version, array, deadline)
+        return probabilities
+
+    async def infer_tensor_versioned(
+        self, model: str | None, version: str | None, array: np.ndarray, deadline: float | None = None
+    ) -> tuple[np.ndarray, str]:
+        """`infer_tensor`, with the version that answered (held from admission to answer, as classify's)."""
         entry = self.model_set.acquire(model, version)
         try:
-            return await self._infer_tensor(entry, array, deadline)
+            return await self._infer_tensor(entry, array, deadline), entry.version
         finally:
             self.model_set.release(entry)
 

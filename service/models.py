@@ -17,6 +17,7 @@ a transport.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import itertools
 import json
 import logging
@@ -155,6 +156,23 @@ def fingerprint(folder: Path) -> tuple:
         return tuple(sorted(files))
     except OSError:
         return ()
+
+
+def return_memory() -> None:
+    """Hand the pages of a released session back to the system. glibc keeps freed memory in its per-thread
+    arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 MB
+    (tests/test_models_memory.py). Elsewhere than glibc, nothing to do."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -553,6 +571,7 @@ class ModelSet:
 
     def _drained(self, entry: LoadedModel) -> None:
         log.info("model %s:%s unloaded", entry.name, entry.version)
+        return_memory()
         self._changed()
 
     def _changed(self) -> None:

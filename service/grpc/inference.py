@@ -163,3 +163,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         encode_outputs(result, raw=bool(request.raw_input_contents), response=response)
         return response
+
+    # -- Triton's model repository extension; the admin token of load and unload is the interceptor's
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        self._one_repository(request.repository_name)
+        rows = self.protocol.repository_index(bool(request.ready))
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        self._one_repository(request.repository_name)
+        await self.protocol.repository_load(request.model_name, repository_parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._one_repository(request.repository_name)
+        await self.protocol.repository_unload(request.model_name, repository_parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    @staticmethod
+    def _one_repository(name: str) -> None:
+        """This server has one repository: a client naming another is told so (Triton's clients send "")."""
+        if name:
+            raise InvalidArgument("this server has one model repository; leave repository_name empty")
+
+
+def repository_parameters(mapping: Any) -> dict[str, Any]:
+    """The values of a repository call's `ModelRepositoryParameter` map."""
+    out = {}
+    for key, value in mapping.items():
+        choice = value.WhichOneof("parameter_choice")
+        out[key] = None if choice is None else getattr(value, choice)
+    return out

@@ -52,6 +52,10 @@ CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier
 INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Probes send no metadata: these answer without the token, as health does (HTTP's open paths likewise).
 PROBE_METHODS = frozenset(f"/{INFERENCE_SERVICE}/{m}" for m in ("ServerLive", "ServerReady", "ModelReady"))
+# The repository's changes take the admin token instead of the inference token (`auth.check_admin`).
+ADMIN_METHODS = frozenset(
+    f"/{INFERENCE_SERVICE}/{m}" for m in ("RepositoryModelLoad", "RepositoryModelUnload")
+)
 # The request field that names the model, per method (the `model` label and the access log's `model`); an
 # empty one is the default model where the API says so (ImageClassifier's).
 MODEL_FIELDS: dict[str, tuple[str, bool]] = {
@@ -60,6 +64,8 @@ MODEL_FIELDS: dict[str, tuple[str, bool]] = {
     f"/{INFERENCE_SERVICE}/ModelReady": ("name", False),
     f"/{INFERENCE_SERVICE}/ModelMetadata": ("name", False),
     f"/{INFERENCE_SERVICE}/ModelInfer": ("model_name", False),
+    f"/{INFERENCE_SERVICE}/RepositoryModelLoad": ("model_name", False),
+    f"/{INFERENCE_SERVICE}/RepositoryModelUnload": ("model_name", False),
 }
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
@@ -183,7 +189,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         try:
             with in_flight:
                 try:
-                    if method.authenticate:
+                    if method.path in ADMIN_METHODS:
+                        auth.check_admin(
+                            metadata_value(context, AUTHORIZATION_KEY),
+                            self.settings.admin_token,
+                            f"'{AUTHORIZATION_KEY}' metadata",
+                        )
+                    elif method.authenticate:
                         auth.check_bearer(
                             metadata_value(context, AUTHORIZATION_KEY),
                             self.settings.auth_token,

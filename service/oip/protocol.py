@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from service.core import InferenceCore, ModelInfo
 
 SERVER_NAME = "cnn-serve"
-EXTENSIONS = ("binary_tensor_data", "classification", "parameters")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "parameters")
+# The repository calls' parameters: Triton's clients may send `unload_dependents` (no model here has any);
+# a `config` or file override (loading a model from what the request carries) is not supported.
+UNLOAD_PARAMETERS = ("unload_dependents",)
 PLATFORM = "onnxruntime_onnx"
 
 IMAGE_INPUT = "image"
@@ -180,6 +183,31 @@ class OpenInference:
             ],
         }
 
+    # -- the model repository extension (Triton's): the index is read-only; load and unload change the live
+    # model set (explicit mode), their admin token checked by the transport
+
+    def repository_index(self, ready: Any = False) -> list[dict[str, str]]:
+        """Every model of the repository and every version known: `name`, `version`, `state`, `reason`."""
+        if not isinstance(ready, bool):
+            raise InvalidArgument(f"'ready' must be true or false, not {shown(ready)}")
+        return self.core.repository_index(ready)
+
+    async def repository_load(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        if parameters:
+            raise InvalidArgument(
+                f"load parameters {shown(sorted(parameters))} are not supported: models load from the "
+                f"repository as their version policy says"
+            )
+        await self.core.load_model(name)
+
+    async def repository_unload(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
+        unknown = set(parameters or {}) - set(UNLOAD_PARAMETERS)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown unload parameters {shown(sorted(unknown))}: unload takes unload_dependents only"
+            )
+        await self.core.unload_model(name)
+
     # -- inference
 
     async def infer(
@@ -198,8 +226,10 @@ class OpenInference:
         request = InferRequest.parse(model, parameters, requested_outputs)
         info, card = self.resolve(model, version)
         plans = self.plan(request, card)
-        probabilities = await self.run(info, card, inputs, request.tta, deadline)
-        return InferResult(info.name, info.version, encode(plans, probabilities, card.labels))
+        # Without a version asked, the core admits the request to the highest ready version then: a swap since
+        # `resolve` is answered by the new version, and the answer names the version that produced it.
+        probabilities, answered = await self.run(info, card, inputs, request.tta, deadline, version or None)
+        return InferResult(info.name, answered, encode(plans, probabilities, card.labels))
 
     def resolve(self, model: str, version: str | None) -> tuple[ModelInfo, ModelCard]:
         """The model version that answers, with its card; ModelNotFound or ModelUnavailable otherwise."""
@@ -230,8 +260,10 @@ class OpenInference:
         inputs: Sequence[Tensor],
         tta: str,
         deadline: float | None,
-    ) -> np.ndarray:
-        """The probabilities (N, classes) of the one input tensor: images or an FP32 batch."""
+        version: str | None = None,
+    ) -> tuple[np.ndarray, str]:
+        """The probabilities (N, classes) of the one input tensor (images or an FP32 batch), and the version
+        that produced them: `version`, or the highest ready one when the core admits the request."""
         fp32_name = card.input_name
         if len(inputs) != 1:
             raise InvalidArgument(
@@ -240,17 +272,17 @@ class OpenInference:
             )
         tensor = inputs[0]
         if tensor.name == IMAGE_INPUT:
-            return await self._classify_images(tensor, info, tta, deadline)
+            return await self._classify_images(tensor, info, tta, deadline, version)
         if tensor.name == fp32_name:
-            return await self._run_tensor(tensor, info, card, deadline)
+            return await self._run_tensor(tensor, info, card, deadline, version)
         raise InvalidArgument(
             f"unknown input {shown(tensor.name)}; model {info.name!r} takes {IMAGE_INPUT!r} (BYTES) "
             f"or {fp32_name!r} (FP32)"
         )
 
     async def _classify_images(
-        self, tensor: Tensor, info: ModelInfo, tta: str, deadline: float | None
-    ) -> np.ndarray:
+        self, tensor: Tensor, info: ModelInfo, tta: str, deadline: float | None, version: str | None
+    ) -> tuple[np.ndarray, str]:
         if tensor.datatype != "BYTES":
             raise InvalidArgument(f"input {IMAGE_INPUT!r} must be BYTES, not {shown(tensor.datatype)}")
         if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
@@ -260,7 +292,7 @@ class OpenInference:
             raise InvalidArgument(f"input {IMAGE_INPUT!r} holds no image")
         limits.check_count(len(images), self.settings.max_images_per_request)
         predictions = await self.core.classify(
-            images, model=info.name, version=info.version, top_k=1, tta=tta, deadline=deadline
+            images, model=info.name, version=version, top_k=1, tta=tta, deadline=deadline
         )
         rows = []
         for i, prediction in enumerate(predictions):
@@ -270,11 +302,11 @@ class OpenInference:
                 prediction.args = (prediction.message,)
                 raise prediction
             rows.append(np.asarray(prediction.probabilities, dtype=np.float32))
-        return np.stack(rows)
+        return np.stack(rows), predictions[0].version
 
     async def _run_tensor(
-        self, tensor: Tensor, info: ModelInfo, card: ModelCard, deadline: float | None
-    ) -> np.ndarray:
+        self, tensor: Tensor, info: ModelInfo, card: ModelCard, deadline: float | None, version: str | None
+    ) -> tuple[np.ndarray, str]:
         if tensor.datatype != "FP32":
             raise InvalidArgument(f"input {tensor.name!r} must be FP32, not {shown(tensor.datatype)}")
         expected = [int(d) for d in card.input.shape]
@@ -291,10 +323,10 @@ class OpenInference:
         limits.check_count(array.shape[0], self.settings.max_images_per_request, "samples")
         if not np.isfinite(array).all():
             raise InvalidArgument(f"input {tensor.name!r} holds NaN or infinite values")
-        probabilities = await self.core.infer_tensor(
-            info.name, info.version, np.ascontiguousarray(array), deadline
+        probabilities, answered = await self.core.infer_tensor_versioned(
+            info.name, version, np.ascontiguousarray(array), deadline
         )
-        return np.asarray(probabilities, dtype=np.float32)
+        return np.asarray(probabilities, dtype=np.float32), answered
 
 
 def encode(plans: Sequence[OutputPlan], probabilities: np.ndarray, labels: tuple[Label, ...]) -> list[Tensor]:
