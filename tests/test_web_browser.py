@@ -149,6 +149,27 @@ def test_the_page_says_a_text_file_is_not_an_image(web_server: Server, visit: An
     assert v.page.locator("#result").is_hidden()
 
 
+def test_the_page_names_an_unknown_model(web_server: Server, visit: Any, tmp_path: Path) -> None:
+    """A model that left the server after the page listed it: the server's 404, in plain words. The page's
+    list is the server's own answer with one model added, so that the page can ask for it."""
+    from skimage import data
+
+    def with_a_gone_model(route: Any) -> None:
+        answer = route.fetch()
+        body = answer.json()
+        body["models"].append({**body["models"][0], "name": "retired_model", "version": "1"})
+        route.fulfill(response=answer, json=body)
+
+    v = visit(web_server)
+    v.page.route(web_server.url + "/models", with_a_gone_model)
+    v.page.goto(web_server.url + "/")
+    v.page.wait_for_selector("#model option:not([value=''])", state="attached")
+    choose_model(v.page, "retired_model")
+    v.page.set_input_files("#file", str(jpeg_file(tmp_path, data.chelsea(), "chelsea.jpg")))
+    v.page.wait_for_selector("#error:not([hidden])")
+    assert "Unknown model: retired_model" in v.page.inner_text("#error")
+
+
 def test_the_page_reads_a_digit_with_lenet5(web_server: Server, visit: Any, tmp_path: Path) -> None:
     path, digit = digit_png(tmp_path)
     v = visit(web_server)

@@ -199,6 +199,29 @@ def test_swagger_ui_comes_from_the_package_and_reads_openapi_3_1() -> None:
         assert "localStorage" not in text and "sessionStorage" not in text and "document.cookie" not in text
 
 
+def test_the_conformance_check_finds_what_differs() -> None:
+    """The check every HTTP test's answers go through (`conftest.openapi_conformance`) has teeth."""
+    from tests import openapi_check
+
+    doc = api.document(Settings(), MODELS)
+    rid = {"x-request-id": "r1", "content-type": "application/json"}
+    good = {"model": "lenet5", "version": "1", "request_id": "r1", "predictions": []}
+    good["predictions"] = [{"index": 3, "id": "3", "label": "3", "probability": 0.9}]
+    assert openapi_check.check(doc, "POST", "/classify", 200, rid, json.dumps(good).encode()) == []
+    for status, headers, body, expected in (
+        (418, rid, good, "status not declared"),
+        (200, {"content-type": "application/json"}, good, "header x-request-id missing"),
+        (200, {**rid, "content-type": "text/html"}, good, "content type 'text/html' not declared"),
+        (200, rid, {**good, "extra": 1}, "Additional properties"),
+        (200, rid, {**good, "predictions": [{**good["predictions"][0], "probability": 2}]}, "maximum"),
+        (400, rid, {"code": "teapot", "message": "m", "request_id": "r1", "error": "m"}, "is not one of"),
+    ):
+        problems = openapi_check.check(doc, "POST", "/classify", status, headers, json.dumps(body).encode())
+        assert any(expected in p for p in problems), (expected, problems)
+    # No such operation: the answer must still be the one error body.
+    assert openapi_check.check(doc, "GET", "/nope", 404, {"content-type": "text/plain"}, b"Not Found")
+
+
 # ------------------------------------------------------------------------------------------- live servers
 
 
