@@ -66,6 +66,7 @@ class Operation:
     body: str | None = None
     open: bool = False
     web: bool = False
+    admin: bool = False  # the admin token instead of the inference token (the repository's load, unload)
     description: str = ""
     headers: tuple[str, ...] = field(default=("request_id",))
 
@@ -79,6 +80,8 @@ class Operation:
             answers.setdefault(500, "InternalError")  # the middleware's answer to a failing BentoML route
         if settings.auth_token and not self.open:
             answers[401] = "Unauthorized"
+        if self.admin:
+            answers.update({401: "Unauthorized", 403: "Forbidden"})
         out: JSON = {
             "operationId": self.operation_id,
             "summary": self.summary,
@@ -92,6 +95,8 @@ class Operation:
             out["requestBody"] = schemas_ref("requestBodies", self.body)
         if settings.auth_token and self.open:
             out["security"] = []
+        if self.admin:
+            out["security"] = [{"admin": []}]
         return out
 
 
@@ -252,6 +257,47 @@ OPERATIONS: tuple[Operation, ...] = (
         body="InferBody",
         headers=(*BODY_HEADERS, "header_length"),
     ),
+    Operation(
+        "POST",
+        "/v2/repository/index",
+        "repository_index",
+        "Every model of the repository and every version with its state",
+        "models",
+        {200: "RepositoryIndex", 400: "BadRequest", 413: "PayloadTooLarge"},
+        routes.repository_index,
+        body="RepositoryIndexBody",
+        description="Triton's model repository extension: `state` is READY, LOADING, UNLOADING or "
+        "UNAVAILABLE (with the `reason`); a model that is not loaded has no version and no state.",
+    ),
+    Operation(
+        "POST",
+        "/v2/repository/models/{name}/load",
+        "repository_load",
+        "Load a model by its version policy",
+        "models",
+        {200: "RepositoryChanged", **CLASSIFY_ERRORS},
+        routes.repository_load,
+        parameters=("repository_model",),
+        body="RepositoryChangeBody",
+        admin=True,
+        description="With `--model-control explicit` and the admin token (`--admin-token`; none "
+        "configured: 403). A new version takes traffic once warmed up; one that fails is UNAVAILABLE with "
+        "its reason (503) and what served before still serves.",
+    ),
+    Operation(
+        "POST",
+        "/v2/repository/models/{name}/unload",
+        "repository_unload",
+        "Unload a model",
+        "models",
+        {200: "RepositoryChanged", **CLASSIFY_ERRORS},
+        routes.repository_unload,
+        parameters=("repository_model",),
+        body="RepositoryChangeBody",
+        admin=True,
+        description="With `--model-control explicit` and the admin token. Requests already admitted "
+        "finish on the model; later ones are 404.",
+    ),
     # BentoML's own routes.
     Operation(
         "GET",
@@ -352,6 +398,49 @@ OPERATIONS: tuple[Operation, ...] = (
         web=True,
     ),
 )
+REPOSITORY_ROW: JSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "state": {"type": "string", "enum": ["", "READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
+        "reason": {"type": "string"},
+    },
+    "required": ["name", "version", "state", "reason"],
+    "additionalProperties": False,
+}
+REPOSITORY_BODIES: JSON = {
+    "RepositoryIndexBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"ready": {"type": "boolean", "description": "Only the READY versions."}},
+                    "additionalProperties": False,
+                }
+            }
+        },
+    },
+    "RepositoryChangeBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"unload_dependents": {"type": "boolean"}},
+                            "additionalProperties": False,
+                        }
+                    },
+                    "additionalProperties": False,
+                }
+            }
+        },
+    },
+}
 # The router's last route, not an operation: anything else is a JSON 404, a wrong method a JSON 405.
 FALLBACK = "/{path:path}"
 
@@ -375,9 +464,13 @@ def build_app(settings: Settings) -> Starlette:
 
 
 def open_rule(settings: Settings) -> Callable[[str], bool]:
-    """Whether a path needs no token: the open operations' paths, a `{parameter}` one path segment."""
+    """Whether a path needs no token: the open operations' paths, a `{parameter}` one path segment. The admin
+    operations are among them: their handlers check the admin token, never the inference token."""
     patterns = [
-        re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(op.path)) for op in operations(settings) if op.open
+        # An admin path's name may hold an encoded '/': its handler refuses it as a name (400), not as a path.
+        re.sub(r"\\\{[a-z_]+\\\}", ".+" if op.admin else "[^/]+", re.escape(op.path))
+        for op in operations(settings)
+        if op.open or op.admin
     ]
     rule = re.compile("|".join(f"(?:{p})" for p in patterns))
     return lambda path: rule.fullmatch(path) is not None
@@ -428,6 +521,14 @@ def _success_responses(settings: Settings) -> JSON:
         "BentoSchema": answer("BentoML's schema of the service.", json_of("BentoSchema")),
         "OpenAPI": answer("This document.", {"application/json": {"schema": {"type": "object"}}}),
         "Html": answer("The page.", {"text/html": {"schema": {"type": "string"}}}),
+        "RepositoryIndex": answer(
+            "The repository's models and versions.",
+            {"application/json": {"schema": {"type": "array", "items": REPOSITORY_ROW}}},
+        ),
+        "RepositoryChanged": answer(
+            "Done: the model serves (load) or has left (unload).",
+            {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
+        ),
         "Asset": answer(
             "The file.",
             {
@@ -451,6 +552,13 @@ def document(settings: Settings, models: Sequence[str] = ()) -> JSON:
         "required": True,
         "schema": {"type": "string", "enum": list(web.page_files())},
     }
+    parameters["repository_model"] = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "description": "A model of the repository: a plain folder name, never a path.",
+    }
     parameters["docs_file"] = {
         "name": "file",
         "in": "path",
@@ -472,7 +580,7 @@ def document(settings: Settings, models: Sequence[str] = ()) -> JSON:
     components: JSON = {
         "schemas": schemas.schemas(settings),
         "parameters": parameters,
-        "requestBodies": schemas.request_bodies(settings, models),
+        "requestBodies": {**schemas.request_bodies(settings, models), **REPOSITORY_BODIES},
         "responses": {**_success_responses(settings), **schemas.error_responses()},
         "headers": schemas.headers(),
     }
@@ -500,4 +608,10 @@ def document(settings: Settings, models: Sequence[str] = ()) -> JSON:
             }
         }
         doc["security"] = [{"bearer": []}]
+    components.setdefault("securitySchemes", {})["admin"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <admin token>` (`--admin-token`): the repository's load and "
+        "unload, and nothing else.",
+    }
     return doc

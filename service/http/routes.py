@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,15 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
+from service.auth import check_admin
 from service.config import Settings
 from service.core import InferenceCore, ModelInfo, Prediction
 from service.errors import ClientGone, InvalidArgument, ServiceError, shown
 from service.metrics import Metrics
+from service.models import check_name
 from service.oip import OpenInference
 from service.postprocessing import check_top_k
 
 from . import oip_rest
-from .requests import ImageRequest, deadline_of, read_body, read_images
+from .requests import ImageRequest, deadline_of, parse_json, read_body, read_images
 from .responses import error_response, internal_error, plain_error
 
 
@@ -249,9 +252,71 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
     return oip_rest.infer_response(result, request_id, binary, {})
 
 
+# Triton's model repository extension. The index follows the inference token (the middleware's); load and
+# unload take the admin token instead (`auth.check_admin`: off, 403, while none is configured).
+REPOSITORY_BODY_BYTES = 64 * 1024
+# A name with an encoded '/' (`..%2Fx`, `%2Fetc`) matches no route: the fallback refuses it as a name, 400.
+REPOSITORY_CALL = re.compile("/v2/repository/models/(.+)/(?:load|unload)")
+
+
+async def _repository_body(request: Request, *keys: str) -> dict[str, Any]:
+    """The optional JSON object of a repository call, with only `keys` in it."""
+    body = await read_body(request, REPOSITORY_BODY_BYTES)
+    doc = parse_json(body, "request body") if body.strip() else {}
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    unknown = set(doc) - set(keys)
+    if unknown:
+        raise InvalidArgument(f"unknown fields {shown(sorted(unknown))}; this call takes {list(keys)}")
+    return doc
+
+
+def _admin(request: Request, runtime: Runtime) -> str:
+    """The admin token checked, and the model name of the path (never a path itself: `models.check_name`)."""
+    header = request.headers.get("authorization")
+    check_admin(header, runtime.settings.admin_token, "the Authorization header")
+    name = request.path_params["name"]
+    request.scope["state"]["model"] = name
+    return name
+
+
+def _parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be an object")
+    return params
+
+
+@endpoint("repository_index")
+async def repository_index(request: Request, runtime: Runtime) -> Response:
+    doc = await _repository_body(request, "ready")
+    return JSONResponse(runtime.oip.repository_index(doc.get("ready", False)))
+
+
+@endpoint("repository_load")
+async def repository_load(request: Request, runtime: Runtime) -> Response:
+    name = _admin(request, runtime)
+    doc = await _repository_body(request, "parameters")
+    await runtime.oip.repository_load(name, _parameters(doc))
+    return JSONResponse({})
+
+
+@endpoint("repository_unload")
+async def repository_unload(request: Request, runtime: Runtime) -> Response:
+    name = _admin(request, runtime)
+    doc = await _repository_body(request, "parameters")
+    await runtime.oip.repository_unload(name, _parameters(doc))
+    return JSONResponse({})
+
+
 @endpoint("-")
 async def not_found(request: Request, runtime: Runtime) -> Response:
     """404, or 405 when the path exists for another method (this catch-all would otherwise shadow that)."""
+    repository_call = REPOSITORY_CALL.fullmatch(request.scope.get("path", ""))
+    if repository_call and request.method == "POST":
+        check_name(repository_call.group(1))
     allowed: set[str] = set()
     for route in request.app.router.routes:
         if route.endpoint is not not_found and route.matches(request.scope)[0] == Match.PARTIAL:
