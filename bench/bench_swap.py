@@ -1,8 +1,8 @@
 """Live model set figures (poll mode, on the inference core as the servers call it): printed, never asserted.
 
 1. Time from a version's folder appearing in the repository (one rename, as export writes it) to its first
-   answer: the wait for the next scan, then reading, sha256-checking, opening and warming the session up,
-   each measured.
+   answer: the wait for the next scan, then reading, sha256-checking, opening and warming the session up
+   beside the callers' traffic.
 2. Latency of classify requests from N concurrent callers during a swap against the same callers without
    one, in the same run: p50 and p99. The swap window runs from the folder's appearance until the old
    version has drained and been released.

@@ -85,3 +85,11 @@ def test_bench_remote_compares_read_threads(model_repo: Path) -> None:
     )  # fmt: skip
     rates = rf"--read-threads 8 {NUMBER} images/s, --read-threads 1 {NUMBER} images/s, ratio {NUMBER}x"
     assert re.search(f"remote inputs: {rates}", out), out
+
+
+def test_bench_swap_prints_both_figures_and_loses_no_request(model_repo: Path) -> None:
+    out = run_bench("bench_swap.py", "--repository", str(model_repo), "--clients", "4", "--seconds", "1")
+    assert re.search(rf"folder appeared -> first answer of version 2: {NUMBER} s", out), out
+    assert re.search(rf"without a swap +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
+    assert re.search(rf"during the swap +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
+    assert "failed requests: 0" in out
