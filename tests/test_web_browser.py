@@ -149,6 +149,34 @@ def test_the_page_says_a_text_file_is_not_an_image(web_server: Server, visit: An
     assert v.page.locator("#result").is_hidden()
 
 
+DROP_AND_PASTE = """([kind, bytes]) => {
+    const file = new File([new Uint8Array(bytes)], "digit.png", { type: "image/png" });
+    const data = new DataTransfer();
+    data.items.add(file);
+    if (kind === "paste") {
+        document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+    } else {
+        const drop = new DragEvent("drop", { dataTransfer: data, bubbles: true, cancelable: true });
+        document.getElementById("drop").dispatchEvent(drop);
+    }
+}"""
+
+
+@pytest.mark.parametrize("kind", ["drop", "paste"])
+def test_the_page_takes_a_dropped_or_pasted_image(
+    web_server: Server, visit: Any, tmp_path: Path, kind: str
+) -> None:
+    path, digit = digit_png(tmp_path)
+    v = visit(web_server)
+    v.page.goto(web_server.url + "/")
+    v.page.wait_for_selector("#model option:not([value=''])", state="attached")
+    choose_model(v.page, "lenet5")
+    v.page.evaluate(DROP_AND_PASTE, [kind, list(path.read_bytes())])
+    v.page.wait_for_selector("#meta:has-text('lenet5')")
+    assert top(v.page)[0] == digit
+    assert v.page.inner_text("#filename").startswith("digit.png")
+
+
 def test_the_page_names_an_unknown_model(web_server: Server, visit: Any, tmp_path: Path) -> None:
     """A model that left the server after the page listed it: the server's 404, in plain words. The page's
     list is the server's own answer with one model added, so that the page can ask for it."""
