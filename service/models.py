@@ -289,8 +289,12 @@ class ModelSet:
         """Every model that should serve has a ready version (or, without strict readiness, any has one).
 
         Explicit mode with no model asked for is ready: there is nothing it should serve."""
-        with self._lock:
-            served = [any(e.state == READY for e in vs.values()) for vs in self._entries.values()]
+        with self._lock:  # a model whose versions are all unloading is leaving: it no longer should serve
+            served = [
+                any(e.state == READY for e in vs.values())
+                for vs in self._entries.values()
+                if any(e.state != UNLOADING for e in vs.values())
+            ]
         if not served:
             return self.settings.model_control == "explicit"
         return all(served) if self.settings.strict_readiness else any(served)
