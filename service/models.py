@@ -160,8 +160,8 @@ def fingerprint(folder: Path) -> tuple:
 
 def return_memory() -> None:
     """Hand the pages of a released session back to the system. glibc keeps freed memory in its per-thread
-    arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 MB
-    (tests/test_models_memory.py). Elsewhere than glibc, nothing to do."""
+    arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 to
+    27 MB (tests/test_models_memory.py). Elsewhere than glibc, nothing to do."""
     global _malloc_trim
     if _malloc_trim is None:
         try:
