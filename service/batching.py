@@ -65,7 +65,7 @@ class Batcher:
         max_wait_s: float,
         queue_size: int,
         observer: Any,
-        model_name: Callable[[Hashable], str] = str,
+        labels: Callable[[Hashable], tuple[str, str]] = lambda key: (str(key), ""),
         batch_limit: Callable[[Hashable], int] | None = None,
         workers: int = 1,
     ) -> None:
@@ -76,7 +76,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.observer = observer
-        self._model_name = model_name
+        self._labels = labels  # a key's (model, version), for the observer
         self._batch_limit = batch_limit
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -272,7 +272,7 @@ class Batcher:
                 chunk = batch[i : i + limit]
                 t0 = time.perf_counter()
                 outputs.append(self._run(key, chunk, alone))
-                self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), self._model_name(key))
+                self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), *self._labels(key))
             out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         except ServiceError as e:
             for job in jobs:

@@ -55,7 +55,8 @@ class Observer(Protocol):
     def decode_memory(self, nbytes: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def preprocess(self, seconds: float) -> None: ...
-    def inference(self, seconds: float, batch_size: int, model: str) -> None: ...
+    def inference(self, seconds: float, batch_size: int, model: str, version: str) -> None: ...
+    def model_info(self, models: Sequence[ModelInfo]) -> None: ...
     def model_load_failure(self, model: str) -> None: ...
     def model_versions(self, model: str, loaded: int) -> None: ...
     def model_files_intact(self, model: str, version: str, intact: bool) -> None: ...
@@ -74,7 +75,10 @@ class NullObserver:
     def preprocess(self, seconds: float) -> None:
         pass
 
-    def inference(self, seconds: float, batch_size: int, model: str) -> None:
+    def inference(self, seconds: float, batch_size: int, model: str, version: str) -> None:
+        pass
+
+    def model_info(self, models: Sequence[ModelInfo]) -> None:
         pass
 
     def model_load_failure(self, model: str) -> None:
@@ -161,7 +165,9 @@ class InferenceCore:
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits.from_settings(self.settings)
         self.decode_memory = MemoryBudget(self.limits.max_decode_bytes, self.observer.decode_memory)
-        self.model_set = ModelSet(self.settings, self.limits, self.observer)
+        # The model_info metric follows every load, swap and unload.
+        publish = lambda: self.observer.model_info(self.models())  # noqa: E731
+        self.model_set = ModelSet(self.settings, self.limits, self.observer, on_change=publish)
         self.file_check = FileCheck(
             self.model_set.entries, self.observer, self.settings.model_check_interval_s
         )
@@ -174,7 +180,7 @@ class InferenceCore:
             max_wait_s=self.settings.max_wait_ms / 1000.0,
             queue_size=self.settings.queue_size,
             observer=self.observer,
-            model_name=lambda key: key[0],
+            labels=lambda key: (key[0], key[1]),
             batch_limit=self._batch_limit,
             workers=self.settings.inference_workers,
         )

@@ -94,14 +94,14 @@ class Metrics:
         self.inference_seconds = prom.Histogram(
             f"{PREFIX}_inference_seconds",
             "Time of one ONNX Runtime call (one batch).",
-            ["model"],
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = prom.Histogram(
             f"{PREFIX}_batch_size",
             "Images per ONNX Runtime call.",
-            ["model"],
+            ["model", "version"],
             buckets=BATCH_BUCKETS,
             registry=r,
         )
@@ -185,8 +185,10 @@ class Metrics:
                 self.request(outcome["model"], endpoint, protocol, outcome["status"], elapsed)
 
     def model_info(self, models: Sequence[ModelInfo]) -> None:
-        """Publish one `model_info` sample per model (from `core.models()`); their names become labels."""
+        """Publish one `model_info` sample per model version (from `core.models()`, again whenever the model
+        set changes: a version unloaded leaves no sample); their names become labels."""
         self._models = self._models | {m.name for m in models}
+        self.model_info_gauge.clear()
         for m in models:
             self.model_info_gauge.labels(m.name, m.version, m.provider, m.state).set(1)
 
@@ -203,9 +205,9 @@ class Metrics:
     def preprocess(self, seconds: float) -> None:
         self.preprocess_seconds.observe(max(0.0, seconds))
 
-    def inference(self, seconds: float, batch_size: int, model: str) -> None:
-        self.inference_seconds.labels(model).observe(max(0.0, seconds))
-        self.batch_size.labels(model).observe(batch_size)
+    def inference(self, seconds: float, batch_size: int, model: str, version: str) -> None:
+        self.inference_seconds.labels(model, version).observe(max(0.0, seconds))
+        self.batch_size.labels(model, version).observe(batch_size)
 
     def model_load_failure(self, model: str) -> None:
         self.load_failures.labels(model).inc()

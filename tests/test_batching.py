@@ -40,9 +40,9 @@ class Recorder(NullObserver):
         with self.lock:
             self.calls["preprocess"].append(seconds)
 
-    def inference(self, seconds: float, batch_size: int, model: str) -> None:
+    def inference(self, seconds: float, batch_size: int, model: str, version: str) -> None:
         with self.lock:
-            self.calls["inference"].append((seconds, batch_size, model))
+            self.calls["inference"].append((seconds, batch_size, model, version))
 
 
 def _images(chelsea: Image.Image, n: int) -> list[bytes]:
@@ -100,9 +100,9 @@ def test_concurrent_callers_share_batches(tiny_repo: Path, chelsea: Image.Image)
             return await asyncio.gather(*(core.classify([b], tta="flip") for b in images))
 
         together = asyncio.run(callers())
-        sizes = [b for _, b, _ in obs.calls["inference"]]
+        sizes = [b for _, b, _, _ in obs.calls["inference"]]
         assert sum(sizes) == 2 * len(images) and max(sizes) > 2 and max(sizes) <= 16  # views, batched
-        assert all(m == "tiny" for _, _, m in obs.calls["inference"])
+        assert all((m, v) == ("tiny", "2") for _, _, m, v in obs.calls["inference"])  # the latest serves
         flip_alone = [classify_now(core, [b], tta="flip")[0].probabilities for b in images]
         for (p,), ref in zip(together, flip_alone, strict=True):
             np.testing.assert_allclose(p.probabilities, ref, atol=1e-5)

@@ -31,7 +31,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     m.decode_memory(12_345_678)
     m.queue_wait(0.004)
     m.preprocess(0.01)
-    m.inference(0.05, 8, "lenet5")
+    m.inference(0.05, 8, "lenet5", "1")
     m.model_info([ModelInfo("lenet5", "1", "ready", runtime={"provider": "CPUExecutionProvider"})])
     fams = _families(generate_latest(m.registry).decode())
 
@@ -53,6 +53,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
         if s.name.endswith("_bucket")
     }
     assert batch["4.0"] == 0.0 and batch["8.0"] == 1.0
+    assert {s.labels["version"] for s in fams["cnn_serve_batch_size"].samples} == {"1"}
     info = fams["cnn_serve_model_info"].samples[0]
     assert info.labels["provider"] == "CPUExecutionProvider" and info.value == 1.0
     assert (info.labels["name"], info.labels["version"], info.labels["state"]) == ("lenet5", "1", "ready")

@@ -7,7 +7,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.card import CardError
 from service.config import Settings, add_arguments, from_args
-from service.core import InferenceCore, NullObserver
+from service.core import InferenceCore, ModelInfo, NullObserver
 from service.errors import InvalidArgument, ModelNotFound, ModelUnavailable, PermissionDenied
 from service.models import POLICY_FILE, VersionPolicy, check_name
 from tests.conftest import encode, write_tiny_model
@@ -38,6 +38,9 @@ class Recorder(NullObserver):
 
     def model_versions(self, model: str, loaded: int) -> None:
         self.versions[model] = loaded
+
+    def model_info(self, models: Sequence[ModelInfo]) -> None:
+        self.info = {(m.name, m.version): m.state for m in models}
 
 
 @pytest.fixture
@@ -243,7 +246,8 @@ def test_explicit_loads_the_start_set_then_on_request(
 ) -> None:
     write_tiny_model(tmp_path, "tiny", "1", seed=1)
     write_tiny_model(tmp_path, "other", "1", seed=5)
-    core = started(tmp_path, model_control="explicit", load_model=("tiny",))
+    recorder = Recorder()
+    core = started(tmp_path, recorder, model_control="explicit", load_model=("tiny",))
     assert set(states(core)) == {("tiny", "1")} and core.ready
     index = {(r["name"], r["version"]): (r["state"], r["reason"]) for r in core.repository_index()}
     assert index == {("tiny", "1"): ("READY", ""), ("other", ""): ("", "")}
@@ -252,7 +256,9 @@ def test_explicit_loads_the_start_set_then_on_request(
 
     asyncio.run(core.load_model("other"))
     assert classify(core, photo, model="other") == "1"
+    assert recorder.info[("other", "1")] == "ready"  # the model_info metric follows the model set
     asyncio.run(core.unload_model("other"))
+    assert ("other", "1") not in recorder.info
     with pytest.raises(ModelNotFound, match="unloaded"):
         classify(core, photo, model="other")
     assert ("other", "", "UNAVAILABLE", "unloaded") in [tuple(r.values()) for r in core.repository_index()]
