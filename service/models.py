@@ -66,10 +66,11 @@ class VersionPolicy:
     """Which versions of a model serve: the `latest` N (Triton's default form), `all`, or `specific` ones.
 
     The file holds Triton's JSON form: `{"latest": {"num_versions": 2}}`, `{"all": {}}` or
-    `{"specific": {"versions": [1, 3]}}`. Without a file every version serves, as the repository lists them.
+    `{"specific": {"versions": [1, 3]}}`. Without a file the latest version serves, as in Triton: a new
+    version replaces the one before it rather than doubling the memory held.
     """
 
-    kind: str = "all"
+    kind: str = "latest"
     count: int = 1
     versions: tuple[str, ...] = ()
 

@@ -165,6 +165,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     write_tiny_model(root, "tiny", "1", seed=1)
     write_tiny_model(root, "tiny", "2", seed=2)
+    (root / "tiny" / "version_policy.json").write_text('{"all": {}}')  # both versions answer
     write_tiny_model(root, "tinygray", "1", channels=1, seed=3)
     write_tiny_model(root, "tinyprob", "1", seed=4, kind="probabilities")
     return root

@@ -384,6 +384,7 @@ def test_repository_versions_are_plain_integers_and_the_folder_wins(tmp_path: Pa
     card = tmp_path / "tiny" / "2" / "model.json"
     card.write_text(json.dumps({**json.loads(card.read_text()), "version": "1"}))
     assert read_card(card.parent).version == "2"
+    (tmp_path / "tiny" / "version_policy.json").write_text('{"all": {}}')
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="tiny"))
     core.load()
     try:

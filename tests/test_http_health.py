@@ -54,6 +54,7 @@ def test_not_ready_while_models_load_then_ready(tmp_path: Path) -> None:
     (repo / "efficientnet_lite0").mkdir(parents=True)
     for v in ("1", "2", "3", "4"):  # four versions to load and warm: long enough to watch the loading
         (repo / "efficientnet_lite0" / v).symlink_to((MODELS / "efficientnet_lite0" / "1").resolve())
+    (repo / "efficientnet_lite0" / "version_policy.json").write_text('{"all": {}}')
     seen: list[tuple[int, int, int, int]] = []
     with running_server(tmp_path, "--repository", str(repo), wait_ready=False) as server:
         deadline = time.monotonic() + 180
