@@ -2,7 +2,7 @@
 
 On a CPU, `solo_threads` adds a second session of the same graph for batches that run alone (nothing else
 queued, decoding or running): it spreads them over that many threads, spinning between operators inside a run,
-while the first session serves the batches of a busy service (typically one thread each, several at once).
+while the main session serves the batches of a busy service (one thread each, several at once).
 A lone request then gets every core without slowing the service under load; the price is a second copy of
 the model's weights in memory.
 

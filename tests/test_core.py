@@ -261,7 +261,7 @@ def test_thread_spinning_stops_when_the_run_returns(tiny_repo: Path, photo: byte
 
 def test_solo_session_takes_lone_batches_with_the_same_answers(tiny_repo: Path, photo: bytes) -> None:
     """`solo_threads`: a second session, on that many spinning threads, runs the batches that run alone; its
-    answers are the first session's. Without the setting there is no second session."""
+    answers are the main ONNX Runtime session's. Without the setting there is no second one."""
     answers, runs = [], {"solo": 0, "first": 0}
     for solo in (0, 2):
         profile = {"intra_op_threads": 1, "inference_workers": 2, "solo_threads": solo}

@@ -295,20 +295,22 @@ async def repository_index(request: Request, runtime: Runtime) -> Response:
     return JSONResponse(runtime.oip.repository_index(doc.get("ready", False)))
 
 
-@endpoint("repository_load")
-async def repository_load(request: Request, runtime: Runtime) -> Response:
+async def _repository_change(request: Request, runtime: Runtime, change: str) -> Response:
+    """Load or unload (`change`) the model the path names, after the admin token."""
     name = _admin(request, runtime)
     doc = await _repository_body(request, "parameters")
-    await runtime.oip.repository_load(name, _parameters(doc))
+    await getattr(runtime.oip, f"repository_{change}")(name, _parameters(doc))
     return JSONResponse({})
+
+
+@endpoint("repository_load")
+async def repository_load(request: Request, runtime: Runtime) -> Response:
+    return await _repository_change(request, runtime, "load")
 
 
 @endpoint("repository_unload")
 async def repository_unload(request: Request, runtime: Runtime) -> Response:
-    name = _admin(request, runtime)
-    doc = await _repository_body(request, "parameters")
-    await runtime.oip.repository_unload(name, _parameters(doc))
-    return JSONResponse({})
+    return await _repository_change(request, runtime, "unload")
 
 
 @endpoint("-")
