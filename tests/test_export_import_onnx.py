@@ -228,7 +228,6 @@ def _cpu_optimised(path: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (_batch_one_inside, "declares a dynamic batch but"),
         (_external_data, "external data files"),
         (_cpu_optimised, "uses operators of com.microsoft"),
     ],
@@ -239,6 +238,19 @@ def test_graphs_the_service_could_not_serve_everywhere_are_refused(tmp_path, cap
     assert main(["import-onnx", str(src), "--name", "odd", "--repository", str(repo)]) == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert not repo.exists()
+
+
+def test_a_dynamic_batch_that_runs_one_image_only_is_served_with_batch_one(tmp_path, capsys) -> None:
+    src = _batch_one_inside(tmp_path / "b1.onnx")
+    repo = tmp_path / "models"
+    assert main(["import-onnx", str(src), "--name", "b1", "--repository", str(repo)]) == 0, (
+        capsys.readouterr()
+    )
+    card = json.loads((repo / "b1" / "1" / "model.json").read_text())
+    assert card["input"]["shape"] == [1, 3, 224, 224] and card["output"]["shape"] == [1, 1000]
+    assert "declares a dynamic batch but a batch of two gives" in card["import"]["batch"]
+    assert card["import"]["rewritten"] is False
+    assert card["files"]["model.onnx"]["sha256"] == sha256_file(src)
 
 
 @pytest.mark.parametrize(

@@ -323,6 +323,8 @@ class OpenInference:
         limits.check_count(array.shape[0], self.settings.max_images_per_request, "samples")
         if not np.isfinite(array).all():
             raise InvalidArgument(f"input {tensor.name!r} holds NaN or infinite values")
+        if card.layout == "NHWC":  # sent as the graph takes it; the core takes the prepared NCHW tensor
+            array = array.transpose(0, 3, 1, 2)
         probabilities, answered = await self.core.infer_tensor_versioned(
             info.name, version, np.ascontiguousarray(array), deadline
         )
