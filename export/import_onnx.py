@@ -318,8 +318,8 @@ def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=ROW_RTOL, atol=ROW_ATOL))
 
 
-def _set_batch(model: Any, value: str | int) -> Any:
-    """A copy whose first input's and outputs' batch dimension is `value` (a name: dynamic); the inner shapes
+def _set_batch(model: Any, value: str | int, graph: Graph) -> Any:
+    """A copy whose image input's and scores' batch dimension is `value` (a name: dynamic); the inner shapes
     a converter wrote for the old batch are dropped for ONNX Runtime to infer again."""
     import onnx
 
@@ -327,7 +327,9 @@ def _set_batch(model: Any, value: str | int) -> Any:
     copy.CopyFrom(model)
     g = copy.graph
     del g.value_info[:]
-    for vi in [*g.input[:1], *g.output]:
+    for vi in [*g.input, *g.output]:
+        if vi.name not in (graph.image, graph.scores):
+            continue
         dim = vi.type.tensor_type.shape.dim[0]
         if isinstance(value, str):
             dim.dim_param = value
@@ -336,29 +338,36 @@ def _set_batch(model: Any, value: str | int) -> Any:
     return copy
 
 
-def _convert_opset(graph: Graph, sess: Any, layout: str, x: np.ndarray) -> Any:
-    """Graphs below opset 7 go up to it where the converter manages and the converted graph gives the same
-    rows; otherwise they stay as they are (ONNX Runtime runs them through its legacy kernels)."""
+def _convert_opset(graph: Graph, layout: str, x: np.ndarray) -> None:
+    """A graph below opset 7 goes up to it (ONNX Runtime lacks some of the oldest kernels) where the converter
+    manages, the result passes the checker and, where ONNX Runtime runs the original too, gives its scores;
+    otherwise it stays as it is and the note says why."""
     import onnx
     from onnx import version_converter
 
-    try:
-        converted = version_converter.convert_version(graph.model, MIN_OPSET)
+    image = next(i for i in graph.model.graph.input if i.name == graph.image)
+    batch = image.type.tensor_type.shape.dim[0]
+    try:  # the converter needs every dimension known: it converts the graph for one image
+        one = onnx.shape_inference.infer_shapes(_set_batch(graph.model, 1, graph))
+        converted = version_converter.convert_version(one, MIN_OPSET)
+        if not batch.dim_value:
+            converted = _set_batch(converted, batch.dim_param or "N", graph)
         onnx.checker.check_model(converted)
-        same = _same_rows(
-            _rows(_run(_session(converted), graph, layout, x)), _rows(_run(sess, graph, layout, x))
-        )
+        after = _rows(_run(_session(converted), graph, layout, x))
     except Exception as e:
         graph.notes["opset"] = (
             f"kept at {graph.opset}: conversion to {MIN_OPSET} failed ({str(e).splitlines()[0][:100]})"
         )
-        return sess
-    if not same:
+        return
+    try:
+        before = _rows(_run(_session(graph.model), graph, layout, x))
+    except Exception:
+        before = None  # ONNX Runtime has no kernel for one of its operators: the converted graph is the one
+    if before is not None and not _same_rows(before, after):
         graph.notes["opset"] = f"kept at {graph.opset}: converted to {MIN_OPSET} it gave other scores"
-        return sess
-    graph.notes["opset"] = f"converted from {graph.opset} to {MIN_OPSET} and checked on a photo"
+        return
+    graph.notes["opset"] = f"converted from {graph.opset} to {MIN_OPSET}, checked on a photo"
     graph.model, graph.opset, graph.rewritten = converted, MIN_OPSET, True
-    return _session(converted)
 
 
 def _ends_in_softmax(graph: Graph) -> str | None:
@@ -480,18 +489,23 @@ def import_onnx(
 
     declared = in_dims[0]
     if isinstance(declared, int) and declared > 1:  # one image must run: try the graph with a dynamic batch
-        graph.model, graph.rewritten = _set_batch(graph.model, "N"), True
+        graph.model, graph.rewritten = _set_batch(graph.model, "N", graph), True
         graph.notes["batch"] = f"declared {declared}, made dynamic"
 
     # ORT must load and run it on a real photo; one image must give [1, classes] (or [1, classes, 1, 1]).
     photos = validate.photos()
     x = validate.preprocess(photos[0], pre)[None]
     pair = np.stack([x[0], validate.preprocess(photos[1], pre)])
+    if graph.opset < MIN_OPSET:
+        _convert_opset(graph, lay, x)
     try:
         sess = _session(graph.model)
         y = _run(sess, graph, lay, x)
     except Exception as e:
-        raise ExportError(f"ONNX Runtime cannot run {path.name}: {str(e).splitlines()[0][:200]}") from None
+        why = f" (opset {graph.notes['opset']})" if "opset" in graph.notes else ""
+        raise ExportError(
+            f"ONNX Runtime cannot run {path.name}{why}: {str(e).splitlines()[0][:200]}"
+        ) from None
     if (
         y.ndim not in (2, 4)
         or y.shape[0] != 1
@@ -502,8 +516,6 @@ def import_onnx(
         raise ExportError(
             f"{path.name} is not a classifier: one image gave an output of shape {list(y.shape)}"
         )
-    if graph.opset < MIN_OPSET:
-        sess = _convert_opset(graph, sess, lay, x)
     rows = np.concatenate([_rows(y), _rows(_run(sess, graph, lay, pair[1:]))])  # each photo alone
     classes = int(rows.shape[1])
     batch = -1
@@ -572,7 +584,7 @@ def _fixed_batch(graph: Graph, layout: str, pair: np.ndarray, rows: np.ndarray) 
     """A graph declaring a batch of 1 (older exports): made dynamic when, declared so, a batch of two gives
     the rows each image gives alone; else served one image at a time."""
     try:
-        dynamic = _set_batch(graph.model, "N")
+        dynamic = _set_batch(graph.model, "N", graph)
         both = _rows(_run(_session(dynamic), graph, layout, pair))
         ok = _same_rows(both, rows)
     except Exception:
