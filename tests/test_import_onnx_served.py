@@ -120,7 +120,7 @@ def variants() -> dict[str, tuple[onnx.ModelProto, list[str], dict]]:
         [],
         {"layout": "NHWC", "input_shape": [-1, 224, 224, 3]},
     )
-    # TensorFlow-slim as converted: NHWC, batch fixed at 1, 1001 classes with background, Softmax, [1, C, 1, 1]
+    # TensorFlow-slim as converted: NHWC, batch fixed at 1, a background class, Softmax, [1, C, 1, 1]
     out["slim"] = (
         _model(
             [_vi("image", [1, 224, 224, 3])],
