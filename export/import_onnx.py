@@ -236,7 +236,7 @@ def _choose(items: list, given: str | None, what: str, role: str, flag: str, loo
     if not items:
         raise ExportError(f"{path.name} is not an image classifier: it has no {what}")
     likely = [i for i in items if looks(i)]
-    hint = f"{likely[0].name!r} looks like the {role}" if len(likely) == 1 else f"which is the {role}?"
+    hint = f"{likely[0].name!r} looks like the {role};" if len(likely) == 1 else f"which is the {role}?"
     raise ExportError(
         f"{path.name} is not a single-{what} classifier: it has {len(items)} {what}s ({listed}); {hint} "
         f"name it with {flag} NAME"
