@@ -239,3 +239,41 @@ def test_each_kind_is_imported_as_it_is_and_classifies_photos_as_the_base_graph(
         assert [i for i, _ in got] == [i for i, _ in expected[photo]], (name, photo)
         np.testing.assert_allclose([q for _, q in got], [q for _, q in expected[photo]], atol=1e-5)
         assert result["predictions"][0]["id"] == card["labels"][got[0][0]]["id"]
+
+
+def test_open_inference_tensors_are_in_the_graphs_own_layout_and_batch(
+    repo: Path, server: Server, expected: dict
+) -> None:
+    """An FP32 tensor sent through the Open Inference Protocol is what the graph takes, as the metadata says:
+    NHWC for a TensorFlow/Keras conversion; a fixed batch of 1 refuses two samples with the shape it needs."""
+    card = read_card(repo / "keras" / "1")
+    settings = Settings()
+    pipeline = Pipeline.for_card(card, decoding.Limits.from_settings(settings), settings.preprocess_mode)
+    nchw = pipeline.prepare(jpeg(skdata.chelsea()))
+    nhwc = nchw.transpose(0, 2, 3, 1)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        meta = c.get("/v2/models/keras").json()
+        fp32 = [i for i in meta["inputs"] if i["datatype"] == "FP32"]
+        assert fp32 == [{"name": "image", "datatype": "FP32", "shape": [-1, 224, 224, 3]}]
+        tensor = {
+            "name": "image",
+            "datatype": "FP32",
+            "shape": list(nhwc.shape),
+            "data": nhwc.ravel().tolist(),
+        }
+        r = c.post(
+            "/v2/models/keras/infer", json={"inputs": [tensor], "outputs": [{"name": "probabilities"}]}
+        )
+        assert r.status_code == 200, r.text
+        p = np.asarray(r.json()["outputs"][0]["data"], np.float32)
+        top = np.argsort(-p, kind="stable")[:5]
+        assert [int(i) for i in top] == [i for i, _ in expected["chelsea"]]
+        np.testing.assert_allclose(p[top], [q for _, q in expected["chelsea"]], atol=1e-5)
+        wrong = {**tensor, "shape": list(nchw.shape)}
+        r = c.post("/v2/models/keras/infer", json={"inputs": [wrong]})
+        assert r.status_code == 400 and "must have shape [-1, 224, 224, 3]" in r.json()["message"]
+        two = np.concatenate([nchw, nchw])
+        tensor = {"name": "x", "datatype": "FP32", "shape": list(two.shape), "data": two.ravel().tolist()}
+        r = c.post("/v2/models/batch1/infer", json={"inputs": [tensor]})
+        assert r.status_code == 400 and "must have shape [1, 3, 224, 224], got [2, 3, 224, 224]" in r.text
+        assert c.get("/readyz").status_code == 200

@@ -271,7 +271,8 @@ class OpenInference:
                 f"got {len(inputs)}"
             )
         tensor = inputs[0]
-        if tensor.name == IMAGE_INPUT:
+        # A graph whose own input is called "image" takes its FP32 tensor by that name: the datatype tells.
+        if tensor.name == IMAGE_INPUT and (fp32_name != IMAGE_INPUT or tensor.datatype != "FP32"):
             return await self._classify_images(tensor, info, tta, deadline, version)
         if tensor.name == fp32_name:
             return await self._run_tensor(tensor, info, card, deadline, version)
