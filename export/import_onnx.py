@@ -217,6 +217,8 @@ def _image_like(vi: Any) -> bool:
 
 def _scores_like(vi: Any) -> bool:
     d = _dims(vi)
+    if not vi.type.tensor_type.HasField("shape"):  # some converters leave outputs unshaped: running tells
+        return _is_float(vi)
     return _is_float(vi) and (
         len(d) == 2 or (len(d) == 4 and all(not isinstance(x, int) or x in (-1, 1) for x in d[2:]))
     )
@@ -539,7 +541,7 @@ def import_onnx(
 
     repo = Path(repo)
     version = repository.check_version(version) if version else repository.next_version(repo, name)
-    out_tail = [classes, 1, 1] if len(out_dims) == 4 else [classes]
+    out_tail = [classes, 1, 1] if y.ndim == 4 else [classes]
     with repository.staged(repo, name, version) as stage:
         target = stage / "model.onnx"
         if graph.rewritten:

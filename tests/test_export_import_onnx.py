@@ -455,3 +455,15 @@ def test_a_graph_below_opset_7_is_converted_and_checked(tmp_path, capsys) -> Non
         for p in (repo / "op6" / "1" / "model.onnx", same)
     ]
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_without_a_declared_shape_is_judged_by_running_it(tmp_path, capsys) -> None:
+    model = onnx.load(str(helper_classifier(tmp_path / "shaped.onnx", opset=13)))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("scores", TensorProto.FLOAT, None))
+    onnx.save(model, str(tmp_path / "unshaped.onnx"))
+    repo = tmp_path / "models"
+    assert (
+        main(["import-onnx", str(tmp_path / "unshaped.onnx"), "--name", "u", "--repository", str(repo)]) == 0
+    )
+    card = json.loads((repo / "u" / "1" / "model.json").read_text())
+    assert card["output"] == {"name": "scores", "shape": [-1, 1000], "kind": "logits"}
