@@ -2,7 +2,8 @@
 the Open Inference Protocol over REST and gRPC, and batch scoring (`python -m service.score`) give the same
 top-k with the same probabilities (within 1e-6), for the trained EfficientNet-Lite0 and for the same network
 as a TensorFlow-slim conversion leaves it (NHWC input, a background class, a final Softmax, [N, 1001, 1, 1]
-scores), imported with `python -m export import-onnx`; that one also classifies as the original does."""
+scores), imported with `python -m export import-onnx`, with and without test-time augmentation; the imported
+one also classifies as the original does."""
 
 from __future__ import annotations
 
@@ -99,17 +100,19 @@ def images() -> dict[str, bytes]:
 Answer = list[tuple[int, str, float]]  # (index, id, probability), best first
 
 
-def http_answers(server: Server, model: str, images: dict[str, bytes]) -> dict[str, dict[str, Answer]]:
+def http_answers(
+    server: Server, model: str, images: dict[str, bytes], tta: str = "none"
+) -> dict[str, dict[str, Answer]]:
     out: dict[str, dict[str, Answer]] = {"http /classify": {}, "http /classify_batch": {}}
     with httpx.Client(base_url=server.url, timeout=120) as c:
         for photo, data in images.items():
-            r = c.post("/classify", params={"model": model, "top_k": K}, content=data)
+            r = c.post("/classify", params={"model": model, "top_k": K, "tta": tta}, content=data)
             assert r.status_code == 200, r.text
             out["http /classify"][photo] = [
                 (p["index"], p["id"], p["probability"]) for p in r.json()["predictions"]
             ]
         files = [("files", (f"{p}.jpg", d, "image/jpeg")) for p, d in images.items()]
-        r = c.post("/classify_batch", params={"model": model, "top_k": K}, files=files)
+        r = c.post("/classify_batch", params={"model": model, "top_k": K, "tta": tta}, files=files)
         assert r.status_code == 200, r.text
         for photo, result in zip(images, r.json()["results"], strict=True):
             out["http /classify_batch"][photo] = [
@@ -118,7 +121,7 @@ def http_answers(server: Server, model: str, images: dict[str, bytes]) -> dict[s
         encoded = [base64.b64encode(d).decode() for d in images.values()]
         body = {
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)], "data": encoded}],
-            "parameters": {"top_k": K},
+            "parameters": {"top_k": K, "tta": tta},
         }
         r = c.post(f"/v2/models/{model}/infer", json=body)
         assert r.status_code == 200, r.text
@@ -143,7 +146,9 @@ def oip_answers(outputs: list[dict], images: dict[str, bytes], model: str) -> di
     return answers
 
 
-def grpc_answers(server: Server, model: str, images: dict[str, bytes]) -> dict[str, dict[str, Answer]]:
+def grpc_answers(
+    server: Server, model: str, images: dict[str, bytes], tta: str
+) -> dict[str, dict[str, Answer]]:
     out: dict[str, dict[str, Answer]] = {"grpc Classify": {}, "grpc ClassifyBatch": {}}
     limit = 64 * 1024 * 1024
     options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
@@ -151,11 +156,11 @@ def grpc_answers(server: Server, model: str, images: dict[str, bytes]) -> dict[s
         stub = classifier_pb2_grpc.ImageClassifierStub(channel)
         for photo, data in images.items():
             result = stub.Classify(
-                classifier_pb2.ClassifyRequest(image=data, model=model, top_k=K), timeout=120
+                classifier_pb2.ClassifyRequest(image=data, model=model, top_k=K, tta=tta), timeout=120
             )
             out["grpc Classify"][photo] = [(p.index, p.id, p.probability) for p in result.result.predictions]
         batch = stub.ClassifyBatch(
-            classifier_pb2.ClassifyBatchRequest(images=list(images.values()), model=model, top_k=K),
+            classifier_pb2.ClassifyBatchRequest(images=list(images.values()), model=model, top_k=K, tta=tta),
             timeout=120,
         )
         for photo, result in zip(images, batch.results, strict=True):
@@ -166,6 +171,7 @@ def grpc_answers(server: Server, model: str, images: dict[str, bytes]) -> dict[s
         tensor.contents.bytes_contents.extend(images.values())
         request = pb.ModelInferRequest(model_name=model, inputs=[tensor])
         request.parameters["top_k"].int64_param = K
+        request.parameters["tta"].string_param = tta
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
         outputs = [
             {
@@ -182,7 +188,7 @@ def grpc_answers(server: Server, model: str, images: dict[str, bytes]) -> dict[s
 
 
 def scoring_answers(
-    repo: Path, model: str, images: dict[str, bytes], tmp: Path
+    repo: Path, model: str, images: dict[str, bytes], tmp: Path, tta: str
 ) -> dict[str, dict[str, Answer]]:
     folder = tmp / "in"
     folder.mkdir()
@@ -190,7 +196,7 @@ def scoring_answers(
         (folder / f"{photo}.jpg").write_bytes(data)
     out = tmp / "scores.jsonl"
     args = [str(folder), "--model", model, "--repository", str(repo), "--out", str(out), "--top-k", str(K)]
-    assert score_main([*args, "--workers", "0", "--no-progress"]) == 0
+    assert score_main([*args, "--tta", tta, "--workers", "0", "--no-progress"]) == 0
     rows = {Path(r["path"]).stem: r for r in ResultStore(str(out)).read_all()}
     return {
         "batch scoring": {
@@ -208,12 +214,12 @@ def scoring_answers(
 
 
 def every_answer(
-    server: Server, repo: Path, model: str, images: dict[str, bytes], tmp: Path
+    server: Server, repo: Path, model: str, images: dict[str, bytes], tmp: Path, tta: str
 ) -> dict[str, dict[str, Answer]]:
     return {
-        **http_answers(server, model, images),
-        **grpc_answers(server, model, images),
-        **scoring_answers(repo, model, images, tmp),
+        **http_answers(server, model, images, tta),
+        **grpc_answers(server, model, images, tta),
+        **scoring_answers(repo, model, images, tmp, tta),
     }
 
 
@@ -232,11 +238,14 @@ def assert_same(reference: dict[str, Answer], other: dict[str, Answer], what: st
         )
 
 
-@pytest.mark.parametrize("model", [BASE, SLIM])
+@pytest.mark.parametrize(
+    ("model", "tta"), [(BASE, "none"), (BASE, "flip"), (SLIM, "none"), (SLIM, "five_crop")]
+)
 def test_every_transport_and_batch_scoring_give_the_same_top_k(
-    model: str, server: Server, repo: Path, images: dict[str, bytes], tmp_path: Path
+    model: str, tta: str, server: Server, repo: Path, images: dict[str, bytes], tmp_path: Path
 ) -> None:
-    answers = every_answer(server, repo, model, images, tmp_path)
+    """For each test-time augmentation mode too: the views are made, run and averaged alike everywhere."""
+    answers = every_answer(server, repo, model, images, tmp_path, tta)
     assert len(answers) == 7
     reference = answers.pop("http /classify")
     for what, other in answers.items():
