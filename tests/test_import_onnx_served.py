@@ -25,6 +25,9 @@ from service.pipeline import Pipeline
 from service.postprocessing import softmax
 from tests.http_server import Server, jpeg, running_server
 
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
+
 PHOTOS = ("chelsea", "coffee", "astronaut")
 CLASSES = 1000
 

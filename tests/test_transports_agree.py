@@ -29,6 +29,9 @@ from service.score import main as score_main
 from service.scoring.results import ResultStore
 from tests.http_server import Server, jpeg, running_server
 
+# Every answer these tests receive is checked against the server's own /openapi.json.
+pytestmark = pytest.mark.usefixtures("openapi_conformance")
+
 PHOTOS = ("chelsea", "coffee", "astronaut")
 K = 5
 TOLERANCE = 1e-6
