@@ -53,6 +53,26 @@ def _parser() -> argparse.ArgumentParser:
         "--labels", default="imagenet", help="imagenet, digits, or a file (one name per line, or JSON)"
     )
     i.add_argument("--description")
+    i.add_argument("--input", help="the image input, for a graph with several inputs")
+    i.add_argument("--output", help="the class scores, for a graph with several outputs")
+    i.add_argument(
+        "--layout",
+        choices=("auto", "NCHW", "NHWC"),
+        default="auto",
+        help="the input's (auto: from its shape)",
+    )
+    i.add_argument(
+        "--output-kind",
+        choices=("auto", "logits", "probabilities"),
+        default="auto",
+        help="auto: probabilities when the graph ends in Softmax (or its outputs sum to 1)",
+    )
+    i.add_argument(
+        "--label-offset",
+        type=int,
+        help="leading output columns that are no label (auto: 1 when there is one more output than labels, "
+        "a background class at index 0)",
+    )
 
     d = sub.add_parser("defaults", help="build the two trained defaults (efficientnet_lite0, lenet5)")
     d.add_argument("--repository", default="models")
@@ -108,7 +128,16 @@ def _write_one(args: argparse.Namespace) -> Path:
         return build(args.arch, args.repository, **where, **options)
     from .import_onnx import import_onnx
 
-    options = {"preprocessing": args.preprocessing, "labels": args.labels, "description": args.description}
+    options = {
+        "preprocessing": args.preprocessing,
+        "labels": args.labels,
+        "description": args.description,
+        "input_name": args.input,
+        "output_name": args.output,
+        "layout": args.layout,
+        "output_kind": args.output_kind,
+        "label_offset": args.label_offset,
+    }
     return import_onnx(args.file, args.repository, **where, **options)
 
 
