@@ -25,6 +25,7 @@ from service.config import Settings
 from service.core import InferenceCore
 from service.metrics import Metrics
 from service.oip import OpenInference
+from service.storage import StoreUnreachable
 
 from .api import build_app
 from .middleware import RequestContextMiddleware
@@ -108,6 +109,8 @@ class ClassifierService:
             await self.core.start()
         except Exception as exc:  # a failed start-up: not live, never ready, and the log says why
             log.error("inference core failed to start: %s", exc)
+            if isinstance(exc, StoreUnreachable):  # a restart would fail alike: the whole server stops
+                report_fatal(str(exc))
             return
         finally:
             if self.grpc is not None:  # gRPC health follows at once, not at its next periodic refresh
