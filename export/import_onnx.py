@@ -244,7 +244,7 @@ def import_onnx(
                 "with a fixed batch of 1"
             )
     kind = "probabilities" if np.allclose(y.sum(1), 1.0, atol=1e-3) and (y >= 0).all() else "logits"
-    repo = Path(repo)
+    repo = repository.location(repo)
     version = repository.check_version(version) if version else repository.next_version(repo, name)
     with repository.staged(repo, name, version) as stage:
         shutil.copyfile(path, stage / "model.onnx")
@@ -273,4 +273,4 @@ def import_onnx(
             "accuracy": None,
         }
         repository.write_card(stage, card)
-    return repo / name / version
+    return stage if isinstance(repo, str) else repo / name / version  # a bucket's: the local copy

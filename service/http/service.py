@@ -25,7 +25,7 @@ from service.config import Settings
 from service.core import InferenceCore
 from service.metrics import Metrics
 from service.oip import OpenInference
-from service.storage import StoreUnreachable
+from service.storage import RepositoryError, is_url
 
 from .api import build_app
 from .middleware import RequestContextMiddleware
@@ -109,7 +109,8 @@ class ClassifierService:
             await self.core.start()
         except Exception as exc:  # a failed start-up: not live, never ready, and the log says why
             log.error("inference core failed to start: %s", exc)
-            if isinstance(exc, StoreUnreachable):  # a restart would fail alike: the whole server stops
+            if isinstance(exc, RepositoryError) and is_url(self.settings.repository):
+                # a bucket out of reach or missing: a restarted worker would fail alike, the server stops
                 report_fatal(str(exc))
             return
         finally:
