@@ -383,7 +383,13 @@ class RemoteStore(Store):
         """Upload a finished local version folder as `<name>/<version>/`: its files to a temporary prefix,
         copied into place, and the card last, so a reader never sees a card whose files are not all there.
         RepositoryError when the version exists already."""
-        if version in self.versions(name):
+        try:
+            existing = self.versions(name)
+        except StoreUnreachable:
+            raise
+        except RepositoryError:  # an empty prefix: the first version of the repository
+            existing = []
+        if version in existing:
             raise RepositoryError(f"{self.describe()}/{name}/{version} already exists")
         final = f"{self.path}/{name}/{version}"
         staging = f"{self.path}/.staging/{name}-{version}-{uuid.uuid4().hex[:8]}"
