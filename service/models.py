@@ -208,6 +208,7 @@ class ModelSet:
         self._seen: dict[tuple[str, str], tuple] = {}  # folders skipped as incomplete, by fingerprint
         self._failed: dict[tuple[str, str], tuple] = {}  # failed versions: retried once their files change
         self._unloaded: set[str] = set()
+        self._last_listing: dict[str, list[str]] = {}  # the repository at the last scan
         self._gauged: set[str] = set()  # models whose count of ready versions the observer has had
         self._lock = threading.Lock()
         self._changes = threading.RLock()
@@ -307,8 +308,8 @@ class ModelSet:
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every model of the repository and every version known, with its state
         (Triton's upper-case names) and the reason of one that is not ready."""
-        try:
-            repository = self._listing()
+        try:  # a bucket is not listed per request: the last scan's listing answers
+            repository = self._last_listing if self.store.remote else self._listing()
         except RepositoryError:
             repository = {}
         rows: list[dict[str, str]] = []
@@ -453,6 +454,7 @@ class ModelSet:
         listing = scan(self.store)
         if self.settings.models and self.settings.model_control != "explicit":
             listing = {k: v for k, v in listing.items() if k in self.settings.models}
+        self._last_listing = listing
         return listing
 
     def _sync(self, name: str, versions: list[str], pending_ok: bool) -> None:

@@ -175,7 +175,13 @@ class RemoteStore(Store):
     def __init__(self, url: str, cache_dir: str | Path, endpoint_url: str = "", timeout_s: float = 30.0):
         self.url = url.rstrip("/")
         self.cache = Path(cache_dir)
-        scheme = urlsplit(url).scheme.lower()
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if "@" in parts.netloc or parts.query:
+            raise RepositoryError(
+                f"model repository {redact(url)!r}: credentials and options do not belong in the URL; "
+                "use the store's standard environment variables or files"
+            )
         if scheme not in SCHEMES:
             raise RepositoryError(
                 f"model repository {redact(url)!r}: unsupported scheme {scheme!r}; "

@@ -19,7 +19,7 @@ from PIL import Image
 from service.card import RepositoryError
 from service.config import Settings
 from service.core import InferenceCore
-from service.storage import StoreUnreachable
+from service.storage import StoreUnreachable, redact
 from tests.conftest import classify_now, encode, write_tiny_model
 from tests.http_server import ROOT, free_port, running_server
 from tests.s3_server import DUMMY_CREDENTIALS, S3, aws_env, s3_server
@@ -296,3 +296,29 @@ def test_the_server_serves_a_bucket_and_shows_no_secret(
             assert DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"] not in text
         models = json.loads(shown[0])
         assert {(m["name"], m["version"]) for m in models["models"]} >= {("tiny", "1"), ("tiny", "2")}
+
+
+def test_a_file_url_repository_goes_through_the_cache(tiny_repo: Path, tmp_path: Path, photo: bytes) -> None:
+    remote = started(
+        Settings(repository=tiny_repo.as_uri(), model_cache=str(tmp_path / "cache"), default_model="tiny")
+    )
+    local = started(Settings(repository=str(tiny_repo), default_model="tiny"))
+    try:
+        assert [(m.name, m.version) for m in remote.models()] == [(m.name, m.version) for m in local.models()]
+        (a,) = classify_now(remote, [photo], model="tinygray", top_k=3)
+        (b,) = classify_now(local, [photo], model="tinygray", top_k=3)
+        assert a.to_dict() == b.to_dict()
+        assert remote.model_info("tinygray").card.path.is_relative_to(tmp_path / "cache")
+    finally:
+        remote.close()
+        local.close()
+
+
+def test_urls_are_shown_without_secrets(tmp_path: Path) -> None:
+    url = "s3://AKIDEXAMPLE:s3cr3t-value@bucket/models?X-Amz-Security-Token=t0ken-value"
+    assert redact(url) == "s3://bucket/models"
+    settings = Settings(repository=url, model_cache=str(tmp_path / "cache"), storage_timeout_s=1)
+    r = serve_cli(settings.replace(storage_endpoint_url=f"http://127.0.0.1:{free_port()}"), tmp_path)
+    assert r.returncode == 1 and "credentials and options do not belong in the URL" in r.stderr
+    for secret in ("AKIDEXAMPLE", "s3cr3t-value", "t0ken-value"):
+        assert secret not in r.stderr + r.stdout
