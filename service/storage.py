@@ -174,7 +174,7 @@ class RemoteStore(Store):
 
     def __init__(self, url: str, cache_dir: str | Path, endpoint_url: str = "", timeout_s: float = 30.0):
         self.url = url.rstrip("/")
-        self.cache = Path(cache_dir)
+        self.cache = Path(cache_dir).absolute()  # the links of a cached version point here
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if "@" in parts.netloc or parts.query:
