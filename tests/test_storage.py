@@ -217,6 +217,15 @@ def test_a_slow_store_does_not_hold_back_the_cached_models(
             }
             (answer,) = classify_now(core, [photo], model="tiny", version="1", top_k=1)
             assert answer.version == "1"
+            # The store answers again: the poller picks up what was published meanwhile.
+            new = tmp_path / "new"
+            write_tiny_model(new, "tinyprob", "2", seed=8, kind="probabilities")
+            s3.delay_s = 0.0
+            s3.upload_folder(new, bucket, "models")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and core.model_info("tinyprob").version != "2":
+                time.sleep(0.2)
+            assert core.model_info("tinyprob").version == "2" and core.ready
         finally:
             core.close()
     finally:
