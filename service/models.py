@@ -368,14 +368,25 @@ class ModelSet:
     def _start_from_cache(self, problem: Exception) -> None:
         """Poll mode with the store out of reach at start: serve the versions that served last time from the
         model cache (verified again on load) while the poller keeps trying the store."""
-        cached = self.store.recall()
+        cached, listing = self.store.recall()
         if self.settings.models:
             cached = {k: v for k, v in cached.items() if k in self.settings.models}
+            listing = {k: v for k, v in listing.items() if k in self.settings.models}
+        self._last_listing = listing
         names = [f"{n}/{v}" for n, vs in sorted(cached.items()) for v in sorted(vs, key=int)]
         log.error("%s; serving from the model cache meanwhile: %s", problem, ", ".join(names) or "nothing")
         for name, versions in cached.items():
             for version, folder in versions.items():
                 self._load_version(name, version, pending_ok=False, folder=folder)
+        # What the repository held last time and the cache cannot serve: unavailable, saying why, so strict
+        # readiness (and /models, the index) say what is missing until the poller reaches the store.
+        reason = f"not in the model cache, and {problem}"[:MAX_REASON]
+        with self._lock:
+            for name, versions in listing.items():
+                if name not in cached:
+                    self._entries.setdefault(name, {})[versions[-1]] = LoadedModel(
+                        name, versions[-1], state=UNAVAILABLE, reason=reason
+                    )
 
     def stop(self) -> None:
         self._stop.set()
@@ -619,7 +630,7 @@ class ModelSet:
             for e in self.entries():
                 if e.state == READY and e.card is not None and e.card.path is not None:
                     ready.setdefault(e.name, {})[e.version] = e.card.path
-            self.store.remember(ready)
+            self.store.remember(ready, self._last_listing)
         if self.on_change is not None:
             try:
                 self.on_change()

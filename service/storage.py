@@ -104,13 +104,14 @@ class Store:
         """A local folder with the version's card and files, those of a remote store verified by sha256."""
         raise NotImplementedError
 
-    def remember(self, ready: dict[str, dict[str, Path]]) -> None:
-        """Note the local folders of the versions serving (a remote store's cache serves them next start
-        when the store cannot be reached); nothing to do for a local folder."""
+    def remember(self, ready: dict[str, dict[str, Path]], listing: dict[str, list[str]]) -> None:
+        """Note the local folders of the versions serving and the repository's listing (a remote store's
+        cache serves them next start when the store cannot be reached, and the listing says what is
+        missing); nothing to do for a local folder."""
 
-    def recall(self) -> dict[str, dict[str, Path]]:
-        """The versions `remember` noted whose cached folders are still there."""
-        return {}
+    def recall(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
+        """The versions `remember` noted whose cached folders are still there, and the listing noted."""
+        return {}, {}
 
 
 @dataclass
@@ -359,8 +360,11 @@ class RemoteStore(Store):
     def _index(self) -> Path:
         return self.cache / f"serving-{hashlib.sha256(self.url.encode()).hexdigest()[:16]}.json"
 
-    def remember(self, ready: dict[str, dict[str, Path]]) -> None:
-        doc = {name: {v: str(p) for v, p in vs.items()} for name, vs in ready.items()}
+    def remember(self, ready: dict[str, dict[str, Path]], listing: dict[str, list[str]]) -> None:
+        doc = {
+            "serving": {name: {v: str(p) for v, p in vs.items()} for name, vs in ready.items()},
+            "listing": listing,
+        }
         try:
             if self._index.is_file() and json.loads(self._index.read_text()) == doc:
                 return
@@ -370,19 +374,25 @@ class RemoteStore(Store):
         except (OSError, ValueError) as e:
             log.warning("could not note the cached versions in %s: %s", self._index, e)
 
-    def recall(self) -> dict[str, dict[str, Path]]:
+    def recall(self) -> tuple[dict[str, dict[str, Path]], dict[str, list[str]]]:
         try:
             doc = json.loads(self._index.read_text())
         except (OSError, ValueError):
-            return {}
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        serving, listing = doc.get("serving"), doc.get("listing")
         out: dict[str, dict[str, Path]] = {}
         views = (self.cache / "views").resolve()
-        for name, vs in doc.items() if isinstance(doc, dict) else ():
+        for name, vs in serving.items() if isinstance(serving, dict) else ():
             for v, p in vs.items() if isinstance(vs, dict) else ():
                 path = Path(str(p))
                 if is_version(v) and path.resolve().is_relative_to(views) and (path / CARD_FILE).is_file():
                     out.setdefault(name, {})[v] = path
-        return out
+        known: dict[str, list[str]] = {}
+        for name, vs in listing.items() if isinstance(listing, dict) else ():
+            if isinstance(vs, list) and all(isinstance(v, str) and is_version(v) for v in vs) and vs:
+                known[name] = sorted(vs, key=int)
+        return out, known
 
     # -- writing (export) ----
     def publish(self, local: Path, name: str, version: str) -> None:

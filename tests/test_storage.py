@@ -5,6 +5,7 @@ a store that is down, slow or refuses us fails plainly without taking the cached
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -331,3 +332,28 @@ def test_urls_are_shown_without_secrets(tmp_path: Path) -> None:
     assert r.returncode == 1 and "credentials and options do not belong in the URL" in r.stderr
     for secret in ("AKIDEXAMPLE", "s3cr3t-value", "t0ken-value"):
         assert secret not in r.stderr + r.stdout
+
+
+def test_poll_mode_with_the_store_down_serves_the_cache_and_says_what_is_missing(
+    s3: S3, bucket: str, tmp_path: Path, photo: bytes
+) -> None:
+    cache = tmp_path / "cache"
+    settings = remote_settings(
+        s3, bucket, cache, model_control="poll", poll_interval_s=0.5, storage_timeout_s=1
+    )
+    started(settings).close()
+    tinyprob = next(p for p in (cache / "views").iterdir() if (p / "tinyprob").is_dir())
+    shutil.rmtree(tinyprob)  # the cache no longer holds tinyprob
+    down = settings.replace(storage_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    core = started(down)
+    try:
+        states = {(m.name, m.version): (m.state, m.reason) for m in core.models()}
+        assert states[("tiny", "1")][0] == states[("tiny", "2")][0] == "ready"
+        state, reason = states[("tinyprob", "1")]
+        assert state == "unavailable" and "not in the model cache" in reason and "cannot be read" in reason
+        assert not core.ready  # strict readiness: tinyprob should serve and does not
+        (answer,) = classify_now(core, [photo], model="tiny", top_k=1)
+        assert answer.version == "2"
+        assert {r["name"] for r in core.repository_index()} == {"tiny", "tinyprob"}
+    finally:
+        core.close()
