@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "ModelSet", "VersionPolicy", "check_name"]
 
-LOADING, READY, UNLOADING, UNAVAILABLE = "loading", "ready", "unloading", "unavailable"
+LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
 POLICY_FILE = "version_policy.json"
 MAX_NAME = 255  # a file name's limit on every common file system
 MAX_REASON = 500
@@ -315,7 +315,7 @@ class ModelSet:
         rows: list[dict[str, str]] = []
         reported = {(e.name, e.version) for e in self.entries()}
         for e in self.entries():
-            rows.append({"name": e.name, "version": e.version, "state": e.state.upper(), "reason": e.reason})
+            rows.append({"name": e.name, "version": e.version, "state": e.state, "reason": e.reason})
         names = {name for name, _ in reported}
         for name in repository:
             if name not in names:
@@ -324,13 +324,13 @@ class ModelSet:
                     {
                         "name": name,
                         "version": "",
-                        "state": UNAVAILABLE.upper() if unloaded else "",
+                        "state": UNAVAILABLE if unloaded else "",
                         "reason": "unloaded" if unloaded else "",
                     }
                 )
         rows.sort(key=lambda r: (r["name"], int(r["version"] or 0)))
         if ready_only:
-            rows = [r for r in rows if r["state"] == READY.upper()]
+            rows = [r for r in rows if r["state"] == READY]
         return rows
 
     # -- changes ----
@@ -479,11 +479,15 @@ class ModelSet:
             current = dict(self._entries.get(name, {}))
         for v in wanted:
             e = current.get(v)
-            if e is not None and e.state in (READY, LOADING):
+            if e is not None and e.state == LOADING:
                 continue
-            if e is not None and e.state == UNAVAILABLE:
-                if self._failed.get((name, v)) == self.store.fingerprint(name, v):
-                    continue  # the same files failed before: tried again once they change
+            files = self.store.fingerprint(name, v)
+            if e is not None and e.state == READY and (not files or files == e.fingerprint):
+                continue  # serving what its folder holds (or the folder is being replaced right now)
+            if e is not None and self._failed.get((name, v)) == files:
+                continue  # the same files failed before: tried again once they change
+            if e is not None and e.state == READY:
+                log.info("model %s:%s changed on disk: loading it again beside the one serving", name, v)
             self._load_version(name, v, pending_ok)
         with self._lock:
             current = dict(self._entries.get(name, {}))
@@ -547,6 +551,8 @@ class ModelSet:
                     shown[version] = entry
                 elif shown[version].state == UNAVAILABLE:
                     shown[version] = entry
+                elif shown[version].state == READY:  # changed in place: the loaded one keeps serving
+                    shown[version].reason = f"its files changed and do not load: {reason}"[:MAX_REASON]
             self.observer.model_load_failure(name)
             log.error("model %s:%s unavailable: %s", name, version, reason)
             return None

@@ -134,9 +134,9 @@ def test_a_file_altered_in_the_bucket_is_refused(s3: S3, bucket: str, tmp_path: 
     core = started(remote_settings(s3, bucket, tmp_path / "cache", strict_readiness=False))
     try:
         info = core.model_info("tiny", "1")
-        assert info.state == "unavailable"
+        assert info.state == "UNAVAILABLE"
         assert "sha256 mismatch" in info.reason and "not cached" in info.reason
-        assert core.model_info("tiny", "2").state == "ready"  # the others serve
+        assert core.model_info("tiny", "2").state == "READY"  # the others serve
         cache = tmp_path / "cache"
         names = {p.name for p in cache.iterdir()}
         assert not any(n.startswith(".partial") for n in names)
@@ -211,7 +211,7 @@ def test_a_slow_store_does_not_hold_back_the_cached_models(
         took = time.monotonic() - t0
         try:
             assert core.ready and took < 12, took  # well before the store's first answer
-            assert {(m.name, m.version) for m in core.models() if m.state == "ready"} == {
+            assert {(m.name, m.version) for m in core.models() if m.state == "READY"} == {
                 ("tiny", "1"),
                 ("tiny", "2"),
                 ("tinyprob", "1"),
@@ -245,10 +245,10 @@ def test_poll_mode_loads_a_version_published_to_the_bucket(
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             versions = {m.version: m.state for m in core.models() if m.name == "tinyprob"}
-            if versions == {"2": "ready"}:
+            if versions == {"2": "READY"}:
                 break
             time.sleep(0.2)
-        assert versions == {"2": "ready"}
+        assert versions == {"2": "READY"}
         (answer,) = classify_now(core, [photo], model="tinyprob", top_k=1)
         assert answer.version == "2"
     finally:
@@ -348,9 +348,9 @@ def test_poll_mode_with_the_store_down_serves_the_cache_and_says_what_is_missing
     core = started(down)
     try:
         states = {(m.name, m.version): (m.state, m.reason) for m in core.models()}
-        assert states[("tiny", "1")][0] == states[("tiny", "2")][0] == "ready"
+        assert states[("tiny", "1")][0] == states[("tiny", "2")][0] == "READY"
         state, reason = states[("tinyprob", "1")]
-        assert state == "unavailable" and "not in the model cache" in reason and "cannot be read" in reason
+        assert state == "UNAVAILABLE" and "not in the model cache" in reason and "cannot be read" in reason
         assert not core.ready  # strict readiness: tinyprob should serve and does not
         (answer,) = classify_now(core, [photo], model="tiny", top_k=1)
         assert answer.version == "2"
