@@ -539,7 +539,7 @@ def import_onnx(
     label_list = parse_labels(labels)
     offset = _label_offset(label_offset, classes, label_list, graph)
 
-    repo = Path(repo)
+    repo = repository.location(repo)
     version = repository.check_version(version) if version else repository.next_version(repo, name)
     out_tail = [classes, 1, 1] if y.ndim == 4 else [classes]
     with repository.staged(repo, name, version) as stage:
@@ -579,7 +579,7 @@ def import_onnx(
             "accuracy": None,
         }
         repository.write_card(stage, card)
-    return repo / name / version
+    return stage if isinstance(repo, str) else repo / name / version  # a bucket's: the local copy
 
 
 def _fixed_batch(graph: Graph, layout: str, pair: np.ndarray, rows: np.ndarray) -> int:
