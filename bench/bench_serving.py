@@ -186,11 +186,12 @@ async def load(
     latencies: list[float] = []
     answers: list[tuple[int, Answer]] = []
     errors = 0
+    first_error = ""
     counter = iter(range(total))
     stop_at = time.monotonic() + max_seconds
 
     async def client(i: int) -> None:
-        nonlocal errors
+        nonlocal errors, first_error
         for n in counter:
             if time.monotonic() > stop_at:
                 return
@@ -199,8 +200,9 @@ async def load(
             try:
                 answer = await call(photo)
                 latencies.append(time.perf_counter() - t0)
-            except Exception:
+            except Exception as exc:
                 errors += 1
+                first_error = first_error or f"{type(exc).__name__}: {exc}"[:300]
                 continue
             if answer is not None:
                 answers.append((photo, answer))
@@ -217,6 +219,7 @@ async def load(
         "p99_ms": 1000 * float(np.percentile(lat, 99)),
         "requests": len(latencies),
         "errors": errors,
+        "first_error": first_error,
         "answers": answers,
     }
 
@@ -232,6 +235,19 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, target: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        reused = self.writer is not None
+        try:
+            return await self._exchange(target, body, content_type)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            # A kept-alive connection that the server closed while it sat idle (uvicorn closes them after 5 s,
+            # and a slow server's warm-up leaves some idle longer): opened again and the request sent once
+            # more, as HTTP clients do. A failure with a response begun, or on a fresh connection, stands.
+            started = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+            if not reused or started:
+                raise
+            return await self._exchange(target, body, content_type)
+
+    async def _exchange(self, target: str, body: bytes, content_type: str) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -362,6 +378,7 @@ def median_of(rounds: list[dict]) -> dict:
         "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
         "requests": sum(r["requests"] for r in rounds),
         "errors": sum(r["errors"] for r in rounds),
+        "first_error": next((r["first_error"] for r in rounds if r["first_error"]), ""),
         "rounds": [{k: v for k, v in r.items() if k != "answers"} for r in rounds],
     }
 
@@ -686,6 +703,9 @@ def main() -> int:
     )
     for (name, model, clients), r in results.items():
         print(row(name, model, clients, r))
+    for (name, model, clients), r in results.items():
+        if r["first_error"]:
+            print(f"{name}, {model}, {clients} clients: {r['errors']} failed, the first: {r['first_error']}")
     if mlserver_label:
         print(f"(MLServer workers=N: {mlserver_label}, parallel_workers N)")
     print()
