@@ -17,13 +17,15 @@ Peers (`--peers`):
 - `fastapi`: `bench/reference_fastapi.py`, FastAPI + PyTorch eager, one image per request.
 - `mlserver`: MLServer (build/mlserver, `make mlserver`) with the custom runtime
   `bench/peer_mlserver/runtime.py` (Pillow decode at full size, the card's preprocessing in NumPy, ONNX
-  Runtime on the same model.onnx), its adaptive batching on (max_batch_size 32, max_batch_time 10 ms), asked
-  over its V2 REST endpoint with the image base64 in a BYTES tensor. `--mlserver-workers` is its
-  `parallel_workers`: 1, what a user on a 2-core machine keeps after trying 0, 1 and 2 (`--mlserver-workers
-  0,1,2` runs one instance of each in the same rounds): 0 runs decode and inference on the event loop that
-  serves HTTP, so every request waits for the whole batch in flight and 32 clients gain nothing; 2 runs two
-  ONNX Runtime sessions of 2 threads each on 2 cores beside the HTTP process and was no faster than 1
-  (figures: docs/BENCHMARKS.md).
+  Runtime on the same model.onnx with its default session options), its adaptive batching on (max_batch_size
+  32, max_batch_time 10 ms), `debug` off (no access log), asked over its V2 REST endpoint with the image
+  base64 in a BYTES tensor. `--mlserver-workers` is its `parallel_workers` (a comma-separated list runs one
+  instance of each in the same rounds). The default, 1, is what a user on this 2-core machine keeps after
+  trying 0, 1 and 2 at 32 clients: no setting led in every run, and the gaps between them were smaller than
+  the swings from one run to the next (figures: docs/BENCHMARKS.md). 0 decodes and infers on the event loop
+  that serves HTTP, so a batch in flight stalls every other request, health checks included, for seconds; 2
+  loads the model twice and runs two 2-thread ONNX Runtime sessions on 2 cores for no steady gain. So
+  MLServer's own default stays.
 
 Every answer is kept: each request of this service over HTTP is compared with the peer's answer for the same
 photo and each request of the peer with this service's (same top-1, and each top-5 probability within
