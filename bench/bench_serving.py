@@ -492,7 +492,11 @@ def start_mlserver(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    wait_http(f"http://127.0.0.1:{http_port}/v2/models/{model}/ready", proc)
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/v2/models/{model}/ready", proc)
+    except (RuntimeError, TimeoutError):
+        stop(proc)
+        raise RuntimeError(f"MLServer did not start; see {folder / 'mlserver.log'}") from None
     return proc, http_port
 
 
@@ -528,7 +532,7 @@ def compare_answers(
         first_peer.setdefault(photo, answer)
     compared = disagreements = 0
     largest = 0.0
-    distinct: dict[tuple, int] = {}
+    distinct: dict[tuple[str, str, str, str], int] = {}
     pairs = [(photo, a, first_peer.get(photo)) for photo, a in ours]
     pairs += [(photo, first_ours.get(photo), b) for photo, b in peer]
     for photo, a, b in pairs:
@@ -540,12 +544,9 @@ def compare_answers(
         why = disagreement(a, b, tolerance)
         if why is not None:
             disagreements += 1
-            key = (photo, why, a, b)
+            key = (names[photo], why, fmt_answer(a), fmt_answer(b))  # as printed: batches' last digits vary
             distinct[key] = distinct.get(key, 0) + 1
-    lines = [
-        f"{names[photo]}: {why} ({count}x); ours {fmt_answer(a)}; peer {fmt_answer(b)}"
-        for (photo, why, a, b), count in distinct.items()
-    ]
+    lines = [f"{name}: {why} ({count}x); ours {a}; peer {b}" for (name, why, a, b), count in distinct.items()]
     return compared, disagreements, largest, lines
 
 
