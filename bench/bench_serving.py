@@ -719,6 +719,8 @@ def main() -> int:
         for name, _ in variants:
             for clients in levels:
                 compare_variant(results, name, model, clients)
+            for peer in peer_names:
+                report_answers(rounds, model, name, peer, levels, names, args.tolerance)
     (OUT / "results.json").write_text(
         json.dumps({f"{n}|{m}|{c}": r for (n, m, c), r in results.items()}, indent=1)
     )
@@ -751,17 +753,7 @@ def report_peer(
         f"{', '.join(f'{x:.2f}' for x in ratios)}); p99 {ours_r['p99_ms']:.0f} ms vs "
         f"{peer_r['p99_ms']:.0f} ms ({'lower' if lower else 'NOT lower'})"
     )
-    ours_answers = [
-        a for c in levels for r in rounds.get(("cnn-serve HTTP", model, c), []) for a in r["answers"]
-    ]
-    peer_answers = [a for c in levels for r in rounds.get((peer, model, c), []) for a in r["answers"]]
-    compared, wrong, largest, lines = compare_answers(ours_answers, peer_answers, names, tolerance)
-    print(
-        f"{model} answers against {peer}: {wrong} of {compared} requests disagree (top-1, or a top-5 "
-        f"probability beyond {tolerance}); largest top-5 probability difference {largest:.4f}"
-    )
-    for line in lines:
-        print(f"  disagreement: {line}")
+    wrong = report_answers(rounds, model, "cnn-serve HTTP", peer, levels, names, tolerance)
     if model == "efficientnet_lite0":
         met = speed >= 3.0 and lower
         if peer.startswith("FastAPI"):
@@ -772,6 +764,24 @@ def report_peer(
                 f"target against {peer} (>= 3x images/s, lower p99, every answer agreeing): "
                 f"{'met' if met else 'NOT met'}"
             )
+
+
+def report_answers(
+    rounds: dict, model: str, ours: str, peer: str, levels: list[int], names: list[str], tolerance: float
+) -> int:
+    """Prints how the answers of `ours` (the service or a variant) compare with the peer's; the count of
+    disagreeing requests."""
+    ours_answers = [a for c in levels for r in rounds.get((ours, model, c), []) for a in r["answers"]]
+    peer_answers = [a for c in levels for r in rounds.get((peer, model, c), []) for a in r["answers"]]
+    compared, wrong, largest, lines = compare_answers(ours_answers, peer_answers, names, tolerance)
+    who = "" if ours == "cnn-serve HTTP" else f" ({ours})"
+    print(
+        f"{model} answers{who} against {peer}: {wrong} of {compared} requests disagree (top-1, or a top-5 "
+        f"probability beyond {tolerance}); largest top-5 probability difference {largest:.4f}"
+    )
+    for line in lines:
+        print(f"  disagreement: {line}")
+    return wrong
 
 
 if __name__ == "__main__":
