@@ -8,7 +8,7 @@ MODELS ?= models
 SERVE_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium
+.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium mlserver
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
 # that the tests need, Ray included (the serving extras alone are what the Docker image gets). The image's
@@ -71,6 +71,16 @@ $(KSERVE): requirements/kserve.txt
 	touch $@
 
 kserve: $(KSERVE)
+
+# MLServer, the serving peer of `bench/bench_serving.py --peers mlserver`, apart too. Not part of `make test`:
+# its smoke test skips without it.
+MLSERVER := build/mlserver/.installed
+$(MLSERVER): requirements/mlserver.txt
+	test -x build/mlserver/bin/python || $(PYTHON) -m venv build/mlserver
+	build/mlserver/bin/python -m pip install -q -r requirements/mlserver.txt
+	touch $@
+
+mlserver: $(MLSERVER)
 
 # Debian's Chromium for the browser tests (tests/test_web_browser.py; Playwright's own browser download is not
 # used). Installed with apt-get when it is missing; if that fails, those tests skip and say why.

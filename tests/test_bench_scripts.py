@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
@@ -93,3 +95,29 @@ def test_bench_swap_prints_both_figures_and_loses_no_request(model_repo: Path) -
     assert re.search(rf"without a swap +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
     assert re.search(rf"during the swap +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
     assert "failed requests: 0" in out
+
+
+MLSERVER = ROOT / "build" / "mlserver" / "bin" / "mlserver"
+
+
+@pytest.mark.skipif(not MLSERVER.is_file(), reason="no MLServer in build/mlserver: `make mlserver` builds it")
+def test_bench_serving_measures_mlserver_and_compares_every_answer(model_repo: Path, tmp_path: Path) -> None:
+    out = run_bench(
+        "bench_serving.py", "--models", "efficientnet_lite0", "--clients", "1,2", "--requests", "6",
+        "--rounds", "1", "--no-grpc", "--peers", "mlserver", "--source", str(model_repo),
+        "--work", str(tmp_path),
+    )  # fmt: skip
+    rows = re.findall(
+        r"^(cnn-serve HTTP|MLServer workers=1) +efficientnet_lite0 +(\d+) .* (\d+) +(\d+)$", out, re.M
+    )
+    assert sorted((server, clients) for server, clients, _, _ in rows) == sorted(
+        (s, c) for s in ("cnn-serve HTTP", "MLServer workers=1") for c in ("1", "2")
+    ), out
+    assert all(n == "6" and err == "0" for _, _, n, err in rows), out
+    assert re.search(rf"HTTP images/s {NUMBER}x MLServer workers=1 .*p99", out), out
+    # every answer of both sides compared: 2 levels x 6 requests each way
+    found = re.search(r"answers against MLServer workers=1: (\d+) of (\d+) requests disagree", out)
+    assert found and found.group(2) == "24", out
+    assert re.search(r"target against MLServer workers=1 .*: (met|NOT met)", out), out
+    # the photo mix holds the camera-sized JPEGs
+    assert "coffee 4000x3000" in out and "chelsea 1920x1280" in out, out
