@@ -86,6 +86,9 @@ class Settings:
         65_536, "JPEG marker segments before the pixels, PNG chunks, GIF blocks before the first frame"
     )
     max_top_k: int = _setting(1000, "largest top_k a request may ask (also capped by the class count)")
+    parse_processes: int = _setting(
+        1, "processes parsing large JSON bodies (the parser holds the interpreter); 0: threads of the worker"
+    )
     json_memory_factor: float = _setting(
         16.0, "a JSON body whose parse would take, by estimate, more than this many times its size is refused"
     )
@@ -185,6 +188,8 @@ class Settings:
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= 86_400):
                 raise ValueError(f"{name} must be between 0 (excluded) and 86400, not {value!r}")
+        if not 0 <= self.parse_processes <= 64:
+            raise ValueError("parse_processes must be between 0 and 64")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if not (math.isfinite(self.json_memory_factor) and self.json_memory_factor >= 1):

@@ -48,7 +48,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # The lag gauge shows the largest lag of the current and the previous window of this length: a stall stays
 # visible for at least one window, whenever it is scraped.
-LAG_WINDOW_S = 60.0
+LAG_WINDOW_S = 10.0
 
 
 def _prometheus() -> Any:

@@ -8,13 +8,15 @@ order, from the bytes after it (BYTES elements length-prefixed). Outputs are bin
 `parameters.binary_data_output: true` or the output's own `parameters.binary_data: true`.
 In JSON form, BYTES image elements are base64 strings (raw image bytes are not valid JSON text).
 
-`parse_infer_request` runs in a worker thread with the parse's estimated cost reserved (`JsonBudget`); what
-it returns is compact (arrays, bytes, a few small values): the parsed document is dropped before it returns,
-and keys the protocol does not define are refused, so that nothing a client adds is held during inference.
+`parse_infer_request` parses the JSON away from the event loop with its estimated cost reserved
+(`parsing.parse_json_body`); what it returns is compact (arrays, bytes, a few small values): the parsed
+document is dropped before it returns, and keys the protocol does not define are refused, so that nothing a
+client adds is held during inference.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from starlette.responses import JSONResponse, Response
 from service import oip
 from service.errors import InvalidArgument, shown
 
-from .requests import JsonBudget, image_from_base64
+from .parsing import BodyParser, JsonBudget, parse_json_body
+from .requests import image_from_base64
 
 HEADER_LENGTH = "inference-header-content-length"
 _DIGITS = re.compile("[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
@@ -47,11 +50,11 @@ class InferBody:
     parameters: dict[str, Any]
 
 
-def parse_infer_request(
-    body: bytes, header_length: str | None, max_items: int, budget: JsonBudget
+async def parse_infer_request(
+    body: bytes, header_length: str | None, max_items: int, budget: JsonBudget, parser: BodyParser | None
 ) -> InferBody:
-    """The request's inputs decoded and its options checked (`max_items`: images or samples per request);
-    blocking (a worker thread's work), its JSON parse bounded by `budget`."""
+    """The request's inputs decoded and its options checked (`max_items`: images or samples per request),
+    its JSON parse bounded by `budget`."""
     if header_length is not None:
         if not _DIGITS.fullmatch(header_length.strip()):
             raise InvalidArgument("Inference-Header-Content-Length is not a number")
@@ -60,13 +63,15 @@ def parse_infer_request(
             raise InvalidArgument(
                 f"Inference-Header-Content-Length {n} exceeds the body of {len(body)} bytes"
             )
-        head, binary = body[:n], memoryview(body)[n:]
     else:
-        head, binary = body, memoryview(b"")
-    return budget.parse(head, "inference request header", lambda doc: _infer_body(doc, binary, max_items))
+        n = len(body)
+    then = functools.partial(_infer_body, max_items=max_items)
+    return await parse_json_body(body, n, "inference request header", then, budget, parser)
 
 
 def _infer_body(doc: Any, binary: memoryview, max_items: int) -> InferBody:
+    """What a parsed request says, its inputs decoded from it and from `binary` (the bytes after its JSON);
+    blocking, in a thread or a parsing process."""
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise InvalidArgument("inference request must be a JSON object with an 'inputs' list")
     _known_keys(doc, REQUEST_KEYS, "inference request")

@@ -6,10 +6,7 @@ here only what never reaches it is checked: a JSON string before base64 decoding
 
 A body is read with two clocks (a pause between two pieces longer than `body_timeout_s`, and the request's
 deadline for the whole): one that stops arriving is 408, one whose client goes away is 499 (`ClientGone`).
-JSON costs more once parsed than as text (ten million `{}` take 30 bytes each), so a JSON body's cost is
-estimated from its text before it is parsed (`json_cost`), refused past `json_memory_factor` times its size
-and reserved from the decode memory budget while it is parsed; parsing, inflating and base64 decoding run in
-a worker thread (`off_loop`), never on the event loop that every connection shares.
+JSON bodies are parsed by `parsing.parse_json_body`: their memory bounded, never on the event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import json
 import math
 import time
 import zlib
@@ -37,17 +33,9 @@ from service.decoding import refuse_url
 from service.errors import ClientGone, InvalidArgument, RequestTimeout, RequestTooLarge, shown
 from service.memory import MemoryBudget
 
-T = TypeVar("T")
-# What parsing costs beyond the text, by the characters that make Python objects (CPython 3.10 to 3.13,
-# measured with tracemalloc; tests/test_http_hostile.py checks the estimate against measured peaks): each
-# object (a dict, its entries, a list and its slots, a string) and twice the text (the decoded str and the
-# strings' contents). Counted anywhere, strings included: base64 holds none of them, and more is safer.
-JSON_COSTS = {b"{": 200, b"[": 100, b",": 48, b":": 64, b'"': 28}
-JSON_TEXT_COST = 2
-# Bodies whose estimate is under this are never refused by `json_memory_factor`: a small request's objects
-# cost more than its text does, and little in all.
-JSON_FREE_BYTES = 64 * 1024
+from .parsing import BodyParser, JsonBudget, parse_json_body
 
+T = TypeVar("T")
 FILE_FIELDS = ("file", "image", "files", "images")
 
 
@@ -87,61 +75,8 @@ def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
     raise InvalidArgument(f"request body is not complete {coding} data")
 
 
-def parse_json(data: bytes, what: str) -> Any:
-    """JSON, or InvalidArgument: malformed text, and nesting too deep for the parser (RecursionError)."""
-    try:
-        return json.loads(data or b"null")
-    except (ValueError, RecursionError):
-        raise InvalidArgument(f"{what} is not valid JSON (or nests too deep)") from None
-
-
-def json_cost(data: bytes | memoryview) -> int:
-    """Bytes that parsing `data` may take at its peak, by estimate (an upper bound for what JSON can say),
-    from counts that cost a pass over the text each and no object."""
-    raw = bytes(data) if isinstance(data, memoryview) else data
-    return JSON_TEXT_COST * len(raw) + sum(raw.count(char) * cost for char, cost in JSON_COSTS.items())
-
-
-@dataclass(frozen=True)
-class JsonBudget:
-    """How much a JSON body may cost once parsed: `factor` times its size, reserved from `memory` (the decode
-    memory budget, which bounds what every request being parsed or decoded holds at once) until `deadline`."""
-
-    factor: float
-    memory: MemoryBudget | None = None
-    deadline: float | None = None
-
-    def parse(self, data: bytes | memoryview, what: str, then: Callable[[Any], T]) -> T:
-        """`then(parsed)`, with the parse's estimated cost reserved until it returns: `then` turns the parsed
-        objects into compact ones (arrays, bytes) and drops the rest, so nothing big outlives it."""
-        cost = json_cost(data)
-        if cost > max(JSON_FREE_BYTES, self.factor * len(data)):
-            raise RequestTooLarge(
-                f"{what} would take about {_mib(cost)} MiB once parsed, more than {self.factor:g} times its "
-                f"{len(data)} bytes (json_memory_factor): send tensors as binary data"
-            )
-        memory = self.memory
-        if memory is not None and cost > memory.capacity:
-            raise RequestTooLarge(
-                f"{what} would take about {_mib(cost)} MiB once parsed; the limit is "
-                f"{_mib(memory.capacity)} MiB (decode_memory_mb)"
-            )
-        if memory is not None:
-            memory.acquire(cost, self.deadline)
-        try:
-            return then(parse_json(bytes(data), what))
-        finally:
-            if memory is not None:
-                memory.release(cost)
-
-
-def _mib(nbytes: float) -> str:
-    return f"{nbytes / (1 << 20):.1f}"
-
-
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread: parsing and decoding a large body takes tenths of a second, which on
-    the event loop would hold up every other connection, HTTP and gRPC alike."""
+    """`fn(*args)` in a worker thread, for work that releases the interpreter lock or takes milliseconds."""
     return await anyio.to_thread.run_sync(functools.partial(fn, *args))
 
 
@@ -216,10 +151,15 @@ OPTION_KEYS = ("model", "version", "top_k", "tta")
 
 
 async def read_images(
-    request: Request, settings: Settings, memory: MemoryBudget | None = None, *, many: bool
+    request: Request,
+    settings: Settings,
+    memory: MemoryBudget | None = None,
+    parser: BodyParser | None = None,
+    *,
+    many: bool,
 ) -> ImageRequest:
     """Images and parameters from multipart form, a JSON body (base64 images) or a raw image body; a JSON
-    body's parse is bounded by `json_memory_factor` and reserved from `memory`."""
+    body is parsed by `parsing.parse_json_body` (bounded by `json_memory_factor`, reserved from `memory`)."""
     body = await read_body(request, settings.max_request_bytes, settings)
     params = {k: v for k, v in request.query_params.items()}
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -244,7 +184,7 @@ async def read_images(
     elif ctype == "application/json":
         budget = json_budget(request, settings, memory)
         then = functools.partial(_json_images, max_items=settings.max_images_per_request, many=many)
-        images, options = await off_loop(budget.parse, body, "body", then)
+        images, options = await parse_json_body(body, len(body), "body", then, budget, parser)
         names = [str(i) for i in range(len(images))]
         params.update(options)
     else:
@@ -261,8 +201,11 @@ async def read_images(
     return ImageRequest(images, names, params)
 
 
-def _json_images(doc: Any, max_items: int, many: bool) -> tuple[list[bytes], dict[str, str]]:
-    """The images (base64-decoded) and options of a parsed JSON body; blocking (a worker thread's work)."""
+def _json_images(
+    doc: Any, rest: memoryview, max_items: int, many: bool
+) -> tuple[list[bytes], dict[str, str]]:
+    """The images (base64-decoded) and options of a parsed JSON body (`rest`: nothing follows the JSON);
+    blocking, in a thread or a parsing process."""
     if not isinstance(doc, dict):
         raise InvalidArgument("JSON body must be an object with 'image' or 'images' (base64)")
     unknown = set(doc) - {*IMAGE_KEYS, *OPTION_KEYS}

@@ -30,7 +30,8 @@ from service.oip import OpenInference
 from service.postprocessing import check_top_k
 
 from . import oip_rest
-from .requests import ImageRequest, deadline_of, json_budget, off_loop, parse_json, read_body, read_images
+from .parsing import BodyParser, parse_json
+from .requests import ImageRequest, deadline_of, json_budget, off_loop, read_body, read_images
 from .responses import error_response, internal_error, plain_error
 
 
@@ -42,6 +43,7 @@ class Runtime:
     core: InferenceCore
     metrics: Metrics
     oip: OpenInference
+    parser: BodyParser | None = None  # large JSON bodies' parsing processes; None: parsed in threads
 
 
 Handler = Callable[[Request, Runtime], Awaitable[Response]]
@@ -125,7 +127,7 @@ async def _classify(
     request: Request, runtime: Runtime, many: bool
 ) -> tuple[ImageRequest, list[Prediction | ServiceError]]:
     """Read the images and parameters of /classify or /classify_batch, and classify them."""
-    req = await read_images(request, runtime.settings, runtime.core.decode_memory, many=many)
+    req = await read_images(request, runtime.settings, runtime.core.decode_memory, runtime.parser, many=many)
     model = req.params.get("model") or runtime.settings.default_model
     version = req.params.get("version") or None
     request.scope["state"]["model"] = model
@@ -232,12 +234,12 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
     name, version = _name_version(request)
     settings = runtime.settings
     body = await read_body(request, settings.max_request_bytes, settings)
-    parsed = await off_loop(
-        oip_rest.parse_infer_request,
+    parsed = await oip_rest.parse_infer_request(
         body,
         request.headers.get(oip_rest.HEADER_LENGTH),
         settings.max_images_per_request,
         json_budget(request, settings, runtime.core.decode_memory),
+        runtime.parser,
     )
     del body
     result = await _unless_disconnected(

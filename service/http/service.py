@@ -30,6 +30,7 @@ from service.oip import OpenInference
 from . import connections
 from .api import build_app
 from .middleware import RequestContextMiddleware
+from .parsing import BodyParser
 from .routes import Runtime
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class ClassifierService:
         self.load_task: asyncio.Task | None = None
         self.grpc_drain: asyncio.Task | None = None
         self.lag: LoopLagMonitor | None = None
+        self.parser: BodyParser | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
@@ -72,7 +74,8 @@ class ClassifierService:
         self.lag.start()
         self.core = InferenceCore(self.settings, observer=self.metrics)
         protocol = OpenInference(self.core, self.settings)
-        app.state.runtime = Runtime(self.settings, self.core, self.metrics, protocol)
+        self.parser = BodyParser(self.settings.parse_processes)
+        app.state.runtime = Runtime(self.settings, self.core, self.metrics, protocol, self.parser)
         if self.settings.grpc_port > 0:  # bound before any model loads: a taken port must cost nothing
             from service.grpc.server import GrpcServer
 
@@ -136,6 +139,8 @@ class ClassifierService:
             await self.core.stop()
         if self.lag is not None:
             await self.lag.stop()
+        if self.parser is not None:
+            self.parser.close()
 
     def __is_ready__(self) -> bool:
         return bool(self.core is not None and self.core.ready and self.core.live)
