@@ -24,7 +24,7 @@ from service.config import Settings
 from service.http.parsing import JSON_FREE_BYTES, json_cost
 from tests.http_server import Server, descendants, png, running_server
 
-IDLE_S, HEADER_S, BODY_S, MAX_CONNECTIONS = 1.5, 2.0, 1.5, 40
+IDLE_S, HEADER_S, BODY_S, REQUEST_S, MAX_CONNECTIONS = 1.5, 2.0, 1.5, 4.0, 40
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     flags = (
         *("--models", "lenet5", "--default-model", "lenet5"),
         *("--idle-timeout-s", str(IDLE_S), "--header-timeout-s", str(HEADER_S)),
-        *("--body-timeout-s", str(BODY_S), "--request-timeout-s", "6"),
+        *("--body-timeout-s", str(BODY_S), "--request-timeout-s", str(REQUEST_S)),
         *("--max-connections", str(MAX_CONNECTIONS), "--max-images-per-request", "64"),
     )
     with running_server(tmp_path_factory.mktemp("hostile"), *flags) as s:
@@ -54,9 +54,9 @@ def _normal(server: Server, digit: bytes) -> float:
     return time.perf_counter() - start
 
 
-def _metric(server: Server, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    text = httpx.get(server.url + "/metrics", timeout=30).text
+def _metric(server: Server, name: str, text: str | None = None, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels` (in `text`, or a scrape made now)."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text if text is None else text
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
@@ -202,20 +202,22 @@ def test_json_that_would_parse_into_gigabytes_is_refused_first(server: Server, d
 
 def _lag_over(server: Server, seconds: str) -> float:
     """Event loop lag samples above `seconds` (a bucket bound) so far."""
-    total = _metric(server, "cnn_serve_event_loop_lag_seconds_count")
-    return total - _metric(server, "cnn_serve_event_loop_lag_seconds_bucket", le=seconds)
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    total = _metric(server, "cnn_serve_event_loop_lag_seconds_count", text)
+    return total - _metric(server, "cnn_serve_event_loop_lag_seconds_bucket", text, le=seconds)
 
 
 def test_large_json_bodies_are_parsed_away_from_the_event_loop(server: Server, digit: bytes) -> None:
     """A 20 MB tensor of floats (a second of parsing) and a 64-image base64 batch: the event loop, which a
-    normal request needs to be answered, never stalls for a quarter of a second meanwhile."""
+    normal request needs to be answered, never stalls for half a second meanwhile (the bound is loose for a
+    shared test machine; bench/bench_hostile.py measures the lag itself)."""
     assert _metric(server, "cnn_serve_event_loop_lag_seconds_count") > 0  # the lag is measured all along
     floats = np.random.default_rng(1).random(1_000_000).astype(np.float32).tolist()
     tensor = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [64, 1, 32, 32], "data": floats}]}
     big = json.dumps(tensor).encode()
     assert len(big) > 15 << 20
     batch = {"images": [base64.b64encode(digit + bytes(200_000)).decode()] * 64}
-    before = _lag_over(server, "0.25")
+    before = _lag_over(server, "0.5")
     answers: list[httpx.Response] = []
     bodies = {"/v2/models/lenet5/infer": big, "/classify_batch": json.dumps(batch).encode()}
 
@@ -235,8 +237,8 @@ def test_large_json_bodies_are_parsed_away_from_the_event_loop(server: Server, d
     assert statuses == [200, 400], [a.text[:300] for a in answers]  # 1,000,000 floats for a 65,536 shape
     assert any("needs 65536 elements" in a.text for a in answers)
     time.sleep(0.3)
-    assert _lag_over(server, "0.25") == before, "the event loop stalled while large bodies were parsed"
-    assert _metric(server, "cnn_serve_event_loop_lag_max_seconds") < 0.25
+    assert _lag_over(server, "0.5") == before, "the event loop stalled while large bodies were parsed"
+    assert _metric(server, "cnn_serve_event_loop_lag_max_seconds") < 0.5
 
 
 # -- clients that leave, bodies that stop ----------------------------------------------------------------
@@ -286,11 +288,11 @@ def test_a_body_shorter_than_its_content_length_is_408_within_the_body_timeout(
 
 
 def test_a_body_that_trickles_past_the_request_timeout_is_408(server: Server, digit: bytes) -> None:
-    """Each piece within `body_timeout_s`, the whole not within the request's timeout (here asked, 2 s)."""
+    """Each piece within `body_timeout_s`, the whole not within `request_timeout_s`."""
     sock = _connect(server)
     head = (
         f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(digit)}\r\n"
-        "X-Request-Timeout-Ms: 2000\r\n\r\n"
+        "\r\n"
     )
     sock.sendall(head.encode())
     start = time.monotonic()
@@ -306,10 +308,10 @@ def test_a_body_that_trickles_past_the_request_timeout_is_408(server: Server, di
             break
         except TimeoutError:
             time.sleep(BODY_S / 3)
-        assert time.monotonic() - start < 8
+        assert time.monotonic() - start < REQUEST_S + 4
     sock.close()
     assert _status(answer) == 408, answer[:300]
-    assert time.monotonic() - start < 4
+    assert REQUEST_S - 0.5 < time.monotonic() - start < REQUEST_S + 2
     _normal(server, digit)
 
 
