@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -49,6 +50,7 @@ JSON_FREE_BYTES = 64 * 1024
 COUNT_SLICE = 1 << 20
 # Bodies from this size on are parsed in a child process: below it a parse holds the loop for milliseconds.
 PROCESS_BYTES = 128 * 1024
+PARSE_NICENESS = 10
 
 
 def parse_json(data: bytes, what: str) -> Any:
@@ -106,6 +108,15 @@ def parse_then(data: bytes, json_end: int, what: str, then: Callable[[Any, memor
     return then(parse_json(bytes(view[:json_end]), what), view[json_end:])
 
 
+def _yield_the_cpu() -> None:
+    """A parsing process runs at a lower priority than the worker: a burst of large bodies must not take the
+    cores that the event loop and inference need."""
+    try:
+        os.nice(PARSE_NICENESS)
+    except OSError:  # not allowed here: the default priority, still another process
+        pass
+
+
 class BodyParser:
     """`processes` child processes that parse large JSON bodies; started at the first such body."""
 
@@ -117,7 +128,9 @@ class BodyParser:
         if self._pool is None:
             # spawn: the worker holds threads (ONNX Runtime, gRPC) that a fork would copy in a broken state.
             context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.processes, mp_context=context, initializer=_yield_the_cpu
+            )
         return self._pool
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
