@@ -385,6 +385,7 @@ def test_connections_past_the_limit_are_refused_at_once(server: Server, digit: b
     time.sleep(0.3)
     _normal(server, digit)
     assert _metric(server, "cnn_serve_http_connections_refused_total") == before + 1
+    assert f"refused 1 HTTP connections: {MAX_CONNECTIONS} open, the limit (max_connections)" in server.log()
 
 
 def test_the_new_settings_are_checked() -> None:

@@ -12,7 +12,8 @@ uvicorn's `Config` with `http="auto"` after loading this service):
   bounds bytes a client keeps sending after its request was answered.
 
 A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408). Each refusal
-and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`) and written in the access log.
+and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`); a 408 is written in the access
+log, refusals in one warning per `REFUSED_LOG_S` at most (a flood of connections must not flood the log).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from service import logs
 from service.config import Settings
 
 PROTOCOL = "service.http.connections:GuardedH11Protocol"
+REFUSED_LOG_S = 10.0
 log = logging.getLogger("cnn_serve.http")
 
 
@@ -42,6 +44,19 @@ class Guard:
     idle_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
     metrics: Callable[[], Any] = lambda: None  # the worker's `Metrics` once it has started
+    refused: int = 0  # connections refused since the last warning
+    refused_logged: float = 0.0  # when the last warning was written (loop time)
+
+    def refusal(self, now: float, open_connections: int) -> None:
+        """Count one refused connection; warn at most once per `REFUSED_LOG_S`."""
+        self.refused += 1
+        if now - self.refused_logged >= REFUSED_LOG_S:
+            log.warning(
+                "refused %d HTTP connections: %d open, the limit (max_connections)",
+                self.refused,
+                open_connections,
+            )
+            self.refused, self.refused_logged = 0, now
 
 
 GUARD = Guard()
@@ -86,7 +101,11 @@ class GuardedH11Protocol(H11Protocol):
             message = f"{len(self.connections)} connections are open, the limit (max_connections); retry"
             transport.write(_answer(503, "Service Unavailable", "overloaded", message, "retry-after: 1\r\n"))
             transport.close()
-            self._record(503, "refused", transport)
+            GUARD.refusal(self.loop.time(), len(self.connections))
+            metrics = GUARD.metrics()
+            if metrics is not None:
+                metrics.connection_refused()
+                metrics.request("-", "-", "http", "503", 0.0)
             return
         super().connection_made(transport)
         # uvicorn arms this only after a response; a connection that never sends a byte is idle too.
@@ -146,10 +165,7 @@ class GuardedH11Protocol(H11Protocol):
         """Counted and written in the access log, as a request would be (it never became one)."""
         metrics = GUARD.metrics()
         if metrics is not None:
-            if status == 503:
-                metrics.connection_refused()
-            else:
-                metrics.connection_timed_out(reason)
+            metrics.connection_timed_out(reason)
             metrics.request("-", "-", "http", str(status), 0.0)
         peer = transport.get_extra_info("peername")
         logs.access(
