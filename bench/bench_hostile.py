@@ -17,7 +17,7 @@ second), `idle` (500 connections that send nothing), `flood` (connections past `
 `tta_batch` (batches of 64 images with ten-crop test-time augmentation).
 
     python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
-        [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile]
+        [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile] [--warm 20]
 """
 
 from __future__ import annotations
@@ -423,6 +423,12 @@ def main() -> int:
     parser.add_argument("--repository", default=str(ROOT / "models"))
     parser.add_argument("--abuse", default=",".join(KINDS), help=f"kinds of abuse: {', '.join(KINDS)}")
     parser.add_argument("--work", default=str(ROOT / "bench" / "out" / "hostile"))
+    parser.add_argument(
+        "--warm",
+        type=float,
+        default=WARM_S,
+        help="seconds before the first phase (past the lag gauge's window)",
+    )
     args = parser.parse_args()
     kinds = [k.strip() for k in args.abuse.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
@@ -447,7 +453,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     ]
     for t in clients:
         t.start()
-    time.sleep(WARM_S)  # connections open, the model warm, start-up out of the lag gauge's window
+    time.sleep(args.warm)  # connections open, the model warm, start-up out of the lag gauge's window
     baseline_rss = server.rss()
     lag_start = lag_buckets(server.metrics())
     current[0] = clean
