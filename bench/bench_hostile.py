@@ -110,6 +110,24 @@ class Server:
                 pass
         return total
 
+    def rss_parts(self) -> dict[str, int]:
+        """RSS by kind of process: the worker, the JSON parsing processes, the rest (arbiter, trackers)."""
+        parts: collections.Counter[str] = collections.Counter()
+        for p in self.workers():
+            try:
+                line = " ".join(p.cmdline())
+                kind = (
+                    "parsing"
+                    if "spawn_main" in line
+                    else "worker"
+                    if "_bentoml_impl.worker" in line
+                    else "other"
+                )
+                parts[kind] += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return dict(parts)
+
     def open_connections(self) -> int:
         """Established TCP connections on the HTTP port, counted on the server's side."""
         out = subprocess.run(
@@ -374,7 +392,8 @@ class Abuse:
         self._held("idle", 500, lambda sock, i: True)
 
     def flood(self) -> None:
-        """Every 10 s, 1100 connections at once (past the default max_connections of 1000) for 2 s."""
+        """Every 10 s, 1100 connections at once (past the default max_connections of 1000) for 2 s; meanwhile
+        a few more, timed from connect to the 503 (`refusal_seconds`)."""
         while not self.stop.is_set():
             socks = []
             for _ in range(1100):
@@ -384,7 +403,17 @@ class Abuse:
                     self.received["flood"][type(exc).__name__] += 1
             for sock in socks:
                 sock.setblocking(False)
-            time.sleep(2)
+            probe_end = time.monotonic() + 2
+            while time.monotonic() < probe_end:
+                start = time.perf_counter()
+                try:
+                    with self._connect() as probe:
+                        status = self._status_of(probe, 5)
+                except OSError:
+                    status = "error"
+                if status == "503":
+                    self.refusal_seconds.append(time.perf_counter() - start)
+                time.sleep(0.2)
             for sock in socks:
                 try:
                     data = sock.recv(4096)
@@ -398,6 +427,7 @@ class Abuse:
             self.stop.wait(8)
 
     model = ""
+    refusal_seconds: list[float] = []
 
 
 def run_phase(server: Server, phase: Phase, seconds: float, stop: threading.Event) -> None:
@@ -461,6 +491,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     lag_clean = lag_buckets(server.metrics())
     abuse = Abuse(server, kinds, photo)
     abuse.model = args.model
+    abuse.refusal_seconds = []
     current[0] = abused
     access_before = len(server.access())
     abuse.start()
@@ -473,6 +504,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         t.join(120)
     time.sleep(SETTLE_S)
     final_rss = server.rss()
+    parts = server.rss_parts()
     still_open = server.open_connections()
     text = server.metrics()
     lines = server.access()[access_before:]
@@ -502,7 +534,9 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     print(
         f"RSS of the server's worker processes: baseline {baseline_rss / mib:.0f} MiB, peak "
         f"{max(clean.rss_peak, abused.rss_peak) / mib:.0f} MiB (with abuse {abused.rss_peak / mib:.0f}), "
-        f"final {final_rss / mib:.0f} MiB ({SETTLE_S:.0f} s after the abuse stopped)"
+        f"final {final_rss / mib:.0f} MiB ({SETTLE_S:.0f} s after the abuse stopped: "
+        + ", ".join(f"{k} {v / mib:.0f}" for k, v in sorted(parts.items()))
+        + ")"
     )
     n_clean, over_clean, under_clean = lag_figures(lag_start, lag_clean)
     n_abuse, over_abuse, under_abuse = lag_figures(lag_clean, lag_abuse)
@@ -518,7 +552,14 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     else:
         print("503 answered by routes: 0")
     refused = sample(text, "cnn_serve_http_connections_refused_total")
-    print(f"connections refused at accept (503, max_connections): {refused:.0f}")
+    timed = sorted(abuse.refusal_seconds)
+    when = (
+        f"; connect to 503, client-side, while full: p50 {timed[len(timed) // 2] * 1000:.1f} ms, max "
+        f"{timed[-1] * 1000:.1f} ms ({len(timed)} probes)"
+        if timed
+        else ""
+    )
+    print(f"connections refused at accept (503, max_connections): {refused:.0f}{when}")
     print(
         "connections closed by timeouts: idle "
         f"{sample(text, 'cnn_serve_http_connections_timed_out_total', reason='idle'):.0f}, headers "
