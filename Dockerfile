@@ -51,11 +51,13 @@ COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY --from=export /src/proto/ proto/
 RUN pip install --no-deps .
-# Every write goes under /tmp (an emptyDir in Kubernetes, where the root filesystem is read-only).
+# Every write goes under /tmp (an emptyDir in Kubernetes, where the root filesystem is read-only), the model
+# cache of a repository in a bucket (CNN_SERVE_REPOSITORY=s3://...) included.
 ENV HOME=/tmp \
     TMPDIR=/tmp \
     BENTOML_HOME=/tmp/bentoml \
     CNN_SERVE_REPOSITORY=/models \
+    CNN_SERVE_MODEL_CACHE=/tmp/cnn-serve-models \
     CNN_SERVE_HOST=0.0.0.0 \
     CNN_SERVE_HTTP_PORT=3000 \
     CNN_SERVE_GRPC_PORT=50051

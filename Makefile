@@ -8,7 +8,7 @@ MODELS ?= models
 SERVE_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient chromium
+.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
 # that the tests need, Ray included (the serving extras alone are what the Docker image gets). The image's
@@ -62,6 +62,16 @@ $(TRITONCLIENT): requirements/tritonclient.txt
 
 tritonclient: $(TRITONCLIENT)
 
+# KServe's Python package (tests/test_deploy_kserve.py checks k8s/kserve with its API models), also apart: it
+# pins grpcio-tools, protobuf and psutil below the dev extra's.
+KSERVE := build/kserve/.installed
+$(KSERVE): requirements/kserve.txt
+	test -x build/kserve/bin/python || $(PYTHON) -m venv build/kserve
+	build/kserve/bin/python -m pip install -q -r requirements/kserve.txt
+	touch $@
+
+kserve: $(KSERVE)
+
 # Debian's Chromium for the browser tests (tests/test_web_browser.py; Playwright's own browser download is not
 # used). Installed with apt-get when it is missing; if that fails, those tests skip and say why.
 CHROMIUM ?= /usr/bin/chromium
@@ -69,7 +79,7 @@ chromium:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "chromium could not be installed: the browser tests will skip"
 
-test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(CHECKOV) $(TRITONCLIENT) chromium
+test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(CHECKOV) $(TRITONCLIENT) $(KSERVE) chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 

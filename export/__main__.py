@@ -21,6 +21,12 @@ def _positive(text: str) -> int:
     return value
 
 
+REPOSITORY_HELP = (
+    "a folder, or s3://bucket/prefix, gs://..., az://..., file://... (published the atomic way: files to a "
+    "temporary prefix, the card last; credentials and AWS_ENDPOINT_URL from the environment)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -32,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     w = b.add_mutually_exclusive_group()
     w.add_argument("--weights", help="state dict: .pth/.pt (loaded weights_only) or .safetensors")
     w.add_argument("--random-init", action="store_true", help="no weights: untrained, benchmarks only")
-    b.add_argument("--repository", default="models")
+    b.add_argument("--repository", default="models", help=REPOSITORY_HELP)
     b.add_argument("--name", help="repository name (default: the architecture's)")
     b.add_argument("--version", help="positive integer (default: next free)")
     b.add_argument(
@@ -43,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--name", required=True)
     i.add_argument("--version")
-    i.add_argument("--repository", default="models")
+    i.add_argument("--repository", default="models", help=REPOSITORY_HELP)
     i.add_argument(
         "--preprocessing",
         default="imagenet",
@@ -53,9 +59,29 @@ def _parser() -> argparse.ArgumentParser:
         "--labels", default="imagenet", help="imagenet, digits, or a file (one name per line, or JSON)"
     )
     i.add_argument("--description")
+    i.add_argument("--input", help="the image input, for a graph with several inputs")
+    i.add_argument("--output", help="the class scores, for a graph with several outputs")
+    i.add_argument(
+        "--layout",
+        choices=("auto", "NCHW", "NHWC"),
+        default="auto",
+        help="the input's (auto: from its shape)",
+    )
+    i.add_argument(
+        "--output-kind",
+        choices=("auto", "logits", "probabilities"),
+        default="auto",
+        help="auto: probabilities when the graph ends in Softmax (or its outputs sum to 1)",
+    )
+    i.add_argument(
+        "--label-offset",
+        type=int,
+        help="leading output columns that are no label (auto: 1 when there is one more output than labels, "
+        "a background class at index 0)",
+    )
 
     d = sub.add_parser("defaults", help="build the two trained defaults (efficientnet_lite0, lenet5)")
-    d.add_argument("--repository", default="models")
+    d.add_argument("--repository", default="models", help=REPOSITORY_HELP)
 
     a = sub.add_parser("architectures", help="export + validate + measure every entry, write a table")
     a.add_argument("--out", default="docs/ARCHITECTURES.md")
@@ -76,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                 c, h, w = arch.input_shape()
                 print(f"{arch.name:22s} {arch.source:34s} {c}x{h}x{w}  {arch.labels}")
         elif args.cmd in ("build", "import-onnx"):
-            _print_built(_write_one(args))
+            _print_built(_write_one(args), args.repository)
         elif args.cmd == "defaults":
-            from .defaults import build_defaults
+            from .defaults import build_defaults, publish_defaults
+            from .repository import is_url
 
-            for folder in build_defaults(args.repository):
-                _print_built(folder)
+            remote = is_url(args.repository)
+            for folder in (publish_defaults if remote else build_defaults)(args.repository):
+                _print_built(folder, args.repository)
         elif args.cmd == "architectures":
             from . import architectures
 
@@ -108,14 +136,25 @@ def _write_one(args: argparse.Namespace) -> Path:
         return build(args.arch, args.repository, **where, **options)
     from .import_onnx import import_onnx
 
-    options = {"preprocessing": args.preprocessing, "labels": args.labels, "description": args.description}
+    options = {
+        "preprocessing": args.preprocessing,
+        "labels": args.labels,
+        "description": args.description,
+        "input_name": args.input,
+        "output_name": args.output,
+        "layout": args.layout,
+        "output_kind": args.output_kind,
+        "label_offset": args.label_offset,
+    }
     return import_onnx(args.file, args.repository, **where, **options)
 
 
-def _print_built(folder: Path) -> None:
-    from .repository import read_card
+def _print_built(folder: Path, repository: str) -> None:
+    from .repository import is_url, read_card, redact
 
     card = read_card(folder)
+    if is_url(repository):  # the bucket's version, not the local copy it was uploaded from
+        folder = f"{redact(repository.rstrip('/'))}/{card.name}/{card.version}"  # type: ignore[assignment]
     v = card.extra.get("validation") or {}
     f32, f16 = v.get("fp32", {}), v.get("fp16", {})
     parts = [f"{folder}", f"trained={card.trained}"]

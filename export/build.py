@@ -153,7 +153,7 @@ def build(
         model, weights_entry = build_with_weights(arch, weights)
     trained = weights_entry is not None
     name = repository.check_name(name or arch.name)
-    repo = Path(repo)
+    repo = repository.location(repo)
     version = repository.check_version(version) if version else repository.next_version(repo, name)
     with repository.staged(repo, name, version) as stage:
         exported = export_model(model, arch, stage, trained=trained, inputs=inputs, samples=samples)
@@ -168,4 +168,4 @@ def build(
             description=description,
         )
         repository.write_card(stage, card)
-    return repo / name / version
+    return stage if isinstance(repo, str) else repo / name / version  # a bucket's: the local copy

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -192,4 +193,23 @@ def build_defaults(repository_dir: str | Path) -> list[Path]:
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+    return done
+
+
+def publish_defaults(url: str) -> list[Path]:
+    """`build_defaults` for a bucket: a default whose version the bucket holds is kept; the others are built
+    in a local folder and published the atomic way (`repository.staged`)."""
+    local = Path(tempfile.mkdtemp(prefix="cnn-export-defaults-"))
+    done = []
+    try:
+        for name, fn in (("efficientnet_lite0", build_lite0), ("lenet5", build_lenet)):
+            if int(VERSION) in repository.versions(url, name):
+                print(f"{repository.redact(url)}/{name}/{VERSION}: up to date")
+                continue
+            folder = fn(local)
+            with repository.staged(url, name, VERSION) as stage:
+                shutil.copytree(folder, stage, dirs_exist_ok=True)
+            done.append(stage)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
     return done

@@ -1,16 +1,22 @@
-"""Bring your own ONNX: register an existing classifier (any opset ONNX Runtime runs) in the model repository.
+"""Bring your own ONNX: register an existing classifier (opset 7 and up; older ones converted).
 
-Accepted: one NCHW float image input (batch dynamic or 1, C in 1 or 3) and one [N, classes] output; ONNX
-Runtime must load it and run a real photo through it, and the output must have as many classes as the
-labels. Anything else (detectors, segmenters, multi-input graphs, ...) is rejected with one line.
-The file is copied as it is (no re-optimisation); no fp16 twin is made for an imported graph.
+Accepted: a float image input, NCHW or NHWC (`[N, H, W, C]`, graphs converted from TensorFlow/Keras), with a
+dynamic batch or a fixed batch of 1 (made dynamic when the graph runs a batch of two to the same rows, else
+served one image at a time); scores `[N, C]` or `[N, C, 1, 1]` (a final 1x1 convolution or global pooling
+without flatten), logits or probabilities (a final Softmax found in the graph), with one more column than
+labels read as a background class at index 0 (TensorFlow-slim). A graph with several inputs or outputs is
+imported once `--input` / `--output` name the image and the scores, cut down to them. ONNX Runtime must run
+a real photo through it. Anything else (detectors, segmenters, ...) is rejected with one line; each choice
+made is written in the card (`input.layout`, `input.shape`, `output.kind`, `output.label_offset`, `import`).
+The graph is copied as it is unless a rewrite above was needed; no fp16 twin is made for an imported graph.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,7 +105,9 @@ def _checked(pre: dict) -> dict:
         raise ExportError(f"--preprocessing: {str(e).removeprefix('preprocessing: ')}") from None
 
 
-def parse_labels(spec: str, classes: int) -> list[dict]:
+def parse_labels(spec: str, classes: int | None = None) -> list[dict]:
+    """`imagenet`, `digits`, or a file (one name per line, a JSON list, Keras' index object); with `classes`,
+    the count must match."""
     if spec in ("imagenet", "digits"):
         labels = label_set(spec)
     else:
@@ -133,13 +141,33 @@ def parse_labels(spec: str, classes: int) -> list[dict]:
                 labels.append({"index": i, "id": str(item.get("id", i)), "name": str(item["name"])})
             else:
                 raise ExportError(f"--labels {p.name}: entry {i} is neither a name nor an object with 'name'")
-    if len(labels) != classes:
+    if classes is not None and len(labels) != classes:
         raise ExportError(f"the model outputs {classes} classes but the label set has {len(labels)}")
     return labels
 
 
-def inspect(path: Path) -> tuple[dict, dict, int]:
-    """Check the graph is an image classifier; return (input, output, opset) facts."""
+MIN_OPSET = 7  # ONNX Runtime guarantees opset 7 and up; older graphs are converted to it
+LAYOUTS = ("auto", "NCHW", "NHWC")
+OUTPUT_KINDS = ("auto", "logits", "probabilities")
+# Operators that only move values: a Softmax behind them still makes the output probabilities.
+_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Transpose"})
+ROW_RTOL, ROW_ATOL = 1e-3, 1e-4  # one image alone and in a batch of two: the same row within these
+
+
+@dataclass
+class Graph:
+    """The graph being imported, with the facts found about it and a note per choice for the card."""
+
+    path: Path
+    model: Any  # onnx.ModelProto
+    image: str
+    scores: str
+    opset: int
+    rewritten: bool = False
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _load(path: Path) -> Any:
     import onnx
 
     try:
@@ -161,32 +189,242 @@ def inspect(path: Path) -> tuple[dict, dict, int]:
             "provider (e.g. com.microsoft.nchwc, CPU only) cannot be served everywhere; import the graph "
             "as exported, before ONNX Runtime's optimisations"
         )
+    return model
+
+
+def _dims(vi: Any) -> list[int | str]:
+    return [d.dim_value if d.dim_value > 0 else (d.dim_param or -1) for d in vi.type.tensor_type.shape.dim]
+
+
+def _describe(vi: Any) -> str:
+    import onnx
+
+    elem = vi.type.tensor_type.elem_type
+    kind = onnx.TensorProto.DataType.Name(elem) if elem else "?"
+    return f"{vi.name} {kind} {_dims(vi)}"
+
+
+def _is_float(vi: Any) -> bool:
+    import onnx
+
+    return vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def _image_like(vi: Any) -> bool:
+    d = _dims(vi)
+    return _is_float(vi) and len(d) == 4 and (d[1] in (1, 3) or d[3] in (1, 3))
+
+
+def _scores_like(vi: Any) -> bool:
+    d = _dims(vi)
+    if not vi.type.tensor_type.HasField("shape"):  # some converters leave outputs unshaped: running tells
+        return _is_float(vi)
+    return _is_float(vi) and (
+        len(d) == 2 or (len(d) == 4 and all(not isinstance(x, int) or x in (-1, 1) for x in d[2:]))
+    )
+
+
+def _choose(items: list, given: str | None, what: str, role: str, flag: str, looks: Any, path: Path) -> Any:
+    """The input (or output) that is the image (or the scores): the one there is, or the one named."""
+    if given is not None:
+        for item in items:
+            if item.name == given:
+                return item
+        listed = "; ".join(_describe(i) for i in items)
+        raise ExportError(f"{flag} {given!r}: {path.name} has no such {what} (its {what}s: {listed})")
+    if len(items) == 1:
+        return items[0]
+    listed = "; ".join(_describe(i) for i in items)
+    if not items:
+        raise ExportError(f"{path.name} is not an image classifier: it has no {what}")
+    likely = [i for i in items if looks(i)]
+    hint = f"{likely[0].name!r} looks like the {role};" if len(likely) == 1 else f"which is the {role}?"
+    raise ExportError(
+        f"{path.name} is not a single-{what} classifier: it has {len(items)} {what}s ({listed}); {hint} "
+        f"name it with {flag} NAME"
+    )
+
+
+def _cut(graph: Graph, others: list[str]) -> None:
+    """Keep only what computes the scores from the image; refused when the scores need another input."""
+    import onnx.utils
+
+    g = graph.model.graph
+    producer = {out: node for node in g.node for out in node.output}
     inits = {i.name for i in g.initializer}
-    inputs = [i for i in g.input if i.name not in inits]
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if len(inputs) != 1 or len(g.output) != 1:
+    needed, seen, stack = set(), set(), [graph.scores]
+    while stack:
+        name = stack.pop()
+        if name in seen or name == graph.image or name in inits:
+            continue
+        seen.add(name)
+        if name in others:
+            needed.add(name)
+        node = producer.get(name)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+            for attr in node.attribute:  # If / Loop bodies may read the outer graph's names
+                for sub in [attr.g, *attr.graphs]:
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    if needed:
         raise ExportError(
-            f"{path.name} is not an image classifier: it has {len(inputs)} inputs and {len(g.output)} "
-            "outputs (need one NCHW image input and one [N, classes] output)"
+            f"{graph.path.name}: output {graph.scores!r} needs input(s) {', '.join(sorted(needed))} besides "
+            f"the image {graph.image!r}; only scores computed from the image alone can be served"
         )
+    try:
+        graph.model = onnx.utils.Extractor(graph.model).extract_model([graph.image], [graph.scores])
+    except Exception as e:
+        raise ExportError(
+            f"{graph.path.name}: cannot cut the graph down to {graph.image!r} -> {graph.scores!r} "
+            f"({str(e).splitlines()[0][:160]})"
+        ) from None
+    graph.rewritten = True
+    graph.notes["graph"] = f"cut down to input {graph.image!r} and output {graph.scores!r}"
 
-    def dims(vi) -> list:
-        t = vi.type.tensor_type
-        return [d.dim_value if d.dim_value > 0 else (d.dim_param or -1) for d in t.shape.dim], t.elem_type
 
-    in_dims, in_type = dims(inputs[0])
-    out_dims, _ = dims(g.output[0])
-    if in_type != onnx.TensorProto.FLOAT or len(in_dims) != 4 or in_dims[1] not in (1, 3):
-        raise ExportError(
-            f"{path.name} is not an image classifier: input {inputs[0].name} is {in_dims} "
-            f"({onnx.TensorProto.DataType.Name(in_type)}), need float32 [N, 1|3, H, W]"
+def _layout(dims: list, given: str, path: Path, image: Any) -> str:
+    if given != "auto":
+        return given
+    first, last = dims[1] in (1, 3), dims[3] in (1, 3)
+    if first:
+        return "NCHW"
+    if last:
+        return "NHWC"
+    raise ExportError(
+        f"{path.name} is not an image classifier: input {_describe(image)} has neither 1 or 3 channels "
+        "second (NCHW) nor last (NHWC); name the layout with --layout if the channels are dynamic"
+    )
+
+
+def _session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 4  # the batch probes may fail on purpose: no log lines for those
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run(sess: Any, graph: Graph, layout: str, x: np.ndarray) -> np.ndarray:
+    """The raw output for a prepared NCHW batch, fed in the graph's layout."""
+    feed = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
+    return np.asarray(sess.run([graph.scores], {graph.image: feed})[0])
+
+
+def _rows(y: np.ndarray) -> np.ndarray:
+    return y.reshape(y.shape[0], -1)
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=ROW_RTOL, atol=ROW_ATOL))
+
+
+def _set_batch(model: Any, value: str | int, graph: Graph) -> Any:
+    """A copy whose image input's and scores' batch dimension is `value` (a name: dynamic); the inner shapes
+    a converter wrote for the old batch are dropped for ONNX Runtime to infer again."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    g = copy.graph
+    del g.value_info[:]
+    for vi in [*g.input, *g.output]:
+        if vi.name not in (graph.image, graph.scores):
+            continue
+        dim = vi.type.tensor_type.shape.dim[0]
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
+    return copy
+
+
+def _convert_opset(graph: Graph, layout: str, x: np.ndarray) -> None:
+    """A graph below opset 7 goes up to it (ONNX Runtime lacks some of the oldest kernels) where the converter
+    manages, the result passes the checker and, where ONNX Runtime runs the original too, gives its scores;
+    otherwise it stays as it is and the note says why."""
+    import onnx
+    from onnx import version_converter
+
+    image = next(i for i in graph.model.graph.input if i.name == graph.image)
+    batch = image.type.tensor_type.shape.dim[0]
+    try:  # the converter needs every dimension known: it converts the graph for one image
+        one = onnx.shape_inference.infer_shapes(_set_batch(graph.model, 1, graph))
+        converted = version_converter.convert_version(one, MIN_OPSET)
+        if not batch.dim_value:
+            converted = _set_batch(converted, batch.dim_param or "N", graph)
+        onnx.checker.check_model(converted)
+        after = _rows(_run(_session(converted), graph, layout, x))
+    except Exception as e:
+        graph.notes["opset"] = (
+            f"kept at {graph.opset}: conversion to {MIN_OPSET} failed ({str(e).splitlines()[0][:100]})"
         )
-    if len(out_dims) != 2:
-        raise ExportError(
-            f"{path.name} is not an image classifier: output {g.output[0].name} is {out_dims}, "
-            "need [N, classes]"
-        )
-    return {"name": inputs[0].name, "dims": in_dims}, {"name": g.output[0].name, "dims": out_dims}, int(opset)
+        return
+    try:
+        before = _rows(_run(_session(graph.model), graph, layout, x))
+    except Exception:
+        before = None  # ONNX Runtime has no kernel for one of its operators: the converted graph is the one
+    if before is not None and not _same_rows(before, after):
+        graph.notes["opset"] = f"kept at {graph.opset}: converted to {MIN_OPSET} it gave other scores"
+        return
+    graph.notes["opset"] = f"converted from {graph.opset} to {MIN_OPSET}, checked on a photo"
+    graph.model, graph.opset, graph.rewritten = converted, MIN_OPSET, True
+
+
+def _ends_in_softmax(graph: Graph) -> str | None:
+    """The Softmax the scores come from through value-moving operators only, or None."""
+    producer = {out: node for node in graph.model.graph.node for out in node.output}
+    node = producer.get(graph.scores)
+    while node is not None:
+        if node.op_type == "Softmax":
+            return node.name or node.output[0]
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            return None
+        node = producer.get(node.input[0])
+    return None
+
+
+def _output_kind(graph: Graph, given: str, rows: np.ndarray) -> str:
+    sums_to_one = bool((rows >= -1e-6).all() and np.allclose(rows.sum(1), 1.0, atol=1e-3))
+    if given != "auto":
+        if given == "probabilities" and not sums_to_one:
+            raise ExportError(
+                f"--output-kind probabilities, but {graph.path.name}'s outputs for a photo do not sum to 1"
+            )
+        graph.notes["output_kind"] = f"{given}, as --output-kind says"
+        return given
+    softmax = _ends_in_softmax(graph)
+    if softmax is not None:
+        if not sums_to_one:
+            raise ExportError(
+                f"{graph.path.name} ends in Softmax {softmax!r} but its outputs for a photo do not sum to 1 "
+                "over the classes: say what they are with --output-kind logits|probabilities"
+            )
+        graph.notes["output_kind"] = f"probabilities: the graph ends in Softmax {softmax!r}"
+        return "probabilities"
+    if sums_to_one:
+        graph.notes["output_kind"] = "probabilities: the outputs for each photo are >= 0 and sum to 1"
+        return "probabilities"
+    graph.notes["output_kind"] = "logits: no final Softmax (a softmax is applied when serving)"
+    return "logits"
+
+
+def _label_offset(given: int | None, classes: int, labels: list[dict], graph: Graph) -> int:
+    n = len(labels)
+    if given is None:
+        if classes == n + 1:
+            graph.notes["label_offset"] = (
+                f"1: {classes} outputs for {n} labels, column 0 is a background class (TensorFlow-slim)"
+            )
+            return 1
+        given = 0
+    elif given:
+        graph.notes["label_offset"] = f"{given}, as --label-offset says"
+    if classes - given != n:
+        extra = f" after {given} leading column(s)" if given else ""
+        raise ExportError(f"the model outputs {classes - given} classes{extra} but the label set has {n}")
+    return given
 
 
 def import_onnx(
@@ -198,56 +436,118 @@ def import_onnx(
     preprocessing: str = "imagenet",
     labels: str = "imagenet",
     description: str | None = None,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    layout: str = "auto",
+    output_kind: str = "auto",
+    label_offset: int | None = None,
 ) -> Path:
+    """Check, adapt where needed (see the module's docstring) and write one new version; its folder."""
     path = Path(file)
     if not path.is_file():
         raise ExportError(f"ONNX file {str(path)!r} does not exist")
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    if output_kind not in OUTPUT_KINDS:
+        raise ExportError(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}, not {output_kind!r}")
+    if label_offset is not None and label_offset < 0:
+        raise ExportError(f"--label-offset must be 0 or more, not {label_offset}")
     repository.check_name(name)
-    inp, out, opset = inspect(path)
+    model = _load(path)
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    outputs = list(g.output)
+    image = _choose(inputs, input_name, "input", "image", "--input", _image_like, path)
+    scores = _choose(outputs, output_name, "output", "scores", "--output", _scores_like, path)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    graph = Graph(path, model, image.name, scores.name, int(opset))
+    if len(inputs) > 1 or len(outputs) > 1:
+        _cut(graph, [i.name for i in inputs if i.name != image.name])
+
+    in_dims = _dims(image)
+    if not _is_float(image) or len(in_dims) != 4:
+        raise ExportError(
+            f"{path.name} is not an image classifier: input {image.name} is {in_dims} "
+            f"({_describe(image).split()[1]}), need float32 [N, 1|3, H, W] or [N, H, W, 1|3]"
+        )
+    out_dims = _dims(scores)
+    if not _scores_like(scores):
+        raise ExportError(
+            f"{path.name} is not an image classifier: output {scores.name} is {out_dims}, "
+            "need [N, classes] or [N, classes, 1, 1]"
+        )
+    lay = _layout(in_dims, layout, path, image)
+    graph.notes["layout"] = (
+        f"{lay}, as --layout says" if layout != "auto" else f"{lay}: from the input's shape"
+    )
     pre = parse_preprocessing(preprocessing)
     c, h, w = pre["input_size"]
-    fixed = [d for d in inp["dims"][1:] if isinstance(d, int) and d > 0]
-    if fixed and (len(fixed) != 3 or fixed != [c, h, w]):
+    want = [c, h, w] if lay == "NCHW" else [h, w, c]
+    if any(isinstance(d, int) and d > 0 and d != e for d, e in zip(in_dims[1:], want, strict=True)):
         raise ExportError(
-            f"the model's input is {inp['dims']} but the preprocessing gives [N, {c}, {h}, {w}]"
+            f"the model's input is {in_dims} but the preprocessing gives [N, {', '.join(map(str, want))}]"
         )
-    # ORT must load and run it on a real photo; the output must be [1, classes] of finite numbers.
-    x = validate.preprocess(validate.photos()[0], pre)[None]
+
+    declared = in_dims[0]
+    if isinstance(declared, int) and declared > 1:  # one image must run: try the graph with a dynamic batch
+        graph.model, graph.rewritten = _set_batch(graph.model, "N", graph), True
+        graph.notes["batch"] = f"declared {declared}, made dynamic"
+
+    # ORT must load and run it on a real photo; one image must give [1, classes] (or [1, classes, 1, 1]).
+    photos = validate.photos()
+    x = validate.preprocess(photos[0], pre)[None]
+    pair = np.stack([x[0], validate.preprocess(photos[1], pre)])
+    if graph.opset < MIN_OPSET:
+        _convert_opset(graph, lay, x)
     try:
-        sess = validate.ort_session(path)
-        y = sess.run(None, {inp["name"]: x})[0]
+        sess = _session(graph.model)
+        y = _run(sess, graph, lay, x)
     except Exception as e:
-        raise ExportError(f"ONNX Runtime cannot run {path.name}: {str(e).splitlines()[0][:200]}") from None
-    y = np.asarray(y)
-    if y.ndim != 2 or y.shape[0] != 1 or y.shape[1] < 2 or not np.isfinite(y).all():
+        why = f" (opset {graph.notes['opset']})" if "opset" in graph.notes else ""
+        raise ExportError(
+            f"ONNX Runtime cannot run {path.name}{why}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    if (
+        y.ndim not in (2, 4)
+        or y.shape[0] != 1
+        or y.shape[1] < 2
+        or any(d != 1 for d in y.shape[2:])
+        or not np.isfinite(y).all()
+    ):
         raise ExportError(
             f"{path.name} is not a classifier: one image gave an output of shape {list(y.shape)}"
         )
-    classes = int(y.shape[1])
-    label_list = parse_labels(labels, classes)
-    batch_dynamic = not isinstance(inp["dims"][0], int) or inp["dims"][0] <= 0
-    if (
-        batch_dynamic
-    ):  # declared dynamic: a graph that hard-codes batch 1 inside (Reshape [1, -1]) is caught here
-        pair = np.stack([x[0], validate.preprocess(validate.photos()[1], pre)])
+    rows = np.concatenate([_rows(y), _rows(_run(sess, graph, lay, pair[1:]))])  # each photo alone
+    classes = int(rows.shape[1])
+    batch = -1
+    if declared == 1:
+        batch = _fixed_batch(graph, lay, pair, rows)
+    else:
+        why = "other rows than one image at a time"
         try:
-            y2 = np.asarray(sess.run(None, {inp["name"]: pair})[0])
+            if _same_rows(_rows(_run(sess, graph, lay, pair)), rows):
+                why = ""
         except Exception as e:
-            raise ExportError(
-                f"{path.name} declares a dynamic batch but fails on a batch of 2: "
-                f"{str(e).splitlines()[0][:160]}"
-            ) from None
-        if y2.shape != (2, classes) or not np.allclose(y2[0], y[0], rtol=1e-3, atol=1e-4):
-            raise ExportError(
-                f"{path.name} declares a dynamic batch but a batch of 2 gives {list(y2.shape)}, not the same "
-                f"rows as one image at a time ([2, {classes}]): fix the graph's batch handling or export it "
-                "with a fixed batch of 1"
-            )
-    kind = "probabilities" if np.allclose(y.sum(1), 1.0, atol=1e-3) and (y >= 0).all() else "logits"
-    repo = Path(repo)
+            why = f"fails ({str(e).splitlines()[0][:120]})"
+        if why:
+            graph.notes["batch"] = f"1: the graph declares a dynamic batch but a batch of two gives {why}"
+            batch = 1
+        else:
+            graph.notes.setdefault("batch", "dynamic, as the graph declares")
+    kind = _output_kind(graph, output_kind, rows)
+    label_list = parse_labels(labels)
+    offset = _label_offset(label_offset, classes, label_list, graph)
+
+    repo = repository.location(repo)
     version = repository.check_version(version) if version else repository.next_version(repo, name)
+    out_tail = [classes, 1, 1] if y.ndim == 4 else [classes]
     with repository.staged(repo, name, version) as stage:
-        shutil.copyfile(path, stage / "model.onnx")
+        target = stage / "model.onnx"
+        if graph.rewritten:
+            target.write_bytes(graph.model.SerializeToString())
+        else:
+            target.write_bytes(path.read_bytes())
         card = {
             "name": name,
             "version": version,
@@ -256,21 +556,44 @@ def import_onnx(
             "trained": True,
             "description": description or f"imported ONNX classifier {path.name}",
             "input": {
-                "name": inp["name"],
-                "shape": [-1 if batch_dynamic else 1, c, h, w],
+                "name": graph.image,
+                "shape": [batch, *want],
                 "dtype": "float32",
-                "layout": "NCHW",
+                "layout": lay,
             },
-            "output": {"name": out["name"], "shape": [-1 if batch_dynamic else 1, classes], "kind": kind},
+            "output": {
+                "name": graph.scores,
+                "shape": [batch, *out_tail],
+                "kind": kind,
+                "label_offset": offset,
+            },
             "preprocessing": pre,
             "labels": label_list,
-            "files": {"model.onnx": repository.file_entry(stage / "model.onnx", "fp32", optimization="none")},
-            "opset": opset,
+            "files": {"model.onnx": repository.file_entry(target, "fp32", optimization="none")},
+            "opset": graph.opset,
             "exporter": "imported",
+            "import": {"rewritten": graph.rewritten, **graph.notes},
             "tools": tool_versions(),
             "weights": {"file": path.name, "sha256": repository.sha256_file(path)},
             "validation": {"smoke": {"ran": True, "output_shape": list(y.shape), "finite": True}},
             "accuracy": None,
         }
         repository.write_card(stage, card)
-    return repo / name / version
+    return stage if isinstance(repo, str) else repo / name / version  # a bucket's: the local copy
+
+
+def _fixed_batch(graph: Graph, layout: str, pair: np.ndarray, rows: np.ndarray) -> int:
+    """A graph declaring a batch of 1 (older exports): made dynamic when, declared so, a batch of two gives
+    the rows each image gives alone; else served one image at a time."""
+    try:
+        dynamic = _set_batch(graph.model, "N", graph)
+        both = _rows(_run(_session(dynamic), graph, layout, pair))
+        ok = _same_rows(both, rows)
+    except Exception:
+        ok = False
+    if ok:
+        graph.model, graph.rewritten = dynamic, True
+        graph.notes["batch"] = "made dynamic: the graph declared 1 and runs two images to the same rows"
+        return -1
+    graph.notes["batch"] = "1: fixed in the graph, which cannot run more at once; served one image at a time"
+    return 1

@@ -2,23 +2,32 @@
 (a dot-folder inside the repository, which readers skip) and is renamed into place only when complete. Any
 failure removes the staging folder and whatever this write created, so the repository stays as it was.
 
+A repository in object storage (`s3://bucket/prefix`, `gs://`, `az://`, `file://`; `service.storage`) gets
+the same guarantee: the version is written to a local staging folder, its files uploaded to a temporary
+prefix and copied into `<name>/<version>/`, and the card uploaded last; the service lists a version only once
+its card is there, so a reader never sees half a version. Credentials and endpoint come from the standard
+places (AWS_*, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*).
+
 The card's format, names, versions and checks are the service's (`service.card`): a card written here is one
 the service serves.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from service import card as cards
-from service.repository import versions_of
+from service.repository import RepositoryError, Store, is_url, redact, versions_of
+from service.storage import RemoteStore
 
 from .errors import ExportError
 from .weights import sha256_file
@@ -41,11 +50,31 @@ def check_version(version: str | int) -> str:
         raise ExportError(str(e)) from None
 
 
-def versions(repo: Path, name: str) -> list[int]:
+def location(repo: str | Path) -> str | Path:
+    """A URL stays a string (a Path would fold its `//`); anything else is a local folder."""
+    return str(repo) if is_url(str(repo)) else Path(repo)
+
+
+def remote_store(url: str) -> Store:
+    """The bucket to publish to (nothing is cached: publishing only lists and uploads)."""
+    try:
+        return RemoteStore(url, tempfile.gettempdir())
+    except RepositoryError as e:
+        raise ExportError(str(e)) from None
+
+
+def versions(repo: str | Path, name: str) -> list[int]:
+    if is_url(str(repo)):
+        try:
+            return [int(v) for v in remote_store(str(repo)).versions(name)]
+        except RepositoryError as e:
+            if "does not exist" in str(e):
+                return []
+            raise ExportError(str(e)) from None
     return [int(v) for v in versions_of(Path(repo) / name)]
 
 
-def next_version(repo: Path, name: str) -> str:
+def next_version(repo: str | Path, name: str) -> str:
     v = versions(repo, name)
     return str(v[-1] + 1 if v else 1)
 
@@ -65,9 +94,13 @@ def _first_missing_parent(path: Path) -> Path | None:
 @contextlib.contextmanager
 def staged(repo: str | Path, name: str, version: str) -> Iterator[Path]:
     """Yield an empty staging folder; on normal exit it becomes `<repo>/<name>/<version>`."""
-    repo = Path(repo)
     check_name(name)
     version = check_version(version)
+    if is_url(str(repo)):
+        with _published(str(repo), name, version) as stage:
+            yield stage
+        return
+    repo = Path(repo)
     final = repo / name / version
     if final.exists():
         raise ExportError(
@@ -92,6 +125,36 @@ def staged(repo: str | Path, name: str, version: str) -> Iterator[Path]:
         _remove_created(created)
         if isinstance(e, OSError):
             raise ExportError(f"cannot write {final}: {e.strerror or e}") from None
+        raise
+
+
+_LOCAL_COPIES: list[str] = []
+atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True) for p in _LOCAL_COPIES])
+
+
+@contextlib.contextmanager
+def _published(url: str, name: str, version: str) -> Iterator[Path]:
+    """`staged` for a bucket: a local staging folder, uploaded on normal exit (`RemoteStore.publish`: files
+    to a temporary prefix, copied into place, the card last). The local copy stays until the process ends,
+    for the summary printed from it."""
+    store = remote_store(url)
+    if int(version) in versions(url, name):
+        raise ExportError(
+            f"{redact(url)}/{name}/{version} already exists: pick another --version "
+            f"(next free: {next_version(url, name)})"
+        )
+    root = tempfile.mkdtemp(prefix="cnn-export-")
+    _LOCAL_COPIES.append(root)
+    stage = Path(root) / name / version
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        store.publish(stage, name, version)  # type: ignore[attr-defined]
+    except RepositoryError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        raise ExportError(f"cannot publish {name}/{version}: {e}") from None
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
         raise
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.arbiter import check_ports
+from service.card import RepositoryError
 from service.config import Settings, add_arguments, from_args
 
 SERVICE_TARGET = "service.http.service:ClassifierService"
@@ -57,6 +58,24 @@ def serve_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
+def check_repository(settings: Settings) -> None:
+    """A remote repository is listed once before the server starts: RepositoryError (with no secret in it)
+    when it cannot be reached, does not exist or the credentials are refused. Poll mode starts anyway (the
+    model cache serves what served last time, the poller keeps trying); a local folder is left to the
+    model set, as before."""
+    from service import repository
+
+    if not repository.is_url(settings.repository):
+        return
+    store = repository.store_for(settings)
+    try:
+        repository.scan(store)
+    except repository.StoreUnreachable as exc:
+        if settings.model_control != "poll":
+            raise
+        print(f"warning: {exc}; starting from the model cache", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -72,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             check_ports(settings)
         except OSError as exc:  # the same status as when a worker finds its port taken (service.arbiter)
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            check_repository(settings)
+        except RepositoryError as exc:  # a bucket out of reach: one line and exit 1, before BentoML starts
             print(f"error: {exc}", file=sys.stderr)
             return 1
         cmd, env = serve_command(settings)

@@ -27,6 +27,7 @@ VERSION_RE = re.compile("[1-9][0-9]*")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 OUTPUT_KINDS = ("logits", "probabilities")
+LAYOUTS = ("NCHW", "NHWC")  # NHWC: graphs converted from TensorFlow/Keras
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_CROP_PCT = 0.875  # torchvision's and timm's evaluation default: resize 256, crop 224
 DEFAULT_INTERPOLATION = "bilinear"  # torchvision's Resize default
@@ -157,21 +158,38 @@ def label_for(labels: tuple[Label, ...], index: int) -> Label:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """The graph's input or output: name, shape (-1 for a dynamic batch), and what it holds."""
+    """The graph's input or output: name, shape (-1 for a dynamic batch, 1 for a graph fixed to one image),
+    and what it holds. An input's `layout` says where the channels are (the service prepares NCHW and
+    transposes for an NHWC graph); an output's `kind` says whether a softmax is still to apply, and its
+    `label_offset` how many leading columns are no label (1: TensorFlow-slim's background class at 0),
+    dropped before the probabilities. An output shaped [N, C, 1, 1] is read as [N, C]."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
-    layout: str = ""  # input only: NCHW
+    layout: str = ""  # input only: NCHW | NHWC
     kind: str = ""  # output only: logits | probabilities
+    label_offset: int = 0  # output only
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "shape": list(self.shape)}
         if self.kind:
             out["kind"] = self.kind
+            if self.label_offset:
+                out["label_offset"] = self.label_offset
         else:
             out.update({"dtype": self.dtype, "layout": self.layout or "NCHW"})
         return out
+
+    @property
+    def columns(self) -> int:
+        """An output's values per image (the product of its non-batch dimensions); 0 when one is dynamic."""
+        n = 1
+        for d in self.shape[1:]:
+            if d < 1:
+                return 0
+            n *= d
+        return n if len(self.shape) > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -240,6 +258,7 @@ class ModelCard:
                 str(out.get("name", "output")),
                 tuple(int(d) for d in out.get("shape", ())),
                 kind=str(out.get("kind", "logits")),
+                label_offset=int(out.get("label_offset", 0)),
             )
             files = {
                 str(f): FileEntry(
@@ -259,8 +278,18 @@ class ModelCard:
             raise CardError(f"{CARD_FILE} has a malformed field ({type(e).__name__}: {e})") from None
         if output_spec.kind not in OUTPUT_KINDS:
             raise CardError(f"output kind must be one of {OUTPUT_KINDS}, not {output_spec.kind!r}")
+        if input_spec.layout not in LAYOUTS:
+            raise CardError(f"input layout must be one of {LAYOUTS}, not {input_spec.layout!r}")
         if len(input_spec.shape) != 4:
-            raise CardError(f"input shape must be [N, C, H, W], not {list(input_spec.shape)}")
+            raise CardError(f"input shape must be [N, C, H, W] or [N, H, W, C], not {list(input_spec.shape)}")
+        if input_spec.shape[0] == 0 or input_spec.shape[0] < -1:
+            raise CardError(f"input batch must be -1 (dynamic) or a fixed size, not {input_spec.shape[0]}")
+        if len(output_spec.shape) == 4 and any(d not in (-1, 1) for d in output_spec.shape[2:]):
+            raise CardError(
+                f"output shape must be [N, classes] or [N, classes, 1, 1], not {list(output_spec.shape)}"
+            )
+        if output_spec.label_offset < 0:
+            raise CardError(f"output label_offset must be 0 or more, not {output_spec.label_offset}")
         for f, entry in files.items():
             if entry.precision not in PRECISIONS:
                 raise CardError(f"{f}: precision must be one of {PRECISIONS}, not {entry.precision!r}")
@@ -307,9 +336,19 @@ class ModelCard:
     # -- what serving asks of it ----
     @property
     def num_classes(self) -> int:
+        """Classes answered: the labels, or the output's columns less the leading ones that are no label."""
         if self.labels:
             return len(self.labels)
-        return max(0, self.output.shape[-1]) if self.output.shape else 0
+        return max(0, self.output.columns - self.output.label_offset)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """1 for a graph that takes one image per run (older exports), None for a dynamic batch."""
+        return self.input.shape[0] if self.input.shape[0] > 0 else None
+
+    @property
+    def layout(self) -> str:
+        return self.input.layout or "NCHW"
 
     @property
     def output_kind(self) -> str:

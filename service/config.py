@@ -29,7 +29,19 @@ def _setting(default: Any, help: str, repeat: bool = False) -> Any:
 @dataclass(frozen=True)
 class Settings:
     # Model repository
-    repository: str = _setting("models", "the model repository: models/<name>/<version>/model.json")
+    repository: str = _setting(
+        "models",
+        "the model repository (<name>/<version>/model.json): a folder, or s3://, gs://, az://, file:// URL",
+    )
+    model_cache: str = _setting(
+        "/tmp/cnn-serve-models", "a remote repository's files are copied here, named by their sha256"
+    )
+    storage_endpoint_url: str = _setting(
+        "", "endpoint of an S3-compatible store (MinIO, Ceph, ...); empty: AWS's, or AWS_ENDPOINT_URL"
+    )
+    storage_timeout_s: float = _setting(
+        30.0, "seconds a remote repository may take to connect or answer one read before it counts as down"
+    )
     default_model: str = _setting("efficientnet_lite0", "the model a request gets when it names none")
     models: tuple[str, ...] = _setting((), "comma-separated names to load; empty: all in the repository")
     strict_readiness: bool = _setting(
@@ -210,6 +222,10 @@ class Settings:
             raise ValueError(
                 f"model_check_interval_s must be between 0 and 86400, not {self.model_check_interval_s!r}"
             )
+        if not (math.isfinite(self.storage_timeout_s) and 0.1 <= self.storage_timeout_s <= 3600):
+            raise ValueError(f"storage_timeout_s must be from 0.1 to 3600, not {self.storage_timeout_s!r}")
+        if self.storage_endpoint_url and not self.storage_endpoint_url.startswith(("http://", "https://")):
+            raise ValueError("storage_endpoint_url must be an http:// or https:// URL")
         if self.load_model and self.model_control != "explicit":
             raise ValueError("load_model applies to model_control=explicit only")
 

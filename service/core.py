@@ -125,7 +125,7 @@ class ModelInfo:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == "READY"
 
     @property
     def provider(self) -> str:

@@ -9,6 +9,11 @@ until the next restart fails to load it, or loads something else. `FileCheck` co
 which the bytes loaded matched). Cheap first: a file whose size and modification time are those last seen
 intact is not read again; only a changed one is hashed (the graph) or parsed (the card).
 
+A version of a remote repository (`service.storage`) was loaded from its copy in the model cache, so that
+copy is what is checked: local, cheap, and what a reload would read first. The bucket is not polled for it;
+a version changed in the bucket is the poller's business (poll mode), and a damaged cached file is fetched
+again at the next load.
+
 A version's state (`files_intact`, with `files_problem` saying why not) is on its `LoadedModel`, so `/models`
 shows it (`ModelInfo.to_dict`); each change of state is logged once and reported to the core's observer
 (`model_files_intact`, the `cnn_serve_model_files_intact{model,version}` gauge). Readiness does not change:

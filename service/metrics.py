@@ -73,14 +73,14 @@ class Metrics:
         r = self.registry
         self.requests = prom.Counter(
             f"{PREFIX}_requests",
-            "Requests answered, by model, endpoint, protocol and status.",
-            ["model", "endpoint", "protocol", "status"],
+            "Requests answered, by model, the version that answered, endpoint, protocol and status.",
+            ["model", "version", "endpoint", "protocol", "status"],
             registry=r,
         )
         self.request_seconds = prom.Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Total time to answer a request.",
-            ["model", "endpoint", "protocol"],
+            ["model", "version", "endpoint", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -182,14 +182,18 @@ class Metrics:
         )
 
     # --- transports -------------------------------------------------------------------------------------
-    def request(self, model: str, endpoint: str, protocol: str, status: str, seconds: float) -> None:
+    def request(
+        self, model: str, endpoint: str, protocol: str, status: str, seconds: float, version: str = ""
+    ) -> None:
         """Count one answered request and record its total latency.
 
         `model` is what the client asked for: only names of the repository's models (`model_info`) become
-        labels, anything else is "-", so that clients cannot grow the series without bound."""
+        labels, anything else is "-", so that clients cannot grow the series without bound. `version` is the
+        one that produced the answer (never the client's words), "-" when no version answered."""
         model = model if model in self._models else "-"
-        self.requests.labels(model, endpoint, protocol, str(status)).inc()
-        self.request_seconds.labels(model, endpoint, protocol).observe(max(0.0, seconds))
+        version = version if model != "-" and version.isdigit() and len(version) <= 12 else "-"
+        self.requests.labels(model, version, endpoint, protocol, str(status)).inc()
+        self.request_seconds.labels(model, version, endpoint, protocol).observe(max(0.0, seconds))
 
     @contextmanager
     def in_flight(self, protocol: str) -> Iterator[None]:
@@ -204,14 +208,16 @@ class Metrics:
     @contextmanager
     def timed_request(self, model: str, endpoint: str, protocol: str) -> Iterator[dict[str, str]]:
         """In flight and timed; the caller sets `status` (and `model` if it learns it) in the yielded dict."""
-        outcome = {"status": "ok", "model": model}
+        outcome = {"status": "ok", "model": model, "version": ""}
         start = time.perf_counter()
         with self.in_flight(protocol):
             try:
                 yield outcome
             finally:
                 elapsed = time.perf_counter() - start
-                self.request(outcome["model"], endpoint, protocol, outcome["status"], elapsed)
+                self.request(
+                    outcome["model"], endpoint, protocol, outcome["status"], elapsed, outcome["version"]
+                )
 
     def event_loop_lag(self, seconds: float) -> None:
         """One sample of the loop's lag (`service.looplag`)."""

@@ -31,7 +31,15 @@ from service.card import CardError, ModelCard, is_version
 from service.config import Settings
 from service.errors import InvalidArgument, ModelNotFound, ModelUnavailable, PermissionDenied, shown
 from service.pipeline import Pipeline
-from service.repository import RepositoryError, entry_path, read_card, scan
+from service.repository import (
+    RepositoryError,
+    Store,
+    StoreUnreachable,
+    load_card,
+    read_card,
+    scan,
+    store_for,
+)
 from service.sessions import GpuRequired, ModelSession
 
 if TYPE_CHECKING:
@@ -41,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "ModelSet", "VersionPolicy", "check_name"]
 
-LOADING, READY, UNLOADING, UNAVAILABLE = "loading", "ready", "unloading", "unavailable"
+LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
 POLICY_FILE = "version_policy.json"
 MAX_NAME = 255  # a file name's limit on every common file system
 MAX_REASON = 500
@@ -75,14 +83,22 @@ class VersionPolicy:
     versions: tuple[str, ...] = ()
 
     @classmethod
-    def read(cls, model_dir: Path) -> VersionPolicy:
-        path = model_dir / POLICY_FILE
+    def read(cls, model_dir: Path | tuple[Store, str]) -> VersionPolicy:
+        """The policy of a local model folder, or of `(store, name)`; the default one without a file."""
         try:
-            text = path.read_text()
+            if isinstance(model_dir, tuple):
+                store, name = model_dir
+                text = store.read_text(f"{name}/{POLICY_FILE}")
+            else:
+                text = (model_dir / POLICY_FILE).read_text()
         except FileNotFoundError:
-            return cls()
+            text = None
+        except StoreUnreachable:
+            raise
         except OSError as e:
             raise CardError(f"{POLICY_FILE} is unreadable: {e.strerror}") from None
+        if text is None:
+            return cls()
         try:
             data = json.loads(text)
         except ValueError as e:
@@ -146,19 +162,6 @@ class LoadedModel:
         return (self.name, self.version, self.generation)
 
 
-def fingerprint(folder: Path) -> tuple:
-    """Names, sizes and modification times of a version folder's files: a folder still being written changes
-    it between two scans, a finished one does not."""
-    try:
-        files = []
-        for p in folder.iterdir():
-            st = p.stat()
-            files.append((p.name, st.st_size, st.st_mtime_ns))
-        return tuple(sorted(files))
-    except OSError:
-        return ()
-
-
 def return_memory() -> None:
     """Hand the pages of a released session back to the system. glibc keeps freed memory in its per-thread
     arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 to
@@ -198,12 +201,14 @@ class ModelSet:
         self.limits = limits
         self.observer = observer
         self.on_change = on_change
-        self.root = Path(settings.repository)
+        self.store = store_for(settings)  # the folder, or a URL read through the model cache
+        self.root = self.store.describe()  # for messages: never a credential
         self._entries: dict[str, dict[str, LoadedModel]] = {}  # what /models and requests see
         self._by_key: dict[tuple[str, str, int], LoadedModel] = {}  # what the batcher may still run
         self._seen: dict[tuple[str, str], tuple] = {}  # folders skipped as incomplete, by fingerprint
         self._failed: dict[tuple[str, str], tuple] = {}  # failed versions: retried once their files change
         self._unloaded: set[str] = set()
+        self._last_listing: dict[str, list[str]] = {}  # the repository at the last scan
         self._gauged: set[str] = set()  # models whose count of ready versions the observer has had
         self._lock = threading.Lock()
         self._changes = threading.RLock()
@@ -303,14 +308,14 @@ class ModelSet:
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every model of the repository and every version known, with its state
         (Triton's upper-case names) and the reason of one that is not ready."""
-        try:
-            repository = self._listing()
+        try:  # a bucket is not listed per request: the last scan's listing answers
+            repository = self._last_listing if self.store.remote else self._listing()
         except RepositoryError:
             repository = {}
         rows: list[dict[str, str]] = []
         reported = {(e.name, e.version) for e in self.entries()}
         for e in self.entries():
-            rows.append({"name": e.name, "version": e.version, "state": e.state.upper(), "reason": e.reason})
+            rows.append({"name": e.name, "version": e.version, "state": e.state, "reason": e.reason})
         names = {name for name, _ in reported}
         for name in repository:
             if name not in names:
@@ -319,13 +324,13 @@ class ModelSet:
                     {
                         "name": name,
                         "version": "",
-                        "state": UNAVAILABLE.upper() if unloaded else "",
+                        "state": UNAVAILABLE if unloaded else "",
                         "reason": "unloaded" if unloaded else "",
                     }
                 )
         rows.sort(key=lambda r: (r["name"], int(r["version"] or 0)))
         if ready_only:
-            rows = [r for r in rows if r["state"] == READY.upper()]
+            rows = [r for r in rows if r["state"] == READY]
         return rows
 
     # -- changes ----
@@ -341,7 +346,13 @@ class ModelSet:
                         continue
                     self._sync(name, listing[name], pending_ok=False)
             else:
-                listing = self._listing()
+                try:
+                    listing = self._listing()
+                except StoreUnreachable as e:
+                    if self.settings.model_control != "poll" or not self.store.remote:
+                        raise
+                    listing = {}
+                    self._start_from_cache(e)
                 if self.settings.models:
                     missing = [m for m in self.settings.models if m not in listing]
                     if missing:
@@ -353,6 +364,29 @@ class ModelSet:
         if self.settings.model_control == "poll":
             self._poller = threading.Thread(target=self._poll, name="model-poller", daemon=True)
             self._poller.start()
+
+    def _start_from_cache(self, problem: Exception) -> None:
+        """Poll mode with the store out of reach at start: serve the versions that served last time from the
+        model cache (verified again on load) while the poller keeps trying the store."""
+        cached, listing = self.store.recall()
+        if self.settings.models:
+            cached = {k: v for k, v in cached.items() if k in self.settings.models}
+            listing = {k: v for k, v in listing.items() if k in self.settings.models}
+        self._last_listing = listing
+        names = [f"{n}/{v}" for n, vs in sorted(cached.items()) for v in sorted(vs, key=int)]
+        log.error("%s; serving from the model cache meanwhile: %s", problem, ", ".join(names) or "nothing")
+        for name, versions in cached.items():
+            for version, folder in versions.items():
+                self._load_version(name, version, pending_ok=False, folder=folder)
+        # What the repository held last time and the cache cannot serve: unavailable, saying why, so strict
+        # readiness (and /models, the index) say what is missing until the poller reaches the store.
+        reason = f"not in the model cache, and {problem}"[:MAX_REASON]
+        with self._lock:
+            for name, versions in listing.items():
+                if name not in cached:
+                    self._entries.setdefault(name, {})[versions[-1]] = LoadedModel(
+                        name, versions[-1], state=UNAVAILABLE, reason=reason
+                    )
 
     def stop(self) -> None:
         self._stop.set()
@@ -428,15 +462,16 @@ class ModelSet:
             )
 
     def _listing(self) -> dict[str, list[str]]:
-        listing = scan(self.root)
+        listing = scan(self.store)
         if self.settings.models and self.settings.model_control != "explicit":
             listing = {k: v for k, v in listing.items() if k in self.settings.models}
+        self._last_listing = listing
         return listing
 
     def _sync(self, name: str, versions: list[str], pending_ok: bool) -> None:
         """Bring one model to its policy over the versions the repository holds now."""
         try:
-            wanted = VersionPolicy.read(self.root / name).select(versions)
+            wanted = VersionPolicy.read((self.store, name)).select(versions)
         except CardError as e:
             self._policy_failed(name, versions, str(e))
             return
@@ -444,11 +479,15 @@ class ModelSet:
             current = dict(self._entries.get(name, {}))
         for v in wanted:
             e = current.get(v)
-            if e is not None and e.state in (READY, LOADING):
+            if e is not None and e.state == LOADING:
                 continue
-            if e is not None and e.state == UNAVAILABLE:
-                if self._failed.get((name, v)) == fingerprint(entry_path(self.root, name, v)):
-                    continue  # the same files failed before: tried again once they change
+            files = self.store.fingerprint(name, v)
+            if e is not None and e.state == READY and (not files or files == e.fingerprint):
+                continue  # serving what its folder holds (or the folder is being replaced right now)
+            if e is not None and self._failed.get((name, v)) == files:
+                continue  # the same files failed before: tried again once they change
+            if e is not None and e.state == READY:
+                log.info("model %s:%s changed on disk: loading it again beside the one serving", name, v)
             self._load_version(name, v, pending_ok)
         with self._lock:
             current = dict(self._entries.get(name, {}))
@@ -471,20 +510,22 @@ class ModelSet:
                 if v not in mine or mine[v].state == UNAVAILABLE:
                     mine[v] = LoadedModel(name, v, state=UNAVAILABLE, reason=reason[:MAX_REASON])
 
-    def _load_version(self, name: str, version: str, pending_ok: bool) -> LoadedModel | None:
+    def _load_version(
+        self, name: str, version: str, pending_ok: bool, folder: Path | None = None
+    ) -> LoadedModel | None:
         """Read, verify, open and warm up one version off the request path; it takes traffic only then.
 
         `pending_ok` (poll scans): a version that fails while its files are still changing is skipped until
         the next scan; one that fails twice on the same files is unavailable, with the reason."""
-        folder = entry_path(self.root, name, version)
-        fp = fingerprint(folder)
+        fp = () if folder is not None else self.store.fingerprint(name, version)
         entry = LoadedModel(name, version, generation=next(self._generation), fingerprint=fp)
         with self._lock:
             shown = self._entries.setdefault(name, {})
             if version not in shown or shown[version].state == UNAVAILABLE:
                 shown[version] = entry  # LOADING in /models meanwhile
         try:
-            card = read_card(folder)
+            # A remote version's files are fetched into the model cache and verified first.
+            card = read_card(folder) if folder is not None else load_card(self.store, name, version)
             entry.card = card
             entry.pipeline = Pipeline.for_card(card, self.limits, self.settings.preprocess_mode)
             session = ModelSession(card, self.settings)
@@ -510,6 +551,8 @@ class ModelSet:
                     shown[version] = entry
                 elif shown[version].state == UNAVAILABLE:
                     shown[version] = entry
+                elif shown[version].state == READY:  # changed in place: the loaded one keeps serving
+                    shown[version].reason = f"its files changed and do not load: {reason}"[:MAX_REASON]
             self.observer.model_load_failure(name)
             log.error("model %s:%s unavailable: %s", name, version, reason)
             return None
@@ -588,6 +631,12 @@ class ModelSet:
         for name, n in counts.items():
             self.observer.model_versions(name, n)
         self._gauged = set(counts)
+        if self.store.remote:
+            ready: dict[str, dict[str, Path]] = {}
+            for e in self.entries():
+                if e.state == READY and e.card is not None and e.card.path is not None:
+                    ready.setdefault(e.name, {})[e.version] = e.card.path
+            self.store.remember(ready, self._last_listing)
         if self.on_change is not None:
             try:
                 self.on_change()

@@ -3,8 +3,8 @@ Protocol) and batch scoring run the same two steps around their ONNX Runtime ses
 
 - `Pipeline.prepare`: bytes -> an upright image decoded within the limits (`service.decoding`) -> the views
   of the test-time augmentation mode (`service.augmentation`) rendered per the card (`service.preprocessing`).
-- `Pipeline.finish`: network outputs -> probabilities (softmax unless the graph gives them) averaged over each
-  image's views -> the k best classes (`service.postprocessing`).
+- `Pipeline.finish`: network outputs -> probabilities (a background column dropped, softmax unless the graph
+  gives them) averaged over each image's views -> the k best classes (`service.postprocessing`).
 
 A `Pipeline` is built from a card and the settings, is immutable and picklable: batch scoring hands it to its
 decoding processes.
@@ -41,10 +41,19 @@ class Pipeline:
     output_kind: str = "logits"
     labels: tuple[Label, ...] = field(default=(), repr=False)
     num_classes: int = 0
+    label_offset: int = 0  # leading output columns that are no label (a background class)
 
     @classmethod
     def for_card(cls, card: ModelCard, limits: decoding.Limits, mode: str) -> Pipeline:
-        pipeline = cls(card.preprocessing, limits, mode, card.output_kind, card.labels, card.num_classes)
+        pipeline = cls(
+            card.preprocessing,
+            limits,
+            mode,
+            card.output_kind,
+            card.labels,
+            card.num_classes,
+            card.output.label_offset,
+        )
         pipeline.preprocessor  # noqa: B018 - a bad mode fails here, when the model loads
         return pipeline
 
@@ -75,7 +84,7 @@ class Pipeline:
 
     def finish(self, outputs: np.ndarray, counts: Sequence[int], k: int) -> list[Answer]:
         """Answers for images whose views are `counts` consecutive rows of `outputs` each."""
-        probabilities = postprocessing.to_probabilities(outputs, self.output_kind)
+        probabilities = postprocessing.to_probabilities(outputs, self.output_kind, self.label_offset)
         return [
             Answer(p, postprocessing.top_k(p, k, self.labels))
             for p in postprocessing.average_views(probabilities, counts)
@@ -83,4 +92,4 @@ class Pipeline:
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """Per-row probabilities of an already-preprocessed tensor's outputs (no views to average)."""
-        return postprocessing.to_probabilities(outputs, self.output_kind)
+        return postprocessing.to_probabilities(outputs, self.output_kind, self.label_offset)

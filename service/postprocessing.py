@@ -36,10 +36,17 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return z
 
 
-def to_probabilities(outputs: np.ndarray, kind: str) -> np.ndarray:
-    """Softmax unless the card says the graph already outputs probabilities."""
+def to_probabilities(outputs: np.ndarray, kind: str, label_offset: int = 0) -> np.ndarray:
+    """Softmax unless the card says the graph already outputs probabilities. The `label_offset` leading
+    columns (a background class) are dropped first, so the answer is a distribution over the labels: the
+    softmax of the remaining logits, or the remaining probabilities renormalised (the same numbers)."""
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if label_offset:
+        outputs = outputs[:, label_offset:]
+        if kind == "probabilities":
+            return outputs / outputs.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
     if kind == "probabilities":
-        return np.asarray(outputs, dtype=np.float32)
+        return outputs
     return softmax(outputs)
 
 

@@ -1,27 +1,55 @@
-"""The model repository on disk: `models/<name>/<version>/{model.json, model.onnx, model.fp16.onnx}`.
+"""The model repository: `<root>/<name>/<version>/{model.json, model.onnx, model.fp16.onnx}`.
 
-Which models and versions exist, and where their folders are. Each folder's card is read and checked by
-`service.card` (files against the card's sha256 before ONNX Runtime sees them).
+Which models and versions exist, and where their folders are. The root is a local folder or a URL of object
+storage (`s3://`, `gs://`, `az://`, `file://`): `service.storage` reads either, copying a remote version's
+files into the local model cache; this module is the service's one way to it. Each folder's card is read and
+checked by `service.card` (files against the card's sha256 before ONNX Runtime sees them).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from service.card import CARD_FILE, CardError, ModelCard, RepositoryError, is_version, read_card
+from service.card import CARD_FILE, CardError, ModelCard, RepositoryError, read_card
 from service.errors import ModelNotFound
+from service.storage import LocalStore, Store, StoreUnreachable, is_url, open_store, redact
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 __all__ = [
     "CARD_FILE",
     "CardError",
     "ModelCard",
     "RepositoryError",
+    "Store",
+    "StoreUnreachable",
     "entry_path",
+    "is_url",
+    "load_card",
     "read_card",
+    "redact",
     "resolve",
     "scan",
+    "store_for",
     "versions_of",
 ]
+
+
+def store_for(settings: Settings) -> Store:
+    """The store of `settings.repository`: the folder itself, or a URL read through the model cache."""
+    return open_store(
+        settings.repository,
+        settings.model_cache,
+        settings.storage_endpoint_url,
+        settings.storage_timeout_s,
+    )
+
+
+def load_card(store: Store, name: str, version: str) -> ModelCard:
+    """One version's card, read from a local folder (a remote version's files fetched and verified first)."""
+    return read_card(store.folder(name, version))
 
 
 def entry_path(repository: str | Path, name: str, version: str) -> Path:
@@ -30,23 +58,15 @@ def entry_path(repository: str | Path, name: str, version: str) -> Path:
 
 
 def versions_of(model_dir: Path) -> list[str]:
-    """A model folder's versions, ascending: plain positive integers only (`service.card.VERSION_RE`)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted((p.name for p in model_dir.iterdir() if p.is_dir() and is_version(p.name)), key=int)
+    """A local model folder's versions, ascending: plain positive integers only (`card.VERSION_RE`)."""
+    return LocalStore(str(model_dir.parent)).versions(model_dir.name)
 
 
-def scan(root: str | Path) -> dict[str, list[str]]:
-    """Model name -> its versions, ascending. Dot-folders (a write's staging area) are skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise RepositoryError(f"model repository {str(root)!r} does not exist")
-    out: dict[str, list[str]] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = versions_of(model_dir)
-        if versions:
-            out[model_dir.name] = versions
-    return out
+def scan(root: str | Path | Store) -> dict[str, list[str]]:
+    """Model name -> its versions, ascending. Dot-folders (a write's staging area) are skipped; in object
+    storage a version counts once its card is there (publishers write it last)."""
+    store = root if isinstance(root, Store) else LocalStore(str(root))
+    return store.scan()
 
 
 def resolve(versions: dict[str, list[str]], name: str, version: str | None) -> str:

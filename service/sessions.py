@@ -55,7 +55,8 @@ def batch_buckets(max_batch_size: int, fixed: int | None = None) -> list[int]:
 
 
 class ModelSession:
-    """An ONNX Runtime session for one model card; `run` takes fp32 NCHW and returns fp32 outputs."""
+    """An ONNX Runtime session for one model card; `run` takes fp32 NCHW (the prepared tensor, transposed here
+    for an NHWC graph) and returns fp32 outputs, one row per image."""
 
     def __init__(self, card: ModelCard, settings: Settings) -> None:
         self.card = card
@@ -86,10 +87,14 @@ class ModelSession:
         del graph  # ONNX Runtime holds its own copy: a VGG's 550 MB must not stay alive here too
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = card.output.name if card.output.name in outputs else outputs[0]
         first = inp.shape[0] if inp.shape else None
-        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
-        self.input_shape = tuple(card.input.shape[1:])
+        # A graph that declares a dynamic batch but runs one image at a time says so in its card.
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else card.fixed_batch
+        # What callers hand `run`: the prepared NCHW tensor, whatever the graph's own layout.
+        self.input_shape = tuple(card.preprocessing.input_size)
+        self.nhwc = card.layout == "NHWC"
         self.buckets = batch_buckets(settings.max_batch_size, self.fixed_batch)
         self._lock = threading.Lock()
         self.preferred_batch = self.buckets[-1]  # until warm_up measures the buckets
@@ -186,19 +191,30 @@ class ModelSession:
             return self._run_bound(batch)[:n]
         return self._run(batch, session)
 
+    def _feed(self, batch: np.ndarray) -> np.ndarray:
+        """The graph's input: the prepared NCHW batch, channels moved last for an NHWC graph."""
+        return np.ascontiguousarray(batch.transpose(0, 2, 3, 1)) if self.nhwc else batch
+
+    @staticmethod
+    def _rows(out: np.ndarray) -> np.ndarray:
+        """One row of scores per image: [N, C, 1, 1] (a graph ending in a 1x1 convolution or a global pooling
+        without flatten) is read as [N, C]."""
+        out = np.asarray(out, dtype=np.float32)
+        return out.reshape(out.shape[0], -1) if out.ndim > 2 else out
+
     def _run(self, batch: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
-        out = session.run([self.output_name], {self.input_name: batch})[0]
-        return np.asarray(out, dtype=np.float32)
+        out = session.run([self.output_name], {self.input_name: self._feed(batch)})[0]
+        return self._rows(out)
 
     def _run_bound(self, batch: np.ndarray) -> np.ndarray:
         """GPU: I/O binding, so ONNX Runtime copies the input once and allocates the output on the device."""
         with self._lock:
             binding = self.session.io_binding()
-            binding.bind_cpu_input(self.input_name, batch)
+            binding.bind_cpu_input(self.input_name, self._feed(batch))
             binding.bind_output(self.output_name, "cuda")
             self.session.run_with_iobinding(binding)
             out = binding.copy_outputs_to_cpu()[0]
-        return np.asarray(out, dtype=np.float32)
+        return self._rows(out)
 
     def warm_up(self, timed_passes: int = 3) -> None:
         """Run every batch-size bucket: first runs allocate arenas and (on GPU) pick kernels.
@@ -240,7 +256,8 @@ class ModelSession:
                     self.run(data[:b], alone=True)
         shrink = ort.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self.session.run([self.output_name], {self.input_name: data[: self.preferred_batch]}, shrink)
+        feed = self._feed(data[: self.preferred_batch])
+        self.session.run([self.output_name], {self.input_name: feed}, shrink)
 
     def describe(self) -> dict[str, object]:
         return {

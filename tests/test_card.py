@@ -75,6 +75,22 @@ def test_a_card_round_trips_and_keeps_what_it_does_not_type(tmp_path: Path) -> N
     assert again.to_dict() == card.to_dict()
 
 
+def test_a_card_without_layout_offset_or_batch_fields_reads_with_the_defaults(tmp_path: Path) -> None:
+    folder = write_tiny_model(tmp_path, "tiny", "1", classes=4)
+    data = json.loads((folder / "model.json").read_text())
+    data["input"].pop("layout")
+    (folder / "model.json").write_text(json.dumps(data))
+    card = read_card(folder)
+    assert card.layout == "NCHW" and card.output.label_offset == 0 and card.fixed_batch is None
+    assert "label_offset" not in card.to_dict()["output"]  # cards without one are written as they were
+    data["input"].update(layout="NHWC", shape=[1, 32, 32, 3])
+    data["output"].update(label_offset=1, shape=[1, 5, 1, 1])
+    data["labels"] = []
+    typed = ModelCard.from_dict(data)
+    assert typed.layout == "NHWC" and typed.fixed_batch == 1 and typed.num_classes == 4
+    assert ModelCard.from_dict(typed.to_dict()).to_dict() == typed.to_dict()
+
+
 def test_the_folder_names_the_model_and_wins_on_the_version(tmp_path: Path) -> None:
     folder = write_tiny_model(tmp_path, "tiny", "1")
     data = json.loads((folder / "model.json").read_text())
@@ -95,6 +111,10 @@ def test_the_folder_names_the_model_and_wins_on_the_version(tmp_path: Path) -> N
         (lambda c: c["input"].update(shape=[-1, 3]), "input shape"),
         (lambda c: c["files"]["model.onnx"].update(precision="int8"), "precision"),
         (lambda c: c.update(labels=[{"index": "one"}]), "malformed"),
+        (lambda c: c["input"].update(layout="CHWN"), "input layout must be one of"),
+        (lambda c: c["input"].update(shape=[0, 3, 32, 32]), "input batch must be -1"),
+        (lambda c: c["output"].update(label_offset=-1), "label_offset must be 0 or more"),
+        (lambda c: c["output"].update(shape=[-1, 10, 2, 2]), r"\[N, classes, 1, 1\]"),
     ],
 )
 def test_the_service_and_export_refuse_the_same_bad_cards(tmp_path: Path, edit, message: str) -> None:

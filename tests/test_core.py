@@ -41,7 +41,7 @@ def test_loads_every_model_and_reports_metadata(core: InferenceCore) -> None:
     infos = {(m.name, m.version): m for m in core.models()}
     assert set(infos) == {("tiny", "1"), ("tiny", "2"), ("tinygray", "1"), ("tinyprob", "1")}
     for m in infos.values():
-        assert m.state == "ready" and m.provider == "CPUExecutionProvider" and m.reason == ""
+        assert m.state == "READY" and m.provider == "CPUExecutionProvider" and m.reason == ""
         assert m.runtime["batch_buckets"] == [1, 2, 4, 8]
     assert core.model_info().name == "tiny" and core.model_info().version == "2"
 
@@ -161,7 +161,7 @@ def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: b
         # strict readiness (the protocol's, Triton's default): not ready while a model is broken, yet serving
         assert core.loaded and not core.ready
         info = core.model_info("bad")
-        assert info.state == "unavailable" and "sha256" in info.reason
+        assert info.state == "UNAVAILABLE" and "sha256" in info.reason
         assert "model.json" in core.model_info("nocard").reason
         with pytest.raises(ModelUnavailable):
             classify_now(core, [photo], model="bad")
@@ -173,7 +173,7 @@ def test_broken_model_is_unavailable_while_others_serve(tmp_path: Path, photo: b
     lenient = InferenceCore(Settings(repository=str(tmp_path), default_model="good", strict_readiness=False))
     lenient.load()
     try:
-        assert lenient.ready and lenient.model_info("bad").state == "unavailable"
+        assert lenient.ready and lenient.model_info("bad").state == "UNAVAILABLE"
     finally:
         lenient.close()
 
@@ -388,7 +388,7 @@ def test_repository_versions_are_plain_integers_and_the_folder_wins(tmp_path: Pa
     core = InferenceCore(Settings(repository=str(tmp_path), default_model="tiny"))
     core.load()
     try:
-        assert {m.version: m.state for m in core.models()} == {"1": "ready", "2": "ready"}
+        assert {m.version: m.state for m in core.models()} == {"1": "READY", "2": "READY"}
     finally:
         core.close()
 

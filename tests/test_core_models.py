@@ -32,7 +32,7 @@ def _top1(core: InferenceCore, data: bytes, **kw: object) -> Prediction:
 
 def test_default_models_ready(core: InferenceCore) -> None:
     states = {m.name: m.state for m in core.models()}
-    assert states.get("efficientnet_lite0") == "ready" and states.get("lenet5") == "ready"
+    assert states.get("efficientnet_lite0") == "READY" and states.get("lenet5") == "READY"
     info = core.model_info("efficientnet_lite0")
     assert info.provider and info.card is not None and info.card.labels[281].id.startswith("n")
 

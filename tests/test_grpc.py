@@ -206,7 +206,7 @@ def test_list_models(classifier: classifier_pb2_grpc.ImageClassifierStub) -> Non
     eff, lenet = models["efficientnet_lite0"], models["lenet5"]
     assert list(eff.input_shape)[1:] == [3, 224, 224] and eff.label_count == 1000
     assert lenet.label_count == 10 and lenet.trained
-    assert eff.state == "ready" and eff.provider == "CPUExecutionProvider" and eff.version == "1"
+    assert eff.state == "READY" and eff.provider == "CPUExecutionProvider" and eff.version == "1"
 
 
 def test_ten_megabyte_jpeg(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:

@@ -151,7 +151,7 @@ def test_models_lists_metadata(client: httpx.Client) -> None:
     models = {m["name"]: m for m in r.json()["models"]}
     assert {"efficientnet_lite0", "lenet5"} <= set(models)
     eff = models["efficientnet_lite0"]
-    assert eff["label_count"] == 1000 and eff["state"] == "ready" and "provider" in eff
+    assert eff["label_count"] == 1000 and eff["state"] == "READY" and "provider" in eff
     assert "labels" not in eff and eff["input"]["shape"][1:] == [3, 224, 224]
     assert models["lenet5"]["label_count"] == 10
 

@@ -233,7 +233,7 @@ def test_unload_while_32_requests_are_in_flight(explicit: Server) -> None:
         assert first.result().status_code == 200 and first.result().json()["failed"] == 0
     assert [a.status_code for a in answers] == [200] * 32, [a.text for a in answers if a.status_code != 200]
     assert {a.json()["version"] for a in answers} == {"1"}
-    assert state in ("unloading", None)  # draining, or already drained
+    assert state in ("UNLOADING", None)  # draining, or already drained
     assert later.status_code == 404 and later.json()["code"] == "not_found"
     assert BIG not in models()
     r = httpx.post(f"{explicit.url}/v2/repository/models/{BIG}/load", headers=auth(ADMIN), timeout=300)
@@ -306,7 +306,7 @@ def test_poll_mode_under_load_loses_no_request(tmp_path: Path, photo: bytes) -> 
             assert switched < interval + 30  # one poll interval plus the warm-up, on a loaded machine
 
             publish(repo, "tiny", "3", broken=True, seed=3)
-            wait(lambda: models().get("3", {}).get("state") == "unavailable", 4 * interval + 30, "version 3")
+            wait(lambda: models().get("3", {}).get("state") == "UNAVAILABLE", 4 * interval + 30, "version 3")
             assert "sha256" in models()["3"]["reason"]
             index = httpx.post(server.url + "/v2/repository/index", timeout=30).json()
             row = {"name": "tiny", "version": "3", "state": "UNAVAILABLE", "reason": models()["3"]["reason"]}
@@ -326,7 +326,7 @@ def test_poll_mode_under_load_loses_no_request(tmp_path: Path, photo: bytes) -> 
         assert "3" not in versions and versions["1"] > 0 and versions["2"] > 0
         last = [v for _, v in answers[-16:]]
         assert set(last) == {"2"}
-        assert set(models()) == {"2", "3"} and models()["2"]["state"] == "ready"
+        assert set(models()) == {"2", "3"} and models()["2"]["state"] == "READY"
         assert re.search(r'model_load_failures_total\{[^}]*model="tiny"[^}]*\} 1\.0', metrics), metrics
         assert re.search(r'model_versions_loaded\{[^}]*model="tiny"[^}]*\} 1\.0', metrics), metrics
         assert server.proc.poll() is None

@@ -23,7 +23,8 @@ def _families(text: str) -> dict[str, object]:
 
 def test_request_observer_and_model_info_are_exposed() -> None:
     m = Metrics()
-    m.request("lenet5", "classify", "http", "200", 0.02)
+    m.model_versions("lenet5", 1)  # a loaded model's name may be a label
+    m.request("lenet5", "classify", "http", "200", 0.02, "1")
     m.request("lenet5", "classify", "http", "400", 0.001)
     with m.in_flight("grpc"):
         inside = _families(generate_latest(m.registry).decode())
@@ -32,7 +33,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     m.queue_wait(0.004)
     m.preprocess(0.01)
     m.inference(0.05, 8, "lenet5", "1")
-    m.model_info([ModelInfo("lenet5", "1", "ready", runtime={"provider": "CPUExecutionProvider"})])
+    m.model_info([ModelInfo("lenet5", "1", "READY", runtime={"provider": "CPUExecutionProvider"})])
     fams = _families(generate_latest(m.registry).decode())
 
     reqs = {
@@ -41,6 +42,12 @@ def test_request_observer_and_model_info_are_exposed() -> None:
         if s.name == "cnn_serve_requests_total"
     }
     assert reqs == {("200", "http"): 1.0, ("400", "http"): 1.0}
+    versions = {
+        s.labels["status"]: s.labels["version"]
+        for s in fams["cnn_serve_requests"].samples
+        if s.name == "cnn_serve_requests_total"
+    }
+    assert versions == {"200": "1", "400": "-"}  # the version that answered; none for a refusal
     in_flight = [s for s in inside["cnn_serve_in_flight_requests"].samples if s.labels["protocol"] == "grpc"]
     assert in_flight[0].value == 1.0
     after = [s for s in fams["cnn_serve_in_flight_requests"].samples if s.labels["protocol"] == "grpc"]
@@ -56,7 +63,7 @@ def test_request_observer_and_model_info_are_exposed() -> None:
     assert {s.labels["version"] for s in fams["cnn_serve_batch_size"].samples} == {"1"}
     info = fams["cnn_serve_model_info"].samples[0]
     assert info.labels["provider"] == "CPUExecutionProvider" and info.value == 1.0
-    assert (info.labels["name"], info.labels["version"], info.labels["state"]) == ("lenet5", "1", "ready")
+    assert (info.labels["name"], info.labels["version"], info.labels["state"]) == ("lenet5", "1", "READY")
     for name in (
         "cnn_serve_request_duration_seconds",
         "cnn_serve_queue_wait_seconds",
@@ -78,7 +85,7 @@ def test_multiprocess_mode_writes_files_read_by_the_collector(tmp_path: Path) ->
         m = Metrics()
         m.request("efficientnet_lite0", "classify", "grpc", "OK", 0.1)
         m.queue_depth(2)
-        m.model_info([ModelInfo("x", "1", "ready", runtime={{"provider": "CPUExecutionProvider"}})])
+        m.model_info([ModelInfo("x", "1", "READY", runtime={{"provider": "CPUExecutionProvider"}})])
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

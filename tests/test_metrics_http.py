@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 
 import grpc
@@ -11,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from skimage import data as photos
 
 from proto import classifier_pb2, classifier_pb2_grpc
+from proto import grpc_predict_v2_pb2 as pb
+from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.http_server import Server, jpeg, running_server
 
 
@@ -90,3 +93,38 @@ def test_client_chosen_names_never_become_labels(server: Server) -> None:
     assert unknown[("classify", "http")] >= 3 and unknown[("v2_model_ready", "http")] >= 3
     assert unknown[("-", "http")] >= 3  # the catch-all 404s are counted too
     assert unknown[("Classify", "grpc")] >= 1
+
+
+def test_request_metrics_name_the_version_that_answered(server: Server) -> None:
+    """Every transport's answers are counted under the version that produced them; refusals under "-"."""
+    image = jpeg(photos.coffee())
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/classify?model=lenet5", content=image).json()["version"] == "1"
+        assert c.post("/classify_batch", files=[("images", ("a.jpg", image))]).status_code == 200
+        encoded = base64.b64encode(image).decode()
+        tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [encoded]}
+        assert c.post("/v2/models/lenet5/infer", json={"inputs": [tensor]}).json()["model_version"] == "1"
+        assert c.post("/v2/models/lenet5/infer", content=b"{").status_code == 400
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = classifier_pb2_grpc.ImageClassifierStub(channel)
+        assert stub.Classify(classifier_pb2.ClassifyRequest(image=image), timeout=60).result.version == "1"
+        batch = stub.ClassifyBatch(classifier_pb2.ClassifyBatchRequest(images=[b"junk", image]), timeout=60)
+        assert batch.results[1].result.version == "1"
+        tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(image)
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            pb.ModelInferRequest(model_name="lenet5", inputs=[tensor]), timeout=60
+        )
+        assert infer.model_version == "1"
+    samples = [
+        s for s in scrape(server)["cnn_serve_requests"].samples if s.name == "cnn_serve_requests_total"
+    ]
+    by = {(s.labels["endpoint"], s.labels["protocol"], s.labels["status"]): s.labels for s in samples}
+    assert by[("classify", "http", "200")]["version"] == "1"
+    assert by[("classify_batch", "http", "200")]["version"] == "1"
+    assert by[("v2_infer", "http", "200")]["version"] == "1"
+    assert by[("v2_infer", "http", "400")]["version"] == "-"  # refused before any version answered
+    for endpoint in ("Classify", "ClassifyBatch", "ModelInfer"):
+        assert by[(endpoint, "grpc", "OK")]["version"] == "1", endpoint
+    durations = scrape(server)["cnn_serve_request_duration_seconds"].samples
+    assert {s.labels["version"] for s in durations if s.labels.get("endpoint") == "classify"} >= {"1"}

@@ -139,9 +139,9 @@ def test_policy_file_chooses_the_versions_and_a_bad_one_is_reported(
     (tmp_path / "other" / POLICY_FILE).write_text("{not json")
     core = started(tmp_path)
     assert states(core) == {
-        ("tiny", "2"): "ready",
-        ("tiny", "3"): "ready",
-        ("other", "1"): "unavailable",
+        ("tiny", "2"): "READY",
+        ("tiny", "3"): "READY",
+        ("other", "1"): "UNAVAILABLE",
     }
     assert POLICY_FILE in core.model_info("other", "1").reason
     assert classify(core, photo) == "3" and classify(core, photo, version="2") == "2"
@@ -166,7 +166,7 @@ def test_poll_loads_new_versions_keeps_good_ones_and_retires_removed_ones(
 
     folder = write_tiny_model(tmp_path, "tiny", "3", seed=3)
     corrupt_graph(folder)
-    wait_for(lambda: states(core).get(("tiny", "3")) == "unavailable")
+    wait_for(lambda: states(core).get(("tiny", "3")) == "UNAVAILABLE")
     assert "onnx" in core.model_info("tiny", "3").reason.lower() or core.model_info("tiny", "3").reason
     assert recorder.failures == ["tiny"]  # reported once, not at every scan
     assert classify(core, photo) == "2" and core.ready  # the model serves: it is ready
@@ -184,7 +184,7 @@ def test_poll_loads_new_versions_keeps_good_ones_and_retires_removed_ones(
 
     # A model that leaves the repository leaves the set.
     write_tiny_model(tmp_path, "gone", "1")
-    wait_for(lambda: ("gone", "1") in states(core) and states(core)[("gone", "1")] == "ready")
+    wait_for(lambda: ("gone", "1") in states(core) and states(core)[("gone", "1")] == "READY")
     shutil.rmtree(tmp_path / "gone")
     wait_for(lambda: not any(name == "gone" for name, _ in states(core)))
     assert recorder.versions["gone"] == 0
@@ -220,9 +220,41 @@ def test_poll_a_version_whose_graph_does_not_match_its_card_stays_out(
     graph = folder / "model.onnx"
     graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")  # sha256 no longer the card's
     shutil.copytree(folder, tmp_path / "tiny" / "2")
-    wait_for(lambda: states(core).get(("tiny", "2")) == "unavailable")
+    wait_for(lambda: states(core).get(("tiny", "2")) == "UNAVAILABLE")
     assert "sha256" in core.model_info("tiny", "2").reason
     assert classify(core, photo) == "1"
+
+
+def test_poll_reloads_a_version_changed_in_place(
+    tmp_path: Path, photo: bytes, started: Callable[..., InferenceCore]
+) -> None:
+    """Triton's poll reloads a version whose files changed; a broken change leaves the loaded one serving."""
+
+    def answer() -> list[tuple[int, float]]:
+        (p,) = asyncio.run(core.classify([photo], top_k=3))
+        assert not isinstance(p, Exception), p
+        return [(c.index, round(c.probability, 6)) for c in p.top_k]
+
+    folder = write_tiny_model(tmp_path, "tiny", "1", seed=1)
+    recorder = Recorder()
+    core = started(tmp_path, observer=recorder, model_control="poll", poll_interval_s=0.2)
+    first = answer()
+
+    graph = folder / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")  # no longer the card's sha256
+    wait_for(lambda: "files changed" in core.model_info("tiny", "1").reason)
+    assert "sha256" in core.model_info("tiny", "1").reason and recorder.failures == ["tiny"]
+    assert core.model_info("tiny", "1").state == "READY" and answer() == first and core.ready
+    time.sleep(0.6)  # the same broken files are not tried again at every scan
+    assert recorder.failures == ["tiny"]
+
+    stage = write_tiny_model(tmp_path / ".stage", "tiny", "1", seed=2)
+    for name in ("model.onnx", "model.json"):
+        shutil.copy(stage / name, folder / (name + ".new"))
+        (folder / (name + ".new")).replace(folder / name)
+    wait_for(lambda: answer() != first)
+    info = core.model_info("tiny", "1")
+    assert (info.state, info.reason, recorder.versions) == ("READY", "", {"tiny": 1})
 
 
 def test_none_mode_never_changes(tmp_path: Path, photo: bytes, started: Callable[..., InferenceCore]) -> None:
@@ -256,7 +288,7 @@ def test_explicit_loads_the_start_set_then_on_request(
 
     asyncio.run(core.load_model("other"))
     assert classify(core, photo, model="other") == "1"
-    assert recorder.info[("other", "1")] == "ready"  # the model_info metric follows the model set
+    assert recorder.info[("other", "1")] == "READY"  # the model_info metric follows the model set
     asyncio.run(core.unload_model("other"))
     assert ("other", "1") not in recorder.info
     with pytest.raises(ModelNotFound, match="unloaded"):
@@ -307,7 +339,7 @@ def test_explicit_load_of_a_bad_version_keeps_the_good_one(
         asyncio.run(core.load_model("tiny"))
     for v in ("2", "3", "4"):
         assert f"version {v}:" in failed.value.message
-        assert core.model_info("tiny", v).state == "unavailable" and core.model_info("tiny", v).reason
+        assert core.model_info("tiny", v).state == "UNAVAILABLE" and core.model_info("tiny", v).reason
     assert classify(core, photo) == "1" and core.ready
     assert recorder.failures == ["tiny"] * 3
 
@@ -324,7 +356,7 @@ def test_unload_drains_the_requests_already_admitted(
         await asyncio.sleep(0)  # each has been admitted: it holds the version
         assert entry.active == 32
         await core.unload_model("tiny")
-        assert entry.state == "unloading" and core.ready  # a model leaving does not make the server unready
+        assert entry.state == "UNLOADING" and core.ready  # a model leaving does not make the server unready
         later: BaseException | None = None
         try:
             await core.classify([photo], model="tiny")

@@ -106,6 +106,7 @@ class _Call:
 
     request_id: str
     request: Any = field(default=None)
+    version: str = ""  # the version that answered, from the response (Classify's, ModelInfer's)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -165,7 +166,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context) as call:
                 result = behavior(requests(raw, call), context)
-                return await result if inspect.isawaitable(result) else result
+                response = await result if inspect.isawaitable(result) else result
+                call.version = _answered_version(response)
+                return response
 
         return coroutine
 
@@ -222,7 +225,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         finally:
             if method.observe:
                 self.active -= 1
-                self._record(method, call.request, context, request_id, status, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self._record(method, call.request, context, request_id, status, seconds, call.version)
 
     def _record(
         self,
@@ -232,10 +236,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         request_id: str,
         status: str,
         seconds: float,
+        version: str = "",
     ) -> None:
         model = self._model(method.path, request)
         if self.metrics is not None:
-            self.metrics.request(model, method.endpoint, "grpc", status, seconds)
+            self.metrics.request(model, method.endpoint, "grpc", status, seconds, version)
         logs.access(
             access_log,
             protocol="grpc",
@@ -254,6 +259,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return ""
         name = str(getattr(request, field, "") or "")
         return name or (self.settings.default_model if defaults else "")
+
+
+def _answered_version(response: Any) -> str:
+    """The version a response names: ModelInfer's `model_version`, Classify's `result.version`, or the first
+    answered entry of ClassifyBatch; "" for other calls."""
+    for path in (("model_version",), ("result", "version")):
+        value: Any = response
+        for part in path:
+            value = getattr(value, part, None)
+        if isinstance(value, str) and value:
+            return value
+    for entry in getattr(response, "results", ()) or ():
+        version = getattr(getattr(entry, "result", None), "version", "")
+        if version:
+            return str(version)
+    return ""
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: ServiceError, request_id: str) -> None:

@@ -85,6 +85,7 @@ def endpoint(name: str) -> Callable[[Handler], Callable[[Request], Awaitable[Res
                 "http",
                 str(response.status_code),
                 time.perf_counter() - start,
+                str(state.get("version") or ""),
             )
             return response
 
@@ -152,6 +153,7 @@ async def classify(request: Request, runtime: Runtime) -> Response:
     result = results[0]
     if isinstance(result, ServiceError):
         raise result
+    request.scope["state"]["version"] = result.version
     return JSONResponse({**result.to_dict(), "request_id": _rid(request)})
 
 
@@ -165,6 +167,8 @@ async def classify_batch(request: Request, runtime: Runtime) -> Response:
         else:
             entries.append({"index": i, "filename": name, **result.to_dict()})
     failed = sum(1 for e in entries if "error" in e)
+    answered = [r.version for r in results if not isinstance(r, ServiceError)]
+    request.scope["state"]["version"] = answered[0] if answered else ""
     return JSONResponse(
         {
             "results": entries,
@@ -253,6 +257,7 @@ async def v2_infer(request: Request, runtime: Runtime) -> Response:
             deadline=deadline_of(request, settings),
         ),
     )
+    request.scope["state"]["version"] = result.model_version
     return await off_loop(oip_rest.infer_response, result, parsed.request_id, parsed.binary, {})
 
 

@@ -26,6 +26,7 @@ from service.core import InferenceCore
 from service.looplag import LoopLagMonitor
 from service.metrics import Metrics
 from service.oip import OpenInference
+from service.storage import RepositoryError, is_url
 
 from . import connections
 from .api import build_app
@@ -118,6 +119,9 @@ class ClassifierService:
             await self.core.start()
         except Exception as exc:  # a failed start-up: not live, never ready, and the log says why
             log.error("inference core failed to start: %s", exc)
+            if isinstance(exc, RepositoryError) and is_url(self.settings.repository):
+                # a bucket out of reach or missing: a restarted worker would fail alike, the server stops
+                report_fatal(str(exc))
             return
         finally:
             if self.grpc is not None:  # gRPC health follows at once, not at its next periodic refresh

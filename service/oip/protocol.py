@@ -271,7 +271,8 @@ class OpenInference:
                 f"got {len(inputs)}"
             )
         tensor = inputs[0]
-        if tensor.name == IMAGE_INPUT:
+        # A graph whose own input is called "image" takes its FP32 tensor by that name: the datatype tells.
+        if tensor.name == IMAGE_INPUT and (fp32_name != IMAGE_INPUT or tensor.datatype != "FP32"):
             return await self._classify_images(tensor, info, tta, deadline, version)
         if tensor.name == fp32_name:
             return await self._run_tensor(tensor, info, card, deadline, version)
@@ -323,6 +324,8 @@ class OpenInference:
         limits.check_count(array.shape[0], self.settings.max_images_per_request, "samples")
         if not np.isfinite(array).all():
             raise InvalidArgument(f"input {tensor.name!r} holds NaN or infinite values")
+        if card.layout == "NHWC":  # sent as the graph takes it; the core takes the prepared NCHW tensor
+            array = array.transpose(0, 3, 1, 2)
         probabilities, answered = await self.core.infer_tensor_versioned(
             info.name, version, np.ascontiguousarray(array), deadline
         )

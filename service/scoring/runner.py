@@ -104,10 +104,10 @@ class ModelRunner:
     def __init__(
         self, settings: Settings, model: str, version: str | None = None, batch_size: int = 32
     ) -> None:
-        versions = repository.scan(settings.repository)
-        self.version = repository.resolve(versions, model, version)
+        store = repository.store_for(settings)  # a folder, or a bucket read through the model cache
+        self.version = repository.resolve(repository.scan(store), model, version)
         self.name = model
-        self.card = repository.read_card(repository.entry_path(settings.repository, model, self.version))
+        self.card = repository.load_card(store, model, self.version)
         self.pipeline = Pipeline.for_card(self.card, Limits.from_settings(settings), settings.preprocess_mode)
         # Scoring never runs a batch alone: no solo session (a second copy of the weights for nothing).
         self.session = ModelSession(

@@ -155,7 +155,7 @@
     const select = $("model");
     const previous = select.selectedOptions.length ? select.value : "";
     const options = state.models.map((m, i) => {
-      const ready = m.state === "ready";
+      const ready = m.state === "READY";
       const text = `${m.name} (version ${m.version}, ${m.label_count} classes)${ready ? "" : ` — ${m.state}`}`;
       const option = new Option(text, String(i));
       option.disabled = !ready;
