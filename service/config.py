@@ -98,6 +98,12 @@ class Settings:
         65_536, "JPEG marker segments before the pixels, PNG chunks, GIF blocks before the first frame"
     )
     max_top_k: int = _setting(1000, "largest top_k a request may ask (also capped by the class count)")
+    parse_processes: int = _setting(
+        1, "processes parsing large JSON bodies (the parser holds the interpreter); 0: threads of the worker"
+    )
+    json_memory_factor: float = _setting(
+        16.0, "a JSON body whose parse would take, by estimate, more than this many times its size is refused"
+    )
 
     # Transports
     host: str = _setting("0.0.0.0", "address the HTTP and gRPC servers listen on")
@@ -116,6 +122,18 @@ class Settings:
     grpc_tls_cert: str = _setting("", "PEM certificate file for gRPC TLS (with grpc_tls_key)")
     grpc_tls_key: str = _setting("", "PEM private key file for gRPC TLS (with grpc_tls_cert)")
     drain_timeout_s: float = _setting(20.0, "on SIGTERM: time to finish the requests already accepted")
+    max_connections: int = _setting(
+        1000, "HTTP connections open at once; one more is answered 503 and closed at once"
+    )
+    idle_timeout_s: float = _setting(
+        5.0, "HTTP: a connection with no request in progress is closed after this many seconds without a byte"
+    )
+    header_timeout_s: float = _setting(
+        10.0, "HTTP: seconds from a request's first byte to the end of its headers; else 408, closed"
+    )
+    body_timeout_s: float = _setting(
+        10.0, "HTTP: longest pause in a request body (all of it within request_timeout_s); else 408, closed"
+    )
     log_level: str = _setting(
         "INFO", "level of the service's log lines (not the access log): DEBUG to CRITICAL"
     )
@@ -178,6 +196,16 @@ class Settings:
             raise ValueError(f"max_aspect_ratio must be at least 1, not {self.max_aspect_ratio!r}")
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
             raise ValueError("drain_timeout_s must be a finite number, not negative")
+        for name in ("idle_timeout_s", "header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= 86_400):
+                raise ValueError(f"{name} must be between 0 (excluded) and 86400, not {value!r}")
+        if not 0 <= self.parse_processes <= 64:
+            raise ValueError("parse_processes must be between 0 and 64")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if not (math.isfinite(self.json_memory_factor) and self.json_memory_factor >= 1):
+            raise ValueError(f"json_memory_factor must be at least 1, not {self.json_memory_factor!r}")
         for name in ("http_port", "grpc_port", "grpc_health_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be between 0 and 65535")

@@ -111,6 +111,14 @@ class DeadlineExceeded(ServiceError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class RequestTimeout(ServiceError):
+    """The request body stopped arriving (or came too slowly): the connection is closed after the answer."""
+
+    code = "request_timeout"
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class ClientGone(ServiceError):
     """The client disconnected before its answer: the work left is dropped (nginx's 499 in logs/metrics)."""
 

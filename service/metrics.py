@@ -44,6 +44,11 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The event loop's lag, from a millisecond (a loop with nothing to do) to seconds (a loop blocked).
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The lag gauge shows the largest lag of the current and the previous window of this length: a stall stays
+# visible for at least one window, whenever it is scraped.
+LAG_WINDOW_S = 10.0
 
 
 def _prometheus() -> Any:
@@ -144,6 +149,30 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.loop_lag_seconds = prom.Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the event loop that HTTP and gRPC share runs a timer (sampled every 50 ms).",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = prom.Gauge(
+            f"{PREFIX}_event_loop_lag_max_seconds",
+            f"The largest event loop lag of the last {LAG_WINDOW_S:g} to {2 * LAG_WINDOW_S:g} seconds.",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self._lag_window = (time.monotonic(), 0.0, 0.0)  # (window start, its max, the previous window's max)
+        self.connections_refused = prom.Counter(
+            f"{PREFIX}_http_connections_refused",
+            "HTTP connections answered 503 and closed at once: max_connections were open.",
+            registry=r,
+        )
+        self.connections_timed_out = prom.Counter(
+            f"{PREFIX}_http_connections_timed_out",
+            "HTTP connections closed by a timeout: idle (idle_timeout_s) or headers (header_timeout_s, 408).",
+            ["reason"],
+            registry=r,
+        )
         self.files_intact = prom.Gauge(
             f"{PREFIX}_model_files_intact",
             "1 while the files a ready model version was loaded from still match what it serves, else 0.",
@@ -189,6 +218,24 @@ class Metrics:
                 self.request(
                     outcome["model"], endpoint, protocol, outcome["status"], elapsed, outcome["version"]
                 )
+
+    def event_loop_lag(self, seconds: float) -> None:
+        """One sample of the loop's lag (`service.looplag`)."""
+        self.loop_lag_seconds.observe(seconds)
+        now = time.monotonic()
+        start, current, previous = self._lag_window
+        if now - start >= LAG_WINDOW_S:
+            start, current, previous = now, 0.0, current
+        current = max(current, seconds)
+        self._lag_window = (start, current, previous)
+        self.loop_lag_max.set(max(current, previous))
+
+    def connection_refused(self) -> None:
+        self.connections_refused.inc()
+
+    def connection_timed_out(self, reason: str) -> None:
+        """`reason`: idle or headers."""
+        self.connections_timed_out.labels(reason).inc()
 
     def model_info(self, models: Sequence[ModelInfo]) -> None:
         """Publish one `model_info` sample per model version (from `core.models()`, again whenever the model

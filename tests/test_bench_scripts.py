@@ -121,3 +121,30 @@ def test_bench_serving_measures_mlserver_and_compares_every_answer(model_repo: P
     assert re.search(r"target against MLServer workers=1 .*: (met|NOT met)", out), out
     # the photo mix holds the camera-sized JPEGs
     assert "coffee 4000x3000" in out and "chelsea 1920x1280" in out, out
+
+
+# Every kind of abuse but test-time augmentation batches, whose hold on the cores and the queue is the
+# admission's to bound, not the connections' and the bodies' rules that this run checks.
+HOSTILE_KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood")
+
+
+def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    out = run_bench(
+        "bench_hostile.py", "--repository", str(model_repo), "--model", "lenet5", "--duration", "8",
+        "--warm", "2", "--clients", "2", "--work", str(tmp_path), "--abuse", ",".join(HOSTILE_KINDS),
+    )  # fmt: skip
+    for phase in ("without abuse", "with abuse"):
+        assert re.search(rf"normal clients {phase}: p50 {NUMBER} ms, p99 {NUMBER} ms", out), out
+    assert re.search(rf"with abuse / without: p50 {NUMBER}x, p99 {NUMBER}x", out), out
+    assert "normal requests failed: 0 (goal 0)" in out, out
+    assert re.search(rf"RSS .*: baseline {NUMBER} MiB, peak {NUMBER} MiB .* final {NUMBER} MiB", out), out
+    assert re.search(
+        rf"event loop lag \(goal < 50 ms\): max {NUMBER} ms without abuse, {NUMBER} ms with", out
+    )
+    assert re.search(r"503 answered by routes: [0-9]+", out), out
+    assert re.search(rf"connections refused at accept .*: {NUMBER}", out), out
+    for kind in HOSTILE_KINDS:
+        assert f"  {kind}: " in out, out
+    assert re.search(r"HTTP connections still open 15 s after the abuse stopped: [0-9]+", out), out

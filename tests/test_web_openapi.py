@@ -161,7 +161,7 @@ def test_every_typed_error_is_described_with_its_status() -> None:
         assert cls.code in codes, (cls, codes)
         assert cls.code in doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
     classify = doc["paths"]["/classify"]["post"]["responses"]
-    assert set(classify) == {"200", "400", "401", "404", "413", "415", "499", "500", "503", "504"}
+    assert set(classify) == {"200", "400", "401", "404", "408", "413", "415", "499", "500", "503", "504"}
 
 
 def test_security_and_the_middleware_agree_on_the_open_routes() -> None:

@@ -113,6 +113,7 @@ async def openapi_json(request: Request, runtime: Runtime) -> Response:
 CLASSIFY_ERRORS = {
     400: "BadRequest",
     404: "NotFound",
+    408: "RequestTimeout",
     413: "PayloadTooLarge",
     415: "UnsupportedMediaType",
     499: "ClientClosedRequest",
@@ -263,7 +264,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "repository_index",
         "Every model of the repository and every version with its state",
         "models",
-        {200: "RepositoryIndex", 400: "BadRequest", 413: "PayloadTooLarge"},
+        {200: "RepositoryIndex", 400: "BadRequest", 408: "RequestTimeout", 413: "PayloadTooLarge"},
         routes.repository_index,
         body="RepositoryIndexBody",
         description="Triton's model repository extension: `state` is READY, LOADING, UNLOADING or "

@@ -7,12 +7,19 @@ of the JSON header at the start of the body; inputs with `parameters.binary_data
 order, from the bytes after it (BYTES elements length-prefixed). Outputs are binary when the request says
 `parameters.binary_data_output: true` or the output's own `parameters.binary_data: true`.
 In JSON form, BYTES image elements are base64 strings (raw image bytes are not valid JSON text).
+
+`parse_infer_request` parses the JSON away from the event loop with its estimated cost reserved
+(`parsing.parse_json_body`); what it returns is compact (arrays, bytes, a few small values): the parsed
+document is dropped before it returns, and keys the protocol does not define are refused, so that nothing a
+client adds is held during inference.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,17 +28,33 @@ from starlette.responses import JSONResponse, Response
 from service import oip
 from service.errors import InvalidArgument, shown
 
-from .requests import image_from_base64, parse_json
+from .parsing import BodyParser, JsonBudget, parse_json_body
+from .requests import image_from_base64
 
 HEADER_LENGTH = "inference-header-content-length"
 _DIGITS = re.compile("[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 TRANSPORT_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
+# The keys the protocol defines (the document's `InferRequest` schema says the same: no other is accepted).
+REQUEST_KEYS = ("id", "inputs", "outputs", "parameters")
+INPUT_KEYS = ("name", "datatype", "shape", "parameters", "data")
 
 
-def parse_infer_request(
-    body: bytes, header_length: str | None, max_items: int
-) -> tuple[dict[str, Any], list[oip.Tensor]]:
-    """The request document and its decoded input tensors (`max_items`: images or samples per request)."""
+@dataclass
+class InferBody:
+    """What an inference request's body asks, with its inputs decoded."""
+
+    request_id: str | None
+    tensors: list[oip.Tensor]
+    outputs: list[oip.RequestedOutput] | None
+    binary: dict[str, bool]
+    parameters: dict[str, Any]
+
+
+async def parse_infer_request(
+    body: bytes, header_length: str | None, max_items: int, budget: JsonBudget, parser: BodyParser | None
+) -> InferBody:
+    """The request's inputs decoded and its options checked (`max_items`: images or samples per request),
+    its JSON parse bounded by `budget`."""
     if header_length is not None:
         if not _DIGITS.fullmatch(header_length.strip()):
             raise InvalidArgument("Inference-Header-Content-Length is not a number")
@@ -40,17 +63,40 @@ def parse_infer_request(
             raise InvalidArgument(
                 f"Inference-Header-Content-Length {n} exceeds the body of {len(body)} bytes"
             )
-        head, binary = body[:n], memoryview(body)[n:]
     else:
-        head, binary = body, memoryview(b"")
-    doc = parse_json(bytes(head), "inference request header")
+        n = len(body)
+    then = functools.partial(_infer_body, max_items=max_items)
+    return await parse_json_body(body, n, "inference request header", then, budget, parser)
+
+
+def _infer_body(doc: Any, binary: memoryview, max_items: int) -> InferBody:
+    """What a parsed request says, its inputs decoded from it and from `binary` (the bytes after its JSON);
+    blocking, in a thread or a parsing process."""
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise InvalidArgument("inference request must be a JSON object with an 'inputs' list")
+    _known_keys(doc, REQUEST_KEYS, "inference request")
+    tensors = _tensors(doc["inputs"], binary, max_items)
+    del doc["inputs"]  # what is left is small: the tensors are arrays and bytes now
+    outputs, wanted_binary = requested_outputs(doc)
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):  # it must come back as sent: a string
+        raise InvalidArgument(f"'id' must be a string, not {type(request_id).__name__}")
+    return InferBody(request_id, tensors, outputs, wanted_binary, request_parameters(doc))
+
+
+def _known_keys(doc: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    unknown = set(doc) - set(keys)
+    if unknown:
+        raise InvalidArgument(f"unknown keys {shown(sorted(unknown))} in the {what}; it takes {list(keys)}")
+
+
+def _tensors(inputs: list[Any], binary: memoryview, max_items: int) -> list[oip.Tensor]:
     tensors: list[oip.Tensor] = []
     offset = 0
-    for i, spec in enumerate(doc["inputs"]):
+    for i, spec in enumerate(inputs):
         if not isinstance(spec, dict):
             raise InvalidArgument(f"input {i} must be an object")
+        _known_keys(spec, INPUT_KEYS, f"input {i}")
         name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
         if (
             not isinstance(name, str)
@@ -81,7 +127,7 @@ def parse_infer_request(
         tensors.append(oip.Tensor(name, datatype, list(shape), data, extra))
     if offset != len(binary):
         raise InvalidArgument(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    return doc, tensors
+    return tensors
 
 
 def _json_data(name: str, datatype: str, shape: list[int], data: Any) -> oip.TensorData:
@@ -125,8 +171,10 @@ def _flag(value: Any, what: str) -> bool:
 
 
 def request_parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    """The parameters the protocol reads; those it accepts and ignores are dropped here, values and all."""
     params = doc.get("parameters") or {}
-    return {k: v for k, v in params.items() if k not in TRANSPORT_PARAMETERS}
+    ignored = (*TRANSPORT_PARAMETERS, *oip.IGNORED_PARAMETERS)
+    return {k: v for k, v in params.items() if k not in ignored}
 
 
 def infer_response(

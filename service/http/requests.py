@@ -3,29 +3,39 @@
 This service never fetches a URL (BentoML's own file inputs would download one; our routes do not use them).
 Image bytes that are a URL are refused by the decoder (`service.decoding.refuse_url`), on every transport;
 here only what never reaches it is checked: a JSON string before base64 decoding, a text form field.
+
+A body is read with two clocks (a pause between two pieces longer than `body_timeout_s`, and the request's
+deadline for the whole): one that stops arriving is 408, one whose client goes away is 499 (`ClientGone`).
+JSON bodies are parsed by `parsing.parse_json_body`: their memory bounded, never on the event loop.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
+import functools
 import math
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service import limits
 from service.config import Settings
 from service.decoding import refuse_url
-from service.errors import InvalidArgument, RequestTooLarge, shown
+from service.errors import ClientGone, InvalidArgument, RequestTimeout, RequestTooLarge, shown
+from service.memory import MemoryBudget
 
+from .parsing import BodyParser, JsonBudget, parse_json_body
+
+T = TypeVar("T")
 FILE_FIELDS = ("file", "image", "files", "images")
 
 
@@ -65,12 +75,9 @@ def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
     raise InvalidArgument(f"request body is not complete {coding} data")
 
 
-def parse_json(data: bytes, what: str) -> Any:
-    """JSON, or InvalidArgument: malformed text, and nesting too deep for the parser (RecursionError)."""
-    try:
-        return json.loads(data or b"null")
-    except (ValueError, RecursionError):
-        raise InvalidArgument(f"{what} is not valid JSON (or nests too deep)") from None
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread, for work that releases the interpreter lock or takes milliseconds."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
 
 
 def image_from_base64(item: object, where: str) -> bytes:
@@ -84,25 +91,52 @@ def image_from_base64(item: object, where: str) -> bytes:
         raise InvalidArgument(f"{where} is not valid base64") from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, settings: Settings) -> bytes:
     """The whole body, refused with 413 as soon as it passes `limit` bytes (declared, streamed or inflated
-    from a gzip/deflate `Content-Encoding`)."""
+    from a gzip/deflate `Content-Encoding`); 408 when it pauses longer than `body_timeout_s` or is not all
+    there by the request's deadline, 499 (`ClientGone`) when the client disconnects first."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise InvalidArgument("Content-Length is not a number")
         if int(declared) > limit:
             raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    # The server's own timeout, not a client's shorter deadline: that one is the core's to enforce (504).
+    deadline = time.monotonic() + settings.request_timeout_s
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        wait = min(settings.body_timeout_s, deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            with anyio.fail_after(wait):
+                chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body stopped arriving after {total} bytes (body_timeout_s "
+                f"{settings.body_timeout_s:g}, request_timeout_s {settings.request_timeout_s:g})"
+            ) from None
+        except ClientDisconnect:
+            raise ClientGone(f"the client disconnected after sending {total} bytes of the body") from None
         total += len(chunk)
         if total > limit:
             raise RequestTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    body = inflate(b"".join(chunks), request.headers.get("content-encoding", ""), limit)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "")
+    if encoding.strip():
+        body = await off_loop(inflate, body, encoding, limit)
     request._body = body  # Starlette's form parser reads the cached body instead of the spent stream.
     return body
+
+
+def json_budget(request: Request, settings: Settings, memory: MemoryBudget | None) -> JsonBudget:
+    """The bound on a JSON body of this request: `json_memory_factor`, reserved from `memory`."""
+    return JsonBudget(settings.json_memory_factor, memory, deadline_of(request, settings))
 
 
 @dataclass
@@ -112,9 +146,22 @@ class ImageRequest:
     params: dict[str, str]
 
 
-async def read_images(request: Request, settings: Settings, *, many: bool) -> ImageRequest:
-    """Images and parameters from multipart form, a JSON body (base64 images) or a raw image body."""
-    body = await read_body(request, settings.max_request_bytes)
+# The keys of /classify and /classify_batch JSON bodies (the document's schemas say the same).
+IMAGE_KEYS = ("image", "images")
+OPTION_KEYS = ("model", "version", "top_k", "tta")
+
+
+async def read_images(
+    request: Request,
+    settings: Settings,
+    memory: MemoryBudget | None = None,
+    parser: BodyParser | None = None,
+    *,
+    many: bool,
+) -> ImageRequest:
+    """Images and parameters from multipart form, a JSON body (base64 images) or a raw image body; a JSON
+    body is parsed by `parsing.parse_json_body` (bounded by `json_memory_factor`, reserved from `memory`)."""
+    body = await read_body(request, settings.max_request_bytes, settings)
     params = {k: v for k, v in request.query_params.items()}
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     images: list[bytes] = []
@@ -136,21 +183,11 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
             else:
                 params[key] = value
     elif ctype == "application/json":
-        doc = parse_json(body, "body")
-        if not isinstance(doc, dict):
-            raise InvalidArgument("JSON body must be an object with 'image' or 'images' (base64)")
-        raw = doc.get("images") if many else doc.get("image")
-        if raw is None:
-            raw = doc.get("image") if many else None
-        items = raw if isinstance(raw, list) else [raw] if raw is not None else []
-        if items:  # counted before any of them is decoded; none is answered below
-            limits.check_count(len(items), settings.max_images_per_request)
-        for i, item in enumerate(items):
-            images.append(image_from_base64(item, f"image {i}"))
-            names.append(str(i))
-        for key in ("model", "version", "top_k", "tta"):
-            if key in doc and doc[key] is not None:
-                params[key] = str(doc[key])
+        budget = json_budget(request, settings, memory)
+        then = functools.partial(_json_images, max_items=settings.max_images_per_request, many=many)
+        images, options = await parse_json_body(body, len(body), "body", then, budget, parser)
+        names = [str(i) for i in range(len(images))]
+        params.update(options)
     else:
         if body:
             images.append(body)
@@ -163,6 +200,29 @@ async def read_images(request: Request, settings: Settings, *, many: bool) -> Im
         raise InvalidArgument(f"/classify takes one image, got {len(images)}; use /classify_batch")
     limits.check_count(len(images), settings.max_images_per_request)
     return ImageRequest(images, names, params)
+
+
+def _json_images(
+    doc: Any, rest: memoryview, max_items: int, many: bool
+) -> tuple[list[bytes], dict[str, str]]:
+    """The images (base64-decoded) and options of a parsed JSON body (`rest`: nothing follows the JSON);
+    blocking, in a thread or a parsing process."""
+    if not isinstance(doc, dict):
+        raise InvalidArgument("JSON body must be an object with 'image' or 'images' (base64)")
+    unknown = set(doc) - {*IMAGE_KEYS, *OPTION_KEYS}
+    if unknown:
+        raise InvalidArgument(
+            f"unknown keys {shown(sorted(unknown))} in the body; it takes {[*IMAGE_KEYS, *OPTION_KEYS]}"
+        )
+    raw = doc.get("images") if many else doc.get("image")
+    if raw is None:
+        raw = doc.get("image") if many else None
+    items = raw if isinstance(raw, list) else [raw] if raw is not None else []
+    if items:  # counted before any of them is decoded; none is answered below
+        limits.check_count(len(items), max_items)
+    images = [image_from_base64(item, f"image {i}") for i, item in enumerate(items)]
+    options = {key: str(doc[key]) for key in OPTION_KEYS if key in doc and doc[key] is not None}
+    return images, options
 
 
 def deadline_of(request: Request, settings: Settings) -> float:

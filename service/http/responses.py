@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from service.errors import Overloaded, ServiceError
+from service.errors import Overloaded, RequestTimeout, ServiceError
 
 log = logging.getLogger("cnn_serve.http")
 
@@ -25,10 +25,13 @@ def error_body(code: str, message: str, request_id: str) -> dict[str, str]:
 def error_response(
     error: ServiceError, request_id: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The one error body (`error_body`); 503 overload answers carry Retry-After."""
+    """The one error body (`error_body`); 503 overload answers carry Retry-After; after a 408 the connection
+    is closed (the rest of a body that stopped arriving would otherwise be read as the next request)."""
     extra = dict(headers or {})
     if isinstance(error, Overloaded):
         extra["Retry-After"] = str(int(getattr(error, "retry_after_s", 1) or 1))
+    if isinstance(error, RequestTimeout):
+        extra["Connection"] = "close"
     return JSONResponse(
         error_body(error.code, error.message, request_id), status_code=error.http_status, headers=extra
     )

@@ -30,7 +30,8 @@ from service.oip import OpenInference
 from service.postprocessing import check_top_k
 
 from . import oip_rest
-from .requests import ImageRequest, deadline_of, parse_json, read_body, read_images
+from .parsing import BodyParser, parse_json
+from .requests import ImageRequest, deadline_of, json_budget, off_loop, read_body, read_images
 from .responses import error_response, internal_error, plain_error
 
 
@@ -42,6 +43,7 @@ class Runtime:
     core: InferenceCore
     metrics: Metrics
     oip: OpenInference
+    parser: BodyParser | None = None  # large JSON bodies' parsing processes; None: parsed in threads
 
 
 Handler = Callable[[Request, Runtime], Awaitable[Response]]
@@ -126,7 +128,7 @@ async def _classify(
     request: Request, runtime: Runtime, many: bool
 ) -> tuple[ImageRequest, list[Prediction | ServiceError]]:
     """Read the images and parameters of /classify or /classify_batch, and classify them."""
-    req = await read_images(request, runtime.settings, many=many)
+    req = await read_images(request, runtime.settings, runtime.core.decode_memory, runtime.parser, many=many)
     model = req.params.get("model") or runtime.settings.default_model
     version = req.params.get("version") or None
     request.scope["state"]["model"] = model
@@ -234,27 +236,29 @@ async def v2_model_ready(request: Request, runtime: Runtime) -> Response:
 @endpoint("v2_infer")
 async def v2_infer(request: Request, runtime: Runtime) -> Response:
     name, version = _name_version(request)
-    body = await read_body(request, runtime.settings.max_request_bytes)
-    doc, tensors = oip_rest.parse_infer_request(
-        body, request.headers.get(oip_rest.HEADER_LENGTH), runtime.settings.max_images_per_request
+    settings = runtime.settings
+    body = await read_body(request, settings.max_request_bytes, settings)
+    parsed = await oip_rest.parse_infer_request(
+        body,
+        request.headers.get(oip_rest.HEADER_LENGTH),
+        settings.max_images_per_request,
+        json_budget(request, settings, runtime.core.decode_memory),
+        runtime.parser,
     )
-    outputs, binary = oip_rest.requested_outputs(doc)
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):  # it must come back as sent: a string
-        raise InvalidArgument(f"'id' must be a string, not {type(request_id).__name__}")
+    del body
     result = await _unless_disconnected(
         request,
         runtime.oip.infer(
             name,
             version,
-            tensors,
-            outputs,
-            oip_rest.request_parameters(doc),
-            deadline=deadline_of(request, runtime.settings),
+            parsed.tensors,
+            parsed.outputs,
+            parsed.parameters,
+            deadline=deadline_of(request, settings),
         ),
     )
     request.scope["state"]["version"] = result.model_version
-    return oip_rest.infer_response(result, request_id, binary, {})
+    return await off_loop(oip_rest.infer_response, result, parsed.request_id, parsed.binary, {})
 
 
 # Triton's model repository extension. The index follows the inference token (the middleware's); load and
@@ -264,9 +268,9 @@ REPOSITORY_BODY_BYTES = 64 * 1024
 REPOSITORY_CALL = re.compile("/v2/repository/models/(.+)/(?:load|unload)")
 
 
-async def _repository_body(request: Request, *keys: str) -> dict[str, Any]:
+async def _repository_body(request: Request, runtime: Runtime, *keys: str) -> dict[str, Any]:
     """The optional JSON object of a repository call, with only `keys` in it."""
-    body = await read_body(request, REPOSITORY_BODY_BYTES)
+    body = await read_body(request, REPOSITORY_BODY_BYTES, runtime.settings)
     doc = parse_json(body, "request body") if body.strip() else {}
     if doc is None:
         doc = {}
@@ -296,14 +300,14 @@ def _parameters(doc: dict[str, Any]) -> dict[str, Any]:
 
 @endpoint("repository_index")
 async def repository_index(request: Request, runtime: Runtime) -> Response:
-    doc = await _repository_body(request, "ready")
+    doc = await _repository_body(request, runtime, "ready")
     return JSONResponse(runtime.oip.repository_index(doc.get("ready", False)))
 
 
 async def _repository_change(request: Request, runtime: Runtime, change: str) -> Response:
     """Load or unload (`change`) the model the path names, after the admin token."""
     name = _admin(request, runtime)
-    doc = await _repository_body(request, "parameters")
+    doc = await _repository_body(request, runtime, "parameters")
     await getattr(runtime.oip, f"repository_{change}")(name, _parameters(doc))
     return JSONResponse({})
 

@@ -38,6 +38,11 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     401: ("Unauthorized", "The bearer token is missing or wrong."),
     404: ("NotFound", "No such model or version (or no such route)."),
     405: ("MethodNotAllowed", "The path exists, not for this method; `Allow` names the methods it takes."),
+    408: (
+        "RequestTimeout",
+        "The request body paused longer than `body_timeout_s`, or was not all there within the request's "
+        "timeout; the connection is closed.",
+    ),
     413: ("PayloadTooLarge", "The request body, as sent or once inflated, is over `max_request_bytes`."),
     415: ("UnsupportedMediaType", "A `Content-Encoding` other than gzip, deflate or identity."),
     499: (
@@ -226,6 +231,7 @@ def request_bodies(settings: Settings, models: Sequence[str]) -> JSON:
                         "type": "object",
                         "properties": {"image": _base64(settings, "The image"), **options},
                         "required": ["image"],
+                        "additionalProperties": False,
                     },
                     "example": {"image": EXAMPLE_PNG, "top_k": 3, "tta": "flip"},
                 },
@@ -267,6 +273,7 @@ def request_bodies(settings: Settings, models: Sequence[str]) -> JSON:
                             **options,
                         },
                         "required": ["images"],
+                        "additionalProperties": False,
                     },
                     "example": {"images": [EXAMPLE_PNG, EXAMPLE_PNG], "top_k": 2},
                 },

@@ -23,12 +23,15 @@ from service import logs
 from service.arbiter import report_fatal
 from service.config import Settings
 from service.core import InferenceCore
+from service.looplag import LoopLagMonitor
 from service.metrics import Metrics
 from service.oip import OpenInference
 from service.storage import RepositoryError, is_url
 
+from . import connections
 from .api import build_app
 from .middleware import RequestContextMiddleware
+from .parsing import BodyParser
 from .routes import Runtime
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ log = logging.getLogger("cnn_serve.http")
 SETTINGS = Settings.from_env()
 logs.configure(SETTINGS.log_level)
 app = build_app(SETTINGS)
+# The connection limit and the idle and header timeouts: the HTTP protocol uvicorn builds after this import.
+connections.install(SETTINGS, lambda: getattr(getattr(app.state, "runtime", None), "metrics", None))
 
 
 @bentoml.asgi_app(app, path="/")
@@ -60,13 +65,18 @@ class ClassifierService:
         self.metrics: Metrics | None = None
         self.load_task: asyncio.Task | None = None
         self.grpc_drain: asyncio.Task | None = None
+        self.lag: LoopLagMonitor | None = None
+        self.parser: BodyParser | None = None
 
     @bentoml.on_startup
     async def start(self) -> None:
         self.metrics = Metrics()
+        self.lag = LoopLagMonitor(self.metrics)
+        self.lag.start()
         self.core = InferenceCore(self.settings, observer=self.metrics)
         protocol = OpenInference(self.core, self.settings)
-        app.state.runtime = Runtime(self.settings, self.core, self.metrics, protocol)
+        self.parser = BodyParser(self.settings.parse_processes)
+        app.state.runtime = Runtime(self.settings, self.core, self.metrics, protocol, self.parser)
         if self.settings.grpc_port > 0:  # bound before any model loads: a taken port must cost nothing
             from service.grpc.server import GrpcServer
 
@@ -131,6 +141,10 @@ class ClassifierService:
             self.load_task.cancel()
         if self.core is not None:
             await self.core.stop()
+        if self.lag is not None:
+            await self.lag.stop()
+        if self.parser is not None:
+            self.parser.close()
 
     def __is_ready__(self) -> bool:
         return bool(self.core is not None and self.core.ready and self.core.live)

@@ -1,0 +1,578 @@
+"""Hostile-client soak: normal clients' latency and failures with and without abuse, in one run.
+
+Starts the service (default settings, one model), then runs normal clients (persistent HTTP connections,
+`POST /classify` of a photo) for half of `--duration` alone and for the other half beside the abusers, and
+prints, side by side:
+- normal clients' p50/p99 without and with abuse (and their ratio), and their failed requests (goal 0);
+- the RSS of the server's worker processes (the worker and its JSON parsing processes): baseline before the
+  abuse, peak during it, final once it stopped and the connections' timeouts have passed;
+- the event loop's lag (the service's `cnn_serve_event_loop_lag_*` metrics; goal < 50 ms);
+- the server-side latency of its 503 answers (from its access log) and the connections refused at accept;
+- what each kind of abuse received, and how many connections were still open after the abuse stopped.
+
+Abuse (`--abuse`, comma-separated; default all): `json_bomb` (one image and millions of `{}` under an unknown
+key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked upload, client gone after
+0.5 s), `short_body` (Content-Length larger than what is sent), `slowloris` (50 connections, a header byte a
+second), `idle` (500 connections that send nothing), `flood` (connections past `max_connections` every 10 s),
+`tta_batch` (batches of 64 images with ten-crop test-time augmentation).
+
+    python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
+        [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile] [--warm 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+from skimage import data as photos
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
+SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
+WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jpeg(array: np.ndarray, size: int | None = None) -> bytes:
+    image = Image.fromarray(array).convert("RGB")
+    if size:
+        image = image.resize((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+class Server:
+    def __init__(self, repository: str, model: str, work: Path) -> None:
+        self.port, grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "PROMETHEUS_"))}
+        env["BENTOML_HOME"] = str(work / "bentoml")
+        work.mkdir(parents=True, exist_ok=True)
+        self.log_path = work / f"server-{self.port}.log"
+        cmd = [
+            sys.executable, "-m", "service", "serve", "--repository", repository, "--models", model,
+            "--default-model", model, "--host", "127.0.0.1", "--http-port", str(self.port),
+            "--grpc-port", str(grpc_port),
+        ]  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server not ready")
+            time.sleep(0.5)
+
+    def workers(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def rss(self) -> int:
+        total = 0
+        for p in self.workers():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def rss_parts(self) -> dict[str, int]:
+        """RSS by kind of process: the worker, the JSON parsing processes, the rest (arbiter, trackers)."""
+        parts: collections.Counter[str] = collections.Counter()
+        for p in self.workers():
+            try:
+                line = " ".join(p.cmdline())
+                kind = (
+                    "parsing"
+                    if "spawn_main" in line
+                    else "worker"
+                    if "_bentoml_impl.worker" in line
+                    else "other"
+                )
+                parts[kind] += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return dict(parts)
+
+    def open_connections(self) -> int:
+        """Established TCP connections on the HTTP port, counted on the server's side."""
+        out = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"( sport = :{self.port} )"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return len([line for line in out.splitlines() if line.strip()])
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=30).text
+
+    def access(self) -> list[dict]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith('{"ts"')]
+
+    def stop(self) -> None:
+        children = self.workers()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+LAG_BOUNDS = ("0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0")
+
+
+def lag_buckets(text: str) -> dict[str, float]:
+    """The event loop lag histogram so far: samples at or under each bound, and "+Inf" (all of them)."""
+    out = {b: sample(text, "cnn_serve_event_loop_lag_seconds_bucket", le=b) for b in LAG_BOUNDS}
+    out["+Inf"] = sample(text, "cnn_serve_event_loop_lag_seconds_count")
+    return out
+
+
+def lag_figures(before: dict[str, float], after: dict[str, float]) -> tuple[int, int, str]:
+    """Between two histograms: (samples, samples over 50 ms, the bound the largest sample was under)."""
+    total = after["+Inf"] - before["+Inf"]
+    over = total - (after["0.05"] - before["0.05"])
+    largest = next((b for b in LAG_BOUNDS if after[b] - before[b] == total), "+Inf")
+    shown = f"{float(largest) * 1000:g} ms" if largest != "+Inf" else "more than 5 s"
+    return int(total), int(over), shown
+
+
+class Phase:
+    """What the normal clients and the samplers saw during one phase."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.latencies: list[float] = []
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.rss_peak = 0
+        self.lag_max = 0.0
+
+    def summary(self) -> str:
+        lat = sorted(self.latencies)
+        if not lat:
+            return f"{self.name}: no request answered"
+        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        return f"{self.name}: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(lat)} requests)"
+
+
+def normal_client(
+    server: Server, photo: bytes, phase: Callable[[], Phase | None], stop: threading.Event
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        while not stop.is_set():
+            current = phase()
+            start = time.perf_counter()
+            try:
+                r = client.post("/classify", content=photo, headers={"content-type": "image/jpeg"})
+                status = str(r.status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            elapsed = time.perf_counter() - start
+            if current is not None:
+                if status == "200":
+                    current.latencies.append(elapsed)
+                else:
+                    current.failures[status] += 1
+
+
+class Abuse:
+    """The abusers: each kind a thread that loops until `stop`, counting what it received."""
+
+    def __init__(self, server: Server, kinds: list[str], photo: bytes) -> None:
+        self.server, self.kinds, self.photo = server, kinds, photo
+        self.stop = threading.Event()
+        self.received: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in kinds}
+        self.threads: list[threading.Thread] = []
+        self.host, self.port = "127.0.0.1", server.port
+
+    def start(self) -> None:
+        for kind in self.kinds:
+            workers = {"json_bomb": 2, "short_body": 4, "disconnect": 2}.get(kind, 1)
+            for _ in range(workers):
+                t = threading.Thread(target=getattr(self, kind), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _connect(self) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=30)
+
+    def _post(self, kind: str, path: str, body: bytes, ctype: str = "application/json") -> None:
+        try:
+            r = httpx.post(self.server.url + path, content=body, headers={"content-type": ctype}, timeout=120)
+            self.received[kind][str(r.status_code)] += 1
+        except httpx.HTTPError as exc:
+            self.received[kind][type(exc).__name__] += 1
+
+    def json_bomb(self) -> None:
+        image = base64.b64encode(self.photo).decode().encode()
+        body = (
+            b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"data":["'
+            + image
+            + b'"]}],"junk":['
+            + b"{}," * 4_000_000
+            + b"{}]}"
+        )
+        while not self.stop.is_set():
+            self._post("json_bomb", "/v2/models/{model}/infer".replace("{model}", self.model), body)
+
+    def big_json(self) -> None:
+        data = np.random.default_rng(0).standard_normal(4 * 3 * 224 * 224).astype(np.float32).tolist()
+        doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 3, 224, 224], "data": data}]}
+        body = json.dumps(doc).encode()
+        while not self.stop.is_set():
+            self._post("big_json", f"/v2/models/{self.model}/infer", body)
+
+    def tta_batch(self) -> None:
+        small = jpeg(photos.coffee(), 256)
+        files = [("files", (f"{i}.jpg", small, "image/jpeg")) for i in range(64)]
+        while not self.stop.is_set():
+            try:
+                r = httpx.post(
+                    self.server.url + "/classify_batch", files=files, params={"tta": "ten_crop"}, timeout=120
+                )
+                self.received["tta_batch"][str(r.status_code)] += 1
+            except httpx.HTTPError as exc:
+                self.received["tta_batch"][type(exc).__name__] += 1
+
+    def _status_of(self, sock: socket.socket, timeout: float) -> str:
+        sock.settimeout(timeout)
+        try:
+            data = sock.recv(4096)
+        except (TimeoutError, OSError):
+            return "no answer"
+        if not data:
+            return "closed"
+        return data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "garbage"
+
+    def disconnect(self) -> None:
+        head = "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        while not self.stop.is_set():
+            try:
+                with self._connect() as sock:
+                    half = self.photo[: len(self.photo) // 2]
+                    sock.sendall(head.encode() + f"{len(half):x}\r\n".encode() + half + b"\r\n")
+                    time.sleep(0.5)
+                self.received["disconnect"]["sent"] += 1
+            except OSError as exc:
+                self.received["disconnect"][type(exc).__name__] += 1
+
+    def short_body(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with self._connect() as sock:
+                    head = (
+                        "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                        f"Content-Length: {len(self.photo) + 10_000}\r\n\r\n"
+                    )
+                    sock.sendall(head.encode() + self.photo)
+                    start = time.monotonic()
+                    status = self._status_of(sock, 60)
+                    self.received["short_body"][status] += 1
+                    self.received["short_body"][f"answered within {int(time.monotonic() - start) + 1} s"] += 1
+            except OSError as exc:
+                self.received["short_body"][type(exc).__name__] += 1
+
+    def _held(self, kind: str, count: int, feed: Callable[[socket.socket, int], bool]) -> None:
+        """`count` connections kept open (reopened when the server closes one); `feed` sends to each every
+        second and says whether it is still open."""
+        socks: list[socket.socket | None] = [None] * count
+        sent: list[int] = [0] * count
+        opened: list[float] = [0.0] * count
+        while not self.stop.is_set():
+            tick = time.monotonic()
+            for i in range(count):
+                if socks[i] is None:
+                    try:
+                        socks[i] = self._connect()
+                        socks[i].setblocking(False)  # type: ignore[union-attr]
+                        sent[i], opened[i] = 0, time.monotonic()
+                        self.received[kind]["opened"] += 1
+                    except OSError as exc:
+                        self.received[kind][type(exc).__name__] += 1
+                        continue
+                sock = socks[i]
+                assert sock is not None
+                try:
+                    data = sock.recv(4096)
+                    if data:  # an answer: the server's verdict, then it closes
+                        status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "?"
+                        self.received[kind][status] += 1
+                    else:
+                        self.received[kind]["closed by the server"] += 1
+                    lived = time.monotonic() - opened[i]
+                    self.received[kind][f"lived {int(lived)}-{int(lived) + 1} s"] += 1
+                    sock.close()
+                    socks[i] = None
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sock.close()
+                    socks[i] = None
+                    continue
+                if not feed(sock, sent[i]):
+                    sock.close()
+                    socks[i] = None
+                sent[i] += 1
+            self.stop.wait(max(0.0, 1.0 - (time.monotonic() - tick)))
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+
+    def slowloris(self) -> None:
+        head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 4000
+
+        def one_byte(sock: socket.socket, i: int) -> bool:
+            try:
+                sock.send(head[i : i + 1])
+                return True
+            except OSError:
+                return False
+
+        self._held("slowloris", 50, one_byte)
+
+    def idle(self) -> None:
+        self._held("idle", 500, lambda sock, i: True)
+
+    def flood(self) -> None:
+        """Every 10 s, 1100 connections at once (past the default max_connections of 1000) for 2 s; meanwhile
+        a few more, timed from connect to the 503 (`refusal_seconds`)."""
+        while not self.stop.is_set():
+            socks = []
+            for _ in range(1100):
+                try:
+                    socks.append(self._connect())
+                except OSError as exc:
+                    self.received["flood"][type(exc).__name__] += 1
+            for sock in socks:
+                sock.setblocking(False)
+            probe_end = time.monotonic() + 2
+            while time.monotonic() < probe_end:
+                start = time.perf_counter()
+                try:
+                    with self._connect() as probe:
+                        status = self._status_of(probe, 5)
+                except OSError:
+                    status = "error"
+                if status == "503":
+                    self.refusal_seconds.append(time.perf_counter() - start)
+                time.sleep(0.2)
+            for sock in socks:
+                try:
+                    data = sock.recv(4096)
+                    status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+                except BlockingIOError:
+                    status = "accepted"
+                except OSError:
+                    status = "reset"
+                self.received["flood"][status] += 1
+                sock.close()
+            self.stop.wait(8)
+
+    model = ""
+    refusal_seconds: list[float] = []
+
+
+def run_phase(server: Server, phase: Phase, seconds: float, stop: threading.Event) -> None:
+    """Sample RSS and the lag gauge every second while `phase` runs."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not stop.is_set():
+        phase.rss_peak = max(phase.rss_peak, server.rss())
+        try:
+            text = server.metrics()
+            phase.lag_max = max(phase.lag_max, sample(text, "cnn_serve_event_loop_lag_max_seconds"))
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds, both phases together")
+    parser.add_argument("--clients", type=int, default=4, help="normal clients")
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--repository", default=str(ROOT / "models"))
+    parser.add_argument("--abuse", default=",".join(KINDS), help=f"kinds of abuse: {', '.join(KINDS)}")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "out" / "hostile"))
+    parser.add_argument(
+        "--warm",
+        type=float,
+        default=WARM_S,
+        help="seconds before the first phase (past the lag gauge's window)",
+    )
+    args = parser.parse_args()
+    kinds = [k.strip() for k in args.abuse.split(",") if k.strip()]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown abuse {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    half = args.duration / 2
+    photo = jpeg(photos.chelsea())
+    server = Server(args.repository, args.model, Path(args.work))
+    try:
+        return soak(server, args, kinds, half, photo)
+    finally:
+        server.stop()
+
+
+def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float, photo: bytes) -> int:
+    clean, abused = Phase("without abuse"), Phase("with abuse")
+    current: list[Phase | None] = [None]
+    stop = threading.Event()
+    clients = [
+        threading.Thread(target=normal_client, args=(server, photo, lambda: current[0], stop), daemon=True)
+        for _ in range(args.clients)
+    ]
+    for t in clients:
+        t.start()
+    time.sleep(args.warm)  # connections open, the model warm, start-up out of the lag gauge's window
+    baseline_rss = server.rss()
+    lag_start = lag_buckets(server.metrics())
+    current[0] = clean
+    run_phase(server, clean, half, stop)
+    lag_clean = lag_buckets(server.metrics())
+    abuse = Abuse(server, kinds, photo)
+    abuse.model = args.model
+    abuse.refusal_seconds = []
+    current[0] = abused
+    access_before = len(server.access())
+    abuse.start()
+    run_phase(server, abused, half, stop)
+    current[0] = None
+    abuse.join()
+    lag_abuse = lag_buckets(server.metrics())
+    stop.set()
+    for t in clients:
+        t.join(120)
+    time.sleep(SETTLE_S)
+    final_rss = server.rss()
+    parts = server.rss_parts()
+    still_open = server.open_connections()
+    text = server.metrics()
+    lines = server.access()[access_before:]
+    unavailable = sorted(
+        float(e["duration_ms"]) for e in lines if e.get("status") == 503 and e.get("duration_ms") is not None
+    )
+
+    mib = 1 << 20
+    print(
+        f"hostile soak: {args.model}, {half:.0f} s without abuse, then {half:.0f} s with {', '.join(kinds)}"
+    )
+    print(
+        f"host: {os.cpu_count()} cores, shared with other work; {args.clients} normal clients, one JPEG each"
+    )
+    print("normal clients " + clean.summary())
+    print("normal clients " + abused.summary())
+    if clean.latencies and abused.latencies:
+        c, a = sorted(clean.latencies), sorted(abused.latencies)
+        p50 = statistics.median(a) / statistics.median(c)
+        p99 = a[int(len(a) * 0.99) - 1 if len(a) > 1 else 0] / c[int(len(c) * 0.99) - 1 if len(c) > 1 else 0]
+        print(f"normal clients with abuse / without: p50 {p50:.2f}x, p99 {p99:.2f}x")
+    failed = sum(clean.failures.values()) + sum(abused.failures.values())
+    print(
+        f"normal requests failed: {failed} (goal 0); without abuse {dict(clean.failures)}, "
+        f"with abuse {dict(abused.failures)}"
+    )
+    print(
+        f"RSS of the server's worker processes: baseline {baseline_rss / mib:.0f} MiB, peak "
+        f"{max(clean.rss_peak, abused.rss_peak) / mib:.0f} MiB (with abuse {abused.rss_peak / mib:.0f}), "
+        f"final {final_rss / mib:.0f} MiB ({SETTLE_S:.0f} s after the abuse stopped: "
+        + ", ".join(f"{k} {v / mib:.0f}" for k, v in sorted(parts.items()))
+        + ")"
+    )
+    n_clean, over_clean, under_clean = lag_figures(lag_start, lag_clean)
+    n_abuse, over_abuse, under_abuse = lag_figures(lag_clean, lag_abuse)
+    print(
+        f"event loop lag (goal < 50 ms): max {clean.lag_max * 1000:.0f} ms without abuse, "
+        f"{abused.lag_max * 1000:.0f} ms with; samples over 50 ms: {over_clean} of {n_clean} without, "
+        f"{over_abuse} of {n_abuse} with; largest under {under_clean} without, {under_abuse} with"
+    )
+    if unavailable:
+        p50 = unavailable[len(unavailable) // 2]
+        p99 = unavailable[min(len(unavailable) - 1, int(len(unavailable) * 0.99))]
+        print(f"503 answered by routes: {len(unavailable)}, server-side p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    else:
+        print("503 answered by routes: 0")
+    refused = sample(text, "cnn_serve_http_connections_refused_total")
+    timed = sorted(abuse.refusal_seconds)
+    when = (
+        f"; connect to 503, client-side, while full: p50 {timed[len(timed) // 2] * 1000:.1f} ms, max "
+        f"{timed[-1] * 1000:.1f} ms ({len(timed)} probes)"
+        if timed
+        else ""
+    )
+    print(f"connections refused at accept (503, max_connections): {refused:.0f}{when}")
+    print(
+        "connections closed by timeouts: idle "
+        f"{sample(text, 'cnn_serve_http_connections_timed_out_total', reason='idle'):.0f}, headers "
+        f"{sample(text, 'cnn_serve_http_connections_timed_out_total', reason='headers'):.0f}"
+    )
+    statuses = collections.Counter(str(e.get("status")) for e in lines)
+    print(f"access log statuses during the abuse: {dict(sorted(statuses.items()))}")
+    for kind in kinds:
+        got = dict(sorted(abuse.received[kind].items(), key=lambda kv: (-kv[1], kv[0])))
+        print(f"  {kind}: {got}")
+    print(f"HTTP connections still open {SETTLE_S:.0f} s after the abuse stopped: {still_open}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""HTTP connections the service reaps: idle ones, slow request heads, and those past `max_connections`.
+
+uvicorn, as BentoML runs it, arms its keep-alive timer only after a response: a connection that never sends
+a byte, or sends a request head one byte a second (slowloris), is held open forever, and nothing caps how
+many are. These rules apply before any request exists, so they live in the connection's protocol, a small
+subclass of uvicorn's h11 one that `install` registers in place of uvicorn's default (BentoML builds
+uvicorn's `Config` with `http="auto"` after loading this service):
+
+- more than `max_connections` open: the new one is answered 503 (`Retry-After`) and closed at once;
+- no byte of a request within `idle_timeout_s` (a new connection, or one between requests): closed;
+- a request head not complete `header_timeout_s` after its first byte: 408 and closed; the same clock
+  bounds bytes a client keeps sending after its request was answered.
+
+A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408). Each refusal
+and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`); a 408 is written in the access
+log, refusals in one warning per `REFUSED_LOG_S` at most (a flood of connections must not flood the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service import logs
+from service.config import Settings
+
+PROTOCOL = "service.http.connections:GuardedH11Protocol"
+REFUSED_LOG_S = 10.0
+log = logging.getLogger("cnn_serve.http")
+
+
+@dataclass
+class Guard:
+    """The limits and where refusals are counted; set once per worker by `install`."""
+
+    max_connections: int = 1000
+    idle_timeout_s: float = 5.0
+    header_timeout_s: float = 10.0
+    metrics: Callable[[], Any] = lambda: None  # the worker's `Metrics` once it has started
+    refused: int = 0  # connections refused since the last warning
+    refused_logged: float = 0.0  # when the last warning was written (loop time)
+
+    def refusal(self, now: float, open_connections: int) -> None:
+        """Count one refused connection; warn at most once per `REFUSED_LOG_S`."""
+        self.refused += 1
+        if now - self.refused_logged >= REFUSED_LOG_S:
+            log.warning(
+                "refused %d HTTP connections: %d open, the limit (max_connections)",
+                self.refused,
+                open_connections,
+            )
+            self.refused, self.refused_logged = 0, now
+
+
+GUARD = Guard()
+
+
+def install(settings: Settings, metrics: Callable[[], Any]) -> None:
+    """Make uvicorn serve this process's HTTP connections with `GuardedH11Protocol` and these settings."""
+    from uvicorn import config
+
+    GUARD.max_connections = settings.max_connections
+    GUARD.idle_timeout_s = settings.idle_timeout_s
+    GUARD.header_timeout_s = settings.header_timeout_s
+    GUARD.metrics = metrics
+    for name in ("auto", "h11"):
+        config.HTTP_PROTOCOLS[name] = PROTOCOL
+
+
+def _answer(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
+    """A whole HTTP/1.1 answer in the service's error body, written to a connection that is then closed."""
+    request_id = logs.request_id(None)
+    body = json.dumps({"code": code, "message": message, "request_id": request_id, "error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"x-request-id: {request_id}\r\nconnection: close\r\n{extra}\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the connection limit and the idle and header timeouts of `GUARD`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = GUARD.idle_timeout_s  # uvicorn's keep-alive timer is the idle timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= GUARD.max_connections:
+            self._refused = True
+            self.transport = transport
+            message = f"{len(self.connections)} connections are open, the limit (max_connections); retry"
+            transport.write(_answer(503, "Service Unavailable", "overloaded", message, "retry-after: 1\r\n"))
+            transport.close()
+            GUARD.refusal(self.loop.time(), len(self.connections))
+            metrics = GUARD.metrics()
+            if metrics is not None:
+                metrics.connection_refused()
+                metrics.request("-", "-", "http", "503", 0.0)
+            return
+        super().connection_made(transport)
+        # uvicorn arms this only after a response; a connection that never sends a byte is idle too.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self._refused:
+            return  # never counted among the connections, nor given a request
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)  # cancels the idle timer; handles whatever the bytes complete
+        if self.transport.is_closing():
+            self._cancel_head_timer()
+        elif self.cycle is not None and not self.cycle.response_complete:
+            self._cancel_head_timer()  # a request is being answered: its body is the application's to time
+        elif self._head_timer is None:  # part of a head, or bytes after an answered request
+            self._head_timer = self.loop.call_later(GUARD.header_timeout_s, self._head_timeout)
+
+    def on_response_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_response_complete()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self._count_timeout("idle")
+        super().timeout_keep_alive_handler()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        if self.conn.our_state is h11.IDLE:  # nothing answered on this request yet: say why it ends
+            message = f"the request's headers did not arrive within {GUARD.header_timeout_s:g} s"
+            self.transport.write(_answer(408, "Request Timeout", "request_timeout", message))
+            self._record(408, "headers", self.transport)
+        else:
+            self._count_timeout("headers")
+        self.transport.close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _count_timeout(self, reason: str) -> None:
+        metrics = GUARD.metrics()
+        if metrics is not None:
+            metrics.connection_timed_out(reason)
+
+    def _record(self, status: int, reason: str, transport: asyncio.Transport) -> None:
+        """Counted and written in the access log, as a request would be (it never became one)."""
+        metrics = GUARD.metrics()
+        if metrics is not None:
+            metrics.connection_timed_out(reason)
+            metrics.request("-", "-", "http", str(status), 0.0)
+        peer = transport.get_extra_info("peername")
+        logs.access(
+            logs.access_logger(),
+            protocol="http",
+            request_id=None,
+            method=None,
+            path=None,
+            status=status,
+            duration_ms=None,
+            bytes_out=None,
+            bytes_in=None,
+            client=peer[0] if isinstance(peer, tuple) else "",
+            model=None,
+            connection=reason,
+        )

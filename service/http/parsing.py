@@ -1,0 +1,189 @@
+"""JSON request bodies parsed with their memory bounded and away from the event loop.
+
+JSON costs more once parsed than as text: ten million `{}` (30 MB) become 750 MB of dicts. So a body's cost
+is estimated from its text before it is parsed (`json_cost`, counts of the characters that make objects),
+refused past `json_memory_factor` times its size or past the decode memory budget, and reserved from that
+budget (which bounds what every request being parsed or decoded holds at once) until the parsed objects have
+been turned into compact ones (arrays, bytes) and dropped.
+
+Python's JSON parser and base64 decoder hold the interpreter lock while they run, so a worker thread does not
+keep a large parse from stalling the event loop that every HTTP and gRPC call shares (a 20 MB tensor takes
+a second). Bodies of `PROCESS_BYTES` or more are therefore parsed in a child process (`BodyParser`,
+`parse_processes` of them), smaller ones in a thread; the estimate is counted in a thread, a slice at a time.
+What comes back from a child is what our own code built there (`InferBody`, arrays, bytes, typed errors),
+never a client's bytes to unpickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+
+from service.errors import InvalidArgument, ModelUnavailable, RequestTooLarge
+from service.memory import MemoryBudget
+
+T = TypeVar("T")
+log = logging.getLogger("cnn_serve.http")
+
+# What parsing costs beyond the text, by the characters that make Python objects (CPython 3.10 to 3.13,
+# measured with tracemalloc; tests/test_http_hostile.py checks the estimate against measured peaks): each
+# object (a dict, its entries, a list and its slots, a string) and twice the text (the decoded str and the
+# strings' contents). Counted anywhere, strings included: base64 holds none of them, and more is safer.
+JSON_COSTS = {b"{": 200, b"[": 100, b",": 48, b":": 64, b'"': 28}
+JSON_TEXT_COST = 2
+JSON_BASE_COST = 16 * 1024  # the parser's own objects, whatever the text
+# Bodies whose estimate is under this are never refused by `json_memory_factor`: a small request's objects
+# cost more than its text does, and little in all.
+JSON_FREE_BYTES = 64 * 1024
+# The estimate counts a slice at a time, so that the thread that counts lets the event loop's thread run.
+COUNT_SLICE = 1 << 20
+# Bodies from this size on are parsed in a child process: below it a parse holds the loop for milliseconds.
+PROCESS_BYTES = 128 * 1024
+PARSE_NICENESS = 10
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON, or InvalidArgument: malformed text, and nesting too deep for the parser (RecursionError)."""
+    try:
+        return json.loads(data or b"null")
+    except (ValueError, RecursionError):
+        raise InvalidArgument(f"{what} is not valid JSON (or nests too deep)") from None
+
+
+def json_cost(data: bytes, end: int | None = None) -> int:
+    """Bytes that parsing `data[:end]` may take at its peak, by estimate (an upper bound for what JSON can
+    say), from counts that make no object."""
+    end = len(data) if end is None else end
+    total = JSON_BASE_COST + JSON_TEXT_COST * end
+    for at in range(0, end, COUNT_SLICE):
+        stop = min(end, at + COUNT_SLICE)
+        total += sum(data.count(char, at, stop) * cost for char, cost in JSON_COSTS.items())
+    return total
+
+
+@dataclass(frozen=True)
+class JsonBudget:
+    """How much a JSON body may cost once parsed: `factor` times its size, and room in `memory` (the decode
+    memory budget) waited for until `deadline`."""
+
+    factor: float
+    memory: MemoryBudget | None = None
+    deadline: float | None = None
+
+    def check(self, data: bytes, end: int, what: str) -> int:
+        """The estimated cost of the JSON text `data[:end]`, or RequestTooLarge."""
+        cost = json_cost(data, end)
+        if cost > max(JSON_FREE_BYTES, self.factor * end):
+            raise RequestTooLarge(
+                f"{what} would take about {_mib(cost)} MiB once parsed, more than {self.factor:g} times its "
+                f"{end} bytes (json_memory_factor): send tensors as binary data"
+            )
+        if self.memory is not None and cost > self.memory.capacity:
+            raise RequestTooLarge(
+                f"{what} would take about {_mib(cost)} MiB once parsed; the limit is "
+                f"{_mib(self.memory.capacity)} MiB (decode_memory_mb)"
+            )
+        return cost
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / (1 << 20):.1f}"
+
+
+def parse_then(data: bytes, json_end: int, what: str, then: Callable[[Any, memoryview], T]) -> T:
+    """`then(parsed, rest)`: the JSON text `data[:json_end]` parsed, and the bytes after it. `then` turns the
+    parsed objects into compact ones, so that nothing big outlives this call. Runs in a thread or a child."""
+    view = memoryview(data)
+    return then(parse_json(bytes(view[:json_end]), what), view[json_end:])
+
+
+def _in_child(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a parsing process, whose heap is then given back to the system: a parse's millions of
+    objects are freed when it returns, and the C allocator would otherwise keep their pages."""
+    try:
+        return fn(*args)
+    finally:
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the pages stay with the process, as without this
+        pass
+
+
+def _yield_the_cpu() -> None:
+    """A parsing process runs at a lower priority than the worker: a burst of large bodies must not take the
+    cores that the event loop and inference need."""
+    try:
+        os.nice(PARSE_NICENESS)
+    except OSError:  # not allowed here: the default priority, still another process
+        pass
+
+
+class BodyParser:
+    """`processes` child processes that parse large JSON bodies; started at the first such body."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: the worker holds threads (ONNX Runtime, gRPC) that a fork would copy in a broken state.
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.processes, mp_context=context, initializer=_yield_the_cpu
+            )
+        return self._pool
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor(), functools.partial(_in_child, fn, *args))
+        except BrokenProcessPool:  # a child was killed (by the OOM killer, say): a fresh pool next time
+            log.error("a JSON parsing process died; starting new ones")
+            self.close()
+            raise ModelUnavailable("the request's body could not be parsed now; retry") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+async def parse_json_body(
+    data: bytes,
+    json_end: int,
+    what: str,
+    then: Callable[[Any, memoryview], T],
+    budget: JsonBudget,
+    parser: BodyParser | None,
+) -> T:
+    """`then(parsed, rest)` of `data` whose first `json_end` bytes are JSON: its cost checked and reserved
+    first, parsed in a child process when large (`parser`), else in a thread; never on the event loop."""
+    cost = await anyio.to_thread.run_sync(budget.check, data, json_end, what)
+    memory = budget.memory
+    if memory is not None:
+        await anyio.to_thread.run_sync(memory.acquire, cost, budget.deadline)
+    try:
+        if parser is not None and parser.processes > 0 and json_end >= PROCESS_BYTES:
+            return await parser.run(parse_then, data, json_end, what, then)
+        return await anyio.to_thread.run_sync(parse_then, data, json_end, what, then)
+    finally:
+        if memory is not None:
+            memory.release(cost)
