@@ -1,8 +1,15 @@
 """The adaptive batcher shared by every caller (HTTP, gRPC, batch scoring) of the core.
 
-Requests are admitted against a bound (`queue_size` images between admission and answer); a full pipeline
-answers `Overloaded` at once instead of queueing without limit. Admitted images are decoded and preprocessed
-in a thread pool (the core's), in parallel with inference, then queued here as jobs of one or more views.
+Requests are admitted in *views* (an image counts once per test-time augmentation view: 30 for multiscale),
+against two bounds: `queue_size` views between admission and answer, and the expected wait, the views ahead
+and the request's own times a measured cost per view (`per_view_s`), against the request's deadline. Either
+refuses at once with `Overloaded` and a Retry-After, instead of queueing work that would answer too late.
+Admitted images are decoded and preprocessed in a thread pool (the core's), in parallel with inference,
+then queued here as jobs of one or more views.
+
+Jobs are taken in fair-queueing order between requests (`service.fair`), not in arrival order: a request
+of many images is served one image's views at a time between the other requests' jobs, so their batches
+interleave with its batches.
 
 A worker thread forms batches: it takes the oldest job and, while images are still being preprocessed and
 the batch is below `max_batch_size` views, waits up to `max_wait_ms` for more jobs of the same model. When
@@ -21,9 +28,9 @@ has the machine to itself, and the session may then spend every core on it (see 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -32,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
+from service.fair import FairClock
 
 log = logging.getLogger("service.batching")
 
@@ -42,7 +50,9 @@ class Job:
     views: np.ndarray  # (V, C, H, W) float32
     future: Future  # resolves to the (V, outputs) raw network outputs
     deadline: float  # time.monotonic() seconds
+    owner: Hashable | None = None  # the request it belongs to: jobs of one owner take turns with others'
     enqueued: float = field(default_factory=time.monotonic)
+    order: tuple[float, int] = (0.0, 0)  # its fair-queueing tag, set when queued
 
 
 def settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -68,6 +78,8 @@ class Batcher:
         labels: Callable[[Hashable], tuple[str, str]] = lambda key: (str(key), ""),
         batch_limit: Callable[[Hashable], int] | None = None,
         workers: int = 1,
+        preparers: int = 1,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("the batcher needs at least one worker")
@@ -79,9 +91,16 @@ class Batcher:
         self._labels = labels  # a key's (model, version), for the observer
         self._batch_limit = batch_limit
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._outstanding = 0  # admitted images not yet answered
-        self._preparing = 0  # admitted images still in decoding/preprocessing
+        self._queue: list[Job] = []  # in fair-queueing order (`Job.order`)
+        self._clock = FairClock()
+        self._outstanding = 0  # admitted views not yet answered
+        self._preparing = 0  # admitted views still in decoding/preprocessing
+        self.preparers = max(1, preparers)  # threads preparing views (the core's decode pool)
+        self._on_idle = on_idle  # called when the last admitted view is answered (the core trims memory)
+        # Measured seconds per view, moving averages: of inference (per worker) and of preprocessing (per
+        # thread). 0 until measured: nothing is refused by expected wait before the first batch.
+        self._infer_per_view = 0.0
+        self._prepare_per_view = 0.0
         self._running = 0  # views taken (by workers, or run where they were prepared) and not yet answered
         self._batches = 0  # batches running: never more than `workers`, whichever thread runs them
         self._stopping = False
@@ -89,27 +108,73 @@ class Batcher:
         self._threads: list[threading.Thread] = []
 
     # -- admission ----
-    def admit(self, n: int, preparing: bool = True) -> None:
-        """Reserve room for n images, or raise Overloaded at once."""
+    def admit(self, n: int, preparing: bool = True, deadline: float | None = None) -> None:
+        """Reserve room for n views, or raise Overloaded at once: the queue is full, or (with a deadline)
+        the views ahead and these would not be answered before it."""
         with self._cond:
             if self._stopping:
                 raise Overloaded("the service is shutting down")
             if n > self.queue_size:  # would never fit: retrying cannot help, so not a 503
-                raise InvalidArgument(f"{n} images in one request; the queue holds {self.queue_size}")
+                raise InvalidArgument(
+                    f"{n} views in one request; the queue holds {self.queue_size} views (queue_size)"
+                )
             if self._outstanding + n > self.queue_size:
                 raise Overloaded(
-                    f"{self._outstanding} images waiting; the queue holds {self.queue_size}, retry shortly"
+                    f"{self._outstanding} views waiting; the queue holds {self.queue_size}, retry shortly",
+                    retry_after_s=self._drain_s(),
                 )
+            if deadline is not None and self._outstanding > 0:  # an idle server tries whatever it admits
+                wait = (self._outstanding + n) * self.per_view_s
+                left = deadline - time.monotonic()
+                if wait > left:
+                    raise Overloaded(
+                        f"{self._outstanding} views waiting: about {wait:.2f} s expected, past this "
+                        f"request's deadline ({max(0.0, left):.2f} s left), retry shortly",
+                        retry_after_s=self._drain_s(),
+                    )
             self._outstanding += n
             if preparing:
                 self._preparing += n
 
+    def shed(self, n: int, deadline: float) -> None:
+        """Overloaded when even n views admitted now would wait past `deadline`: what transports check
+        before they read a request's body. Reserves nothing."""
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the service is shutting down")
+            busy = self._outstanding >= self.queue_size
+            wait = (self._outstanding + n) * self.per_view_s
+            if busy or (self._outstanding > 0 and wait > deadline - time.monotonic()):
+                raise Overloaded(
+                    f"{self._outstanding} views waiting, about {wait:.2f} s; retry shortly",
+                    retry_after_s=self._drain_s(),
+                )
+
+    @property
+    def per_view_s(self) -> float:
+        """Expected seconds each view adds to the wait: the slower of inference and preprocessing, each
+        spread over its threads."""
+        return max(self._infer_per_view / self.workers, self._prepare_per_view / self.preparers)
+
+    def _drain_s(self) -> int:
+        """Whole seconds (at least 1) until what is admitted now is answered: the Retry-After."""
+        return max(1, math.ceil(self._outstanding * self.per_view_s))
+
+    def note_preprocess(self, seconds: float, views: int) -> None:
+        """One image's preprocessing time, for the expected wait."""
+        if views > 0:
+            with self._cond:
+                self._prepare_per_view = _ewma(self._prepare_per_view, seconds / views)
+
     def release(self, n: int = 1) -> None:
         with self._cond:
             self._outstanding -= n
+            idle = self._outstanding == 0
+        if idle and self._on_idle is not None:
+            self._on_idle()
 
     def prepared(self, n: int = 1) -> None:
-        """n admitted images left preprocessing without a job (they failed); wake the worker."""
+        """n admitted views left preprocessing without a job (they failed); wake the worker."""
         with self._cond:
             self._preparing -= n
             self._cond.notify_all()
@@ -127,7 +192,7 @@ class Batcher:
         self.start()
         with self._cond:
             if from_preparing:
-                self._preparing -= 1
+                self._preparing -= job.views.shape[0]
             if self._stopping:  # stopped for good: a late job is answered, never a reason to restart
                 settle(job.future, error=Overloaded("the service is shutting down"))
                 return
@@ -136,7 +201,10 @@ class Batcher:
                 self._running += job.views.shape[0]
                 self._batches += 1
             else:
+                job.order = self._clock.tag(job.owner, job.views.shape[0])
                 self._queue.append(job)
+                if len(self._queue) > 1 and self._queue[-2].order > job.order:
+                    self._queue.sort(key=lambda j: j.order)
                 self._cond.notify_all()
             depth = len(self._queue)
         self.observer.queue_depth(depth)
@@ -199,7 +267,9 @@ class Batcher:
                 # idle at the end of a burst.
                 in_sight = views + self._preparing + self._running
                 limit = min(limit, max(1, -(-in_sight // self.workers)))
-            taken, rest, total = [], deque(), 0
+            taken: list[Job] = []
+            rest: list[Job] = []
+            total = 0
             for job in self._queue:
                 n = job.views.shape[0]
                 if job.key == first.key and (not taken or total + n <= limit):
@@ -208,6 +278,7 @@ class Batcher:
                 else:
                     rest.append(job)
             self._queue = rest
+            self._clock.served(taken[0].order[0])
             alone = self._idle()
             self._running += total
             self._batches += 1
@@ -272,7 +343,10 @@ class Batcher:
                 chunk = batch[i : i + limit]
                 t0 = time.perf_counter()
                 outputs.append(self._run(key, chunk, alone))
-                self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), *self._labels(key))
+                seconds = time.perf_counter() - t0
+                self.observer.inference(seconds, int(chunk.shape[0]), *self._labels(key))
+                with self._cond:
+                    self._infer_per_view = _ewma(self._infer_per_view, seconds / chunk.shape[0])
             out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         except ServiceError as e:
             for job in jobs:
@@ -287,3 +361,10 @@ class Batcher:
             n = job.views.shape[0]
             settle(job.future, out[start : start + n])
             start += n
+
+
+EWMA_WEIGHT = 0.2  # of the newest measurement: about the last ten batches count
+
+
+def _ewma(average: float, sample: float) -> float:
+    return sample if average <= 0 else average + EWMA_WEIGHT * (sample - average)
