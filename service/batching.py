@@ -95,6 +95,7 @@ class Batcher:
         self._clock = FairClock()
         self._outstanding = 0  # admitted views not yet answered
         self._preparing = 0  # admitted views still in decoding/preprocessing
+        self.peak = 0  # the most views ever admitted at once (what tests and operators check)
         self.preparers = max(1, preparers)  # threads preparing views (the core's decode pool)
         self._on_idle = on_idle  # called when the last admitted view is answered (the core trims memory)
         # Measured seconds per view, moving averages: of inference (per worker) and of preprocessing (per
@@ -133,6 +134,7 @@ class Batcher:
                         retry_after_s=self._drain_s(),
                     )
             self._outstanding += n
+            self.peak = max(self.peak, self._outstanding)
             if preparing:
                 self._preparing += n
 

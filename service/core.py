@@ -369,10 +369,10 @@ class InferenceCore:
         )
         return k
 
-    def refuse_early(self, deadline: float | None = None) -> None:
-        """Overloaded at once when even one more view would wait past `deadline` (the configured timeout
+    def refuse_early(self, deadline: float | None = None, views: int = 1) -> None:
+        """Overloaded at once when `views` more views would wait past `deadline` (the configured timeout
         when None): the check a transport makes from a request's headers, before reading its body."""
-        self.batcher.shed(1, self._deadline(deadline))
+        self.batcher.shed(views, self._deadline(deadline))
 
     def _outcome(
         self, entry: LoadedModel, k: int, fut: asyncio.Future | concurrent.futures.Future, done: bool
