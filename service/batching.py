@@ -27,6 +27,7 @@ has the machine to itself, and the session may then spend every core on it (see 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -66,6 +67,41 @@ def settle(future: Future, result: Any = None, error: BaseException | None = Non
         pass
 
 
+def split(job: Job, limit: int) -> list[Job]:
+    """The job itself, or parts of at most `limit` views whose outputs, once all are in, resolve the job's
+    future in order; the first part to fail fails the job, and a job cancelled or answered cancels what is
+    left of its parts."""
+    n = job.views.shape[0]
+    if n <= limit:
+        return [job]
+    parts = [
+        Job(job.key, job.views[i : i + limit], Future(), job.deadline, owner=job.owner, enqueued=job.enqueued)
+        for i in range(0, n, limit)
+    ]
+    outputs: list[Any] = [None] * len(parts)
+    lock = threading.Lock()
+    left = [len(parts)]
+
+    def on_part(i: int, done: Future) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:
+            settle(job.future, error=error)
+            return
+        with lock:
+            outputs[i] = done.result()
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            settle(job.future, np.concatenate(outputs))
+
+    for i, part in enumerate(parts):
+        part.future.add_done_callback(functools.partial(on_part, i))
+    job.future.add_done_callback(lambda _f: [p.future.cancel() for p in parts])
+    return parts
+
+
 class Batcher:
     def __init__(
         self,
@@ -98,6 +134,8 @@ class Batcher:
         self.peak = 0  # the most views ever admitted at once (what tests and operators check)
         self.preparers = max(1, preparers)  # threads preparing views (the core's decode pool)
         self._on_idle = on_idle  # called when the last admitted view is answered (the core trims memory)
+        self.on_taken: Callable[[], None] | None = None  # called after workers take jobs (the pool may go on)
+        self._ahead: dict[Hashable, int] = {}  # views queued and not yet taken, per owner
         # Measured seconds per view, moving averages: of inference (per worker) and of preprocessing (per
         # thread). 0 until measured: nothing is refused by expected wait before the first batch.
         self._infer_per_view = 0.0
@@ -144,7 +182,7 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise Overloaded("the service is shutting down")
-            busy = self._outstanding >= self.queue_size
+            busy = self._outstanding + n > self.queue_size
             wait = (self._outstanding + n) * self.per_view_s
             if busy or (self._outstanding > 0 and wait > deadline - time.monotonic()):
                 raise Overloaded(
@@ -181,6 +219,10 @@ class Batcher:
             self._preparing -= n
             self._cond.notify_all()
 
+    def ahead(self, owner: Hashable) -> int:
+        """Views of this owner queued and not yet taken by a worker."""
+        return self._ahead.get(owner, 0)
+
     @property
     def outstanding(self) -> int:
         return self._outstanding
@@ -203,10 +245,15 @@ class Batcher:
                 self._running += job.views.shape[0]
                 self._batches += 1
             else:
-                job.order = self._clock.tag(job.owner, job.views.shape[0])
-                self._queue.append(job)
-                if len(self._queue) > 1 and self._queue[-2].order > job.order:
-                    self._queue.sort(key=lambda j: j.order)
+                # A job larger than a batch is queued in batch-sized parts, each taking its turn: between two
+                # parts of a multiscale image (30 views) other requests' jobs run.
+                if job.owner is not None:
+                    self._ahead[job.owner] = self._ahead.get(job.owner, 0) + job.views.shape[0]
+                for part in split(job, self.limit(job.key)):
+                    part.order = self._clock.tag(part.owner, part.views.shape[0])
+                    self._queue.append(part)
+                    if len(self._queue) > 1 and self._queue[-2].order > part.order:
+                        self._queue.sort(key=lambda j: j.order)
                 self._cond.notify_all()
             depth = len(self._queue)
         self.observer.queue_depth(depth)
@@ -277,6 +324,10 @@ class Batcher:
                 if job.key == first.key and (not taken or total + n <= limit):
                     taken.append(job)
                     total += n
+                    if job.owner is not None:
+                        left = self._ahead.pop(job.owner, 0) - n
+                        if left > 0:
+                            self._ahead[job.owner] = left
                 else:
                     rest.append(job)
             self._queue = rest
@@ -286,6 +337,8 @@ class Batcher:
             self._batches += 1
             depth = len(rest)
         self.observer.queue_depth(depth)
+        if self.on_taken is not None:
+            self.on_taken()
         return taken, alone
 
     def _idle(self) -> bool:

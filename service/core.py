@@ -174,7 +174,10 @@ class InferenceCore:
         )
         # Decoding takes requests in turns (fair queueing), as the batcher does: a request of many images
         # does not hold the pool while a one-image request waits behind all of them.
-        self._pool = FairPool(max(1, self.settings.decode_threads), "preprocess")
+        # A request with a batch's worth of views already queued waits its next turn to decode.
+        ahead = 2 * self.settings.max_batch_size
+        threads = max(1, self.settings.decode_threads)
+        self._pool = FairPool(threads, "preprocess", lambda owner: self.batcher.ahead(owner) < ahead)
         self.trim = IdleTrim(
             self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, return_memory
         )
@@ -190,6 +193,7 @@ class InferenceCore:
             preparers=self.settings.decode_threads,
             on_idle=self.trim.poke,
         )
+        self.batcher.on_taken = self._pool.wake
 
     # -- lifecycle ----
     def load(self) -> None:

@@ -10,7 +10,7 @@ request alone is served at full speed. Serving a piece advances the clock to its
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import itertools
 import threading
 from collections.abc import Callable, Hashable
@@ -40,16 +40,23 @@ class FairClock:
                 self._ends = {k: v for k, v in self._ends.items() if v > self.now}
 
 
+READY_POLL_S = 0.01  # how often a pool whose waiting owners are all held back looks again
+
+
 class FairPool:
     """A fixed set of threads that run submitted calls in fair-queueing order between owners (requests).
 
-    Like `ThreadPoolExecutor`, `submit` after `shutdown` raises RuntimeError, and `shutdown(wait=True)` lets
-    what was submitted run first."""
+    `ready(owner)` holds an owner's calls back while it is False: the core holds back a request whose views
+    already wait in the batcher, so that decoding does not run far ahead of inference (taking the cores that
+    inference and other requests need) while a thread is kept free for a request that comes. Like
+    `ThreadPoolExecutor`, `submit` after `shutdown` raises RuntimeError, and `shutdown(wait=True)` lets what
+    was submitted run first."""
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(self, threads: int, name: str, ready: Callable[[Hashable], bool] | None = None) -> None:
         self._cond = threading.Condition()
         self._clock = FairClock()
-        self._heap: list[tuple[float, int, Callable[..., Any], tuple[Any, ...]]] = []
+        self._ready = ready
+        self._tasks: list[tuple[float, int, Hashable, Callable[..., Any], tuple[Any, ...]]] = []  # sorted
         self._closed = False
         count = max(1, threads)
         self._threads = [
@@ -63,8 +70,13 @@ class FairPool:
             if self._closed:
                 raise RuntimeError("cannot submit after shutdown")
             tag, seq = self._clock.tag(owner, cost)
-            heapq.heappush(self._heap, (tag, seq, fn, args))
+            bisect.insort(self._tasks, (tag, seq, owner, fn, args), key=lambda t: (t[0], t[1]))
             self._cond.notify()
+
+    def wake(self) -> None:
+        """An owner held back may be ready now."""
+        with self._cond:
+            self._cond.notify_all()
 
     def shutdown(self, wait: bool = True) -> None:
         with self._cond:
@@ -75,14 +87,27 @@ class FairPool:
                 if t is not threading.current_thread():
                     t.join()
 
+    def _next(self) -> int | None:
+        """Index of the first task in turn whose owner is ready (the lock held)."""
+        for i, task in enumerate(self._tasks):
+            if self._closed or self._ready is None or task[2] is None or self._ready(task[2]):
+                return i
+        return None
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._heap and not self._closed:
-                    self._cond.wait()
-                if not self._heap:
-                    return
-                tag, _, fn, args = heapq.heappop(self._heap)
+                while True:
+                    if not self._tasks:
+                        if self._closed:
+                            return
+                        self._cond.wait()
+                        continue
+                    i = self._next()
+                    if i is not None:
+                        break
+                    self._cond.wait(READY_POLL_S)
+                tag, _, _, fn, args = self._tasks.pop(i)
                 self._clock.served(tag)
             try:
                 fn(*args)
