@@ -48,7 +48,8 @@ class FairPool:
 
     `ready(owner)` holds an owner's calls back while it is False: the core holds back a request whose views
     already wait in the batcher, so that decoding does not run far ahead of inference (taking the cores that
-    inference and other requests need) while a thread is kept free for a request that comes. Like
+    inference and other requests need). With two threads or more, one owner runs on all but one of them at
+    once: a request that comes finds a thread free instead of waiting for a large image's decode. Like
     `ThreadPoolExecutor`, `submit` after `shutdown` raises RuntimeError, and `shutdown(wait=True)` lets what
     was submitted run first."""
 
@@ -56,9 +57,11 @@ class FairPool:
         self._cond = threading.Condition()
         self._clock = FairClock()
         self._ready = ready
+        self._running: dict[Hashable, int] = {}  # calls running now, per owner
         self._tasks: list[tuple[float, int, Hashable, Callable[..., Any], tuple[Any, ...]]] = []  # sorted
         self._closed = False
         count = max(1, threads)
+        self._per_owner = max(1, count - 1)
         self._threads = [
             threading.Thread(target=self._loop, name=f"{name}_{i}", daemon=True) for i in range(count)
         ]
@@ -89,8 +92,12 @@ class FairPool:
 
     def _next(self) -> int | None:
         """Index of the first task in turn whose owner is ready (the lock held)."""
-        for i, task in enumerate(self._tasks):
-            if self._closed or self._ready is None or task[2] is None or self._ready(task[2]):
+        for i, (_, _, owner, _, _) in enumerate(self._tasks):
+            if self._closed or owner is None:
+                return i
+            if self._running.get(owner, 0) >= self._per_owner:
+                continue
+            if self._ready is None or self._ready(owner):
                 return i
         return None
 
@@ -107,10 +114,19 @@ class FairPool:
                     if i is not None:
                         break
                     self._cond.wait(READY_POLL_S)
-                tag, _, _, fn, args = self._tasks.pop(i)
+                tag, _, owner, fn, args = self._tasks.pop(i)
                 self._clock.served(tag)
+                if owner is not None:
+                    self._running[owner] = self._running.get(owner, 0) + 1
             try:
                 fn(*args)
             except Exception:  # noqa: BLE001 - the callers settle their own futures; the thread lives on
                 pass
-            del fn, args  # the call's image bytes are not kept alive until the next one
+            finally:
+                del fn, args  # the call's image bytes are not kept alive until the next one
+                if owner is not None:
+                    with self._cond:
+                        left = self._running.pop(owner) - 1
+                        if left:
+                            self._running[owner] = left
+                        self._cond.notify_all()
