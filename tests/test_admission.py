@@ -26,6 +26,7 @@ from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import InvalidArgument, Overloaded
+from service.fair import FairPool
 from tests.conftest import classify_now, encode
 from tests.http_server import Server, jpeg, running_server
 
@@ -119,6 +120,36 @@ def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
     assert b.outstanding == 22
     b.release(22)
     b.stop(5)
+
+
+def test_the_decode_pool_takes_requests_in_turns_and_keeps_a_thread_free() -> None:
+    """Two threads: a request of six calls runs on one of them at a time, so a request that comes later
+    starts on the other at once, before the first request's second call ends."""
+    pool = FairPool(2, "test-pool")
+    started: list[str] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def work(name: str) -> None:
+        with lock:
+            started.append(name)
+        if name.startswith("big"):
+            release.wait(10)
+
+    big, small = object(), object()
+    for i in range(6):
+        pool.submit(big, 30, work, f"big{i}")
+    time.sleep(0.1)
+    pool.submit(small, 1, work, "small")
+    until = time.monotonic() + 5
+    while "small" not in started and time.monotonic() < until:
+        time.sleep(0.01)
+    assert started == ["big0", "small"]  # big1 waits: one thread is the most one request holds
+    release.set()
+    pool.shutdown(wait=True)
+    assert started == ["big0", "small", "big1", "big2", "big3", "big4", "big5"]
+    with pytest.raises(RuntimeError):
+        pool.submit(small, 1, work, "late")
 
 
 # -- the core ----
