@@ -96,10 +96,18 @@ def split(job: Job, limit: int) -> list[Job]:
         if last:
             settle(job.future, np.concatenate(outputs))
 
+    def on_job(_done: Future) -> None:
+        # Futures keep their callbacks: the job's and its parts' refer to each other, and the cycle would
+        # hold the views and outputs until the garbage collector's next full pass. Cut it here.
+        for part in parts:
+            part.future.cancel()
+        parts.clear()
+        outputs.clear()
+
     for i, part in enumerate(parts):
         part.future.add_done_callback(functools.partial(on_part, i))
-    job.future.add_done_callback(lambda _f: [p.future.cancel() for p in parts])
-    return parts
+    job.future.add_done_callback(on_job)
+    return list(parts)
 
 
 class Batcher:

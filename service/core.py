@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -158,6 +159,14 @@ def info_of(entry: LoadedModel) -> ModelInfo:
     )
 
 
+def _give_back_memory() -> None:
+    """After a burst: objects in reference cycles (a request's futures, errors with tracebacks) hold
+    their arrays until the collector's next full pass; collect them, then hand the freed pages back
+    (glibc keeps them otherwise). What each step returns: docs/BENCHMARKS.md."""
+    gc.collect()
+    return_memory()
+
+
 class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
@@ -173,13 +182,13 @@ class InferenceCore:
             self.model_set.entries, self.observer, self.settings.model_check_interval_s
         )
         # Decoding takes requests in turns (fair queueing), as the batcher does: a request of many images
-        # does not hold the pool while a one-image request waits behind all of them.
-        # A request with a batch's worth of views already queued waits its next turn to decode.
+        # does not hold the pool while a one-image request waits behind all of them. A request with two
+        # batches' worth of views already queued waits for its next turn to decode.
         ahead = 2 * self.settings.max_batch_size
         threads = max(1, self.settings.decode_threads)
         self._pool = FairPool(threads, "preprocess", lambda owner: self.batcher.ahead(owner) < ahead)
         self.trim = IdleTrim(
-            self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, return_memory
+            self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, _give_back_memory
         )
         self.batcher = Batcher(
             self._run_batch,
