@@ -244,17 +244,17 @@ def probe(url: str, n: int, stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
-def overload(svc: Service) -> None:
+def overload(svc: Service, clients: int) -> None:
     four = [jpeg(np.roll(photos.coffee(), 11 * i, axis=1), (400, 300)) for i in range(4)]
     one = [jpeg(photos.chelsea(), (400, 300))]
     lone_latencies(svc.url, one[0], 5)
-    cases = (("200 x 4 images", four, None), ("200 x 1 image, 1 s deadline", one, 1000))
+    cases = ((f"{clients} x 4 images", four, None), (f"{clients} x 1 image, 1 s deadline", one, 1000))
     for name, images, deadline in cases:
         mark = svc.log_size()
         stop = threading.Event()
         prober = threading.Thread(target=probe, args=(svc.url, 40, stop))
         prober.start()
-        r = asyncio.run(burst(svc.url, 200, images, deadline))
+        r = asyncio.run(burst(svc.url, clients, images, deadline))
         stop.set()
         prober.join()
         time.sleep(0.5)
@@ -275,20 +275,19 @@ def overload(svc: Service) -> None:
 
 
 VARIANTS = {
-    "glibc default, no trim": {"CNN_SERVE_MEMORY_TRIM_IDLE_S": "0"},
-    "glibc default, trim": {"CNN_SERVE_MEMORY_TRIM_IDLE_S": "1"},
-    "MALLOC_ARENA_MAX=2, no trim": {"MALLOC_ARENA_MAX": "2", "CNN_SERVE_MEMORY_TRIM_IDLE_S": "0"},
-    "MALLOC_ARENA_MAX=2, trim": {"MALLOC_ARENA_MAX": "2", "CNN_SERVE_MEMORY_TRIM_IDLE_S": "1"},
+    # glibc's defaults or MALLOC_ARENA_MAX=2; the idle trim (gc + malloc_trim) off or after 1 s
+    "default": {"CNN_SERVE_MEMORY_TRIM_IDLE_S": "0"},
+    "default+trim": {"CNN_SERVE_MEMORY_TRIM_IDLE_S": "1"},
+    "arena2": {"MALLOC_ARENA_MAX": "2", "CNN_SERVE_MEMORY_TRIM_IDLE_S": "0"},
+    "arena2+trim": {"MALLOC_ARENA_MAX": "2", "CNN_SERVE_MEMORY_TRIM_IDLE_S": "1"},
 }
 
 
-def memory(checkout: Path, work: Path) -> None:
+def memory(checkout: Path, work: Path, clients: int, marks: tuple[int, ...], variants: list[str]) -> None:
     tiny = [jpeg(np.roll(photos.astronaut(), 9 * i, axis=1), (48, 48)) for i in range(13)]
     four = [jpeg(np.roll(photos.coffee(), 11 * i, axis=1), (400, 300)) for i in range(4)]
     lone = jpeg(photos.chelsea(), (320, 240))
-    services = {
-        name: Service(checkout, env, work, f"mem{i}") for i, (name, env) in enumerate(VARIANTS.items())
-    }
+    services = {name: Service(checkout, VARIANTS[name], work, f"mem{i}") for i, name in enumerate(variants)}
     try:
         for s in services.values():
             s.wait_ready()
@@ -310,7 +309,7 @@ def memory(checkout: Path, work: Path) -> None:
             floods = [threading.Thread(target=flood, args=(s.url, tiny, stop, counts)) for _ in range(3)]
             for t in floods:
                 t.start()
-            asyncio.run(burst(s.url, 200, four, None))
+            asyncio.run(burst(s.url, clients, four, None))
             time.sleep(3)
             stop.set()
             for t in floods:
@@ -319,19 +318,22 @@ def memory(checkout: Path, work: Path) -> None:
             sampler.join()
             row["end"] = time.monotonic()
             rows[name] = row
-        marks = (5, 30, 60)
         for m in marks:  # the servers idle together after their bursts
             for name, s in services.items():
                 left = rows[name]["end"] + m - time.monotonic()
                 if left > 0:
                     time.sleep(left)
                 rows[name][f"+{m}s"] = s.worker_rss_mb()
-        print("memory: worker RSS, MB (burst: 3 clients of 13x multiscale for ~3 s + 200 clients x 4 images)")
-        head = " ".join(f"{k:>7s}" for k in ("warm", "peak", "+5s", "+30s", "+60s"))
-        print(f"  {'variant':32s} {head} {'60s-warm':>9s}")
+        print(
+            f"memory: worker RSS, MB (burst: 3 clients of 13x multiscale for ~3 s, "
+            f"{clients} clients x 4 images)"
+        )
+        keys = ("warm", "peak", *(f"+{m}s" for m in marks))
+        head = " ".join(f"{k:>7s}" for k in keys)
+        print(f"  {'variant':32s} {head} {'last-warm':>9s}")
         for name, r in rows.items():
-            cells = " ".join(f"{r[k]:7.0f}" for k in ("warm", "peak", "+5s", "+30s", "+60s"))
-            print(f"  {name:32s} {cells} {r['+60s'] - r['warm']:9.0f}")
+            cells = " ".join(f"{r[k]:7.0f}" for k in keys)
+            print(f"  {name:32s} {cells} {r[keys[-1]] - r['warm']:9.0f}")
     finally:
         for s in services.values():
             s.stop()
@@ -343,6 +345,9 @@ def main() -> int:
     ap.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose service runs")
     ap.add_argument("--requests", type=int, default=40, help="lone client's requests per phase")
     ap.add_argument("--flooders", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=200, help="clients of the overload bursts")
+    ap.add_argument("--marks", default="5,30,60", help="seconds after a burst when memory is read")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="allocator variants, by name")
     args = ap.parse_args()
     parts = set(args.part.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-admission-"))
@@ -356,11 +361,12 @@ def main() -> int:
                 if "fairness" in parts:
                     fairness(svc, args.requests, args.flooders)
                 if "overload" in parts:
-                    overload(svc)
+                    overload(svc, args.clients)
             finally:
                 svc.stop()
         if "memory" in parts:
-            memory(args.checkout, work)
+            marks = tuple(int(m) for m in args.marks.split(","))
+            memory(args.checkout, work, args.clients, marks, args.variants.split(","))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -93,3 +93,14 @@ def test_bench_swap_prints_both_figures_and_loses_no_request(model_repo: Path) -
     assert re.search(rf"without a swap +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
     assert re.search(rf"during the swap +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
     assert "failed requests: 0" in out
+
+
+def test_bench_admission_prints_every_figure(model_repo: Path) -> None:
+    args = ("--requests", "4", "--clients", "8", "--marks", "1", "--variants", "default+trim")
+    out = run_bench("bench_admission.py", *args)
+    assert re.search(rf"alone +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
+    assert re.search(rf"with flood +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
+    assert re.search(rf"p99 ratio +{NUMBER}x", out), out
+    assert re.search(r"overload: 8 x 4 images: \{", out), out
+    assert re.search(r"overload: 8 x 1 image, 1 s deadline: \{", out), out
+    assert re.search(rf"default\+trim +{NUMBER} +{NUMBER} +{NUMBER} +-?{NUMBER}", out), out
