@@ -200,9 +200,10 @@ class Batcher:
 
     @property
     def per_view_s(self) -> float:
-        """Expected seconds each view adds to the wait: the slower of inference and preprocessing, each
-        spread over its threads."""
-        return max(self._infer_per_view / self.workers, self._prepare_per_view / self.preparers)
+        """Expected seconds each view adds to the wait: inference's and preprocessing's, each spread over its
+        threads, added up. Where they share the cores (a CPU) a view costs both; where they overlap (a GPU)
+        this errs towards refusing, by at most twice, rather than admitting what ends past its deadline."""
+        return self._infer_per_view / self.workers + self._prepare_per_view / self.preparers
 
     def _drain_s(self) -> int:
         """Whole seconds (at least 1) until what is admitted now is answered: the Retry-After."""
