@@ -265,14 +265,17 @@ def test_view_limit_over_http_and_grpc(server: Server) -> None:
 def _headers_only(server: Server, path: str, content_length: int) -> bytes:
     """Send a request's headers, promise a large body, never send it: what the server answers."""
     host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
         sock.sendall(
             (
                 f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
                 f"Content-Length: {content_length}\r\nx-request-timeout-ms: 100\r\n\r\n"
             ).encode()
         )
-        return sock.recv(4096)
+        try:
+            return sock.recv(4096)
+        except TimeoutError:  # let in (nothing was queued yet): the server waits for the body
+            return b""
 
 
 def test_overload_is_refused_at_once_over_http_and_grpc(server: Server) -> None:
