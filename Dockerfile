@@ -53,6 +53,8 @@ COPY --from=export /src/proto/ proto/
 RUN pip install --no-deps .
 # Every write goes under /tmp (an emptyDir in Kubernetes, where the root filesystem is read-only), the model
 # cache of a repository in a bucket (CNN_SERVE_REPOSITORY=s3://...) included.
+# MALLOC_ARENA_MAX=2: glibc's arenas per thread keep what a burst freed; with two, and the service's idle trim,
+# the worker comes back to within 50 MB of its warm size after a burst (docs/BENCHMARKS.md).
 ENV HOME=/tmp \
     TMPDIR=/tmp \
     BENTOML_HOME=/tmp/bentoml \
@@ -60,7 +62,8 @@ ENV HOME=/tmp \
     CNN_SERVE_MODEL_CACHE=/tmp/cnn-serve-models \
     CNN_SERVE_HOST=0.0.0.0 \
     CNN_SERVE_HTTP_PORT=3000 \
-    CNN_SERVE_GRPC_PORT=50051
+    CNN_SERVE_GRPC_PORT=50051 \
+    MALLOC_ARENA_MAX=2
 RUN mkdir -p /models && chown "$APP_UID:$APP_UID" /models
 VOLUME ["/tmp"]
 USER ${APP_UID}:${APP_UID}

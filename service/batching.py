@@ -1,8 +1,15 @@
 """The adaptive batcher shared by every caller (HTTP, gRPC, batch scoring) of the core.
 
-Requests are admitted against a bound (`queue_size` images between admission and answer); a full pipeline
-answers `Overloaded` at once instead of queueing without limit. Admitted images are decoded and preprocessed
-in a thread pool (the core's), in parallel with inference, then queued here as jobs of one or more views.
+Requests are admitted in *views* (an image counts once per test-time augmentation view: 30 for multiscale),
+against two bounds: `queue_size` views between admission and answer, and the expected wait, the views ahead
+and the request's own times a measured cost per view (`per_view_s`), against the request's deadline. Either
+refuses at once with `Overloaded` and a Retry-After, instead of queueing work that would answer too late.
+Admitted images are decoded and preprocessed in a thread pool (the core's), in parallel with inference,
+then queued here as jobs of one or more views.
+
+Jobs are taken in fair-queueing order between requests (`service.fair`), not in arrival order: a request
+of many images is served one image's views at a time between the other requests' jobs, so their batches
+interleave with its batches.
 
 A worker thread forms batches: it takes the oldest job and, while images are still being preprocessed and
 the batch is below `max_batch_size` views, waits up to `max_wait_ms` for more jobs of the same model. When
@@ -20,10 +27,11 @@ has the machine to itself, and the session may then spend every core on it (see 
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
+from service.fair import FairClock
 
 log = logging.getLogger("service.batching")
 
@@ -42,7 +51,9 @@ class Job:
     views: np.ndarray  # (V, C, H, W) float32
     future: Future  # resolves to the (V, outputs) raw network outputs
     deadline: float  # time.monotonic() seconds
+    owner: Hashable | None = None  # the request it belongs to: jobs of one owner take turns with others'
     enqueued: float = field(default_factory=time.monotonic)
+    order: tuple[float, int] = (0.0, 0)  # its fair-queueing tag, set when queued
 
 
 def settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -54,6 +65,49 @@ def settle(future: Future, result: Any = None, error: BaseException | None = Non
             future.set_result(result)
     except InvalidStateError:
         pass
+
+
+def split(job: Job, limit: int) -> list[Job]:
+    """The job itself, or parts of at most `limit` views whose outputs, once all are in, resolve the job's
+    future in order; the first part to fail fails the job, and a job cancelled or answered cancels what is
+    left of its parts."""
+    n = job.views.shape[0]
+    if n <= limit:
+        return [job]
+    parts = [
+        Job(job.key, job.views[i : i + limit], Future(), job.deadline, owner=job.owner, enqueued=job.enqueued)
+        for i in range(0, n, limit)
+    ]
+    outputs: list[Any] = [None] * len(parts)
+    lock = threading.Lock()
+    left = [len(parts)]
+
+    def on_part(i: int, done: Future) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:
+            settle(job.future, error=error)
+            return
+        with lock:
+            outputs[i] = done.result()
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            settle(job.future, np.concatenate(outputs))
+
+    def on_job(_done: Future) -> None:
+        # Futures keep their callbacks: the job's and its parts' refer to each other, and the cycle would
+        # hold the views and outputs until the garbage collector's next full pass. Cut it here.
+        for part in parts:
+            part.future.cancel()
+        parts.clear()
+        outputs.clear()
+
+    for i, part in enumerate(parts):
+        part.future.add_done_callback(functools.partial(on_part, i))
+    job.future.add_done_callback(on_job)
+    return list(parts)
 
 
 class Batcher:
@@ -68,6 +122,8 @@ class Batcher:
         labels: Callable[[Hashable], tuple[str, str]] = lambda key: (str(key), ""),
         batch_limit: Callable[[Hashable], int] | None = None,
         workers: int = 1,
+        preparers: int = 1,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("the batcher needs at least one worker")
@@ -79,9 +135,19 @@ class Batcher:
         self._labels = labels  # a key's (model, version), for the observer
         self._batch_limit = batch_limit
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._outstanding = 0  # admitted images not yet answered
-        self._preparing = 0  # admitted images still in decoding/preprocessing
+        self._queue: list[Job] = []  # in fair-queueing order (`Job.order`)
+        self._clock = FairClock()
+        self._outstanding = 0  # admitted views not yet answered
+        self._preparing = 0  # admitted views still in decoding/preprocessing
+        self.peak = 0  # the most views ever admitted at once (what tests and operators check)
+        self.preparers = max(1, preparers)  # threads preparing views (the core's decode pool)
+        self._on_idle = on_idle  # called when the last admitted view is answered (the core trims memory)
+        self.on_taken: Callable[[], None] | None = None  # called after workers take jobs (the pool may go on)
+        self._ahead: dict[Hashable, int] = {}  # views queued and not yet taken, per owner
+        # Measured seconds per view, moving averages: of inference (per worker) and of preprocessing (per
+        # thread). 0 until measured: nothing is refused by expected wait before the first batch.
+        self._infer_per_view = 0.0
+        self._prepare_per_view = 0.0
         self._running = 0  # views taken (by workers, or run where they were prepared) and not yet answered
         self._batches = 0  # batches running: never more than `workers`, whichever thread runs them
         self._stopping = False
@@ -89,30 +155,82 @@ class Batcher:
         self._threads: list[threading.Thread] = []
 
     # -- admission ----
-    def admit(self, n: int, preparing: bool = True) -> None:
-        """Reserve room for n images, or raise Overloaded at once."""
+    def admit(self, n: int, preparing: bool = True, deadline: float | None = None) -> None:
+        """Reserve room for n views, or raise Overloaded at once: the queue is full, or (with a deadline)
+        the views ahead and these would not be answered before it."""
         with self._cond:
             if self._stopping:
                 raise Overloaded("the service is shutting down")
             if n > self.queue_size:  # would never fit: retrying cannot help, so not a 503
-                raise InvalidArgument(f"{n} images in one request; the queue holds {self.queue_size}")
+                raise InvalidArgument(
+                    f"{n} views in one request; the queue holds {self.queue_size} views (queue_size)"
+                )
             if self._outstanding + n > self.queue_size:
                 raise Overloaded(
-                    f"{self._outstanding} images waiting; the queue holds {self.queue_size}, retry shortly"
+                    f"{self._outstanding} views waiting; the queue holds {self.queue_size}, retry shortly",
+                    retry_after_s=self._drain_s(),
                 )
+            if deadline is not None and self._outstanding > 0:  # an idle server tries whatever it admits
+                wait = (self._outstanding + n) * self.per_view_s
+                left = deadline - time.monotonic()
+                if wait > left:
+                    raise Overloaded(
+                        f"{self._outstanding} views waiting: about {wait:.2f} s expected, past this "
+                        f"request's deadline ({max(0.0, left):.2f} s left), retry shortly",
+                        retry_after_s=self._drain_s(),
+                    )
             self._outstanding += n
+            self.peak = max(self.peak, self._outstanding)
             if preparing:
                 self._preparing += n
+
+    def shed(self, n: int, deadline: float) -> None:
+        """Overloaded when even n views admitted now would wait past `deadline`: what transports check
+        before they read a request's body. Reserves nothing."""
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the service is shutting down")
+            busy = self._outstanding + n > self.queue_size
+            wait = (self._outstanding + n) * self.per_view_s
+            if busy or (self._outstanding > 0 and wait > deadline - time.monotonic()):
+                raise Overloaded(
+                    f"{self._outstanding} views waiting, about {wait:.2f} s; retry shortly",
+                    retry_after_s=self._drain_s(),
+                )
+
+    @property
+    def per_view_s(self) -> float:
+        """Expected seconds each view adds to the wait: inference's and preprocessing's, each spread over its
+        threads, added up. Where they share the cores (a CPU) a view costs both; where they overlap (a GPU)
+        this errs towards refusing, by at most twice, rather than admitting what ends past its deadline."""
+        return self._infer_per_view / self.workers + self._prepare_per_view / self.preparers
+
+    def _drain_s(self) -> int:
+        """Whole seconds (at least 1) until what is admitted now is answered: the Retry-After."""
+        return max(1, math.ceil(self._outstanding * self.per_view_s))
+
+    def note_preprocess(self, seconds: float, views: int) -> None:
+        """One image's preprocessing time, for the expected wait."""
+        if views > 0:
+            with self._cond:
+                self._prepare_per_view = _ewma(self._prepare_per_view, seconds / views)
 
     def release(self, n: int = 1) -> None:
         with self._cond:
             self._outstanding -= n
+            idle = self._outstanding == 0
+        if idle and self._on_idle is not None:
+            self._on_idle()
 
     def prepared(self, n: int = 1) -> None:
-        """n admitted images left preprocessing without a job (they failed); wake the worker."""
+        """n admitted views left preprocessing without a job (they failed); wake the worker."""
         with self._cond:
             self._preparing -= n
             self._cond.notify_all()
+
+    def ahead(self, owner: Hashable) -> int:
+        """Views of this owner queued and not yet taken by a worker."""
+        return self._ahead.get(owner, 0)
 
     @property
     def outstanding(self) -> int:
@@ -127,7 +245,7 @@ class Batcher:
         self.start()
         with self._cond:
             if from_preparing:
-                self._preparing -= 1
+                self._preparing -= job.views.shape[0]
             if self._stopping:  # stopped for good: a late job is answered, never a reason to restart
                 settle(job.future, error=Overloaded("the service is shutting down"))
                 return
@@ -136,7 +254,15 @@ class Batcher:
                 self._running += job.views.shape[0]
                 self._batches += 1
             else:
-                self._queue.append(job)
+                # A job larger than a batch is queued in batch-sized parts, each taking its turn: between two
+                # parts of a multiscale image (30 views) other requests' jobs run.
+                if job.owner is not None:
+                    self._ahead[job.owner] = self._ahead.get(job.owner, 0) + job.views.shape[0]
+                for part in split(job, self.limit(job.key)):
+                    part.order = self._clock.tag(part.owner, part.views.shape[0])
+                    self._queue.append(part)
+                    if len(self._queue) > 1 and self._queue[-2].order > part.order:
+                        self._queue.sort(key=lambda j: j.order)
                 self._cond.notify_all()
             depth = len(self._queue)
         self.observer.queue_depth(depth)
@@ -199,20 +325,29 @@ class Batcher:
                 # idle at the end of a burst.
                 in_sight = views + self._preparing + self._running
                 limit = min(limit, max(1, -(-in_sight // self.workers)))
-            taken, rest, total = [], deque(), 0
+            taken: list[Job] = []
+            rest: list[Job] = []
+            total = 0
             for job in self._queue:
                 n = job.views.shape[0]
                 if job.key == first.key and (not taken or total + n <= limit):
                     taken.append(job)
                     total += n
+                    if job.owner is not None:
+                        left = self._ahead.pop(job.owner, 0) - n
+                        if left > 0:
+                            self._ahead[job.owner] = left
                 else:
                     rest.append(job)
             self._queue = rest
+            self._clock.served(taken[0].order[0])
             alone = self._idle()
             self._running += total
             self._batches += 1
             depth = len(rest)
         self.observer.queue_depth(depth)
+        if self.on_taken is not None:
+            self.on_taken()
         return taken, alone
 
     def _idle(self) -> bool:
@@ -272,7 +407,10 @@ class Batcher:
                 chunk = batch[i : i + limit]
                 t0 = time.perf_counter()
                 outputs.append(self._run(key, chunk, alone))
-                self.observer.inference(time.perf_counter() - t0, int(chunk.shape[0]), *self._labels(key))
+                seconds = time.perf_counter() - t0
+                self.observer.inference(seconds, int(chunk.shape[0]), *self._labels(key))
+                with self._cond:
+                    self._infer_per_view = _ewma(self._infer_per_view, seconds / chunk.shape[0])
             out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         except ServiceError as e:
             for job in jobs:
@@ -287,3 +425,10 @@ class Batcher:
             n = job.views.shape[0]
             settle(job.future, out[start : start + n])
             start += n
+
+
+EWMA_WEIGHT = 0.2  # of the newest measurement: about the last ten batches count
+
+
+def _ewma(average: float, sample: float) -> float:
+    return sample if average <= 0 else average + EWMA_WEIGHT * (sample - average)

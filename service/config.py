@@ -79,16 +79,24 @@ class Settings:
         1, "batches run at once; on CPU, 2 with intra_op_threads=1 serve more images/s (see solo_threads)"
     )
     max_wait_ms: float = _setting(2.0, "how long a batch waits for more images while others are decoding")
-    queue_size: int = _setting(256, "images admitted and not yet answered; beyond it: overloaded at once")
+    queue_size: int = _setting(
+        512, "views (images x test-time views) admitted and not yet answered; beyond it: overloaded at once"
+    )
     decode_threads: int = _setting(2, "threads decoding and preprocessing images beside inference")
     decode_memory_mb: int = _setting(
         1024, "MiB the images being decoded may hold at once, by estimate; an image needing more is too large"
     )
     request_timeout_s: float = _setting(30.0, "a request's deadline when the client sends none")
+    memory_trim_idle_s: float = _setting(
+        1.0, "seconds idle after the last answer before freed memory is returned to the system; 0: never"
+    )
 
     # Limits on what clients send
     max_request_bytes: int = _setting(32 * 1024 * 1024, "largest request body or gRPC message, bytes")
     max_images_per_request: int = _setting(64, "images in one batch request")
+    max_views_per_request: int = _setting(
+        400, "images x test-time views (multiscale: 30 each) in one request; beyond it: 400"
+    )
     max_image_pixels: int = _setting(
         40_000_000, "pixels an image header may declare (checked before decoding)"
     )
@@ -179,6 +187,7 @@ class Settings:
         for name in (
             "max_top_k",
             "max_images_per_request",
+            "max_views_per_request",
             "max_image_pixels",
             "max_jpeg_scans",
             "max_image_segments",
@@ -194,6 +203,8 @@ class Settings:
             raise ValueError(f"request_timeout_s must be a positive number, not {self.request_timeout_s!r}")
         if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1):
             raise ValueError(f"max_aspect_ratio must be at least 1, not {self.max_aspect_ratio!r}")
+        if not (math.isfinite(self.memory_trim_idle_s) and 0 <= self.memory_trim_idle_s <= 3600):
+            raise ValueError("memory_trim_idle_s must be between 0 and 3600")
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
             raise ValueError("drain_timeout_s must be a finite number, not negative")
         for name in ("idle_timeout_s", "header_timeout_s", "body_timeout_s"):

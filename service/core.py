@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -28,9 +29,10 @@ from service.errors import (
     Overloaded,
     ServiceError,
 )
+from service.fair import FairPool
 from service.integrity import FileCheck
-from service.memory import MemoryBudget
-from service.models import LoadedModel, ModelSet
+from service.memory import IdleTrim, MemoryBudget
+from service.models import LoadedModel, ModelSet, return_memory
 from service.postprocessing import ClassScore
 from service.repository import ModelCard
 
@@ -157,6 +159,14 @@ def info_of(entry: LoadedModel) -> ModelInfo:
     )
 
 
+def _give_back_memory() -> None:
+    """After a burst: objects in reference cycles (a request's futures, errors with tracebacks) hold
+    their arrays until the collector's next full pass; collect them, then hand the freed pages back
+    (glibc keeps them otherwise). What each step returns: docs/BENCHMARKS.md."""
+    gc.collect()
+    return_memory()
+
+
 class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
@@ -171,8 +181,14 @@ class InferenceCore:
         self.file_check = FileCheck(
             self.model_set.entries, self.observer, self.settings.model_check_interval_s
         )
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, self.settings.decode_threads), thread_name_prefix="preprocess"
+        # Decoding takes requests in turns (fair queueing), as the batcher does: a request of many images
+        # does not hold the pool while a one-image request waits behind all of them. A request with two
+        # batches' worth of views already queued waits for its next turn to decode.
+        ahead = 2 * self.settings.max_batch_size
+        threads = max(1, self.settings.decode_threads)
+        self._pool = FairPool(threads, "preprocess", lambda owner: self.batcher.ahead(owner) < ahead)
+        self.trim = IdleTrim(
+            self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, _give_back_memory
         )
         self.batcher = Batcher(
             self._run_batch,
@@ -183,7 +199,10 @@ class InferenceCore:
             labels=lambda key: (key[0], key[1]),
             batch_limit=self._batch_limit,
             workers=self.settings.inference_workers,
+            preparers=self.settings.decode_threads,
+            on_idle=self.trim.poke,
         )
+        self.batcher.on_taken = self._pool.wake
 
     # -- lifecycle ----
     def load(self) -> None:
@@ -228,6 +247,7 @@ class InferenceCore:
         self.model_set.stop()
         self._pool.shutdown(wait=True)
         self.batcher.stop(self.settings.drain_timeout_s)
+        self.trim.stop()
 
     # -- metadata ----
     def models(self) -> list[ModelInfo]:
@@ -276,22 +296,31 @@ class InferenceCore:
     def _submit(
         self, images: Sequence[bytes], entry: LoadedModel, tta: str, deadline: float
     ) -> list[concurrent.futures.Future]:
-        """Admit, then decode+preprocess each image in the pool; each future resolves to raw view outputs."""
-        self.batcher.admit(len(images))
+        """Admit the request's views, then decode+preprocess each image in the pool, in turns with other
+        requests; each future resolves to the image's raw view outputs."""
+        per = augmentation.view_count(tta)
+        self.batcher.admit(len(images) * per, deadline=deadline)
+        owner = object()  # this request, for fair turns in the pool and the batcher
         futures = []
         for data in images:
             fut: concurrent.futures.Future = concurrent.futures.Future()
-            fut.add_done_callback(lambda _f: self.batcher.release(1))
+            fut.add_done_callback(lambda _f: self.batcher.release(per))
             futures.append(fut)
             try:
-                self._pool.submit(self._prepare, data, entry, tta, deadline, fut)
+                self._pool.submit(owner, per, self._prepare, data, entry, tta, deadline, fut, owner)
             except RuntimeError:  # the pool is shut down: the core is closing
                 settle(fut, error=Overloaded("the service is shutting down"))
-                self.batcher.prepared(1)
+                self.batcher.prepared(per)
         return futures
 
     def _prepare(
-        self, data: bytes, entry: LoadedModel, tta: str, deadline: float, fut: concurrent.futures.Future
+        self,
+        data: bytes,
+        entry: LoadedModel,
+        tta: str,
+        deadline: float,
+        fut: concurrent.futures.Future,
+        owner: object = None,
     ) -> None:
         queued = False
         try:
@@ -300,11 +329,13 @@ class InferenceCore:
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before decoding")
             t0 = time.perf_counter()
-            views = self.preprocess(data, entry, tta, deadline)
-            self.observer.preprocess(time.perf_counter() - t0)
+            views = self.preprocess(data, entry, tta, deadline, keep_until=fut)
+            seconds = time.perf_counter() - t0
+            self.observer.preprocess(seconds)
+            self.batcher.note_preprocess(seconds, views.shape[0])
             # A lone job runs on this thread when another pool thread is left to decode what comes meanwhile
             self.batcher.submit(
-                Job(key=entry.key, views=views, future=fut, deadline=deadline),
+                Job(key=entry.key, views=views, future=fut, deadline=deadline, owner=owner),
                 run_here=self.settings.decode_threads > 1,
             )
             queued = True
@@ -314,23 +345,47 @@ class InferenceCore:
             settle(fut, error=ServiceError(f"preprocessing failed: {type(e).__name__}"))
         finally:
             if not queued:
-                self.batcher.prepared(1)
+                self.batcher.prepared(augmentation.view_count(tta))
 
     def preprocess(
-        self, data: bytes, entry: LoadedModel, tta: str, deadline: float | None = None
+        self,
+        data: bytes,
+        entry: LoadedModel,
+        tta: str,
+        deadline: float | None = None,
+        keep_until: concurrent.futures.Future | None = None,
     ) -> np.ndarray:
         """Bytes -> (views, C, H, W) float32 for one image (runs in the pool). The decoded image's memory
-        is reserved from the decode memory budget until its views are cut."""
-        assert entry.pipeline is not None
+        is reserved from the decode memory budget until its views are cut; with `keep_until`, the views'
+        tensor is reserved with it and stays reserved until that future is done (the batcher ran it), so
+        that queued views count against the budget as decoding images do."""
+        assert entry.pipeline is not None and entry.card is not None
+        views_bytes = 0
+        if keep_until is not None:
+            spec = entry.card.preprocessing
+            views_bytes = augmentation.view_count(tta) * spec.channels * spec.height * spec.width * 4
         with self.decode_memory.holding(deadline) as hold:
-            return entry.pipeline.prepare(data, tta, reserve=hold.reserve)
+            views = entry.pipeline.prepare(data, tta, reserve=lambda n: hold.reserve(n + views_bytes))
+            if keep_until is not None:
+                kept = hold.keep(views_bytes)
+                if kept:
+                    keep_until.add_done_callback(lambda _f: self.decode_memory.release(kept))
+            return views
 
     def _check(self, images: Sequence[bytes], entry: LoadedModel, top_k: int | None, tta: str) -> int:
         augmentation.check_mode(tta)
         assert entry.card is not None
         k = postprocessing.check_top_k(top_k, entry.card.num_classes, self.settings.max_top_k)
         limits.check_count(len(images), self.settings.max_images_per_request)
+        limits.check_views(
+            len(images), augmentation.view_count(tta), self.settings.max_views_per_request, tta
+        )
         return k
+
+    def refuse_early(self, deadline: float | None = None, views: int = 1) -> None:
+        """Overloaded at once when `views` more views would wait past `deadline` (the configured timeout
+        when None): the check a transport makes from a request's headers, before reading its body."""
+        self.batcher.shed(views, self._deadline(deadline))
 
     def _outcome(
         self, entry: LoadedModel, k: int, fut: asyncio.Future | concurrent.futures.Future, done: bool
@@ -412,10 +467,12 @@ class InferenceCore:
             )
         samples = limits.check_count(int(array.shape[0]), self.settings.max_images_per_request, "samples")
         deadline = self._deadline(deadline)
-        self.batcher.admit(samples, preparing=False)  # a place in the queue per sample, as per image
+        limits.check_views(samples, 1, self.settings.max_views_per_request, "none")
+        # a place in the queue per sample, as per view
+        self.batcher.admit(samples, preparing=False, deadline=deadline)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.add_done_callback(lambda _f: self.batcher.release(samples))
-        self.batcher.submit(Job(entry.key, array, fut, deadline), from_preparing=False)
+        self.batcher.submit(Job(entry.key, array, fut, deadline, owner=object()), from_preparing=False)
         try:
             out = await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:

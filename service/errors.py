@@ -99,10 +99,16 @@ class ModelUnavailable(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """Refused at once for want of room or time; `retry_after_s` (whole seconds, at least 1) is when the work
+    admitted now should be done: HTTP's Retry-After, gRPC's `retry-after` trailing metadata."""
+
     code = "overloaded"
     http_status = 503
     grpc_code = "RESOURCE_EXHAUSTED"
-    retry_after_s = 1
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 class DeadlineExceeded(ServiceError):

@@ -14,3 +14,15 @@ def check_count(count: int, limit: int, what: str = "images") -> int:
     if count > limit:
         raise InvalidArgument(f"{count} {what} in one request; the limit is {limit}")
     return count
+
+
+def check_views(images: int, per_image: int, limit: int, tta: str) -> int:
+    """Views in one request (images x the test-time augmentation's views each) within `limit`: views, not
+    images, are what a request costs (multiscale makes 30 of each)."""
+    views = images * per_image
+    if views > limit:
+        raise InvalidArgument(
+            f"{views} views in one request ({images} images x {per_image} views of tta={tta}); "
+            f"the limit is {limit} views (max_views_per_request)"
+        )
+    return views

@@ -91,6 +91,58 @@ class Hold:
         self._budget.acquire(nbytes, self._deadline)
         self.nbytes = nbytes
 
+    def keep(self, nbytes: int) -> int:
+        """Give back all but `nbytes` now and hand those over: the caller releases them (the views' tensor,
+        reserved with the decode, stays counted until the batcher has run it). Returns the bytes kept."""
+        kept = min(nbytes, self.nbytes)
+        if self.nbytes > kept:
+            self._budget.release(self.nbytes - kept)
+        self.nbytes = 0
+        return kept
+
+
+class IdleTrim:
+    """Gives freed memory back to the system once the service has been idle for `delay_s`.
+
+    glibc keeps what a burst freed in its arenas (a 48-image multiscale request's tensors, the decoded
+    images): the resident size stays at the burst's peak. `trim` (malloc_trim) returns it; it runs on this
+    thread, at most once per `delay_s`, and only while `idle()` holds, so no request pays for it."""
+
+    def __init__(self, delay_s: float, idle: Callable[[], bool], trim: Callable[[], None]) -> None:
+        self.delay_s = delay_s
+        self._idle = idle
+        self._trim = trim
+        self._poked = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.trims = 0
+
+    def poke(self) -> None:
+        """The last request was answered: trim after `delay_s` if nothing came meanwhile."""
+        if self.delay_s <= 0 or self._stop.is_set():
+            return
+        self._poked.set()
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="memory-trim", daemon=True)
+                    self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poked.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._poked.wait()
+            self._poked.clear()
+            if self._stop.wait(self.delay_s):
+                return
+            if self._idle():
+                self._trim()
+                self.trims += 1
+
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.0f}"

@@ -145,13 +145,15 @@ def test_core_overload_is_typed(tiny_repo: Path, chelsea: Image.Image) -> None:
     core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", queue_size=2))
     core.load()
     try:
-        core.batcher.admit(1, preparing=False)  # one image already waiting
+        core.batcher.admit(1, preparing=False)  # one view already waiting
         with pytest.raises(Overloaded):
             classify_now(core, _images(chelsea, 2))
         core.batcher.release(1)
-        # More images than the whole queue holds would never fit: a client error, not a 503 to retry.
-        with pytest.raises(InvalidArgument, match="3 images in one request; the queue holds 2"):
+        # More views than the whole queue holds would never fit: a client error, not a 503 to retry.
+        with pytest.raises(InvalidArgument, match="3 views in one request; the queue holds 2 views"):
             classify_now(core, _images(chelsea, 3))
+        with pytest.raises(InvalidArgument, match="4 views in one request; the queue holds 2 views"):
+            classify_now(core, _images(chelsea, 2), tta="flip")  # two images, but two views each
         assert all(isinstance(p, Prediction) for p in classify_now(core, _images(chelsea, 2)))
         assert core.batcher.outstanding == 0
     finally:

@@ -148,3 +148,14 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     for kind in HOSTILE_KINDS:
         assert f"  {kind}: " in out, out
     assert re.search(r"HTTP connections still open 15 s after the abuse stopped: [0-9]+", out), out
+
+
+def test_bench_admission_prints_every_figure(model_repo: Path) -> None:
+    args = ("--requests", "4", "--clients", "8", "--marks", "1", "--variants", "default+trim")
+    out = run_bench("bench_admission.py", *args)
+    assert re.search(rf"alone +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
+    assert re.search(rf"with flood +p50 +{NUMBER} ms +p99 +{NUMBER} ms", out), out
+    assert re.search(rf"p99 ratio +{NUMBER}x", out), out
+    assert re.search(r"overload: 8 x 4 images: \{", out), out
+    assert re.search(r"overload: 8 x 1 image, 1 s deadline: \{", out), out
+    assert re.search(rf"default\+trim +{NUMBER} +{NUMBER} +{NUMBER} +-?{NUMBER}", out), out

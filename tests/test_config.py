@@ -106,7 +106,7 @@ def test_help_names_every_setting_with_its_variable_and_default() -> None:
     for f in fields(Settings):
         assert f"--{f.name.replace('_', '-')}" in text
         assert f"env {ENV_PREFIX}{f.name.upper()})" in text, f.name
-    assert "(default: 256; env CNN_SERVE_QUEUE_SIZE)" in text
+    assert "(default: 512; env CNN_SERVE_QUEUE_SIZE)" in text
 
 
 def test_docs_list_every_setting() -> None:

@@ -150,7 +150,7 @@ def test_overload_is_resource_exhausted_and_deadline_is_deadline_exceeded(tmp_pa
             need_models(),
             models=("lenet5",),
             default_model="lenet5",
-            queue_size=8,
+            queue_size=80,
             max_batch_size=1,
             decode_threads=1,
         )
@@ -158,10 +158,10 @@ def test_overload_is_resource_exhausted_and_deadline_is_deadline_exceeded(tmp_pa
     try:
         with grpc.insecure_channel(f"127.0.0.1:{s.server.port}") as ch:
             stub = classifier_pb2_grpc.ImageClassifierStub(ch)
-            # More images than the whole queue holds could never be admitted: a client error, not a retry.
-            too_many = classifier_pb2.ClassifyBatchRequest(images=[digit()] * 9)
+            # More views than the whole queue holds could never be admitted: a client error, not a retry.
+            too_many = classifier_pb2.ClassifyBatchRequest(images=[digit()] * 9, tta="ten_crop")
             err = fails(stub.ClassifyBatch, too_many, grpc.StatusCode.INVALID_ARGUMENT)
-            assert "the queue holds 8" in err.details()
+            assert "90 views in one request; the queue holds 80 views" in err.details()
             request = classifier_pb2.ClassifyBatchRequest(images=[digit()] * 8, tta="ten_crop")
 
             def call(_: int) -> grpc.StatusCode:

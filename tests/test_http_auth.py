@@ -20,13 +20,14 @@ TOKEN = "s3cret-token-for-tests"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("auth")
-    # A one-slot queue and single-image batches make overload easy to reach with a few clients.
+    # A queue of one ten_crop request (10 views) and single-view batches make overload easy to reach with a
+    # few clients.
     with running_server(
         tmp,
         "--auth-token",
         TOKEN,
         "--queue-size",
-        "1",
+        "10",
         "--max-batch-size",
         "1",
         "--models",

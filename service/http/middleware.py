@@ -18,6 +18,7 @@ from service.auth import REALM, check_bearer
 from service.config import Settings
 from service.errors import Unauthenticated
 
+from .admission import refuse_early
 from .api import open_rule
 from .responses import error_response, internal_message, plain_error
 
@@ -30,9 +31,17 @@ class RequestContextMiddleware:
     """Request id, optional bearer token (`service.auth`, the rule gRPC applies too) and the structured access
     log."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Callable[[], Any] = lambda: None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        metrics: Callable[[], Any] = lambda: None,
+        core: Callable[[], Any] = lambda: None,
+    ) -> None:
         self.app = app
+        self.settings = settings
         self.metrics = metrics  # the worker's `Metrics` once it has started (None before)
+        self.core = core  # the worker's `InferenceCore` once it has started (None before)
         self.token = settings.auth_token
         # The routes that need no token, from the routes' table (`api.OPERATIONS`, where the document says
         # the same): probes and scrapers (Kubernetes' probes and Prometheus must work with auth on), a model's
@@ -83,6 +92,13 @@ class RequestContextMiddleware:
                 metrics = self.metrics()
                 if metrics is not None:
                     metrics.request("-", "-", "http", "404", time.perf_counter() - start)
+                return
+            refused_early = refuse_early(self.core(), scope, headers, self.settings)
+            if refused_early is not None:  # overloaded: answered from the headers, the body left unread
+                await error_response(refused_early, request_id)(scope, receive, send_with_id)
+                metrics = self.metrics()
+                if metrics is not None:
+                    metrics.request("-", "-", "http", "503", time.perf_counter() - start)
                 return
             try:
                 if path == "/metrics" and scope.get("method") in ("GET", "HEAD"):

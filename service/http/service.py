@@ -157,4 +157,5 @@ ClassifierService.add_asgi_middleware(
     RequestContextMiddleware,
     settings=SETTINGS,
     metrics=lambda: getattr(getattr(app.state, "runtime", None), "metrics", None),
+    core=lambda: getattr(getattr(app.state, "runtime", None), "core", None),
 )

@@ -1,0 +1,335 @@
+"""Admission in views, fair turns between requests, shedding by expected wait, memory given back when idle.
+
+Core tests run the real core on generated ONNX models; the server tests run `python -m service serve` on
+loopback and call it over HTTP and gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as photos
+
+from proto import classifier_pb2, classifier_pb2_grpc
+from service.batching import Batcher, Job
+from service.config import Settings
+from service.core import InferenceCore, NullObserver, Prediction
+from service.errors import InvalidArgument, Overloaded
+from service.fair import FairPool
+from tests.conftest import classify_now, encode
+from tests.http_server import Server, jpeg, running_server
+
+
+def _images(img: Image.Image, n: int, size: tuple[int, int] = (96, 64)) -> list[bytes]:
+    return [encode(img.rotate(5 * i).resize(size), "PNG") for i in range(n)]
+
+
+# -- the batcher ----
+def _batcher(run_s: float = 0.0, queue_size: int = 64) -> tuple[Batcher, threading.Event, list]:
+    gate, ran = threading.Event(), []
+
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        ran.append(float(batch[0, 0, 0, 0]))
+        gate.wait(10)
+        time.sleep(run_s * batch.shape[0])
+        return batch.reshape(batch.shape[0], -1)[:, :1]
+
+    b = Batcher(run, max_batch_size=1, max_wait_s=0.0, queue_size=queue_size, observer=NullObserver())
+    return b, gate, ran
+
+
+def _job(value: float, owner: object, views: int = 1) -> Job:
+    return Job("m", np.full((views, 1, 2, 2), value, np.float32), Future(), 1e12, owner=owner)
+
+
+def test_requests_take_turns_in_the_batcher() -> None:
+    """A request queued behind another's four jobs runs after the first of them, not after all four."""
+    b, gate, ran = _batcher()
+    big, small = object(), object()
+    jobs = [_job(1.0, big), _job(2.0, big), _job(3.0, big), _job(4.0, big), _job(9.0, small)]
+    b.admit(5, preparing=False)
+    b.submit(jobs[0], from_preparing=False)  # taken at once; it waits for the gate while the rest queue
+    while not ran:
+        time.sleep(0.001)
+    for job in jobs[1:]:
+        b.submit(job, from_preparing=False)
+    gate.set()
+    for job in jobs:
+        job.future.result(10)
+    b.stop(5)
+    assert ran == [1.0, 9.0, 2.0, 3.0, 4.0]
+
+
+def test_a_job_larger_than_a_batch_runs_in_parts_between_other_requests() -> None:
+    gate, ran = threading.Event(), []
+
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        ran.append(batch[:, 0, 0, 0].tolist())
+        gate.wait(10)
+        return batch.reshape(batch.shape[0], -1)[:, :1] * 10
+
+    b = Batcher(run, max_batch_size=2, max_wait_s=0.0, queue_size=16, observer=NullObserver())
+    big = Job(
+        "m", np.arange(1, 7, dtype=np.float32).reshape(6, 1, 1, 1) * np.ones((6, 1, 2, 2)), Future(), 1e12
+    )
+    big.owner = object()
+    small = _job(9.0, object())
+    b.admit(7, preparing=False)
+    b.submit(big, from_preparing=False)
+    while not ran:
+        time.sleep(0.001)
+    b.submit(small, from_preparing=False)
+    gate.set()
+    out = big.future.result(10)
+    assert small.future.result(10).ravel().tolist() == [90.0]
+    b.stop(5)
+    assert ran == [[1.0, 2.0], [9.0], [3.0, 4.0], [5.0, 6.0]]
+    assert out.ravel().tolist() == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]  # the parts' outputs, in order
+
+
+def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
+    b, gate, _ = _batcher(run_s=0.05)
+    gate.set()
+    warm = _job(0.0, object())
+    b.admit(1, preparing=False)
+    b.submit(warm, from_preparing=False)
+    warm.future.result(10)
+    b.release(1)
+    assert b.per_view_s >= 0.05  # measured from the batch that ran
+    b.admit(1, preparing=False, deadline=time.monotonic() + 1e-3)  # idle: admitted whatever its deadline
+    b.admit(20, preparing=False)  # 21 views waiting: about a second of work
+    soon = time.monotonic() + 0.2
+    with pytest.raises(Overloaded, match="past this request's deadline") as refused:
+        b.admit(1, preparing=False, deadline=soon)
+    assert refused.value.retry_after_s >= 1  # whole seconds until what waits is done, rounded up
+    with pytest.raises(Overloaded):
+        b.shed(1, soon)
+    b.shed(1, time.monotonic() + 60)  # a request with a minute to spare is not refused
+    b.admit(1, preparing=False, deadline=time.monotonic() + 60)
+    assert b.outstanding == 22
+    b.release(22)
+    b.stop(5)
+
+
+def test_the_decode_pool_takes_requests_in_turns_and_keeps_a_thread_free() -> None:
+    """Two threads: a request of six calls runs on one of them at a time, so a request that comes later
+    starts on the other at once, before the first request's second call ends."""
+    pool = FairPool(2, "test-pool")
+    started: list[str] = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def work(name: str) -> None:
+        with lock:
+            started.append(name)
+        if name.startswith("big"):
+            release.wait(10)
+
+    big, small = object(), object()
+    for i in range(6):
+        pool.submit(big, 30, work, f"big{i}")
+    time.sleep(0.1)
+    pool.submit(small, 1, work, "small")
+    until = time.monotonic() + 5
+    while "small" not in started and time.monotonic() < until:
+        time.sleep(0.01)
+    assert started == ["big0", "small"]  # big1 waits: one thread is the most one request holds
+    release.set()
+    pool.shutdown(wait=True)
+    assert started == ["big0", "small", "big1", "big2", "big3", "big4", "big5"]
+    with pytest.raises(RuntimeError):
+        pool.submit(small, 1, work, "late")
+
+
+# -- the core ----
+def test_view_limit_is_a_client_error_naming_it(tiny_repo: Path, chelsea: Image.Image) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", max_views_per_request=60))
+    core.load()
+    try:
+        images = _images(chelsea, 3)
+        with pytest.raises(InvalidArgument, match=r"90 views in one request \(3 images x 30 views of "):
+            classify_now(core, images, tta="multiscale")
+        with pytest.raises(InvalidArgument, match=r"the limit is 60 views \(max_views_per_request\)"):
+            classify_now(core, images, tta="multiscale")
+        assert core.batcher.outstanding == 0  # refused before admission
+        answers = classify_now(core, images[:2], tta="multiscale")  # 60 views: within the limit
+        assert all(isinstance(a, Prediction) for a in answers)
+        assert len(classify_now(core, images * 20)) == 60  # 60 images of one view each fit too
+    finally:
+        core.close()
+
+
+def test_a_multiscale_flood_does_not_starve_a_lone_client(tiny_repo: Path, chelsea: Image.Image) -> None:
+    """One request of 13 multiscale images (390 views) and, just after it, one of a single image: the lone
+    image is decoded and run in turn with the flood's, answered correctly before most of the flood."""
+    settings = Settings(repository=str(tiny_repo), default_model="tiny", decode_threads=1, max_batch_size=32)
+    core = InferenceCore(settings)
+    core.load()
+    try:
+        flood = _images(chelsea, 13, size=(300, 200))
+        lone = encode(chelsea.resize((120, 90)), "PNG")
+        expected = classify_now(core, [lone])[0]
+        flood_alone = classify_now(core, flood, tta="multiscale")
+        finished: list[str] = []
+
+        async def both() -> tuple[list, list]:
+            async def run(images: list[bytes], tta: str, name: str) -> list:
+                answer = await core.classify(images, tta=tta)
+                finished.append(name)
+                return answer
+
+            big = asyncio.ensure_future(run(flood, "multiscale", "flood"))
+            await asyncio.sleep(0)  # the flood is admitted and queued for decoding first
+            small = asyncio.ensure_future(run([lone], "none", "lone"))
+            return await asyncio.gather(big, small)
+
+        core.batcher.peak = 0
+        big, (small,) = asyncio.run(both())
+        assert finished == ["lone", "flood"]
+        assert isinstance(small, Prediction) and small.top_k[0].index == expected.top_k[0].index
+        np.testing.assert_allclose(small.probabilities, expected.probabilities, atol=1e-5)
+        for got, ref in zip(big, flood_alone, strict=True):
+            np.testing.assert_allclose(got.probabilities, ref.probabilities, atol=1e-5)
+        # admission counted the flood's views, not its images; every view is given back
+        assert core.batcher.peak >= 390 and core.batcher.outstanding == 0
+        # the queued views' tensors were held in the memory budget (30 views of 3x32x32 float32 each)
+        assert core.decode_memory.peak >= 30 * 3 * 32 * 32 * 4
+        until = time.monotonic() + 5  # given back by the future's callbacks, on the thread that answered it
+        while core.decode_memory.used and time.monotonic() < until:
+            time.sleep(0.01)
+        assert core.decode_memory.used == 0
+    finally:
+        core.close()
+
+
+def test_memory_is_trimmed_once_idle(tiny_repo: Path, chelsea: Image.Image) -> None:
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny", memory_trim_idle_s=0.1))
+    core.load()
+    try:
+        assert core.trim.trims == 0
+        classify_now(core, _images(chelsea, 4), tta="ten_crop")
+        until = time.monotonic() + 10
+        while core.trim.trims == 0 and time.monotonic() < until:
+            time.sleep(0.05)
+        assert core.trim.trims == 1  # once after the burst, not once per request
+    finally:
+        core.close()
+
+
+# -- the server ----
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(
+        tmp_path_factory.mktemp("admission"),
+        "--models",
+        "efficientnet_lite0",
+        "--queue-size",
+        "800",
+        "--max-batch-size",
+        "4",
+    ) as s:
+        yield s
+
+
+def _small_jpegs(n: int) -> list[bytes]:
+    astronaut = Image.fromarray(photos.astronaut())
+    return [jpeg(np.asarray(astronaut.rotate(3 * i).resize((64, 64)))) for i in range(n)]
+
+
+def test_view_limit_over_http_and_grpc(server: Server) -> None:
+    images = _small_jpegs(14)  # 14 x 30 = 420 views, past the default 400
+    files = [("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+    r = httpx.post(server.url + "/classify_batch", params={"tta": "multiscale"}, files=files, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "420 views" in r.json()["message"] and "max_views_per_request" in r.json()["message"]
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = classifier_pb2_grpc.ImageClassifierStub(ch)
+        request = classifier_pb2.ClassifyBatchRequest(images=images, tta="multiscale")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ClassifyBatch(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the limit is 400 views" in info.value.details()
+
+
+def _headers_only(server: Server, path: str, content_length: int) -> bytes:
+    """Send a request's headers, promise a large body, never send it: what the server answers."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=2) as sock:
+        sock.sendall(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {content_length}\r\nx-request-timeout-ms: 100\r\n\r\n"
+            ).encode()
+        )
+        try:
+            return sock.recv(4096)
+        except TimeoutError:  # let in (nothing was queued yet): the server waits for the body
+            return b""
+
+
+def test_overload_is_refused_at_once_over_http_and_grpc(server: Server) -> None:
+    """While 780 multiscale views are queued, a request with 100 ms to live is refused: over HTTP from its
+    headers alone (503, Retry-After; its promised body never sent), over gRPC with RESOURCE_EXHAUSTED and
+    a retry-after entry. The flood itself is answered in full."""
+    probe = _small_jpegs(1)[0]
+    assert httpx.post(server.url + "/classify", content=probe, timeout=60).status_code == 200  # measured
+    flood = _small_jpegs(13)
+    files = [("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(flood)]
+    answers: list[httpx.Response] = []
+
+    def send_flood() -> None:
+        with httpx.Client(base_url=server.url, timeout=300) as c:
+            answers.append(c.post("/classify_batch", params={"tta": "multiscale"}, files=files))
+
+    floods = [threading.Thread(target=send_flood) for _ in range(2)]
+    for t in floods:
+        t.start()
+    refused: dict[str, object] = {}
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as c,
+        grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch,
+    ):
+        stub = classifier_pb2_grpc.ImageClassifierStub(ch)
+        while any(t.is_alive() for t in floods) and len(refused) < 3:
+            if "http" not in refused:
+                r = c.post("/classify", content=probe, headers={"x-request-timeout-ms": "100"})
+                if r.status_code == 503:
+                    refused["http"] = r
+            if "headers" not in refused:
+                raw = _headers_only(server, "/classify_batch", 5_000_000)
+                if raw.startswith(b"HTTP/1.1 503"):
+                    refused["headers"] = raw
+            if "grpc" not in refused:
+                try:
+                    stub.Classify(classifier_pb2.ClassifyRequest(image=probe), timeout=0.1)
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        refused["grpc"] = err
+            time.sleep(0.02)
+    for t in floods:
+        t.join(300)
+    assert set(refused) == {"http", "headers", "grpc"}, refused
+    r = refused["http"]
+    assert isinstance(r, httpx.Response)
+    assert r.json()["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+    assert b"retry-after: " in refused["headers"].lower()  # type: ignore[union-attr]
+    err = refused["grpc"]
+    assert isinstance(err, grpc.RpcError)
+    assert int(dict(err.trailing_metadata())["retry-after"]) >= 1  # type: ignore[attr-defined]
+    assert [a.status_code for a in answers] == [200, 200], [a.text[:200] for a in answers]
+    for a in answers:
+        results = a.json()["results"]
+        assert len(results) == 13 and all(x["predictions"] for x in results)
+    # the service keeps serving once the flood is done
+    assert httpx.post(server.url + "/classify", content=probe, timeout=60).status_code == 200
