@@ -66,10 +66,13 @@ class Pipeline:
             limits=self.limits,
             min_short_side=augmentation.max_short_side(spec, tta),
             draft=self.preprocessor.decode_draft,
+            draft_margin=self.preprocessor.draft_margin,
             reserve=reserve,
         )
         try:
-            return self.preprocessor(img, augmentation.plan_views(spec, tta, img.size))
+            return self.preprocessor(
+                img, augmentation.plan_views(spec, tta, decoding.source_geometry(img)[0])
+            )
         finally:
             img.close()  # give the pixels back now, not when the collector gets to them
 

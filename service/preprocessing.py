@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from service.card import Preprocessing
+from service.decoding import source_geometry
 
 INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,7 +33,10 @@ INTERPOLATION = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-MODES = ("fast", "exact")
+MODES = ("exact", "fast")
+# fast mode's JPEG draft: decode at no less than this multiple of the resize target, so that the card's filter
+# makes the last reduction (docs/CORE.md, "Preprocessing", has the measured trade-off)
+FAST_DRAFT_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,16 @@ class Preprocessor:
     def decode_draft(self) -> bool:
         return self.mode == "fast"
 
+    @property
+    def draft_margin(self) -> float:
+        """JPEGs are DCT-downscaled to no less than this multiple of the resize target (fast mode)."""
+        return FAST_DRAFT_MARGIN
+
     def __call__(self, img: Image.Image, views: Sequence[View] | None = None) -> np.ndarray:
-        views = list(views) if views is not None else [self.fit(center_view(self.spec), img.size)]
+        """`views` are planned on the image's source size (`decoding.source_geometry`: its size before DCT
+        downscaling), as the reference transform sees the image."""
+        size, _ = source_geometry(img)
+        views = list(views) if views is not None else [self.fit(center_view(self.spec), size)]
         out = np.empty((len(views), self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
         if self.mode == "exact":
             self._render_exact(img, views, out)
@@ -103,6 +115,8 @@ class Preprocessor:
 
     # -- exact: the torchvision pipeline ----
     def _render_exact(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
+        if source_geometry(img)[0] != img.size:
+            raise ValueError("exact mode needs an image decoded at full size (decode with draft=False)")
         resized: dict[int, Image.Image] = {}
         for i, view in enumerate(views):
             view = self.fit(view, img.size)
@@ -118,28 +132,30 @@ class Preprocessor:
 
     # -- fast: resize only what each view keeps ----
     def _render_fast(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
-        w, h = img.size
+        # the views' geometry is the full-size image's; a DCT-downscaled image holds it in `box`
+        (w, h), (bx, by, bx1, by1) = source_geometry(img)
+        ax, ay = (bx1 - bx) / w, (by1 - by) / h  # decoded pixels per source pixel (1/2, 1/4, 1/8 or 1)
         rendered: dict[tuple[int, int, int], int] = {}  # crop -> index in `out` of a view holding it
         for i, view in enumerate(views):
-            view = self.fit(view, img.size)
+            view = self.fit(view, (w, h))
             key = (view.short, view.left, view.top)
             if key in rendered:
                 j = rendered[key]
                 out[i] = out[j][:, :, ::-1] if view.mirror != views[j].mirror else out[j]
                 continue
             rw, rh = resized_size(w, h, view.short)
-            sx, sy = w / rw, h / rh
+            sx, sy = ax * w / rw, ay * h / rh  # decoded pixels per resized pixel
             inside = 0 <= view.left and view.left + view.width <= rw and 0 <= view.top
             if inside and view.top + view.height <= rh:
                 box = (
-                    view.left * sx,
-                    view.top * sy,
-                    (view.left + view.width) * sx,
-                    (view.top + view.height) * sy,
+                    bx + view.left * sx,
+                    by + view.top * sy,
+                    bx + (view.left + view.width) * sx,
+                    by + (view.top + view.height) * sy,
                 )
-                crop = img.resize((view.width, view.height), self.resample, box=box, reducing_gap=3.0)
+                crop = img.resize((view.width, view.height), self.resample, box=box)
             else:  # crop larger than the resized image (tiny inputs): torchvision pads with zeros
-                crop = _crop_padded(img.resize((rw, rh), self.resample), view)
+                crop = _crop_padded(img.resize((rw, rh), self.resample, box=(bx, by, bx1, by1)), view)
             arr = _to_chw(np.asarray(crop, dtype=np.uint8))
             if view.mirror:
                 arr = arr[:, :, ::-1]
