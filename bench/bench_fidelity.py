@@ -169,7 +169,7 @@ def lever_render(spec: Preprocessing, margin: float | None, method: str, geometr
         rw, rh = resized_size(w, h, spec.resize)
         left, top = center_box(rw, rh, spec.width, spec.height)
         sx, sy = (bx1 - bx) / rw, (by1 - by) / rh
-        if method == "resize_crop" or rw < spec.width or rh < spec.height:
+        if method == "resize_crop" or rw > w or rw < spec.width or rh < spec.height:
             full = img.resize((rw, rh), resample, box=(bx, by, bx1, by1))
             crop = full.crop((left, top, left + spec.width, top + spec.height))
         else:
@@ -255,6 +255,7 @@ def agreement(
     )
     out = {}
     for key, render in renders.items():
+        print(f"  {key[0]}: {key[1]}", file=sys.stderr, flush=True)
         x = np.stack([render(d) for d in images])
         row = compare(softmax(logits_of(session, x)), ref_p)
         row["mad"] = float(np.abs(x - ref_x).mean())
@@ -344,12 +345,16 @@ def main() -> None:
     ap.add_argument("--preset-inputs", type=int, default=120)
     ap.add_argument("--rounds-12mp", type=int, default=7)
     ap.add_argument("--rounds-1920", type=int, default=21)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime's and torch's threads")
+    ap.add_argument("--speed-only", action="store_true", help="only the timings (no inputs, no agreement)")
     ap.add_argument(
         "--record-card", action="store_true", help="write the default mode's agreement into the card"
     )
     args = ap.parse_args()
     import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(args.threads)  # torchvision's ToTensor and Normalize: the same 2 threads
 
     folder = Path(args.repository) / args.model
     version = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
@@ -359,26 +364,31 @@ def main() -> None:
     opts.intra_op_num_threads = args.threads
     session = ort.InferenceSession(str(version / "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
-    t0 = time.perf_counter()
-    images = input_set(args.inputs)
-    n12 = sum(
-        1 for d in images if Image.open(io.BytesIO(d)).size[0] * Image.open(io.BytesIO(d)).size[1] >= 11e6
-    )
-    print(
-        f"{len(images)} inputs ({n12} of 12 MP), built in {time.perf_counter() - t0:.0f} s; "
-        f"{args.model}, preprocessing {spec.to_dict()}"
-    )
     renders = variants(spec)
     reference = torchvision_render(spec)
-    t0 = time.perf_counter()
-    table = agreement(session, images, renders, reference)
-    print(f"agreement measured in {time.perf_counter() - t0:.0f} s")
+    images: list[bytes] = []
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    if not args.speed_only:
+        t0 = time.perf_counter()
+        images = input_set(args.inputs)
+        sizes = [Image.open(io.BytesIO(d)).size for d in images]
+        n4000 = sum(1 for w, h in sizes if max(w, h) >= 4000)
+        n12 = sum(1 for w, h in sizes if w * h >= 11_000_000)
+        print(
+            f"{len(images)} inputs, shorter sides {min(map(min, sizes))} to {max(map(min, sizes))} px, "
+            f"{n4000} at 4000 px on the longer side ({n12} of them >= 11 MP), built in "
+            f"{time.perf_counter() - t0:.0f} s; {args.model}, preprocessing {spec.to_dict()}"
+        )
+        t0 = time.perf_counter()
+        table = agreement(session, images, renders, reference)
+        print(f"agreement measured in {time.perf_counter() - t0:.0f} s")
 
     timed = {"torchvision": reference} | {f"{a}: {b}": r for (a, b), r in renders.items()}
     big = speed(timed, photo_jpeg((4000, 3000)), args.rounds_12mp)
     mid = speed(timed, photo_jpeg((1920, 1280)), args.rounds_1920)
     print(
-        f"\nAgreement with torchvision's evaluation transform ({len(images)} inputs), speed bytes -> tensor"
+        f"\nAgreement with torchvision's evaluation transform ({len(images)} inputs), speed bytes -> tensor "
+        f"(medians of {args.rounds_12mp} and {args.rounds_1920} interleaved rounds)"
     )
     print(
         "| mode | setting | top-1 % | top-5 % | mean prob L1 | tensor MAD | lead at flips | ms 12 MP | x tv "
@@ -387,13 +397,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     tv12, tv19 = big["torchvision"], mid["torchvision"]
     print(f"| torchvision | reference | 100 | 100 | 0 | 0 | | {tv12:.1f} | 1.00 | {tv19:.1f} | 1.00 |")
-    for (kind, setting), row in table.items():
-        k = f"{kind}: {setting}"
+    for kind, setting in renders:
+        k, row = f"{kind}: {setting}", table.get((kind, setting))
+        figures = "| | | | | |"
+        if row:
+            figures = (
+                f"| {100 * row['top1']:.1f} | {100 * row['top5']:.1f} | {row['l1']:.4f} | {row['mad']:.4f} | "
+                f"{row['gap']:.3f} / {row['gap_max']:.3f} |"
+            )
         print(
-            f"| {kind} | {setting} | {100 * row['top1']:.1f} | {100 * row['top5']:.1f} | {row['l1']:.4f} | "
-            f"{row['mad']:.4f} | {row['gap']:.3f} / {row['gap_max']:.3f} | "
-            f"{big[k]:.1f} | {tv12 / big[k]:.2f} | {mid[k]:.1f} | {tv19 / mid[k]:.2f} |"
+            f"| {kind} | {setting} {figures} {big[k]:.1f} | {tv12 / big[k]:.2f} | {mid[k]:.1f} | "
+            f"{tv19 / mid[k]:.2f} |"
         )
+    if args.speed_only:
+        return
     preset_differences(images[: args.preset_inputs])
 
     default = table[("service", Settings().preprocess_mode)]

@@ -8,10 +8,13 @@ Alpha rule: transparent pixels (LA, RGBA, PA, P with a transparency entry, L and
 composited onto WHITE, the background a browser shows and the one photos of objects are usually taken against;
 a black background would turn transparent logos into dark blobs.
 
-JPEG decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale (Pillow's `draft`), choosing the
-smallest scale that is still no smaller than asked. We ask for the size whose *shorter side* is the largest
-shorter side any requested view needs, computed in the stored (pre-EXIF) orientation, since EXIF rotation by
-90 degrees swaps width and height but never changes which side is shorter.
+JPEG decode-time downscaling (fast preprocessing only): libjpeg can decode at 1/2, 1/4 or 1/8 scale (Pillow's
+`draft`), choosing the smallest scale that is still no smaller than asked. We ask for the size whose *shorter
+side* is `draft_margin` times the largest shorter side any requested view needs, computed in the stored
+(pre-EXIF) orientation, since EXIF rotation by 90 degrees swaps width and height but never changes which side
+is shorter. The decoded image records its full size and where the full-size image lies in its pixels
+(`source_geometry`; the last row and column of blocks are only partly covered), so that views are placed
+where the reference transform places them.
 """
 
 from __future__ import annotations

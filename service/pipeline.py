@@ -37,7 +37,7 @@ class Answer:
 class Pipeline:
     preprocessing: Preprocessing
     limits: decoding.Limits
-    mode: str = "fast"  # Settings.preprocess_mode
+    mode: str = "exact"  # Settings.preprocess_mode
     output_kind: str = "logits"
     labels: tuple[Label, ...] = field(default=(), repr=False)
     num_classes: int = 0

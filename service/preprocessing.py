@@ -2,12 +2,14 @@
 
 Two modes (`Settings.preprocess_mode`):
 
-- `exact` reproduces torchvision's PIL evaluation transform `Resize(resize, interp) + CenterCrop(crop) +
-  ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets, float32 arithmetic),
-  on an image decoded at full size.
-- `fast` (default) asks the decoder for a JPEG DCT-downscaled image, then resizes only the region each view
-  keeps (`Image.resize(box=...)`, with Pillow's `reducing_gap` pre-reduction) and normalizes with one fused
-  multiply-add in NumPy. Its top-1 agreement with `exact` is measured in `bench/bench_core.py`.
+- `exact` (default) reproduces torchvision's PIL evaluation transform `Resize(resize, interp) +
+  CenterCrop(crop) + ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets,
+  float32 arithmetic), on an image decoded at full size: the model's own answer, every time.
+- `fast` asks the decoder for a JPEG DCT-downscaled image no smaller than `FAST_DRAFT_MARGIN` times the
+  resize target, places each view by the full-size image (`decoding.source_geometry`: where it lies in the
+  downscaled pixels), resizes only the region the view keeps with the card's filter (`Image.resize(box=...)`)
+  and normalizes with one fused multiply-add in NumPy. It gives another top-1 class than `exact` on about 1
+  photo in 80; `bench/bench_fidelity.py` measures it, docs/CORE.md has the trade-off.
 
 The parameters are the model card's (`service.card.Preprocessing`). A *view* is (shorter side S, crop box in
 the S-resized image, mirror); test-time augmentation (`service/augmentation.py`) is a list of views, and this
@@ -71,7 +73,7 @@ def center_view(spec: Preprocessing) -> View:
 class Preprocessor:
     """Renders views of a decoded image into a float32 (V, C, H, W) array, normalized per the card."""
 
-    def __init__(self, spec: Preprocessing, mode: str = "fast") -> None:
+    def __init__(self, spec: Preprocessing, mode: str = "exact") -> None:
         if mode not in MODES:
             raise ValueError(f"preprocess mode must be one of {MODES}, not {mode!r}")
         self.spec = spec
@@ -146,7 +148,9 @@ class Preprocessor:
             rw, rh = resized_size(w, h, view.short)
             sx, sy = ax * w / rw, ay * h / rh  # decoded pixels per resized pixel
             inside = 0 <= view.left and view.left + view.width <= rw and 0 <= view.top
-            if inside and view.top + view.height <= rh:
+            # an enlarged image is resized whole, as the reference does: cheap at that size, and Pillow's
+            # box placement differs from it by a grey level or two on a fifth of the pixels when enlarging
+            if inside and view.top + view.height <= rh and rw <= w:
                 box = (
                     bx + view.left * sx,
                     by + view.top * sy,
@@ -154,7 +158,7 @@ class Preprocessor:
                     by + (view.top + view.height) * sy,
                 )
                 crop = img.resize((view.width, view.height), self.resample, box=box)
-            else:  # crop larger than the resized image (tiny inputs): torchvision pads with zeros
+            else:  # enlarged, or a crop larger than the resized image (torchvision pads with zeros)
                 crop = _crop_padded(img.resize((rw, rh), self.resample, box=(bx, by, bx1, by1)), view)
             arr = _to_chw(np.asarray(crop, dtype=np.uint8))
             if view.mirror:

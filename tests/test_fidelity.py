@@ -8,6 +8,9 @@ fixed set so that a change that costs agreement fails here. It asserts agreement
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,12 +27,13 @@ from service.config import Settings
 from service.decoding import Limits, decode, source_geometry
 from service.pipeline import Pipeline
 from service.preprocessing import Preprocessor
-from tests.conftest import encode, write_tiny_model
+from tests.conftest import ROOT, encode, write_tiny_model
 from tests.http_server import running_server
 
-# Top-1 agreement with torchvision's transform on the 40 inputs below, at or above which each mode must stay
-# (what each mode measures there; the 1,000-input figures are in docs/CORE.md)
-FLOORS = {"exact": 1.0, "fast": 0.9}
+# (top-1, top-5) agreement with torchvision's transform on the 40 inputs below, at or above which each mode
+# must stay: what each measures there (fast: 39 of 40 top-1 classes); the 1,000-input figures are in
+# docs/CORE.md
+FLOORS = {"exact": (1.0, 1.0), "fast": (0.975, 0.99)}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,8 @@ def photos() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def lite0(model_repo: Path) -> tuple[ModelCard, ort.InferenceSession, np.ndarray]:
-    """The trained card, one ONNX Runtime session, and the reference probabilities of `photos`."""
+def lite0(model_repo: Path) -> tuple[ModelCard, ort.InferenceSession]:
+    """The trained card and one ONNX Runtime session of its graph."""
     card = read_card(model_repo / "efficientnet_lite0" / "1")
     session = ort.InferenceSession(str(card.path / "model.onnx"), providers=["CPUExecutionProvider"])
     return card, session
@@ -57,7 +61,8 @@ def probabilities(session: ort.InferenceSession, tensors: list[np.ndarray]) -> n
 
 
 @pytest.fixture(scope="module")
-def reference(lite0, photos: list[bytes]) -> np.ndarray:
+def reference(lite0: tuple[ModelCard, ort.InferenceSession], photos: list[bytes]) -> np.ndarray:
+    """The model's own answers: its probabilities under torchvision's evaluation transform."""
     card, session = lite0
     render = torchvision_render(card.preprocessing)
     return probabilities(session, [render(d) for d in photos])
@@ -65,19 +70,19 @@ def reference(lite0, photos: list[bytes]) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["default", "exact", "fast"])
 def test_each_mode_keeps_its_agreement_with_the_models_own_answer(
-    mode: str, lite0, photos: list[bytes], reference: np.ndarray
+    mode: str, lite0: tuple[ModelCard, ort.InferenceSession], photos: list[bytes], reference: np.ndarray
 ) -> None:
     card, session = lite0
     mode = Settings().preprocess_mode if mode == "default" else mode
     pipeline = Pipeline.for_card(card, Limits(), mode)
     row = compare(probabilities(session, [pipeline.prepare(d)[0] for d in photos]), reference)
-    assert row["top1"] >= FLOORS[mode], (mode, row)
-    assert row["top5"] >= FLOORS[mode], (mode, row)
+    assert row["top1"] >= FLOORS[mode][0] and row["top5"] >= FLOORS[mode][1], (mode, row)
 
 
-def test_the_default_mode_is_the_one_whose_agreement_reaches_the_target() -> None:
-    """The default serves the model's own answer: exact unless a faster mode measured 99.5% top-1."""
-    assert Settings().preprocess_mode == "exact"
+def test_the_default_mode_is_the_models_own_answer() -> None:
+    """No faster setting measured 99.5% top-1 agreement at 3x torchvision's speed (docs/CORE.md), so the
+    service answers as the model's evaluation transform does unless told otherwise."""
+    assert Settings().preprocess_mode == "exact" and Pipeline.mode == "exact"
 
 
 # the stored image that each EXIF orientation turns upright (the inverse of its transposes)
@@ -159,17 +164,66 @@ def test_a_bad_agreement_record_is_refused_with_its_reason(
         read_card(folder)
 
 
-@pytest.fixture(scope="module")
-def recorded_repo(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Path:
-    """efficientnet_lite0 (its graph files linked) with a card that records its measured agreement."""
-    repo = tmp_path_factory.mktemp("recorded")
+def linked_copy(model_repo: Path, root: Path) -> Path:
+    """efficientnet_lite0's version folder under `root`: its graph files linked, its card a copy."""
     source = model_repo / "efficientnet_lite0" / "1"
-    folder = repo / "efficientnet_lite0" / "1"
+    folder = root / "efficientnet_lite0" / "1"
     folder.mkdir(parents=True)
     card = read_card(source)
     for fname in card.files:
         (folder / fname).symlink_to((source / fname).resolve())
-    write_card(folder, replace(card, preprocessing_agreement=PreprocessingAgreement.from_dict(AGREEMENT)))
+    write_card(folder, card)
+    return folder
+
+
+def test_the_bench_prints_the_table_and_records_the_default_in_the_card(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    folder = linked_copy(model_repo, tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_fidelity.py"),
+            "--repository",
+            str(tmp_path),
+            "--inputs",
+            "8",
+            "--preset-inputs",
+            "2",
+            "--rounds-12mp",
+            "1",
+            "--rounds-1920",
+            "1",
+            "--record-card",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    number = r"[0-9]+\.[0-9]+"
+    rows = re.findall(rf"^\| (service|lever) \| (.+?) \| ({number}) \| ({number}) \|", proc.stdout, re.M)
+    assert {r[1] for r in rows if r[0] == "service"} == {"fast", "exact"}
+    assert {"draft 2x, box", "draft 3x, box", "draft 4x, box", "draft 2x, resize then crop"} <= {
+        r[1] for r in rows
+    }
+    assert re.search(r"^\| service \| exact \| 100\.0 \| 100\.0 \| 0\.0000 \|", proc.stdout, re.M)
+    for preset in ("inception 299 bicubic", "bilinear 224", "crop_pct 1.0 bicubic", "lenet 32 grey"):
+        assert re.search(rf"^\| {preset} \| {number} \|", proc.stdout, re.M), preset
+    record = read_card(folder).preprocessing_agreement
+    assert record is not None and record.mode == Settings().preprocess_mode and record.inputs == 8
+    top1 = {r[1]: float(r[2]) for r in rows if r[0] == "service"}[record.mode]
+    assert record.top1 == pytest.approx(top1 / 100, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def recorded_repo(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Path:
+    """efficientnet_lite0 (its graph files linked) with a card that records its measured agreement."""
+    repo = tmp_path_factory.mktemp("recorded")
+    folder = linked_copy(model_repo, repo)
+    record = PreprocessingAgreement.from_dict(AGREEMENT)
+    write_card(folder, replace(read_card(folder), preprocessing_agreement=record))
     return repo
 
 
