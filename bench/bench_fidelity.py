@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import statistics
 import sys
 import time
@@ -347,6 +348,7 @@ def main() -> None:
     ap.add_argument("--rounds-1920", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime's and torch's threads")
     ap.add_argument("--speed-only", action="store_true", help="only the timings (no inputs, no agreement)")
+    ap.add_argument("--only", default="", help="a regular expression: measure only the settings it matches")
     ap.add_argument(
         "--record-card", action="store_true", help="write the default mode's agreement into the card"
     )
@@ -364,7 +366,7 @@ def main() -> None:
     opts.intra_op_num_threads = args.threads
     session = ort.InferenceSession(str(version / "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
-    renders = variants(spec)
+    renders = {k: r for k, r in variants(spec).items() if re.search(args.only, k[1])}
     reference = torchvision_render(spec)
     images: list[bytes] = []
     table: dict[tuple[str, str], dict[str, float]] = {}
