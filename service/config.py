@@ -62,7 +62,7 @@ class Settings:
     preprocess_mode: str = _setting(
         "exact",
         "exact: torchvision's PIL evaluation transform, the model's own answer; fast: JPEG DCT downscaling, "
-        "4-7x quicker, another top-1 class on about 1 photo in 80 (docs/CORE.md)",
+        "3-5x quicker, another top-1 class on about 1 photo in 90 (docs/CORE.md)",
     )
 
     # Batching
