@@ -110,7 +110,9 @@ def bench_preprocessing(spec: Preprocessing, data: bytes, runs: int) -> None:
     )
 
     def ours() -> np.ndarray:
-        return fast(decode(data, channels=spec.channels, min_short_side=spec.resize))
+        return fast(
+            decode(data, channels=spec.channels, min_short_side=spec.resize, draft_margin=fast.draft_margin)
+        )
 
     def torchvision(jpeg: bytes) -> object:
         return tv(Image.open(io.BytesIO(jpeg)).convert("RGB"))
@@ -140,7 +142,17 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label:
     pipeline, session = entry.pipeline, entry.session
     assert pipeline is not None and session is not None
     spec, pre = pipeline.preprocessing, pipeline.preprocessor
-    img = decode(data, channels=spec.channels, min_short_side=spec.resize)
+
+    def decoded() -> Image.Image:  # as the pipeline decodes: DCT-scaled in fast mode, full size in exact
+        return decode(
+            data,
+            channels=spec.channels,
+            min_short_side=spec.resize,
+            draft=pre.decode_draft,
+            draft_margin=pre.draft_margin,
+        )
+
+    img = decoded()
     views = pre(img)
     out = session.run(views)
 
@@ -155,9 +167,7 @@ def bench_single(core: InferenceCore, model: str, data: bytes, runs: int, label:
     steps = {
         "classify": classify,
         "inline": inline,
-        f"decode ({img.width}x{img.height} by DCT scaling)": lambda: decode(
-            data, channels=spec.channels, min_short_side=spec.resize
-        ),
+        f"decode ({img.width}x{img.height}{' by DCT scaling' if pre.decode_draft else ''})": decoded,
         "resize+crop+normalize": lambda: pre(img),
         "ONNX Runtime, batch 1": lambda: session.run(views, alone=True),
         "softmax+top-5": lambda: core._finish(entry, 5, out),

@@ -122,6 +122,7 @@ def _one(path: str, mode: str, channels: int) -> None:
         limits=decoding.Limits(max_pixels=1 << 40, max_decode_bytes=1 << 40),
         min_short_side=spec.resize,
         draft=pre.decode_draft,
+        draft_margin=pre.draft_margin,
         reserve=need.append,
     )
     pre(img, None)

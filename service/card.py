@@ -141,6 +141,53 @@ class Preprocessing:
         }
 
 
+PREPROCESS_MODES = ("fast", "exact")
+
+
+@dataclass(frozen=True)
+class PreprocessingAgreement:
+    """How often a preprocessing mode gives the model's own answer: the share of `inputs` photos whose top-1
+    class (`top1`) and top-5 set (`top5`, mean overlap) equal those under the `reference` transform.
+    Measured by `bench/bench_fidelity.py` for the mode the service serves by default, so clients can see
+    how far its answers may stray from a notebook's."""
+
+    mode: str
+    top1: float
+    top5: float
+    inputs: int
+    reference: str = "torchvision evaluation transform"
+    measured: str = ""  # date (YYYY-MM-DD)
+
+    def __post_init__(self) -> None:
+        if self.mode not in PREPROCESS_MODES:
+            raise CardError(
+                f"preprocessing_agreement: mode must be one of {PREPROCESS_MODES}, not {self.mode!r}"
+            )
+        if not (0.0 <= self.top1 <= 1.0 and 0.0 <= self.top5 <= 1.0):
+            raise CardError("preprocessing_agreement: top1 and top5 are fractions in [0, 1]")
+        if self.inputs < 1:
+            raise CardError("preprocessing_agreement: inputs must be a positive count")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PreprocessingAgreement:
+        if not isinstance(data, dict):
+            raise CardError("preprocessing_agreement must be an object")
+        try:
+            return cls(
+                str(data["mode"]),
+                float(data["top1"]),
+                float(data["top5"]),
+                int(data["inputs"]),
+                str(data.get("reference", "torchvision evaluation transform")),
+                str(data.get("measured", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CardError(f"preprocessing_agreement: bad field ({type(e).__name__}: {e})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 @dataclass(frozen=True)
 class Label:
     index: int
@@ -216,6 +263,7 @@ _TYPED = (
     "input",
     "output",
     "preprocessing",
+    "preprocessing_agreement",
     "labels",
     "files",
 )
@@ -234,6 +282,8 @@ class ModelCard:
     source: str = ""  # where the graph came from (timm:..., torchvision:..., onnx:<file>)
     trained: bool = False  # False: random weights, for benchmarks only
     description: str = ""
+    # the default preprocessing mode's measured agreement with the reference transform, where measured
+    preprocessing_agreement: PreprocessingAgreement | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # opset, tools, weights, validation, ...
     path: Path | None = field(default=None, compare=False)  # the folder it was read from
 
@@ -305,6 +355,11 @@ class ModelCard:
             source=str(data.get("source", "")),
             trained=bool(data.get("trained", False)),
             description=str(data.get("description", "")),
+            preprocessing_agreement=(
+                None
+                if data.get("preprocessing_agreement") is None
+                else PreprocessingAgreement.from_dict(data["preprocessing_agreement"])
+            ),
             extra={k: v for k, v in data.items() if k not in _TYPED},
         )
 
@@ -325,6 +380,9 @@ class ModelCard:
                 "input": self.input.to_dict(),
                 "output": self.output.to_dict(),
                 "preprocessing": self.preprocessing.to_dict(),
+                "preprocessing_agreement": (
+                    self.preprocessing_agreement.to_dict() if self.preprocessing_agreement else None
+                ),
                 "labels": [label.to_dict() for label in self.labels],
                 "files": {f: e.to_dict() for f, e in self.files.items()},
             }

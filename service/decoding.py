@@ -8,10 +8,13 @@ Alpha rule: transparent pixels (LA, RGBA, PA, P with a transparency entry, L and
 composited onto WHITE, the background a browser shows and the one photos of objects are usually taken against;
 a black background would turn transparent logos into dark blobs.
 
-JPEG decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale (Pillow's `draft`), choosing the
-smallest scale that is still no smaller than asked. We ask for the size whose *shorter side* is the largest
-shorter side any requested view needs, computed in the stored (pre-EXIF) orientation, since EXIF rotation by
-90 degrees swaps width and height but never changes which side is shorter.
+JPEG decode-time downscaling (fast preprocessing only): libjpeg can decode at 1/2, 1/4 or 1/8 scale (Pillow's
+`draft`), choosing the smallest scale that is still no smaller than asked. We ask for the size whose *shorter
+side* is `draft_margin` times the largest shorter side any requested view needs, computed in the stored
+(pre-EXIF) orientation, since EXIF rotation by 90 degrees swaps width and height but never changes which side
+is shorter. The decoded image records its full size and where the full-size image lies in its pixels
+(`source_geometry`; the last row and column of blocks are only partly covered), so that views are placed
+where the reference transform places them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00*", "TIFF"),
 )
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# `Image.info` keys `decode` sets: the upright size before DCT downscaling, and the box the full-size image
+# covers in the decoded pixels (see `source_geometry`)
+SOURCE_SIZE, SOURCE_BOX = "cnn_serve.source_size", "cnn_serve.source_box"
 WHITE = (255, 255, 255)
 
 
@@ -146,6 +152,7 @@ def decode(
     limits: Limits | None = None,
     min_short_side: int | None = None,
     draft: bool = True,
+    draft_margin: float = 1.0,
     reserve: Callable[[int], None] | None = None,
 ) -> Image.Image:
     """Decode to an upright image in mode RGB (channels=3) or L (channels=1).
@@ -153,6 +160,8 @@ def decode(
     `min_short_side`: the largest shorter side any view will be resized to; JPEGs are then decoded at the
     smallest DCT scale that keeps the shorter side at least that big (when `draft` is True; exact mode turns
     it off to match torchvision, which decodes at full size).
+    `draft_margin`: decode at no less than this multiple of `min_short_side`, so that the card's resampling
+    filter, not the DCT scaling, makes the final reduction (see `service.preprocessing`, fast mode).
     `reserve`: called with the decode's memory estimate before any pixel is decoded (the caller's
     `memory.Hold.reserve`, which may wait for room); the caller keeps the image's memory until it is done.
     """
@@ -183,10 +192,14 @@ def decode(
             _check_scans(data, limits)
         # Image.open stands on the first frame (GIF, APNG, WebP) or page (TIFF). Never ask for `n_frames`:
         # it walks every page, in time quadratic in their count for TIFF (see docs/CORE.md, "Decoding").
+        # where the full-size image lies in the decoded one's pixels: (0, 0, W / a, H / a) at DCT scale 1/a
+        source_box: tuple[float, float, float, float] = (0.0, 0.0, float(width), float(height))
         if draft and fmt == "JPEG" and min_short_side:
-            scale = min_short_side / min(width, height)
+            scale = draft_margin * min_short_side / min(width, height)
             if scale < 1:
-                img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+                drafted = img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+                if drafted is not None and drafted[1] is not None:
+                    source_box = tuple(float(v) for v in drafted[1])  # type: ignore[assignment]
         need = decode_bytes(img, fmt, data, channels, width * height, multi_scan)
         if need > limits.max_decode_bytes:
             raise ImageTooLarge(
@@ -202,8 +215,11 @@ def decode(
         if fmt == "PNG" and "transparency" in img.info and img.mode != "P":
             img = _png_colour_key(img, data)
         img = to_channels(img, channels)
+        full_size = (width, height)
         if exif_orientation not in (None, 1):
+            source_box, full_size = _orient_box(source_box, img.size, full_size, exif_orientation)
             img = _apply_orientation(img, exif_orientation)
+        img.info[SOURCE_SIZE], img.info[SOURCE_BOX] = full_size, source_box
         return img
     except ServiceError:  # our own checks, and a reservation's deadline
         raise
@@ -331,6 +347,38 @@ _TRANSPOSE = {
     7: (Image.Transpose.TRANSVERSE,),
     8: (Image.Transpose.ROTATE_90,),
 }
+
+
+def _orient_box(
+    box: tuple[float, float, float, float], size: tuple[int, int], full: tuple[int, int], orientation: int
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The source box and full size of `_apply_orientation`'s result: each transpose moves the box as it
+    moves the pixels (a drafted image's partial last row or column of blocks moves with it)."""
+    for op in _TRANSPOSE[orientation]:
+        (x0, y0, x1, y1), (w, h) = box, size
+        if op == Image.Transpose.FLIP_LEFT_RIGHT:
+            box = (w - x1, y0, w - x0, y1)
+        elif op == Image.Transpose.FLIP_TOP_BOTTOM:
+            box = (x0, h - y1, x1, h - y0)
+        elif op == Image.Transpose.ROTATE_180:
+            box = (w - x1, h - y1, w - x0, h - y0)
+        else:  # the four that swap the axes
+            box = {
+                Image.Transpose.TRANSPOSE: (y0, x0, y1, x1),
+                Image.Transpose.ROTATE_90: (y0, w - x1, y1, w - x0),
+                Image.Transpose.ROTATE_270: (h - y1, x0, h - y0, x1),
+                Image.Transpose.TRANSVERSE: (h - y1, w - x1, h - y0, w - x0),
+            }[op]
+            size, full = (h, w), (full[1], full[0])
+    return box, full
+
+
+def source_geometry(img: Image.Image) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """The size the image had before DCT downscaling (upright) and where that full-size image lies in this
+    one's pixel coordinates; an image `decode` did not downscale is its own source."""
+    size = img.info.get(SOURCE_SIZE) or img.size
+    box = img.info.get(SOURCE_BOX) or (0.0, 0.0, float(img.width), float(img.height))
+    return (int(size[0]), int(size[1])), box
 
 
 def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:

@@ -37,7 +37,7 @@ class Answer:
 class Pipeline:
     preprocessing: Preprocessing
     limits: decoding.Limits
-    mode: str = "fast"  # Settings.preprocess_mode
+    mode: str = "exact"  # Settings.preprocess_mode
     output_kind: str = "logits"
     labels: tuple[Label, ...] = field(default=(), repr=False)
     num_classes: int = 0
@@ -75,10 +75,13 @@ class Pipeline:
             limits=self.limits,
             min_short_side=augmentation.max_short_side(spec, tta),
             draft=self.preprocessor.decode_draft,
+            draft_margin=self.preprocessor.draft_margin,
             reserve=reserve,
         )
         try:
-            return self.preprocessor(img, augmentation.plan_views(spec, tta, img.size))
+            return self.preprocessor(
+                img, augmentation.plan_views(spec, tta, decoding.source_geometry(img)[0])
+            )
         finally:
             img.close()  # give the pixels back now, not when the collector gets to them
 

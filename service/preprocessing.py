@@ -2,12 +2,14 @@
 
 Two modes (`Settings.preprocess_mode`):
 
-- `exact` reproduces torchvision's PIL evaluation transform `Resize(resize, interp) + CenterCrop(crop) +
-  ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets, float32 arithmetic),
-  on an image decoded at full size.
-- `fast` (default) asks the decoder for a JPEG DCT-downscaled image, then resizes only the region each view
-  keeps (`Image.resize(box=...)`, with Pillow's `reducing_gap` pre-reduction) and normalizes with one fused
-  multiply-add in NumPy. Its top-1 agreement with `exact` is measured in `bench/bench_core.py`.
+- `exact` (default) reproduces torchvision's PIL evaluation transform `Resize(resize, interp) +
+  CenterCrop(crop) + ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets,
+  float32 arithmetic), on an image decoded at full size: the model's own answer, every time.
+- `fast` asks the decoder for a JPEG DCT-downscaled image no smaller than `FAST_DRAFT_MARGIN` times the
+  resize target, places each view by the full-size image (`decoding.source_geometry`: where it lies in the
+  downscaled pixels), resizes only the region the view keeps with the card's filter (`Image.resize(box=...)`)
+  and normalizes with one fused multiply-add in NumPy. It gives another top-1 class than `exact` on about 1
+  photo in 80; `bench/bench_fidelity.py` measures it, docs/CORE.md has the trade-off.
 
 The parameters are the model card's (`service.card.Preprocessing`). A *view* is (shorter side S, crop box in
 the S-resized image, mirror); test-time augmentation (`service/augmentation.py`) is a list of views, and this
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from service.card import Preprocessing
+from service.decoding import source_geometry
 
 INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,7 +35,10 @@ INTERPOLATION = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-MODES = ("fast", "exact")
+MODES = ("exact", "fast")
+# fast mode's JPEG draft: decode at no less than this multiple of the resize target, so that the card's filter
+# makes the last reduction (docs/CORE.md, "Preprocessing", has the measured trade-off)
+FAST_DRAFT_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ def center_view(spec: Preprocessing) -> View:
 class Preprocessor:
     """Renders views of a decoded image into a float32 (V, C, H, W) array, normalized per the card."""
 
-    def __init__(self, spec: Preprocessing, mode: str = "fast") -> None:
+    def __init__(self, spec: Preprocessing, mode: str = "exact") -> None:
         if mode not in MODES:
             raise ValueError(f"preprocess mode must be one of {MODES}, not {mode!r}")
         self.spec = spec
@@ -84,8 +90,16 @@ class Preprocessor:
     def decode_draft(self) -> bool:
         return self.mode == "fast"
 
+    @property
+    def draft_margin(self) -> float:
+        """JPEGs are DCT-downscaled to no less than this multiple of the resize target (fast mode)."""
+        return FAST_DRAFT_MARGIN
+
     def __call__(self, img: Image.Image, views: Sequence[View] | None = None) -> np.ndarray:
-        views = list(views) if views is not None else [self.fit(center_view(self.spec), img.size)]
+        """`views` are planned on the image's source size (`decoding.source_geometry`: its size before DCT
+        downscaling), as the reference transform sees the image."""
+        size, _ = source_geometry(img)
+        views = list(views) if views is not None else [self.fit(center_view(self.spec), size)]
         out = np.empty((len(views), self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
         if self.mode == "exact":
             self._render_exact(img, views, out)
@@ -103,6 +117,8 @@ class Preprocessor:
 
     # -- exact: the torchvision pipeline ----
     def _render_exact(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
+        if source_geometry(img)[0] != img.size:
+            raise ValueError("exact mode needs an image decoded at full size (decode with draft=False)")
         resized: dict[int, Image.Image] = {}
         for i, view in enumerate(views):
             view = self.fit(view, img.size)
@@ -118,28 +134,32 @@ class Preprocessor:
 
     # -- fast: resize only what each view keeps ----
     def _render_fast(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
-        w, h = img.size
+        # the views' geometry is the full-size image's; a DCT-downscaled image holds it in `box`
+        (w, h), (bx, by, bx1, by1) = source_geometry(img)
+        ax, ay = (bx1 - bx) / w, (by1 - by) / h  # decoded pixels per source pixel (1/2, 1/4, 1/8 or 1)
         rendered: dict[tuple[int, int, int], int] = {}  # crop -> index in `out` of a view holding it
         for i, view in enumerate(views):
-            view = self.fit(view, img.size)
+            view = self.fit(view, (w, h))
             key = (view.short, view.left, view.top)
             if key in rendered:
                 j = rendered[key]
                 out[i] = out[j][:, :, ::-1] if view.mirror != views[j].mirror else out[j]
                 continue
             rw, rh = resized_size(w, h, view.short)
-            sx, sy = w / rw, h / rh
+            sx, sy = ax * w / rw, ay * h / rh  # decoded pixels per resized pixel
             inside = 0 <= view.left and view.left + view.width <= rw and 0 <= view.top
-            if inside and view.top + view.height <= rh:
+            # an enlarged image is resized whole, as the reference does: cheap at that size, and Pillow's
+            # box placement differs from it by a grey level or two on a fifth of the pixels when enlarging
+            if inside and view.top + view.height <= rh and rw <= w:
                 box = (
-                    view.left * sx,
-                    view.top * sy,
-                    (view.left + view.width) * sx,
-                    (view.top + view.height) * sy,
+                    bx + view.left * sx,
+                    by + view.top * sy,
+                    bx + (view.left + view.width) * sx,
+                    by + (view.top + view.height) * sy,
                 )
-                crop = img.resize((view.width, view.height), self.resample, box=box, reducing_gap=3.0)
-            else:  # crop larger than the resized image (tiny inputs): torchvision pads with zeros
-                crop = _crop_padded(img.resize((rw, rh), self.resample), view)
+                crop = img.resize((view.width, view.height), self.resample, box=box)
+            else:  # enlarged, or a crop larger than the resized image (torchvision pads with zeros)
+                crop = _crop_padded(img.resize((rw, rh), self.resample, box=(bx, by, bx1, by1)), view)
             arr = _to_chw(np.asarray(crop, dtype=np.uint8))
             if view.mirror:
                 arr = arr[:, :, ::-1]

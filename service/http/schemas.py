@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import Any
 
 from service import augmentation, oip
+from service.card import PREPROCESS_MODES
 from service.config import Settings
 from service.errors import ServiceError
 from service.logs import REQUEST_ID
@@ -415,6 +416,24 @@ def schemas(settings: Settings) -> JSON:
                 "input": {"type": "object"},
                 "output": {"type": "object"},
                 "preprocessing": {"type": "object"},
+                "preprocessing_agreement": {
+                    "oneOf": [
+                        {"type": "null"},
+                        _object(
+                            {
+                                "mode": {"type": "string", "enum": list(PREPROCESS_MODES)},
+                                "top1": {"type": "number", "minimum": 0, "maximum": 1},
+                                "top5": {"type": "number", "minimum": 0, "maximum": 1},
+                                "inputs": {"type": "integer", "minimum": 1},
+                                "reference": {"type": "string"},
+                                "measured": {"type": "string"},
+                            }
+                        ),
+                    ],
+                    "description": "How often the default preprocessing mode gives the model's answer under "
+                    "its reference transform: top-1 and top-5 agreement over `inputs` photos; null where not "
+                    "measured.",
+                },
             },
             required=["name", "version", "state", "reason", "provider", "label_count"],
             closed=False,
