@@ -116,3 +116,42 @@ def test_batch_scoring_reads_the_model_from_the_bucket(
         (r["top_k_ids"], r["top_k_probabilities"]) for r in want
     ]
     assert len(s3.gets("model.onnx")) == 1
+
+
+def test_build_and_defaults_publish_to_a_bucket_the_same_way(
+    s3: S3, bucket: str, model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`export build` and `export defaults` go through the same staged publish as import-onnx; defaults keeps
+    a version the bucket already holds and builds (here: trains) only the missing one."""
+    url = f"s3://{bucket}/models"
+    assert export_main(["build", "lenet5", "--random-init", "--repository", url, "--name", "digits"]) == 0
+    writes = [p for m, p in s3.requests if m == "PUT"]
+    final = [p for p in writes if p.startswith(f"/{bucket}/models/digits/1/")]
+    assert final and final[-1] == f"/{bucket}/models/digits/1/model.json"  # the card last
+    assert any("/.staging/" in p for p in writes)
+
+    s3.upload_folder(model_repo / "efficientnet_lite0", bucket, "models/efficientnet_lite0")
+    capsys.readouterr()
+    assert export_main(["defaults", "--repository", url]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0/1: up to date" in out
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert {"models/lenet5/1/model.json", "models/lenet5/1/model.onnx"} <= keys
+    assert not [k for k in keys if "/.staging/" in k]
+
+    core = InferenceCore(
+        Settings(
+            repository=url,
+            model_cache=str(tmp_path / "cache"),
+            storage_endpoint_url=s3.endpoint,
+            default_model="lenet5",
+        )
+    )
+    core.load()
+    try:
+        assert core.ready and {m.name for m in core.models()} == {"digits", "efficientnet_lite0", "lenet5"}
+        (photo,) = image_folder(tmp_path / "images", 1)
+        (answer,) = classify_now(core, [photo.read_bytes()], model="lenet5")
+        assert answer.version == "1" and answer.top_k
+    finally:
+        core.close()
