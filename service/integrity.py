@@ -22,7 +22,6 @@ the version in memory is good.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -32,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from service.card import CARD_FILE, CardError, read_card
 from service.models import READY
+from service.storage import sha256_of
 
 if TYPE_CHECKING:
     from service.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-CHUNK = 1 << 20  # bytes hashed per read: a 550 MB graph never sits in memory twice
 
 
 @dataclass
@@ -55,14 +53,6 @@ class _Seen:
 def file_stat(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def served_files(entry: LoadedModel) -> tuple[Path, str] | None:

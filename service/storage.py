@@ -36,7 +36,7 @@ __all__ = ["LocalStore", "RemoteStore", "Store", "StoreUnreachable", "is_url", "
 
 SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "file": None}
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes hashed per read: a 550 MB graph never sits in memory twice
 MAX_MESSAGE = 300
 
 
