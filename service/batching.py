@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, InvalidStateError
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +42,27 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 from service.fair import FairClock
+from service.priority import lower_this_thread
 
 log = logging.getLogger("service.batching")
+
+
+@dataclass(eq=False)
+class Hold:
+    """Views a request reserved from its headers (`Batcher.hold`), before its body says how many it brings.
+
+    A burst of requests reaches the server before any of their bodies is read: checked one by one against an
+    empty queue, every one would pass, and the ones past the deadline would only be refused after their
+    bodies were read and parsed. Held views count in the queue and the expected wait of the requests after
+    them, so those are refused from their headers at once. The request's own admission (`Batcher.admit`, in
+    the same task: `held`) takes them back and admits what the body holds instead; a request that ends
+    before its admission gives them back (`Batcher.drop`)."""
+
+    views: int
+    live: bool = True
+
+
+held: ContextVar[Hold | None] = ContextVar("held", default=None)  # the hold of the request this task serves
 
 
 @dataclass
@@ -124,6 +144,7 @@ class Batcher:
         workers: int = 1,
         preparers: int = 1,
         on_idle: Callable[[], None] | None = None,
+        niceness: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError("the batcher needs at least one worker")
@@ -152,13 +173,19 @@ class Batcher:
         self._batches = 0  # batches running: never more than `workers`, whichever thread runs them
         self._stopping = False
         self.workers = workers
+        self.niceness = niceness  # of the worker threads (`service.priority`)
         self._threads: list[threading.Thread] = []
 
     # -- admission ----
     def admit(self, n: int, preparing: bool = True, deadline: float | None = None) -> None:
         """Reserve room for n views, or raise Overloaded at once: the queue is full, or (with a deadline)
-        the views ahead and these would not be answered before it."""
+        the views ahead and these would not be answered before it. Views this task held from the request's
+        headers (`held`) are given back first: these n replace them."""
         with self._cond:
+            hold = held.get()
+            if hold is not None and hold.live:
+                hold.live = False
+                self._outstanding -= hold.views
             if self._stopping:
                 raise Overloaded("the service is shutting down")
             if n > self.queue_size:  # would never fit: retrying cannot help, so not a 503
@@ -184,9 +211,10 @@ class Batcher:
             if preparing:
                 self._preparing += n
 
-    def shed(self, n: int, deadline: float) -> None:
-        """Overloaded when even n views admitted now would wait past `deadline`: what transports check
-        before they read a request's body. Reserves nothing."""
+    def hold(self, n: int, deadline: float) -> Hold:
+        """Reserve n views for a request from its headers, before its body is read, or raise Overloaded when
+        even n views would wait past `deadline` or not fit in the queue. The hold is this task's (`held`):
+        its admission replaces it; `drop` gives it back if the request ends first."""
         with self._cond:
             if self._stopping:
                 raise Overloaded("the service is shutting down")
@@ -197,6 +225,19 @@ class Batcher:
                     f"{self._outstanding} views waiting, about {wait:.2f} s; retry shortly",
                     retry_after_s=self._drain_s(),
                 )
+            self._outstanding += n
+            self.peak = max(self.peak, self._outstanding)
+        hold = Hold(n)
+        held.set(hold)
+        return hold
+
+    def drop(self, hold: Hold) -> None:
+        """Give back a hold its request did not turn into an admission (refused, failed, or gone)."""
+        with self._cond:
+            if not hold.live:
+                return
+            hold.live = False
+        self.release(hold.views)
 
     @property
     def per_view_s(self) -> float:
@@ -362,6 +403,7 @@ class Batcher:
         return max(1, min(self.max_batch_size, self._batch_limit(key)))
 
     def _loop(self) -> None:
+        lower_this_thread(self.niceness)
         while True:
             taken = self._take()
             if taken is None:

@@ -87,6 +87,11 @@ class Settings:
         512, "views (images x test-time views) admitted and not yet answered; beyond it: overloaded at once"
     )
     decode_threads: int = _setting(2, "threads decoding and preprocessing images beside inference")
+    worker_niceness: int = _setting(
+        10,
+        "Linux nice value of the threads that decode and run inference (and of ONNX Runtime's): the event "
+        "loop that answers connections runs first; 0: the loop's own",
+    )
     decode_memory_mb: int = _setting(
         1024, "MiB the images being decoded may hold at once, by estimate; an image needing more is too large"
     )
@@ -172,6 +177,8 @@ class Settings:
         threads = (self.intra_op_threads, self.inter_op_threads, self.solo_threads)
         if min(threads) < 0 or self.decode_threads < 1:
             raise ValueError("thread counts must not be negative, and decode_threads must be at least 1")
+        if not 0 <= self.worker_niceness <= 19:
+            raise ValueError("worker_niceness must be between 0 and 19")
         if not 1 <= self.inference_workers <= 64:
             raise ValueError("inference_workers must be between 1 and 64")
         if not 0 <= self.max_wait_ms <= 60_000:  # beyond a minute the batcher's timed wait overflows, too

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service import augmentation, decoding, limits, postprocessing
-from service.batching import Batcher, Job, settle
+from service.batching import Batcher, Hold, Job, settle
 from service.config import Settings
 from service.errors import (
     DeadlineExceeded,
@@ -186,7 +186,12 @@ class InferenceCore:
         # batches' worth of views already queued waits for its next turn to decode.
         ahead = 2 * self.settings.max_batch_size
         threads = max(1, self.settings.decode_threads)
-        self._pool = FairPool(threads, "preprocess", lambda owner: self.batcher.ahead(owner) < ahead)
+        self._pool = FairPool(
+            threads,
+            "preprocess",
+            lambda owner: self.batcher.ahead(owner) < ahead,
+            niceness=self.settings.worker_niceness,
+        )
         self.trim = IdleTrim(
             self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, _give_back_memory
         )
@@ -201,6 +206,7 @@ class InferenceCore:
             workers=self.settings.inference_workers,
             preparers=self.settings.decode_threads,
             on_idle=self.trim.poke,
+            niceness=self.settings.worker_niceness,
         )
         self.batcher.on_taken = self._pool.wake
 
@@ -382,10 +388,14 @@ class InferenceCore:
         )
         return k
 
-    def refuse_early(self, deadline: float | None = None, views: int = 1) -> None:
-        """Overloaded at once when `views` more views would wait past `deadline` (the configured timeout
-        when None): the check a transport makes from a request's headers, before reading its body."""
-        self.batcher.shed(views, self._deadline(deadline))
+    def hold(self, deadline: float | None = None, views: int = 1) -> Hold:
+        """Reserve `views` for a request from its headers, before its body is read, or raise Overloaded at
+        once when they would wait past `deadline` (the configured timeout when None). The request's
+        admission, in the same task, takes the hold back; `release_hold` ends one it did not reach."""
+        return self.batcher.hold(views, self._deadline(deadline))
+
+    def release_hold(self, hold: Hold) -> None:
+        self.batcher.drop(hold)
 
     def _outcome(
         self, entry: LoadedModel, k: int, fut: asyncio.Future | concurrent.futures.Future, done: bool

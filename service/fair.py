@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from service.priority import lower_this_thread
+
 
 class FairClock:
     """Tags for start-time fair queueing. Not thread-safe: its owner's lock guards it."""
@@ -53,7 +55,14 @@ class FairPool:
     `ThreadPoolExecutor`, `submit` after `shutdown` raises RuntimeError, and `shutdown(wait=True)` lets what
     was submitted run first."""
 
-    def __init__(self, threads: int, name: str, ready: Callable[[Hashable], bool] | None = None) -> None:
+    def __init__(
+        self,
+        threads: int,
+        name: str,
+        ready: Callable[[Hashable], bool] | None = None,
+        niceness: int = 0,
+    ) -> None:
+        self.niceness = niceness  # of its threads (`service.priority`)
         self._cond = threading.Condition()
         self._clock = FairClock()
         self._ready = ready
@@ -102,6 +111,7 @@ class FairPool:
         return None
 
     def _loop(self) -> None:
+        lower_this_thread(self.niceness)
         while True:
             with self._cond:
                 while True:

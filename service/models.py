@@ -31,6 +31,7 @@ from service.card import CardError, ModelCard, is_version
 from service.config import Settings
 from service.errors import InvalidArgument, ModelNotFound, ModelUnavailable, PermissionDenied, shown
 from service.pipeline import Pipeline
+from service.priority import made_lowered
 from service.repository import (
     RepositoryError,
     Store,
@@ -528,7 +529,8 @@ class ModelSet:
             card = read_card(folder) if folder is not None else load_card(self.store, name, version)
             entry.card = card
             entry.pipeline = Pipeline.for_card(card, self.limits, self.settings.preprocess_mode)
-            session = ModelSession(card, self.settings)
+            # ONNX Runtime's threads take the nice value of the thread that makes the session
+            session = made_lowered(self.settings.worker_niceness, lambda: ModelSession(card, self.settings))
             session.warm_up()
         except GpuRequired:
             self._forget_if_shown(entry)

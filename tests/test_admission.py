@@ -22,7 +22,7 @@ from PIL import Image
 from skimage import data as photos
 
 from proto import classifier_pb2, classifier_pb2_grpc
-from service.batching import Batcher, Job
+from service.batching import Batcher, Job, held
 from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import InvalidArgument, Overloaded
@@ -114,11 +114,61 @@ def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
         b.admit(1, preparing=False, deadline=soon)
     assert refused.value.retry_after_s >= 1  # whole seconds until what waits is done, rounded up
     with pytest.raises(Overloaded):
-        b.shed(1, soon)
-    b.shed(1, time.monotonic() + 60)  # a request with a minute to spare is not refused
+        b.hold(1, soon)
+    assert b.outstanding == 21  # a refused hold reserves nothing
     b.admit(1, preparing=False, deadline=time.monotonic() + 60)
     assert b.outstanding == 22
     b.release(22)
+    b.stop(5)
+
+
+def test_views_held_from_headers_count_until_admitted_or_dropped() -> None:
+    """A burst reaches the server before any body is read: each request holds its least views from its
+    headers, so the requests behind it see them and the ones past their deadline are refused at once."""
+    b, gate, _ = _batcher(run_s=0.05)
+    gate.set()
+    warm = _job(0.0, object())
+    b.admit(1, preparing=False)
+    b.submit(warm, from_preparing=False)
+    warm.future.result(10)
+    b.release(1)
+    per_view = b.per_view_s
+    assert per_view >= 0.05
+
+    def in_task(fn):  # each request is its own asyncio task, with its own context
+        import contextvars
+
+        return contextvars.copy_context().run(fn)
+
+    deadline = time.monotonic() + 10 * per_view
+    holds = []
+    refused = 0
+    for _ in range(30):  # 30 requests' headers, no body read yet
+        try:
+            holds.append(in_task(lambda: b.hold(1, deadline)))
+        except Overloaded as e:
+            refused += 1
+            assert e.retry_after_s >= 1
+    assert 5 <= len(holds) <= 10 and refused == 30 - len(holds)
+    assert b.outstanding == len(holds)
+
+    # the first request's body holds 3 images: its admission replaces its hold, in its own task
+    def admit_three() -> None:
+        held.set(holds[0])
+        b.admit(3, preparing=False, deadline=time.monotonic() + 60)
+
+    in_task(admit_three)
+    assert not holds[0].live and b.outstanding == len(holds) + 2
+    b.drop(holds[0])  # taken back by the admission: dropping it again changes nothing
+    assert b.outstanding == len(holds) + 2
+    for h in holds[1:]:  # the others end before admission (their bodies were bad, say)
+        b.drop(h)
+        b.drop(h)
+    assert b.outstanding == 3
+    # a hold that is not this task's is not taken by an admission
+    b.admit(1, preparing=False)
+    assert b.outstanding == 4
+    b.release(4)
     b.stop(5)
 
 
@@ -276,6 +326,64 @@ def _headers_only(server: Server, path: str, content_length: int) -> bytes:
             return sock.recv(4096)
         except TimeoutError:  # let in (nothing was queued yet): the server waits for the body
             return b""
+
+
+def _send_head(server: Server, deadline_ms: int) -> socket.socket:
+    """A connection that sent a /classify request's headers (a 1 MB body promised, none sent)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(
+        (
+            f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: 1000000\r\nx-request-timeout-ms: {deadline_ms}\r\n\r\n"
+        ).encode()
+    )
+    return sock
+
+
+def _answered(sock: socket.socket, within_s: float) -> bytes:
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(4096)
+    except TimeoutError:
+        return b""
+
+
+def test_requests_whose_bodies_are_on_their_way_count_for_the_next(server: Server) -> None:
+    """Each request's headers hold a view while its body is read: requests arriving together see the ones
+    ahead of them, and those that would wait past their deadline are refused from their headers at once.
+    A client gone before sending its body gives its view back."""
+    probe = _small_jpegs(1)[0]
+    assert httpx.post(server.url + "/classify", content=probe, timeout=60).status_code == 200  # measured
+    held: list[socket.socket] = []
+    refusal = b""
+    try:
+        for _ in range(200):  # bodies never sent: nothing is ever admitted, only held
+            sock = _send_head(server, 150)
+            refusal = _answered(sock, 0.3)
+            if refusal:
+                sock.close()
+                break
+            held.append(sock)
+        assert refusal.startswith(b"HTTP/1.1 503"), refusal[:200]
+        assert b"retry-after: " in refusal.lower()
+        assert 1 <= len(held) < 200
+    finally:
+        for sock in held:  # gone mid-body: each hold is given back
+            sock.close()
+    deadline = time.monotonic() + 20
+    while True:  # once the server has seen them go, a request with the same deadline is held, not refused
+        sock = _send_head(server, 150)
+        answer = _answered(sock, 0.3)
+        sock.close()
+        if not answer:
+            break
+        assert time.monotonic() < deadline, answer[:200]
+        time.sleep(0.2)
+    r = httpx.post(
+        server.url + "/classify", content=probe, headers={"x-request-timeout-ms": "5000"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_overload_is_refused_at_once_over_http_and_grpc(server: Server) -> None:

@@ -3,8 +3,10 @@
 Under overload the body of a request the service will refuse anyway costs the most: reading and parsing a
 batch of images took 300-500 ms before admission answered 503. The route, the query string's `tta` and the
 client's `x-request-timeout-ms` already say what the request needs at the least (one image's views) and by
-when; when the work queued now would not be done by then (`InferenceCore.refuse_early`), the answer is 503
-with Retry-After at once, the body unread. The route's own admission still counts the request's real views.
+when; when the work queued now would not be done by then, the answer is 503 with Retry-After at once, the
+body unread. Otherwise those views are held for the request (`InferenceCore.hold`) while its body is read,
+so that the requests of a burst arriving behind it see them; the route's own admission replaces the hold
+with the request's real views.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from service import augmentation
+from service.batching import Hold
 from service.config import Settings
-from service.errors import InvalidArgument, Overloaded
+from service.errors import InvalidArgument
 
 INFERENCE_PATH = re.compile(r"^/(classify|classify_batch|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
 
-def refuse_early(core: Any, scope: dict, headers: dict[str, str], settings: Settings) -> Overloaded | None:
-    """The Overloaded answer for an inference request the queue cannot serve before its deadline, or None
-    (serve it; so too when the core is not running yet or a header is malformed: the route answers that)."""
+def hold_from_headers(core: Any, scope: dict, headers: dict[str, str], settings: Settings) -> Hold | None:
+    """The views held for an inference request, or None (not an inference request, the core not running
+    yet, or a header malformed: the route answers that). Raises Overloaded when the queue cannot serve the
+    request before its deadline."""
     if core is None or scope.get("method") != "POST" or not INFERENCE_PATH.match(scope.get("path", "")):
         return None
     seconds = settings.request_timeout_s
@@ -44,8 +48,4 @@ def refuse_early(core: Any, scope: dict, headers: dict[str, str], settings: Sett
             views = augmentation.view_count(tta[-1])
         except InvalidArgument:
             return None
-    try:
-        core.refuse_early(time.monotonic() + seconds, views)
-    except Overloaded as refused:
-        return refused
-    return None
+    return core.hold(time.monotonic() + seconds, views)

@@ -16,9 +16,9 @@ from typing import Any
 from service import logs
 from service.auth import REALM, check_bearer
 from service.config import Settings
-from service.errors import Unauthenticated
+from service.errors import Overloaded, Unauthenticated
 
-from .admission import refuse_early
+from .admission import hold_from_headers
 from .api import open_rule
 from .responses import error_response, internal_message, plain_error
 
@@ -59,6 +59,7 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         start = time.perf_counter()
         status = {"code": 500, "bytes": 0, "sent": 0}
+        hold = None
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -93,9 +94,10 @@ class RequestContextMiddleware:
                 if metrics is not None:
                     metrics.request("-", "-", "http", "404", time.perf_counter() - start)
                 return
-            refused_early = refuse_early(self.core(), scope, headers, self.settings)
-            if refused_early is not None:  # overloaded: answered from the headers, the body left unread
-                await error_response(refused_early, request_id)(scope, receive, send_with_id)
+            try:
+                hold = hold_from_headers(self.core(), scope, headers, self.settings)
+            except Overloaded as refused:  # answered from the headers, the body left unread
+                await error_response(refused, request_id)(scope, receive, send_with_id)
                 metrics = self.metrics()
                 if metrics is not None:
                     metrics.request("-", "-", "http", "503", time.perf_counter() - start)
@@ -115,6 +117,8 @@ class RequestContextMiddleware:
                 message = internal_message(request_id)
                 await plain_error(500, "internal", message, request_id)(scope, receive, send_with_id)
         finally:
+            if hold is not None:  # the request ended before its admission took the hold back
+                self.core().release_hold(hold)
             content_length = headers.get("content-length", "")
             logs.access(
                 self.log,

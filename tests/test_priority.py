@@ -1,0 +1,83 @@
+"""The threads that decode and run inference run below the event loop (`service.priority`).
+
+Each worker's event loop answers connections while its threads keep the cores busy; with a higher nice value
+on the work threads (ONNX Runtime's included), the loop is run first whenever it is ready.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from service.config import Settings
+from service.core import InferenceCore
+from service.priority import made_lowered, thread_niceness
+from tests.conftest import classify_now, encode
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values: Linux"),
+    pytest.mark.skipif(
+        os.getpriority(os.PRIO_PROCESS, 0) > 12, reason="this process runs at a nice value near 19"
+    ),
+]
+
+
+def _tasks() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def test_decode_batcher_and_onnx_runtime_threads_run_below_the_caller(
+    tiny_repo: Path, chelsea: Image.Image
+) -> None:
+    mine = thread_niceness()
+    before = _tasks()
+    settings = Settings(
+        repository=str(tiny_repo),
+        models=("tiny",),
+        worker_niceness=mine + 7,
+        intra_op_threads=2,
+        decode_threads=2,
+    )
+    core = InferenceCore(settings)
+    core.load()
+    try:
+        (answer,) = classify_now(core, [encode(chelsea)], model="tiny")
+        assert answer.top_k
+        python_threads = {t.native_id for t in threading.enumerate()}
+        pool = [t.native_id for t in core._pool._threads]
+        batcher = [t.native_id for t in core.batcher._threads]
+        assert len(pool) == 2 and len(batcher) == 1
+        for tid in pool + batcher:
+            assert thread_niceness(tid) == mine + 7, tid
+        # ONNX Runtime's own threads (not Python's) were started by a session made on a lowered thread
+        runtime = [t for t in _tasks() - before if t not in python_threads]
+        assert runtime and all(thread_niceness(t) == mine + 7 for t in runtime), runtime
+        assert thread_niceness() == mine  # the caller (the event loop's thread in a server) keeps its own
+    finally:
+        core.close()
+
+
+def test_niceness_zero_changes_nothing(tiny_repo: Path) -> None:
+    mine = thread_niceness()
+    core = InferenceCore(Settings(repository=str(tiny_repo), models=("tiny",), worker_niceness=0))
+    core.load()
+    try:
+        core.batcher.start()
+        assert all(thread_niceness(t.native_id) == mine for t in core._pool._threads + core.batcher._threads)
+    finally:
+        core.close()
+
+
+def test_made_lowered_returns_or_raises_on_the_callers_thread() -> None:
+    mine = thread_niceness()
+    assert made_lowered(mine + 3, thread_niceness) == mine + 3
+    with pytest.raises(ValueError, match="bad"):
+        made_lowered(mine + 3, lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert thread_niceness() == mine
+    with pytest.raises(ValueError, match="worker_niceness"):
+        Settings(worker_niceness=20).validate()
