@@ -251,7 +251,7 @@ async def burst(url: str, clients: int, images: list[bytes], deadline_ms: int | 
 def probe(url: str, n: int, stop: threading.Event) -> None:
     """Requests that promise a 4 MB body with a 1 s deadline and send none: over their headers alone, what
     the overloaded server answers (a server that read the body first would wait for it and time out). The
-    first is sent once the burst is under way: one sent to an idle server is let in, and waits for its body."""
+    first is sent once the burst is under way: one sent to an idle server is let in and waits for its body."""
     host, port = url.removeprefix("http://").split(":")
     if stop.wait(0.3):
         return
