@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.oip import OpenInference
 from service.storage import RepositoryError, is_url
 
-from . import connections
+from . import connections, traffic
 from .api import build_app
 from .middleware import RequestContextMiddleware
 from .parsing import BodyParser
@@ -45,6 +45,7 @@ logs.configure(SETTINGS.log_level)
 app = build_app(SETTINGS)
 # The connection limit and the idle and header timeouts: the HTTP protocol uvicorn builds after this import.
 connections.install(SETTINGS, lambda: getattr(getattr(app.state, "runtime", None), "metrics", None))
+traffic.install()
 
 
 @bentoml.asgi_app(app, path="/")
