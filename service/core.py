@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service import augmentation, decoding, limits, postprocessing
+from service import augmentation, decoding, limits, postprocessing, priority
 from service.batching import Batcher, Hold, Job, settle
 from service.config import Settings
 from service.errors import (
@@ -170,6 +170,7 @@ def _give_back_memory() -> None:
 class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
+        priority.configure(self.settings.worker_niceness)
         self.observer: Observer = observer or NullObserver()
         self.loaded = False  # load() finished and close() not begun: each ready model serves
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live

@@ -6,7 +6,10 @@ body or answer a 503, waits for a core like any of them: each step of a request 
 scheduler. Linux keeps a nice value per thread: the threads that do the work raise theirs
 (`worker_niceness`), so the scheduler runs the loop whenever it is ready, and the work takes every cycle the
 loop leaves. ONNX Runtime starts its own threads when a session is made; they take the nice value of the
-thread that makes it (`made_lowered`). Elsewhere than Linux the nice value is the process's: nothing changes.
+thread that makes it (`made_lowered`). A request's work handed to a shared thread pool (a JSON body's
+estimate and parse, a gRPC tensor's copy: `as_work`) runs at that value too: were it above inference, a
+client sending large bodies would be served before the others' images. Elsewhere than Linux the nice value
+is the process's: nothing changes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,25 @@ def lower_this_thread(niceness: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, min(niceness, 19))
     except OSError:  # not allowed here: the thread keeps its priority
         pass
+
+
+_work_niceness = 0  # what `as_work` lowers a pool's thread to: the core's `worker_niceness`
+
+
+def configure(niceness: int) -> None:
+    """The nice value of request work (`as_work`); set once, by the inference core."""
+    global _work_niceness
+    _work_niceness = niceness
+
+
+def as_work(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, run at the nice value of request work on whatever pool thread runs it."""
+
+    def lowered(*args: object, **kwargs: object) -> T:
+        lower_this_thread(_work_niceness)
+        return fn(*args, **kwargs)
+
+    return lowered
 
 
 def thread_niceness(tid: int | None = None) -> int:

@@ -81,3 +81,23 @@ def test_made_lowered_returns_or_raises_on_the_callers_thread() -> None:
     assert thread_niceness() == mine
     with pytest.raises(ValueError, match="worker_niceness"):
         Settings(worker_niceness=20).validate()
+
+
+def test_request_work_on_a_shared_pool_runs_at_the_work_niceness() -> None:
+    """A JSON body's estimate and parse run on anyio's (or asyncio's) shared threads: at the work's nice
+    value, not above inference."""
+    import anyio
+
+    from service import priority
+
+    mine = thread_niceness()
+    priority.configure(mine + 4)
+    try:
+
+        async def main() -> int:
+            return await anyio.to_thread.run_sync(priority.as_work(thread_niceness))
+
+        assert anyio.run(main) == mine + 4
+        assert thread_niceness() == mine
+    finally:
+        priority.configure(0)

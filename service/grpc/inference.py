@@ -21,6 +21,7 @@ from service.config import Settings
 from service.core import InferenceCore
 from service.errors import InvalidArgument, shown
 from service.grpc.interceptor import deadline_from
+from service.priority import as_work
 
 # Which repeated field of InferTensorContents holds each datatype (FP16/BF16 only travel raw).
 CONTENTS_FIELD = {
@@ -152,7 +153,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument("model_name is required")
         # In a worker thread: typed contents of millions of values take tenths of a second to copy out, which
         # on the event loop (shared with HTTP) would hold up every other call.
-        inputs = await asyncio.to_thread(decode_inputs, request, self.settings.max_images_per_request)
+        limit = self.settings.max_images_per_request
+        inputs = await asyncio.to_thread(as_work(decode_inputs), request, limit)
         result = await self.protocol.infer(
             request.model_name,
             request.model_version or None,

@@ -32,6 +32,7 @@ import anyio
 
 from service.errors import InvalidArgument, ModelUnavailable, RequestTooLarge
 from service.memory import MemoryBudget
+from service.priority import as_work
 
 T = TypeVar("T")
 log = logging.getLogger("cnn_serve.http")
@@ -176,14 +177,14 @@ async def parse_json_body(
 ) -> T:
     """`then(parsed, rest)` of `data` whose first `json_end` bytes are JSON: its cost checked and reserved
     first, parsed in a child process when large (`parser`), else in a thread; never on the event loop."""
-    cost = await anyio.to_thread.run_sync(budget.check, data, json_end, what)
+    cost = await anyio.to_thread.run_sync(as_work(budget.check), data, json_end, what)
     memory = budget.memory
     if memory is not None:
-        await anyio.to_thread.run_sync(memory.acquire, cost, budget.deadline)
+        await anyio.to_thread.run_sync(as_work(memory.acquire), cost, budget.deadline)
     try:
         if parser is not None and parser.processes > 0 and json_end >= PROCESS_BYTES:
             return await parser.run(parse_then, data, json_end, what, then)
-        return await anyio.to_thread.run_sync(parse_then, data, json_end, what, then)
+        return await anyio.to_thread.run_sync(as_work(parse_then), data, json_end, what, then)
     finally:
         if memory is not None:
             memory.release(cost)

@@ -32,6 +32,7 @@ from service.config import Settings
 from service.decoding import refuse_url
 from service.errors import ClientGone, InvalidArgument, RequestTimeout, RequestTooLarge, shown
 from service.memory import MemoryBudget
+from service.priority import as_work
 
 from .parsing import BodyParser, JsonBudget, parse_json_body
 
@@ -77,7 +78,7 @@ def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a worker thread, for work that releases the interpreter lock or takes milliseconds."""
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+    return await anyio.to_thread.run_sync(as_work(functools.partial(fn, *args)))
 
 
 def image_from_base64(item: object, where: str) -> bytes:
