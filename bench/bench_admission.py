@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -228,18 +229,26 @@ async def burst(url: str, clients: int, images: list[bytes], deadline_ms: int | 
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
         f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
     ).encode() + body
-    statuses: dict[int, int] = {}
+    statuses: dict[int | str, int] = {}
     ok_ms: list[float] = []
     connections = [await asyncio.open_connection(host, int(port)) for _ in range(clients)]
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         t0 = time.perf_counter()
-        writer.write(request)
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n")
-        await reader.read()  # the rest, to the close
-        writer.close()
-        status = int(head.split(b" ", 2)[1])
+        status: int | str
+        try:
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n")
+            status = int(head.split(b" ", 2)[1])
+            # the rest, to the close; a request refused from its headers leaves its body unread, and the
+            # server's close then resets the connection
+            with contextlib.suppress(OSError):
+                await reader.read()
+        except (OSError, asyncio.IncompleteReadError) as exc:  # no answer: counted as a client saw it
+            status = type(exc).__name__
+        finally:
+            writer.close()
         statuses[status] = statuses.get(status, 0) + 1
         if status == 200:
             ok_ms.append((time.perf_counter() - t0) * 1000)
@@ -338,13 +347,15 @@ def memory(checkout: Path, work: Path, clients: int, marks: tuple[int, ...], var
             floods = [threading.Thread(target=flood, args=(s.url, tiny, stop, counts)) for _ in range(3)]
             for t in floods:
                 t.start()
-            asyncio.run(burst(s.url, clients, four, None))
-            time.sleep(3)
-            stop.set()
-            for t in floods:
-                t.join()
-            done.set()
-            sampler.join()
+            try:
+                asyncio.run(burst(s.url, clients, four, None))
+                time.sleep(3)
+            finally:
+                stop.set()
+                for t in floods:
+                    t.join()
+                done.set()
+                sampler.join()
             row["end"] = time.monotonic()
             rows[name] = row
         for m in marks:  # the servers idle together after their bursts
