@@ -186,28 +186,11 @@ class Batcher:
             if hold is not None and hold.live:
                 hold.live = False
                 self._outstanding -= hold.views
-            if self._stopping:
-                raise Overloaded("the service is shutting down")
             if n > self.queue_size:  # would never fit: retrying cannot help, so not a 503
                 raise InvalidArgument(
                     f"{n} views in one request; the queue holds {self.queue_size} views (queue_size)"
                 )
-            if self._outstanding + n > self.queue_size:
-                raise Overloaded(
-                    f"{self._outstanding} views waiting; the queue holds {self.queue_size}, retry shortly",
-                    retry_after_s=self._drain_s(),
-                )
-            if deadline is not None and self._outstanding > 0:  # an idle server tries whatever it admits
-                wait = (self._outstanding + n) * self.per_view_s
-                left = deadline - time.monotonic()
-                if wait > left:
-                    raise Overloaded(
-                        f"{self._outstanding} views waiting: about {wait:.2f} s expected, past this "
-                        f"request's deadline ({max(0.0, left):.2f} s left), retry shortly",
-                        retry_after_s=self._drain_s(),
-                    )
-            self._outstanding += n
-            self.peak = max(self.peak, self._outstanding)
+            self._reserve(n, deadline)
             if preparing:
                 self._preparing += n
 
@@ -216,20 +199,32 @@ class Batcher:
         even n views would wait past `deadline` or not fit in the queue. The hold is this task's (`held`):
         its admission replaces it; `drop` gives it back if the request ends first."""
         with self._cond:
-            if self._stopping:
-                raise Overloaded("the service is shutting down")
-            busy = self._outstanding + n > self.queue_size
-            wait = (self._outstanding + n) * self.per_view_s
-            if busy or (self._outstanding > 0 and wait > deadline - time.monotonic()):
-                raise Overloaded(
-                    f"{self._outstanding} views waiting, about {wait:.2f} s; retry shortly",
-                    retry_after_s=self._drain_s(),
-                )
-            self._outstanding += n
-            self.peak = max(self.peak, self._outstanding)
+            self._reserve(n, deadline)
         hold = Hold(n)
         held.set(hold)
         return hold
+
+    def _reserve(self, n: int, deadline: float | None) -> None:
+        """Count n more views admitted, or raise Overloaded: stopping, the queue full, or (with a deadline)
+        the views ahead and these not answered before it. The lock is held."""
+        if self._stopping:
+            raise Overloaded("the service is shutting down")
+        if self._outstanding + n > self.queue_size:
+            raise Overloaded(
+                f"{self._outstanding} views waiting; the queue holds {self.queue_size}, retry shortly",
+                retry_after_s=self._drain_s(),
+            )
+        if deadline is not None and self._outstanding > 0:  # an idle server tries whatever it admits
+            wait = (self._outstanding + n) * self.per_view_s
+            left = deadline - time.monotonic()
+            if wait > left:
+                raise Overloaded(
+                    f"{self._outstanding} views waiting: about {wait:.2f} s expected, past this "
+                    f"request's deadline ({max(0.0, left):.2f} s left), retry shortly",
+                    retry_after_s=self._drain_s(),
+                )
+        self._outstanding += n
+        self.peak = max(self.peak, self._outstanding)
 
     def drop(self, hold: Hold) -> None:
         """Give back a hold its request did not turn into an admission (refused, failed, or gone)."""

@@ -7,6 +7,7 @@ loopback and call it over HTTP and gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 import threading
 import time
@@ -98,7 +99,8 @@ def test_a_job_larger_than_a_batch_runs_in_parts_between_other_requests() -> Non
     assert out.ravel().tolist() == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]  # the parts' outputs, in order
 
 
-def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
+def _measured_batcher() -> Batcher:
+    """A batcher that has run one batch: its cost per view (at least 50 ms) is measured."""
     b, gate, _ = _batcher(run_s=0.05)
     gate.set()
     warm = _job(0.0, object())
@@ -106,6 +108,11 @@ def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
     b.submit(warm, from_preparing=False)
     warm.future.result(10)
     b.release(1)
+    return b
+
+
+def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
+    b = _measured_batcher()
     assert b.per_view_s >= 0.05  # measured from the batch that ran
     b.admit(1, preparing=False, deadline=time.monotonic() + 1e-3)  # idle: admitted whatever its deadline
     b.admit(20, preparing=False)  # 21 views waiting: about a second of work
@@ -125,19 +132,11 @@ def test_admission_sheds_by_expected_wait_with_retry_after() -> None:
 def test_views_held_from_headers_count_until_admitted_or_dropped() -> None:
     """A burst reaches the server before any body is read: each request holds its least views from its
     headers, so the requests behind it see them and the ones past their deadline are refused at once."""
-    b, gate, _ = _batcher(run_s=0.05)
-    gate.set()
-    warm = _job(0.0, object())
-    b.admit(1, preparing=False)
-    b.submit(warm, from_preparing=False)
-    warm.future.result(10)
-    b.release(1)
+    b = _measured_batcher()
     per_view = b.per_view_s
     assert per_view >= 0.05
 
     def in_task(fn):  # each request is its own asyncio task, with its own context
-        import contextvars
-
         return contextvars.copy_context().run(fn)
 
     deadline = time.monotonic() + 10 * per_view
