@@ -430,10 +430,10 @@ def test_a_killed_worker_ends_the_run_instead_of_hanging_it(tmp_path, repo):
     its task, deaf to Ctrl-C. Now the run keeps what it scored, says why, exits 1, and a rerun completes."""
     import psutil
 
-    # The worker killed must hold a task, or nothing is lost and the run rightly ends well (as it did in CI,
-    # where 40 small images were all decoded before the kill). After a few small images come 48 copies of a
-    # 6-megapixel PNG, which PNG cannot decode at a reduced scale: decoding, not the tiny model, is then the
-    # bottleneck, and both workers are busy for seconds after the first part file appears.
+    # The run must still be waiting for a task when the worker dies, or nothing is lost and it rightly ends
+    # well. After a few small images come 48 copies of a 6-megapixel PNG, which PNG cannot decode at a reduced
+    # scale: decoding, not the tiny model, is the bottleneck. Batches of 4 make the first part file appear
+    # after the first 4 images, so about 48 big decodes are still to come when the worker is killed.
     images = image_folder(tmp_path / "in", 8)
     big = tmp_path / "in" / "set9"
     big.mkdir()
@@ -443,7 +443,9 @@ def test_a_killed_worker_ends_the_run_instead_of_hanging_it(tmp_path, repo):
         shutil.copyfile(big / "big00.png", big / f"big{i:02d}.png")
     images += sorted(big.iterdir())
     out = tmp_path / "out.jsonl"
-    cmd = score_cmd(tmp_path / "in", out, repo, "tiny", "--workers", "2", "--chunk-size", "4")
+    cmd = score_cmd(
+        tmp_path / "in", out, repo, "tiny", "--workers", "2", "--chunk-size", "4", "--batch-size", "4"
+    )
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
