@@ -72,6 +72,7 @@ class Job:
     future: Future  # resolves to the (V, outputs) raw network outputs
     deadline: float  # time.monotonic() seconds
     owner: Hashable | None = None  # the request it belongs to: jobs of one owner take turns with others'
+    request_views: int = 0  # views of the whole request (0: this job's): what makes a request large
     enqueued: float = field(default_factory=time.monotonic)
     order: tuple[float, int] = (0.0, 0)  # its fair-queueing tag, set when queued
 
@@ -95,7 +96,15 @@ def split(job: Job, limit: int) -> list[Job]:
     if n <= limit:
         return [job]
     parts = [
-        Job(job.key, job.views[i : i + limit], Future(), job.deadline, owner=job.owner, enqueued=job.enqueued)
+        Job(
+            job.key,
+            job.views[i : i + limit],
+            Future(),
+            job.deadline,
+            owner=job.owner,
+            request_views=max(job.request_views, n),
+            enqueued=job.enqueued,
+        )
         for i in range(0, n, limit)
     ]
     outputs: list[Any] = [None] * len(parts)
@@ -141,6 +150,7 @@ class Batcher:
         observer: Any,
         labels: Callable[[Hashable], tuple[str, str]] = lambda key: (str(key), ""),
         batch_limit: Callable[[Hashable], int] | None = None,
+        turn_limit: Callable[[Hashable], int] | None = None,
         workers: int = 1,
         preparers: int = 1,
         on_idle: Callable[[], None] | None = None,
@@ -155,6 +165,7 @@ class Batcher:
         self.observer = observer
         self._labels = labels  # a key's (model, version), for the observer
         self._batch_limit = batch_limit
+        self._turn_limit = turn_limit
         self._cond = threading.Condition()
         self._queue: list[Job] = []  # in fair-queueing order (`Job.order`)
         self._clock = FairClock()
@@ -285,7 +296,9 @@ class Batcher:
             if self._stopping:  # stopped for good: a late job is answered, never a reason to restart
                 settle(job.future, error=Overloaded("the service is shutting down"))
                 return
-            inline = run_here and self._idle()
+            turn = self.turn(job.key)
+            large = self._large(job, turn)
+            inline = run_here and self._idle() and not large  # a large job runs in turns, never whole
             if inline:  # taken as a worker would take it: later jobs see it running, and wait their turn
                 self._running += job.views.shape[0]
                 self._batches += 1
@@ -294,7 +307,8 @@ class Batcher:
                 # parts of a multiscale image (30 views) other requests' jobs run.
                 if job.owner is not None:
                     self._ahead[job.owner] = self._ahead.get(job.owner, 0) + job.views.shape[0]
-                for part in split(job, self.limit(job.key)):
+                # A large request's job is queued in parts of a turn, which batches take one or several of
+                for part in split(job, turn if large else self.limit(job.key)):
                     part.order = self._clock.tag(part.owner, part.views.shape[0])
                     self._queue.append(part)
                     if len(self._queue) > 1 and self._queue[-2].order > part.order:
@@ -361,12 +375,22 @@ class Batcher:
                 # idle at the end of a burst.
                 in_sight = views + self._preparing + self._running
                 limit = min(limit, max(1, -(-in_sight // self.workers)))
+            turn = self.turn(first.key)
+            first_large = self._large(first, turn)
+            turns: dict[Hashable, int] = {}  # views per large request in this batch
             taken: list[Job] = []
             rest: list[Job] = []
             total = 0
             for job in self._queue:
                 n = job.views.shape[0]
-                if job.key == first.key and (not taken or total + n <= limit):
+                fits = job.key == first.key and (not taken or total + n <= limit)
+                if fits and taken and self._large(job, turn):
+                    # a large request's views never ride in a small request's batch, and take at most a
+                    # turn of any batch: the batch a small request waits behind stays short
+                    fits = first_large and turns.get(job.owner, 0) + n <= turn
+                if fits:
+                    if self._large(job, turn):
+                        turns[job.owner] = turns.get(job.owner, 0) + n
                     taken.append(job)
                     total += n
                     if job.owner is not None:
@@ -396,6 +420,19 @@ class Batcher:
         if self._batch_limit is None:
             return self.max_batch_size
         return max(1, min(self.max_batch_size, self._batch_limit(key)))
+
+    def turn(self, key: Hashable) -> int:
+        """Views of one large request per batch while small requests are about: what keeps the batch a
+        small request waits behind short (`ModelSession.turn_batch`)."""
+        limit = self.limit(key)
+        if self._turn_limit is None:
+            return limit
+        return max(1, min(limit, self._turn_limit(key)))
+
+    @staticmethod
+    def _large(job: Job, turn: int) -> bool:
+        """Whether the job's request brings more views than a turn."""
+        return max(job.request_views, job.views.shape[0]) > turn
 
     def _loop(self) -> None:
         lower_this_thread(self.niceness)

@@ -204,6 +204,7 @@ class InferenceCore:
             observer=self.observer,
             labels=lambda key: (key[0], key[1]),
             batch_limit=self._batch_limit,
+            turn_limit=self._turn_limit,
             workers=self.settings.inference_workers,
             preparers=self.settings.decode_threads,
             on_idle=self.trim.poke,
@@ -294,6 +295,13 @@ class InferenceCore:
             session = None
         return session.preferred_batch if session is not None else self.settings.max_batch_size
 
+    def _turn_limit(self, key: tuple[str, str, int]) -> int:
+        try:
+            session = self.model_set.by_key(key).session
+        except ModelUnavailable:
+            session = None
+        return session.turn_batch if session is not None else 1
+
     def _run_batch(self, key: tuple[str, str, int], batch: np.ndarray, alone: bool = False) -> np.ndarray:
         session = self.model_set.by_key(key).session  # held by the requests of this batch
         if session is None:
@@ -306,7 +314,8 @@ class InferenceCore:
         """Admit the request's views, then decode+preprocess each image in the pool, in turns with other
         requests; each future resolves to the image's raw view outputs."""
         per = augmentation.view_count(tta)
-        self.batcher.admit(len(images) * per, deadline=deadline)
+        total = len(images) * per
+        self.batcher.admit(total, deadline=deadline)
         owner = object()  # this request, for fair turns in the pool and the batcher
         futures = []
         for data in images:
@@ -314,7 +323,7 @@ class InferenceCore:
             fut.add_done_callback(lambda _f: self.batcher.release(per))
             futures.append(fut)
             try:
-                self._pool.submit(owner, per, self._prepare, data, entry, tta, deadline, fut, owner)
+                self._pool.submit(owner, per, self._prepare, data, entry, tta, deadline, fut, owner, total)
             except RuntimeError:  # the pool is shut down: the core is closing
                 settle(fut, error=Overloaded("the service is shutting down"))
                 self.batcher.prepared(per)
@@ -328,6 +337,7 @@ class InferenceCore:
         deadline: float,
         fut: concurrent.futures.Future,
         owner: object = None,
+        request_views: int = 0,
     ) -> None:
         queued = False
         try:
@@ -342,7 +352,7 @@ class InferenceCore:
             self.batcher.note_preprocess(seconds, views.shape[0])
             # A lone job runs on this thread when another pool thread is left to decode what comes meanwhile
             self.batcher.submit(
-                Job(key=entry.key, views=views, future=fut, deadline=deadline, owner=owner),
+                Job(entry.key, views, fut, deadline, owner=owner, request_views=request_views),
                 run_here=self.settings.decode_threads > 1,
             )
             queued = True

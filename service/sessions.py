@@ -98,6 +98,7 @@ class ModelSession:
         self.buckets = batch_buckets(settings.max_batch_size, self.fixed_batch)
         self._lock = threading.Lock()
         self.preferred_batch = self.buckets[-1]  # until warm_up measures the buckets
+        self.turn_batch = self.buckets[0]
         self.per_image_s: dict[int, float] = {}
 
     def _open(self, card: ModelCard, fname: str, providers: Sequence[str]) -> bytes:
@@ -243,6 +244,7 @@ class ModelSession:
                 per_image[b] = min(per_image[b], (clock() - t0) / b)
         self.per_image_s = per_image
         self.preferred_batch = pick_batch(per_image)
+        self.turn_batch = pick_turn(per_image)
         if not self.on_gpu:
             self._settle_memory(data)
 
@@ -266,6 +268,7 @@ class ModelSession:
             "precision": self.precision,
             "batch_buckets": list(self.buckets),
             "preferred_batch": self.preferred_batch,
+            "turn_batch": self.turn_batch,
             "per_image_s": dict(self.per_image_s),
             "per_image_clock": "wall" if self.on_gpu else "cpu",
             "io_binding": self.on_gpu,
@@ -290,3 +293,21 @@ def pick_batch(per_image: dict[int, float], tolerance: float = PICK_TOLERANCE) -
         raise ValueError("no batch size was timed")
     best = min(finite.values())
     return max(b for b, t in finite.items() if t <= best * (1 + tolerance))
+
+
+TURN_FACTOR = 2.0
+
+
+def pick_turn(per_image: dict[int, float], factor: float = TURN_FACTOR) -> int:
+    """A large request's turn: the largest bucket whose run costs at most `factor` times the smallest
+    bucket's. While small requests are about, the batcher gives a large request at most this many views
+    of a batch, so that a small request waits behind a run about as short as its own. On GPU, where a
+    run's time hardly grows with the batch until the device is full, that is a large bucket; on a CPU, one
+    of two or three images.
+    """
+    finite = {b: t for b, t in per_image.items() if math.isfinite(t) and t >= 0}
+    if not finite:
+        raise ValueError("no batch size was timed")
+    smallest = min(finite)
+    budget = factor * smallest * finite[smallest]
+    return max([smallest, *(b for b, t in finite.items() if b * t <= budget)])

@@ -99,6 +99,81 @@ def test_a_job_larger_than_a_batch_runs_in_parts_between_other_requests() -> Non
     assert out.ravel().tolist() == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]  # the parts' outputs, in order
 
 
+def test_a_large_request_takes_a_turn_of_each_batch_and_stays_out_of_small_requests_batches() -> None:
+    """A batch a small request waits behind stays short: a large request (more views than a turn) gives at
+    most a turn of its views to any batch, and none to a batch that a small request leads. Small requests
+    still batch together, and ride in a large request's batch."""
+    gate, ran = threading.Event(), []
+
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        ran.append(batch[:, 0, 0, 0].tolist())
+        gate.wait(10)
+        return batch.reshape(batch.shape[0], -1)[:, :1] * 10
+
+    b = Batcher(
+        run,
+        max_batch_size=8,
+        max_wait_s=0.0,
+        queue_size=32,
+        observer=NullObserver(),
+        turn_limit=lambda key: 2,
+    )
+
+    def views(*values: float) -> np.ndarray:
+        return np.asarray(values, np.float32).reshape(-1, 1, 1, 1) * np.ones(
+            (len(values), 1, 2, 2), np.float32
+        )
+
+    def job(owner: object, *values: float, request_views: int = 0) -> Job:
+        return Job("m", views(*values), Future(), 1e12, owner=owner, request_views=request_views)
+
+    first = job(object(), 0.0)
+    large_b, large_e = object(), object()
+    queued = [
+        job(object(), 9.0),  # small
+        job(large_b, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0),  # one job of six views
+        job(object(), 8.0),  # small
+        job(large_e, 11.0, 12.0, request_views=4),  # two images of a four-view request
+        job(large_e, 13.0, 14.0, request_views=4),
+    ]
+    b.admit(1 + 1 + 6 + 1 + 4, preparing=False)
+    b.submit(first, from_preparing=False)  # taken at once; it waits for the gate while the rest queue
+    while not ran:
+        time.sleep(0.001)
+    for j in queued:
+        b.submit(j, from_preparing=False)
+    gate.set()
+    answers = [j.future.result(10).ravel().tolist() for j in queued]
+    b.stop(5)
+    assert ran == [[0.0], [9.0, 8.0], [1.0, 2.0, 11.0, 12.0], [3.0, 4.0, 13.0, 14.0], [5.0, 6.0]]
+    assert answers[1] == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0] and answers[4] == [130.0, 140.0]
+
+
+def test_a_large_job_never_runs_whole_where_it_was_prepared() -> None:
+    """`run_here` runs a lone job at once on the preparing thread; a large one is queued in turns instead,
+    so that a small request that comes meanwhile waits for one turn, not for the whole job."""
+    ran = []
+
+    def run(key, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        ran.append((batch.shape[0], threading.current_thread().name))
+        return batch.reshape(batch.shape[0], -1)[:, :1]
+
+    b = Batcher(
+        run,
+        max_batch_size=2,
+        max_wait_s=0.0,
+        queue_size=16,
+        observer=NullObserver(),
+        turn_limit=lambda key: 1,
+    )
+    b.admit(3)
+    large = Job("m", np.zeros((3, 1, 2, 2), np.float32), Future(), 1e12, owner=object())
+    b.submit(large, run_here=True)
+    assert large.future.result(10).shape == (3, 1)
+    b.stop(5)
+    assert ran == [(1, "batcher-0")] * 3
+
+
 def _measured_batcher() -> Batcher:
     """A batcher that has run one batch: its cost per view (at least 50 ms) is measured."""
     b, gate, _ = _batcher(run_s=0.05)

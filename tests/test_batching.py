@@ -17,7 +17,7 @@ from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
-from service.sessions import pick_batch
+from service.sessions import pick_batch, pick_turn
 from tests.conftest import classify_now, encode
 
 
@@ -61,6 +61,20 @@ def test_batch_cap_is_the_largest_near_tie_of_the_cheapest() -> None:
     assert pick_batch({1: 3e-3, 2: float("inf")}) == 1  # a bucket never timed never wins
     with pytest.raises(ValueError, match="no batch size"):
         pick_batch({})
+
+
+def test_a_large_requests_turn_runs_at_most_twice_as_long_as_one_image() -> None:
+    # the 2-vCPU costs above: one image's run costs 6.4 ms; two images' 10.8 ms, four images' 20.4 ms
+    cpu = {1: 6.4e-3, 2: 5.4e-3, 4: 5.1e-3, 8: 5.5e-3, 16: 5.9e-3, 32: 6.9e-3}
+    assert pick_turn(cpu) == 2
+    assert pick_turn(cpu, factor=4.0) == 4
+    # a GPU's run hardly grows with the batch at first: eight images take 1.6 ms against one's 1 ms
+    gpu = {1: 1.0e-3, 8: 2.0e-4, 64: 5.1e-5, 128: 5.0e-5, 256: 5.1e-5}
+    assert pick_turn(gpu) == 8
+    assert pick_turn({4: 3e-3}) == 4  # a fixed-batch graph: its one bucket
+    assert pick_turn({1: 3e-3, 2: float("inf")}) == 1
+    with pytest.raises(ValueError, match="no batch size"):
+        pick_turn({})
 
 
 def test_warm_up_costs_cpu_sessions_in_cpu_time(tiny_repo: Path) -> None:
