@@ -8,10 +8,15 @@ decoding outruns inference. Rows are handed to the result store in chunks, each 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -28,10 +33,20 @@ _WORKER_SPEC: PrepareSpec | None = None
 
 
 def _init_worker(spec: PrepareSpec) -> None:
-    """Workers ignore Ctrl-C: the main process decides what to keep and stops them."""
+    """Workers ignore Ctrl-C: the main process decides what to keep and stops them. They end when it dies
+    (killed, say): each holds both ends of the task queue, so no end of file would ever tell them, and
+    they would hold the run's output pipes open."""
     global _WORKER_SPEC
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_SPEC = spec
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent.sentinel,), name="parent-watch", daemon=True).start()
+
+
+def _end_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 Prepared = tuple[np.ndarray | None, str]
@@ -70,17 +85,34 @@ class WorkerLost(RuntimeError):
     """A decoding worker process died (killed, out of memory, a crashing decoder): its task never returns."""
 
 
-def _result(handle: Any, pool: Any, workers_at_start: set[int]) -> Any:
-    """The task's result; WorkerLost if a worker died meanwhile (the pool replaces it, but the task it held
-    is lost and `get()` would wait for it forever, deaf even to Ctrl-C)."""
-    while not handle.ready():
-        handle.wait(1.0)
-        if not handle.ready() and {p.pid for p in pool._pool} != workers_at_start:
+RESULT_POLL_S = 1.0  # how often the main process, waiting for a task, looks up (Ctrl-C is seen then)
+
+
+def _result(handle: Future) -> Any:
+    """The task's result; WorkerLost if a worker died. The executor then fails every task and ends the other
+    workers itself: a worker killed while it held a queue's lock (an idle one waits for its next task
+    holding it) would leave `multiprocessing.Pool` waiting forever for that lock, even in `terminate()`."""
+    while True:
+        try:
+            return handle.result(timeout=RESULT_POLL_S)
+        except TimeoutError:
+            continue
+        except BrokenProcessPool:
             raise WorkerLost(
                 "a decoding worker process died (killed, or out of memory); the rows scored so far are kept: "
                 "rerun the same command to score the rest"
-            )
-    return handle.get()
+            ) from None
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the workers now, whatever they hold: what is left of the run is redone on resume."""
+    processes = list(pool._processes.values())  # type: ignore[attr-defined]
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(5)
 
 
 def score_local(
@@ -141,18 +173,19 @@ def score_local(
                     take(source, *prepared)
         else:
             context = multiprocessing.get_context("spawn")
-            pool = context.Pool(workers, initializer=_init_worker, initargs=(spec,))
-            workers_at_start = {p.pid for p in pool._pool}  # type: ignore[attr-defined]
+            pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(spec,)
+            )
             window = max(2, (batch_size * 2) // per_task + workers * 2)
             pending: deque = deque()
             next_task = 0
             while next_task < len(tasks) or pending:
                 while next_task < len(tasks) and len(pending) < window:
                     task = tasks[next_task]
-                    pending.append((task, pool.apply_async(_prepare_many, (task, _read_here(task, spec)))))
+                    pending.append((task, pool.submit(_prepare_many, task, _read_here(task, spec))))
                     next_task += 1
                 task, handle = pending.popleft()
-                for source, (views, error) in zip(task, _result(handle, pool, workers_at_start), strict=True):
+                for source, (views, error) in zip(task, _result(handle), strict=True):
                     take(source, views, error)
         run_batch()
         flush_rows(force=True)
@@ -164,7 +197,6 @@ def score_local(
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop(pool)
         summary.seconds = time.perf_counter() - started
     return summary
