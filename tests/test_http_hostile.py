@@ -8,6 +8,7 @@ and the metrics record, and that a normal request still succeeds.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -383,6 +384,44 @@ def test_connections_past_the_limit_are_refused_at_once(server: Server, digit: b
     _normal(server, digit)
     assert _metric(server, "cnn_serve_http_connections_refused_total") == before + 1
     assert f"refused 1 HTTP connections: {MAX_CONNECTIONS} open, the limit (max_connections)" in server.log()
+
+
+def test_a_flood_of_connections_is_accepted_a_batch_per_pass_of_the_event_loop() -> None:
+    """What the service's HTTP worker installs: asyncio accepts a waiting flood `ACCEPT_BATCH` connections
+    per pass of its loop, other work running between them, instead of all at once; every connection is
+    still accepted (the rest wait in the kernel's queue)."""
+    from service.http import connections
+
+    connections.accept_in_passes()
+    connections.accept_in_passes()  # installing twice changes nothing
+    made: list[asyncio.BaseTransport] = []
+    flood = 3 * connections.ACCEPT_BATCH + 5
+
+    class Count(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    async def main() -> list[int]:
+        server = await asyncio.get_running_loop().create_server(Count, "127.0.0.1", 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(flood)]
+        seen = [len(made)]  # the loop has not run since: every connection waits in the kernel's queue
+        deadline = time.monotonic() + 10
+        while len(made) < flood and time.monotonic() < deadline:
+            await asyncio.sleep(0)  # one pass of the loop
+            seen.append(len(made))
+        for transport in made:
+            transport.close()
+        for client in clients:
+            client.close()
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[0] == 0 and seen[-1] == flood
+    steps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+    assert max(steps) == connections.ACCEPT_BATCH, seen
 
 
 def test_the_new_settings_are_checked() -> None:

@@ -11,6 +11,11 @@ uvicorn's `Config` with `http="auto"` after loading this service):
 - a request head not complete `header_timeout_s` after its first byte: 408 and closed; the same clock
   bounds bytes a client keeps sending after its request was answered.
 
+asyncio accepts up to the listen backlog (BentoML's: 2048) connections in one pass of the event loop and
+makes each one's protocol in the next: a flood of a thousand connections held the loop for 100 ms. `install`
+caps that at `ACCEPT_BATCH` a pass (`accept_in_passes`), so the loop's other work runs between the batches;
+the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped.
+
 A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408). Each refusal
 and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`); a 408 is written in the access
 log, refusals in one warning per `REFUSED_LOG_S` at most (a flood of connections must not flood the log).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from asyncio import selector_events
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +38,7 @@ from service import logs
 from service.config import Settings
 
 PROTOCOL = "service.http.connections:GuardedH11Protocol"
+ACCEPT_BATCH = 32  # connections accepted per pass of the event loop
 REFUSED_LOG_S = 10.0
 log = logging.getLogger("cnn_serve.http")
 
@@ -72,6 +79,28 @@ def install(settings: Settings, metrics: Callable[[], Any]) -> None:
     GUARD.metrics = metrics
     for name in ("auto", "h11"):
         config.HTTP_PROTOCOLS[name] = PROTOCOL
+    accept_in_passes()
+
+
+def accept_in_passes(batch: int = ACCEPT_BATCH) -> None:
+    """Make asyncio's selector loops accept at most `batch` connections per pass (see the module's doc)."""
+    loop_class = selector_events.BaseSelectorEventLoop
+    accept = getattr(loop_class._accept_connection, "unbatched", loop_class._accept_connection)
+
+    def _accept_connection(
+        self: Any,
+        protocol_factory: Any,
+        sock: Any,
+        sslcontext: Any = None,
+        server: Any = None,
+        backlog: int = 100,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        return accept(self, protocol_factory, sock, sslcontext, server, min(backlog, batch), *args, **kwargs)
+
+    _accept_connection.unbatched = accept  # type: ignore[attr-defined]
+    loop_class._accept_connection = _accept_connection  # type: ignore[method-assign]
 
 
 def _answer(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
