@@ -33,8 +33,6 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,109 +41,23 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.card import Preprocessing, PreprocessingAgreement, read_card, write_card  # noqa: E402
+from export.fidelity import (  # noqa: E402
+    Render,
+    compare,
+    input_set,
+    logits_of,
+    record,
+    service_render,
+    softmax,
+    torchvision_render,
+)
+from service.card import Preprocessing, PreprocessingAgreement, read_card  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.decoding import Limits, decode, source_geometry  # noqa: E402
-from service.pipeline import Pipeline  # noqa: E402
+from service.decoding import decode, source_geometry  # noqa: E402
 from service.preprocessing import INTERPOLATION, Preprocessor, center_box, resized_size  # noqa: E402
 
-Render = Callable[[bytes], np.ndarray]
 
-
-# -- the inputs ----
-def source_photos() -> list[tuple[str, np.ndarray]]:
-    """Colour photos shipped by installed packages (no downloads)."""
-    from skimage import data
-
-    left, right, _ = data.stereo_motorcycle()
-    named = [("motorcycle_left", left), ("motorcycle_right", right)]
-    for name in (
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "rocket",
-        "immunohistochemistry",
-        "hubble_deep_field",
-        "retina",
-    ):
-        named.append((name, getattr(data, name)()))
-    named.append(("camera", data.camera()))  # a grey photo, as RGB
-    out = [(name, arr[..., :3] if arr.ndim == 3 else np.stack([arr] * 3, -1)) for name, arr in named]
-    try:
-        from sklearn.datasets import load_sample_images
-
-        sample = load_sample_images()
-        out += [(Path(f).stem, img) for f, img in zip(sample.filenames, sample.images, strict=True)]
-    except ImportError:
-        pass
-    return out
-
-
-def make_input(photo: np.ndarray, rng: np.random.Generator, long_side: int) -> bytes:
-    """One input: a crop of `photo`, maybe mirrored, scaled so its longer side is `long_side` (shorter side at
-    least 224), JPEG at a random quality, progressive or baseline, 4:2:0 or 4:4:4."""
-    img = Image.fromarray(photo)
-    w, h = img.size
-    cw, ch = int(w * rng.uniform(0.55, 1.0)), int(h * rng.uniform(0.55, 1.0))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    img = img.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    s = long_side / max(cw, ch)
-    size = (max(224, round(cw * s)), max(224, round(ch * s)))
-    up = size[0] * size[1] > cw * ch
-    img = img.resize(size, Image.Resampling.LANCZOS if up else Image.Resampling.BOX)
-    buf = io.BytesIO()
-    img.save(
-        buf,
-        "JPEG",
-        quality=int(rng.integers(70, 96)),
-        progressive=bool(rng.random() < 0.5),
-        subsampling=int(rng.choice([0, 2])),  # 4:4:4 or 4:2:0
-    )
-    return buf.getvalue()
-
-
-def input_set(n: int, seed: int = 0) -> list[bytes]:
-    """`n` inputs: longer sides log-uniform from 224 to 2400 px, and one in eight at 12 megapixels (4000x3000
-    crops are cut to that aspect first)."""
-    photos = source_photos()
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        photo = photos[i % len(photos)][1]
-        if i % 8 == 7:
-            long_side = 4000
-            h, w = photo.shape[:2]
-            photo = photo[: max(1, int(w * 3 / 4))] if w >= h else photo[:, : max(1, int(h * 3 / 4))]
-        else:
-            long_side = int(np.exp(rng.uniform(np.log(224), np.log(2400))))
-        out.append(make_input(photo, rng, long_side))
-    return out
-
-
-# -- the preprocessing variants ----
-def torchvision_render(spec: Preprocessing) -> Render:
-    """The card's evaluation transform as torchvision runs it on a PIL image decoded at full size."""
-    from torchvision import transforms as T
-
-    tf = T.Compose(
-        [
-            T.Resize(spec.resize, interpolation=T.InterpolationMode(spec.interpolation)),
-            T.CenterCrop((spec.height, spec.width)),
-            T.ToTensor(),
-            T.Normalize(spec.mean, spec.std),
-        ]
-    )
-    mode = "L" if spec.channels == 1 else "RGB"
-
-    def render(data: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as img:
-            return tf(img.convert(mode)).numpy()
-
-    return render
-
-
+# -- the preprocessing variants (inputs, reference, service path: export/fidelity.py) ----
 def lever_render(spec: Preprocessing, margin: float | None, method: str, geometry: str = "source") -> Render:
     """Draft to `margin` x the resize target (None: full decode), then `method`: `box` (crop then resize with
     the card's filter), `box_gap3` (the same with Pillow's reducing_gap=3 pre-reduction) or `resize_crop`.
@@ -189,12 +101,6 @@ def lever_render(spec: Preprocessing, margin: float | None, method: str, geometr
     return render
 
 
-def service_render(spec: Preprocessing, mode: str) -> Render:
-    """The service's own path: `Pipeline.prepare` in `mode`, as every request runs it."""
-    pipeline = Pipeline(spec, Limits(), mode)
-    return lambda data: pipeline.prepare(data)[0]
-
-
 def variants(spec: Preprocessing) -> dict[tuple[str, str], Render]:
     out: dict[tuple[str, str], Render] = {}
     out[("service", "fast")] = service_render(spec, "fast")
@@ -214,34 +120,6 @@ def variants(spec: Preprocessing) -> dict[tuple[str, str], Render]:
 
 
 # -- agreement ----
-def logits_of(session, tensors: np.ndarray, batch: int = 32) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [session.run(None, {name: tensors[i : i + batch]})[0] for i in range(0, len(tensors), batch)]
-    )
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def compare(probs: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    top1 = float((probs.argmax(1) == ref.argmax(1)).mean())
-    a, b = np.argsort(-probs, 1)[:, :5], np.argsort(-ref, 1)[:, :5]
-    top5 = float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(a, b, strict=True)]))
-    # at each disagreement: how far the reference's own top-1 led the class this variant picked
-    pick, own = probs.argmax(1), ref.argmax(1)
-    gaps = [float(r[o] - r[p]) for r, p, o in zip(ref, pick, own, strict=True) if p != o]
-    return {
-        "top1": top1,
-        "top5": top5,
-        "l1": float(np.abs(probs - ref).sum(1).mean()),
-        "gap": statistics.median(gaps) if gaps else 0.0,
-        "gap_max": max(gaps, default=0.0),
-    }
-
-
 def agreement(
     session, images: list[bytes], renders: dict[tuple[str, str], Render], reference: Render
 ) -> dict[tuple[str, str], dict[str, float]]:
@@ -424,7 +302,7 @@ def main() -> None:
 
     default = table[("service", Settings().preprocess_mode)]
     if args.record_card:
-        record = PreprocessingAgreement(
+        measured = PreprocessingAgreement(
             mode=Settings().preprocess_mode,
             top1=round(default["top1"], 4),
             top5=round(default["top5"], 4),
@@ -432,8 +310,8 @@ def main() -> None:
             reference="torchvision evaluation transform",
             measured=time.strftime("%Y-%m-%d"),
         )
-        write_card(version, replace(card, preprocessing_agreement=record))
-        print(f"\nwrote {record.to_dict()} into {version / 'model.json'}")
+        record(version, measured)
+        print(f"\nwrote {measured.to_dict()} into {version / 'model.json'}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from .weights import load_into, read_state_dict, sha256_file
 
 VERSION = "1"
 LITE0_CANDIDATES = ("tf_efficientnet_lite0", "efficientnet_lite0")
+# Defaults whose card records the measured preprocessing agreement: the ImageNet model, whose answers on
+# photos can be checked; LeNet-5 reads 32 px digits, not photos.
+MEASURED = ("efficientnet_lite0",)
 CHECK_PHOTOS = {"chelsea": ("tabby", "tiger cat", "Egyptian cat"), "coffee": ("espresso",)}
 
 
@@ -175,6 +178,22 @@ def build_lenet(repo: Path) -> Path:
     )
 
 
+def record_agreement(folder: Path) -> None:
+    """Measure how often the service's default preprocessing gives the model's own answer (`export.fidelity`,
+    about two minutes on 2 cores) and write it into the card, which `/models` shows. Skipped, with a line
+    saying so, where scikit-image's photos or torchvision are not installed."""
+    try:
+        from . import fidelity
+
+        print(f"{folder}: measuring the default preprocessing's agreement on {fidelity.INPUTS} photos")
+        agreement = fidelity.measure(folder)
+    except ImportError as e:
+        print(f"{folder}: preprocessing agreement not measured ({e.name} is not installed)")
+        return
+    fidelity.record(folder, agreement)
+    print(f"{folder}: {agreement.mode} preprocessing agrees on top-1 for {agreement.top1:.1%} of the photos")
+
+
 def build_defaults(repository_dir: str | Path) -> list[Path]:
     """Build what is missing or stale; a valid existing default is kept (a rerun takes seconds)."""
     repo = Path(repository_dir)
@@ -183,16 +202,21 @@ def build_defaults(repository_dir: str | Path) -> list[Path]:
         folder = _up_to_date(repo, name)
         if folder is not None:
             print(f"{folder}: up to date")
+            if name in MEASURED and repository.read_card(folder).preprocessing_agreement is None:
+                record_agreement(folder)
             continue
         aside = _set_aside(repo, name)
         try:
-            done.append(fn(repo))
+            built = fn(repo)
         except BaseException:
             if aside is not None and not (repo / name / VERSION).exists():
                 os.rename(aside, repo / name / VERSION)
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+        if name in MEASURED:
+            record_agreement(built)
+        done.append(built)
     return done
 
 
@@ -207,6 +231,8 @@ def publish_defaults(url: str) -> list[Path]:
                 print(f"{repository.redact(url)}/{name}/{VERSION}: up to date")
                 continue
             folder = fn(local)
+            if name in MEASURED:
+                record_agreement(folder)
             with repository.staged(url, name, VERSION) as stage:
                 shutil.copytree(folder, stage, dirs_exist_ok=True)
             done.append(stage)

@@ -111,7 +111,39 @@ def test_a_failed_rebuild_puts_the_old_version_back(model_repo: Path, tmp_path: 
 
     monkeypatch.setattr(defaults, "build_lenet", interrupted)
     monkeypatch.setattr(defaults, "_up_to_date", lambda repo, name: repo if name != "lenet5" else None)
+    monkeypatch.setattr(defaults, "MEASURED", ())  # no card to measure in this stand-in for a built one
     with pytest.raises(KeyboardInterrupt):
         defaults.build_defaults(copy)
     assert sorted(p.name for p in (copy / "lenet5" / "1").iterdir()) == before
     assert [p.name for p in copy.iterdir()] == ["lenet5"]  # nothing left aside
+
+
+def test_defaults_record_the_measured_agreement_of_the_default_preprocessing(
+    model_repo: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The trained EfficientNet-Lite0's card says how often the default preprocessing gives the model's own
+    answer, measured on photos against torchvision's transform; a rerun measures it for a card without it."""
+    import shutil
+    from dataclasses import replace
+
+    from export import fidelity
+    from service.card import read_card, write_card
+    from service.config import Settings
+
+    copy = tmp_path / "models"
+    shutil.copytree(model_repo, copy)
+    folder = copy / "efficientnet_lite0" / "1"
+    write_card(folder, replace(read_card(folder), preprocessing_agreement=None))
+    monkeypatch.setattr(fidelity, "INPUTS", 16)  # the photos of the 1,000, for a quick check
+    capsys.readouterr()
+    assert defaults.build_defaults(copy) == []
+    out = capsys.readouterr().out
+    agreement = read_card(folder).preprocessing_agreement
+    assert agreement is not None and agreement.inputs == 16
+    assert agreement.mode == Settings().preprocess_mode == "exact"
+    assert (agreement.top1, agreement.top5) == (1.0, 1.0)  # exact mode is the model's own answer
+    assert "exact preprocessing agrees on top-1 for 100.0% of the photos" in out
+    assert read_card(copy / "lenet5" / "1").preprocessing_agreement is None  # digits, not photos
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    assert defaults.build_defaults(copy) == []  # recorded once: a rerun leaves it
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == before

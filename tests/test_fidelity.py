@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from bench.bench_fidelity import compare, input_set, softmax, torchvision_render
+from export.fidelity import compare, input_set, softmax, torchvision_render
 from service.card import CardError, ModelCard, Preprocessing, PreprocessingAgreement, read_card, write_card
 from service.config import Settings
 from service.decoding import Limits, decode, source_geometry
