@@ -9,7 +9,9 @@ then queued here as jobs of one or more views.
 
 Jobs are taken in fair-queueing order between requests (`service.fair`), not in arrival order: a request
 of many images is served one image's views at a time between the other requests' jobs, so their batches
-interleave with its batches.
+interleave with its batches. A *large* request, of more views than the model's turn (`turn`), gives at most
+a turn of its views to any batch and none to a batch that a small request leads: a small request then waits
+behind a short run, and runs without the large one's views.
 
 A worker thread forms batches: it takes the oldest job and, while images are still being preprocessed and
 the batch is below `max_batch_size` views, waits up to `max_wait_ms` for more jobs of the same model. When
@@ -303,11 +305,10 @@ class Batcher:
                 self._running += job.views.shape[0]
                 self._batches += 1
             else:
-                # A job larger than a batch is queued in batch-sized parts, each taking its turn: between two
-                # parts of a multiscale image (30 views) other requests' jobs run.
+                # A job is queued in parts, each taking its turn: of a batch, or of a turn for a large
+                # request's job. Between two parts of a multiscale image (30 views) other requests' jobs run.
                 if job.owner is not None:
                     self._ahead[job.owner] = self._ahead.get(job.owner, 0) + job.views.shape[0]
-                # A large request's job is queued in parts of a turn, which batches take one or several of
                 for part in split(job, turn if large else self.limit(job.key)):
                     part.order = self._clock.tag(part.owner, part.views.shape[0])
                     self._queue.append(part)
@@ -422,8 +423,8 @@ class Batcher:
         return max(1, min(self.max_batch_size, self._batch_limit(key)))
 
     def turn(self, key: Hashable) -> int:
-        """Views of one large request per batch while small requests are about: what keeps the batch a
-        small request waits behind short (`ModelSession.turn_batch`)."""
+        """Views of one large request per batch: what keeps the batch a small request waits behind short
+        (`ModelSession.turn_batch`)."""
         limit = self.limit(key)
         if self._turn_limit is None:
             return limit

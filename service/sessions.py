@@ -300,8 +300,8 @@ TURN_FACTOR = 2.0
 
 def pick_turn(per_image: dict[int, float], factor: float = TURN_FACTOR) -> int:
     """A large request's turn: the largest bucket whose run costs at most `factor` times the smallest
-    bucket's. While small requests are about, the batcher gives a large request at most this many views
-    of a batch, so that a small request waits behind a run about as short as its own. On GPU, where a
+    bucket's. The batcher gives a large request at most this many views of a batch, so that a small request
+    waits behind a run about as short as its own. On GPU, where a
     run's time hardly grows with the batch until the device is full, that is a large bucket; on a CPU, one
     of two or three images.
     """
