@@ -424,6 +424,55 @@ def test_a_flood_of_connections_is_accepted_a_batch_per_pass_of_the_event_loop()
     assert max(steps) == connections.ACCEPT_BATCH, seen
 
 
+def test_a_closed_connections_transport_is_freed_without_the_garbage_collector() -> None:
+    """asyncio's socket transport refers to itself through a bound method, so every closed connection waited
+    for a full collection, thousands at once under a flood, on the event loop's time. `release_transport`,
+    called by the service's HTTP protocol when a connection is lost, cuts that cycle."""
+    import gc
+    import weakref
+
+    from service.http import connections
+
+    def freed_after_close(release: bool) -> bool:
+        refs: list[weakref.ref] = []
+        lost = asyncio.Event()
+
+        class Track(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+                refs.append(weakref.ref(transport))
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if release:
+                    connections.release_transport(self.transport)
+                self.transport = None
+                lost.set()
+
+        async def main() -> None:
+            server = await asyncio.get_running_loop().create_server(Track, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+            while not refs:
+                await asyncio.sleep(0.01)
+            client.close()
+            await asyncio.wait_for(lost.wait(), 5)
+            for _ in range(5):
+                await asyncio.sleep(0)  # the loop's own handles let go
+            server.close()
+            await server.wait_closed()
+
+        gc.collect()
+        gc.disable()
+        try:
+            asyncio.run(main())
+            return refs[0]() is None
+        finally:
+            gc.enable()
+
+    assert not freed_after_close(release=False)  # the cycle: only a collection frees it
+    assert freed_after_close(release=True)
+
+
 def test_the_new_settings_are_checked() -> None:
     for bad in (
         {"idle_timeout_s": 0},
