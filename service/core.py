@@ -35,6 +35,7 @@ from service.memory import IdleTrim, MemoryBudget
 from service.models import LoadedModel, ModelSet, return_memory
 from service.postprocessing import ClassScore
 from service.repository import ModelCard
+from service.sessions import ModelSession
 
 log = logging.getLogger(__name__)
 
@@ -288,18 +289,19 @@ class InferenceCore:
         await loop.run_in_executor(self.model_set.loader, self.model_set.unload, name)
 
     # -- inference ----
-    def _batch_limit(self, key: tuple[str, str, int]) -> int:
+    def _session(self, key: tuple[str, str, int]) -> ModelSession | None:
+        """The loaded session of a batcher key, or None once it is gone."""
         try:
-            session = self.model_set.by_key(key).session
+            return self.model_set.by_key(key).session
         except ModelUnavailable:
-            session = None
+            return None
+
+    def _batch_limit(self, key: tuple[str, str, int]) -> int:
+        session = self._session(key)
         return session.preferred_batch if session is not None else self.settings.max_batch_size
 
     def _turn_limit(self, key: tuple[str, str, int]) -> int:
-        try:
-            session = self.model_set.by_key(key).session
-        except ModelUnavailable:
-            session = None
+        session = self._session(key)
         return session.turn_batch if session is not None else 1
 
     def _run_batch(self, key: tuple[str, str, int], batch: np.ndarray, alone: bool = False) -> np.ndarray:
