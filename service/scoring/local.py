@@ -88,6 +88,20 @@ class WorkerLost(RuntimeError):
 RESULT_POLL_S = 1.0  # how often the main process, waiting for a task, looks up (Ctrl-C is seen then)
 
 
+WORKER_LOST = (
+    "a decoding worker process died (killed, or out of memory); the rows scored so far are kept: "
+    "rerun the same command to score the rest"
+)
+
+
+def _submit(pool: ProcessPoolExecutor, task: list[SourceFile], spec: PrepareSpec) -> Future:
+    """Hand `task` to the workers; WorkerLost if one already died (the executor refuses every new task)."""
+    try:
+        return pool.submit(_prepare_many, task, _read_here(task, spec))
+    except BrokenProcessPool:
+        raise WorkerLost(WORKER_LOST) from None
+
+
 def _result(handle: Future) -> Any:
     """The task's result; WorkerLost if a worker died. The executor then fails every task and ends the other
     workers itself: a worker killed while it held a queue's lock (an idle one waits for its next task
@@ -98,10 +112,7 @@ def _result(handle: Future) -> Any:
         except TimeoutError:
             continue
         except BrokenProcessPool:
-            raise WorkerLost(
-                "a decoding worker process died (killed, or out of memory); the rows scored so far are kept: "
-                "rerun the same command to score the rest"
-            ) from None
+            raise WorkerLost(WORKER_LOST) from None
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -182,7 +193,7 @@ def score_local(
             while next_task < len(tasks) or pending:
                 while next_task < len(tasks) and len(pending) < window:
                     task = tasks[next_task]
-                    pending.append((task, pool.submit(_prepare_many, task, _read_here(task, spec))))
+                    pending.append((task, _submit(pool, task, spec)))
                     next_task += 1
                 task, handle = pending.popleft()
                 for source, (views, error) in zip(task, _result(handle), strict=True):
