@@ -148,6 +148,11 @@ class Settings:
     header_timeout_s: float = _setting(
         10.0, "HTTP: seconds from a request's first byte to the end of its headers; else 408, closed"
     )
+    body_read_ahead_bytes: int = _setting(
+        256 * 1024,
+        "HTTP: bytes of a request body buffered per connection before the service reads them; reading "
+        "pauses above it",
+    )
     body_timeout_s: float = _setting(
         10.0, "HTTP: longest pause in a request body (all of it within request_timeout_s); else 408, closed"
     )
@@ -226,6 +231,8 @@ class Settings:
             raise ValueError("parse_processes must be between 0 and 64")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.body_read_ahead_bytes < 1:
+            raise ValueError("body_read_ahead_bytes must be at least 1")
         if not (math.isfinite(self.json_memory_factor) and self.json_memory_factor >= 1):
             raise ValueError(f"json_memory_factor must be at least 1, not {self.json_memory_factor!r}")
         for name in ("http_port", "grpc_port", "grpc_health_port"):

@@ -484,3 +484,65 @@ def test_the_new_settings_are_checked() -> None:
     ):
         with pytest.raises(ValueError):
             Settings(**bad).validate()
+
+
+def test_a_body_is_buffered_up_to_the_read_ahead_before_the_application_reads_it(monkeypatch) -> None:
+    """`body_read_ahead_bytes` bounds what a connection buffers ahead of the application (memory), and lets a
+    body of a few images arrive whole in one pass: uvicorn's 64 KiB paused it every 64 KiB, and under a burst
+    each pause waited behind every other connection's work."""
+    import uvicorn
+    from uvicorn import config
+    from uvicorn.protocols.http import h11_impl
+
+    from service.http import connections
+
+    monkeypatch.setattr(h11_impl, "HIGH_WATER_LIMIT", h11_impl.HIGH_WATER_LIMIT)  # restored afterwards
+    for name in ("auto", "h11"):
+        monkeypatch.setitem(config.HTTP_PROTOCOLS, name, config.HTTP_PROTOCOLS[name])
+    body = bytes(1 << 20)
+
+    def first_read(read_ahead: int) -> tuple[int, bool]:
+        connections.install(Settings(body_read_ahead_bytes=read_ahead), lambda: None)
+        sent = threading.Event()
+        first: list[tuple[int, bool]] = []
+
+        async def app(scope, receive, send) -> None:
+            if scope["type"] != "http":
+                return
+            deadline = time.monotonic() + 10
+            while not sent.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the client writes while the application has not read yet
+            await asyncio.sleep(0.3)  # the loop reads whatever it will without the application
+            message = await receive()
+            first.append((len(message["body"]), message["more_body"]))
+            while message["more_body"]:
+                message = await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="off", log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.02)
+            head = f"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                writer = threading.Thread(target=lambda: (client.sendall(head + body), sent.set()))
+                writer.start()
+                assert client.recv(1024).startswith(b"HTTP/1.1 200")
+                writer.join(10)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            listener.close()
+        return first[0]
+
+    assert h11_impl.HIGH_WATER_LIMIT == 64 * 1024  # uvicorn's own, until the service installs its protocol
+    assert Settings().body_read_ahead_bytes == 256 * 1024
+    size, more = first_read(64 * 1024)
+    assert more and size <= 64 * 1024 + 256 * 1024  # paused: at most one more read (asyncio's 256 KiB)
+    assert first_read(2 << 20) == (len(body), False)  # the whole body, read without the application

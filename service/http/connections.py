@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service import logs
@@ -79,6 +80,9 @@ def install(settings: Settings, metrics: Callable[[], Any]) -> None:
     GUARD.metrics = metrics
     for name in ("auto", "h11"):
         config.HTTP_PROTOCOLS[name] = PROTOCOL
+    # uvicorn pauses a connection's reading once 64 KiB of its body wait for the application: a body of a few
+    # images then took several passes of the event loop, each behind every other connection's work.
+    h11_impl.HIGH_WATER_LIMIT = settings.body_read_ahead_bytes
     accept_in_passes()
 
 
