@@ -479,6 +479,7 @@ def test_the_new_settings_are_checked() -> None:
         {"header_timeout_s": float("inf")},
         {"body_timeout_s": -1},
         {"max_connections": 0},
+        {"body_read_ahead_bytes": 0},
         {"json_memory_factor": 0.5},
         {"parse_processes": -1},
     ):
