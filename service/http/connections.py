@@ -16,7 +16,9 @@ makes each one's protocol in the next: a flood of a thousand connections held th
 caps that at `ACCEPT_BATCH` a pass (`accept_in_passes`), so the loop's other work runs between the batches;
 the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped.
 
-A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408). Each refusal
+A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408); the connection
+reads up to `body_read_ahead_bytes` of it ahead (uvicorn's own 64 KiB paused a few images' body several
+times, each resume a pass of the loop behind every other connection's work). Each refusal
 and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`); a 408 is written in the access
 log, refusals in one warning per `REFUSED_LOG_S` at most (a flood of connections must not flood the log).
 """
@@ -80,9 +82,7 @@ def install(settings: Settings, metrics: Callable[[], Any]) -> None:
     GUARD.metrics = metrics
     for name in ("auto", "h11"):
         config.HTTP_PROTOCOLS[name] = PROTOCOL
-    # uvicorn pauses a connection's reading once 64 KiB of its body wait for the application: a body of a few
-    # images then took several passes of the event loop, each behind every other connection's work.
-    h11_impl.HIGH_WATER_LIMIT = settings.body_read_ahead_bytes
+    h11_impl.HIGH_WATER_LIMIT = settings.body_read_ahead_bytes  # where uvicorn pauses a body's reading
     accept_in_passes()
 
 

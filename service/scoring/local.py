@@ -88,31 +88,13 @@ class WorkerLost(RuntimeError):
 RESULT_POLL_S = 1.0  # how often the main process, waiting for a task, looks up (Ctrl-C is seen then)
 
 
-WORKER_LOST = (
-    "a decoding worker process died (killed, or out of memory); the rows scored so far are kept: "
-    "rerun the same command to score the rest"
-)
-
-
-def _submit(pool: ProcessPoolExecutor, task: list[SourceFile], spec: PrepareSpec) -> Future:
-    """Hand `task` to the workers; WorkerLost if one already died (the executor refuses every new task)."""
-    try:
-        return pool.submit(_prepare_many, task, _read_here(task, spec))
-    except BrokenProcessPool:
-        raise WorkerLost(WORKER_LOST) from None
-
-
 def _result(handle: Future) -> Any:
-    """The task's result; WorkerLost if a worker died. The executor then fails every task and ends the other
-    workers itself: a worker killed while it held a queue's lock (an idle one waits for its next task
-    holding it) would leave `multiprocessing.Pool` waiting forever for that lock, even in `terminate()`."""
+    """The task's result, waited for in steps so that Ctrl-C is seen."""
     while True:
         try:
             return handle.result(timeout=RESULT_POLL_S)
         except TimeoutError:
             continue
-        except BrokenProcessPool:
-            raise WorkerLost(WORKER_LOST) from None
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -193,7 +175,7 @@ def score_local(
             while next_task < len(tasks) or pending:
                 while next_task < len(tasks) and len(pending) < window:
                     task = tasks[next_task]
-                    pending.append((task, _submit(pool, task, spec)))
+                    pending.append((task, pool.submit(_prepare_many, task, _read_here(task, spec))))
                     next_task += 1
                 task, handle = pending.popleft()
                 for source, (views, error) in zip(task, _result(handle), strict=True):
@@ -203,9 +185,14 @@ def score_local(
     except KeyboardInterrupt:
         summary.interrupted = True
         flush_rows(force=True)  # rows already scored are complete: keep them, the rest is redone on resume
-    except WorkerLost:
+    except BrokenProcessPool:
+        # A worker died: the executor fails every task it holds, refuses new ones and ends the other workers
+        # itself (`multiprocessing.Pool` waited forever for a queue lock that a worker killed idle held).
         flush_rows(force=True)
-        raise
+        raise WorkerLost(
+            "a decoding worker process died (killed, or out of memory); the rows scored so far are kept: "
+            "rerun the same command to score the rest"
+        ) from None
     finally:
         if pool is not None:
             _stop(pool)
