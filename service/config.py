@@ -153,6 +153,11 @@ class Settings:
         "HTTP: bytes of a request body buffered per connection before the service reads them; reading "
         "pauses above it",
     )
+    socket_receive_buffer_bytes: int = _setting(
+        256 * 1024,
+        "HTTP: kernel receive buffer asked for each connection (SO_RCVBUF), so that a body of a few images "
+        "arrives in one read; 0 keeps the kernel's own, which grows with the transfer",
+    )
     body_timeout_s: float = _setting(
         10.0, "HTTP: longest pause in a request body (all of it within request_timeout_s); else 408, closed"
     )
@@ -233,6 +238,8 @@ class Settings:
             raise ValueError("max_connections must be at least 1")
         if self.body_read_ahead_bytes < 1:
             raise ValueError("body_read_ahead_bytes must be at least 1")
+        if self.socket_receive_buffer_bytes < 0:
+            raise ValueError("socket_receive_buffer_bytes must be 0 (the kernel's) or more")
         if not (math.isfinite(self.json_memory_factor) and self.json_memory_factor >= 1):
             raise ValueError(f"json_memory_factor must be at least 1, not {self.json_memory_factor!r}")
         for name in ("http_port", "grpc_port", "grpc_health_port"):

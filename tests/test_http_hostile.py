@@ -480,6 +480,7 @@ def test_the_new_settings_are_checked() -> None:
         {"body_timeout_s": -1},
         {"max_connections": 0},
         {"body_read_ahead_bytes": 0},
+        {"socket_receive_buffer_bytes": -1},
         {"json_memory_factor": 0.5},
         {"parse_processes": -1},
     ):
@@ -547,3 +548,71 @@ def test_a_body_is_buffered_up_to_the_read_ahead_before_the_application_reads_it
     size, more = first_read(64 * 1024)
     assert more and size <= 64 * 1024 + 256 * 1024  # paused: at most one more read (asyncio's 256 KiB)
     assert first_read(2 << 20) == (len(body), False)  # the whole body, read without the application
+
+
+def test_a_body_that_fits_the_receive_buffer_arrives_in_one_read(monkeypatch) -> None:
+    """`socket_receive_buffer_bytes` sizes the kernel's buffer of each connection: a 200 KB request sent while
+    the event loop is busy is whole in the connection's first read. With Linux's first 128 KiB the client's
+    kernel held the rest until the loop had read the first part, and under a burst the next read waited for
+    a pass behind every other connection."""
+    import uvicorn
+    from uvicorn import config
+
+    from service.http import connections
+
+    monkeypatch.setattr(connections.GUARD, "receive_buffer", connections.GUARD.receive_buffer)
+    for name in ("auto", "h11"):
+        monkeypatch.setitem(config.HTTP_PROTOCOLS, name, config.HTTP_PROTOCOLS[name])
+    size = 256 * 1024
+    connections.install(Settings(socket_receive_buffer_bytes=size), lambda: None)
+    reads: dict[int, list[int]] = {}
+    data_received = connections.GuardedH11Protocol.data_received
+
+    def recording(self, data: bytes) -> None:
+        reads.setdefault(id(self), []).append(len(data))
+        data_received(self, data)
+
+    monkeypatch.setattr(connections.GuardedH11Protocol, "data_received", recording)
+    blocking = threading.Event()
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        message = {"more_body": True}
+        while message["more_body"]:
+            message = await receive()
+        if scope["path"] == "/block":
+            blocking.set()
+            time.sleep(0.5)  # holds the event loop, as a pass behind many connections would
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    request = b"POST /body HTTP/1.1\r\nhost: x\r\ncontent-length: 200000\r\n\r\n" + bytes(200_000)
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as first,
+            socket.create_connection(("127.0.0.1", port), timeout=10) as second,
+        ):
+            first.sendall(b"GET /warm HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert first.recv(1024).startswith(b"HTTP/1.1 200")
+            first.sendall(b"GET /block HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert blocking.wait(10)
+            second.sendall(request)  # lands in the kernel's buffer while the loop is held
+            assert first.recv(1024).startswith(b"HTTP/1.1 200")
+            assert second.recv(1024).startswith(b"HTTP/1.1 200")
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= size
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+    body_reads = [r for r in reads.values() if sum(r) == len(request)]
+    assert len(body_reads) == 1
+    assert body_reads[0][0] == len(request)  # the whole request in the first read

@@ -18,9 +18,12 @@ the kernel's queue, the backlog, is unchanged, so a burst of connections is not 
 
 A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408); the connection
 reads up to `body_read_ahead_bytes` of it ahead (uvicorn's own 64 KiB paused a few images' body several
-times, each resume a pass of the loop behind every other connection's work). Each refusal
-and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`); a 408 is written in the access
-log, refusals in one warning per `REFUSED_LOG_S` at most (a flood of connections must not flood the log).
+times, each resume a pass of the loop behind every other connection's work). The kernel's buffer behind it
+is asked to hold `socket_receive_buffer_bytes` (`size_receive_buffer`): with Linux's first 128 KiB, the
+client's kernel held the rest of a 150 KB body until the loop had read the first part, one more pass again.
+Each refusal and timeout is counted (`Metrics.connection_refused`, `connection_timed_out`); a 408 is written
+in the access log, refusals in one warning per `REFUSED_LOG_S` at most (a flood of connections must not
+flood the log).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from asyncio import selector_events
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +57,7 @@ class Guard:
     max_connections: int = 1000
     idle_timeout_s: float = 5.0
     header_timeout_s: float = 10.0
+    receive_buffer: int = 0  # SO_RCVBUF asked for each connection; 0: the kernel's
     metrics: Callable[[], Any] = lambda: None  # the worker's `Metrics` once it has started
     refused: int = 0  # connections refused since the last warning
     refused_logged: float = 0.0  # when the last warning was written (loop time)
@@ -79,6 +84,7 @@ def install(settings: Settings, metrics: Callable[[], Any]) -> None:
     GUARD.max_connections = settings.max_connections
     GUARD.idle_timeout_s = settings.idle_timeout_s
     GUARD.header_timeout_s = settings.header_timeout_s
+    GUARD.receive_buffer = settings.socket_receive_buffer_bytes
     GUARD.metrics = metrics
     for name in ("auto", "h11"):
         config.HTTP_PROTOCOLS[name] = PROTOCOL
@@ -101,10 +107,24 @@ def accept_in_passes(batch: int = ACCEPT_BATCH) -> None:
         *args: Any,
         **kwargs: Any,
     ) -> None:
+        size_receive_buffer(sock, GUARD.receive_buffer)  # the listener's: what the next connections inherit
         return accept(self, protocol_factory, sock, sslcontext, server, min(backlog, batch), *args, **kwargs)
 
     _accept_connection.unbatched = accept  # type: ignore[attr-defined]
     loop_class._accept_connection = _accept_connection  # type: ignore[method-assign]
+
+
+def size_receive_buffer(sock: socket.socket | Any, size: int) -> None:
+    """Ask the kernel to buffer at least `size` received bytes of `sock` (a listener: of the connections it
+    accepts next). An explicit size turns off Linux's growing of the buffer with the transfer, so 0 leaves
+    the kernel's own; the kernel doubles what it is asked (its bookkeeping) and caps it at `rmem_max`."""
+    if size <= 0 or sock is None:
+        return
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:  # not a socket the kernel sizes (a Unix one elsewhere): its own buffer stands
+        pass
 
 
 def _answer(status: int, reason: str, code: str, message: str, extra: str = "") -> bytes:
@@ -150,6 +170,8 @@ class GuardedH11Protocol(H11Protocol):
                 metrics.request("-", "-", "http", "503", 0.0)
             return
         super().connection_made(transport)
+        # Connections accepted in the first pass, before the listener's buffer was sized, have the kernel's.
+        size_receive_buffer(transport.get_extra_info("socket"), GUARD.receive_buffer)
         # uvicorn arms this only after a response; a connection that never sends a byte is idle too.
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
