@@ -459,6 +459,13 @@ def main() -> int:
         default=WARM_S,
         help="seconds before the first phase (past the lag gauge's window)",
     )
+    parser.add_argument(
+        "--client-niceness",
+        type=int,
+        default=0,
+        help="Linux nice value of this script's clients (the server keeps its own): above 0 tells the "
+        "service's own lag from the lag of a host whose cores the clients share",
+    )
     args = parser.parse_args()
     kinds = [k.strip() for k in args.abuse.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
@@ -467,6 +474,8 @@ def main() -> int:
     half = args.duration / 2
     photo = jpeg(photos.chelsea())
     server = Server(args.repository, args.model, Path(args.work))
+    if args.client_niceness > 0:
+        os.nice(args.client_niceness)  # this thread's; the clients' threads, started from it, inherit it
     try:
         return soak(server, args, kinds, half, photo)
     finally:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import socket
+import sys
 import threading
 import time
 import tracemalloc
@@ -152,6 +153,37 @@ def test_json_cost_bounds_what_a_parse_takes() -> None:
         assert json_cost(data) >= _peak(data), name
         assert json_cost(data) <= max(JSON_FREE_BYTES, default * len(data)), name
     assert json_cost(b"[" + b"{}," * 100_000 + b"{}]") > default * 300_002  # ten million of them: refused
+
+
+def test_json_cost_lets_other_threads_run_while_it_counts() -> None:
+    """The estimate of a large body runs in a thread beside the event loop's; it must not hold the
+    interpreter lock while it counts (`bytes.count` did, and the loop's thread waited for it after each of
+    its own system calls). With a switch interval longer than the count, a thread that held the lock
+    throughout would leave this one no turn at all."""
+    body = b"[" + b"{}," * 10_000_000 + b"{}]"
+    expected = json_cost(body)
+    results: list[int] = []
+    started = threading.Event()
+
+    def count() -> None:
+        started.set()
+        results.append(json_cost(body))
+
+    turns = 0
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)
+    try:
+        counter = threading.Thread(target=count)
+        counter.start()
+        started.wait(10)
+        while counter.is_alive():
+            turns += 1
+            time.sleep(0)  # gives the lock back at once
+        counter.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert results == [expected]
+    assert turns >= 20
 
 
 def _worker_rss(server: Server) -> int:
