@@ -16,8 +16,12 @@ key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked 
 second), `idle` (500 connections that send nothing), `flood` (connections past `max_connections` every 10 s),
 `tta_batch` (batches of 64 images with ten-crop test-time augmentation).
 
+The clients share the host's cores with the server; `--client-niceness 10` runs them below it, to tell the
+lag the service causes itself from the lag of a host whose cores its clients take.
+
     python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
         [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile] [--warm 20]
+        [--client-niceness 0]
 """
 
 from __future__ import annotations
