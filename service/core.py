@@ -160,14 +160,6 @@ def info_of(entry: LoadedModel) -> ModelInfo:
     )
 
 
-def _give_back_memory() -> None:
-    """After a burst: objects in reference cycles (a request's futures, errors with tracebacks) hold
-    their arrays until the collector's next full pass; collect them, then hand the freed pages back
-    (glibc keeps them otherwise). What each step returns: docs/BENCHMARKS.md."""
-    gc.collect()
-    return_memory()
-
-
 class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
@@ -195,7 +187,7 @@ class InferenceCore:
             niceness=self.settings.worker_niceness,
         )
         self.trim = IdleTrim(
-            self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, _give_back_memory
+            self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, self._give_back_memory
         )
         self.batcher = Batcher(
             self._run_batch,
@@ -287,6 +279,23 @@ class InferenceCore:
         """Explicit mode: retire every version of `name`; admitted requests finish on it first."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.model_set.loader, self.model_set.unload, name)
+
+    def _give_back_memory(self) -> None:
+        """After a burst, on the idle trim's thread: objects in reference cycles (a request's futures, errors
+        with tracebacks) hold their arrays until the collector's next full pass; collect them, shrink each
+        session's arena to one image's run, then hand the freed pages back (glibc keeps them otherwise).
+        What each step returns: docs/BENCHMARKS.md."""
+        priority.lower_this_thread(self.settings.worker_niceness)
+        gc.collect()
+        for entry in self.model_set.entries():
+            session = entry.session
+            if session is None:
+                continue
+            try:
+                session.release_arena()
+            except Exception:  # noqa: BLE001 - a session that cannot run now keeps its arena; serving goes on
+                log.warning("%s:%s: its arena could not be shrunk", entry.name, entry.version, exc_info=True)
+        return_memory()
 
     # -- inference ----
     def _session(self, key: tuple[str, str, int]) -> ModelSession | None:

@@ -256,10 +256,25 @@ class ModelSession:
             for b in self.buckets:
                 if b <= self.preferred_batch:
                     self.run(data[:b], alone=True)
+        self._shrink(self.session, data[: self.preferred_batch])
+
+    def release_arena(self) -> None:
+        """CPU: give back what ONNX Runtime's arena took beyond one image's run. Under load the batcher's
+        concurrent runs, and the solo session's, grow each arena to their sum, which it keeps for good (see
+        docs/BENCHMARKS.md, "Hostile load"); the idle trim calls this when nothing runs. An arena frees only
+        whole regions that are unused at the end of a run."""
+        if self.on_gpu:
+            return
+        one = np.zeros((1, *self.input_shape), np.float32)
+        self._shrink(self.session, one)
+        if self.solo is not None:
+            self._shrink(self.solo, one)
+
+    def _shrink(self, session: ort.InferenceSession, batch: np.ndarray) -> None:
+        """One run of `batch` that ends by freeing the arena's unused regions."""
         shrink = ort.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        feed = self._feed(data[: self.preferred_batch])
-        self.session.run([self.output_name], {self.input_name: feed}, shrink)
+        session.run([self.output_name], {self.input_name: self._feed(batch)}, shrink)
 
     def describe(self) -> dict[str, object]:
         return {

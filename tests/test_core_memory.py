@@ -117,3 +117,55 @@ def test_a_loaded_model_keeps_no_memory_for_batches_it_will_not_run(model_repo: 
     assert all(r["preferred"] == 4 for r in loaded.values()), loaded
     assert loaded[0]["mb"] < 250, loaded
     assert loaded[2]["mb"] - loaded[0]["mb"] < 150, loaded
+
+
+_ARENA_RSS = """
+import json, sys, time
+import numpy as np
+import psutil
+from service import sessions
+from service.config import Settings
+from service.core import InferenceCore
+
+sessions.pick_batch = lambda per_image, tolerance=0.0: 4
+proc = psutil.Process()
+core = InferenceCore(Settings(repository=sys.argv[1], models=("efficientnet_lite0",), max_batch_size=4,
+                              intra_op_threads=1, solo_threads=1, memory_trim_idle_s=0.2))
+core.load()
+session = core.model_set.entries()[0].session
+loaded = proc.memory_info().rss
+batch = np.zeros((24, 3, 224, 224), np.float32)
+session.run(batch)  # what concurrent runs under a burst add up to: a larger arena, kept after the run
+session.run(batch[:8], alone=True)
+del batch
+grown = proc.memory_info().rss
+core.trim.poke()
+until = time.monotonic() + 30
+while core.trim.trims == 0 and time.monotonic() < until:
+    time.sleep(0.05)
+time.sleep(0.2)
+print(json.dumps({"trims": core.trim.trims, "grown_mb": (grown - loaded) / 2**20,
+                  "left_mb": (proc.memory_info().rss - loaded) / 2**20}))
+core.close()
+"""
+
+
+def test_the_idle_trim_gives_back_what_the_arenas_grew_to(model_repo: Path) -> None:
+    """ONNX Runtime's arena keeps the largest activations a session has run (under a burst, the sum of the
+    runs at once) until told to shrink: the idle trim shrinks each session's arena to one image's run."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _ARENA_RSS, str(model_repo)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["trims"] == 1, r
+    assert r["grown_mb"] > 150, r  # the runs above did grow the arenas
+    assert r["left_mb"] < 40, r
