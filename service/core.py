@@ -284,8 +284,9 @@ class InferenceCore:
         """After a burst, on the idle trim's thread: objects in reference cycles (a request's futures, errors
         with tracebacks) hold their arrays until the collector's next full pass; collect them, shrink each
         session's arena to one image's run, then hand the freed pages back (glibc keeps them otherwise).
-        What each step returns: docs/BENCHMARKS.md."""
-        priority.lower_this_thread(self.settings.worker_niceness)
+        What each step returns: docs/BENCHMARKS.md. It runs at the event loop's priority: the loop's
+        allocations wait for the allocator's locks that malloc_trim holds, which a lowered thread could keep
+        while the scheduler runs others."""
         gc.collect()
         for entry in self.model_set.entries():
             session = entry.session

@@ -106,7 +106,9 @@ class IdleTrim:
 
     glibc keeps what a burst freed in its arenas (a 48-image multiscale request's tensors, the decoded
     images): the resident size stays at the burst's peak. `trim` (malloc_trim) returns it; it runs on this
-    thread, at most once per `delay_s`, and only while `idle()` holds, so no request pays for it."""
+    thread once `delay_s` have passed with no request answered and none outstanding (`idle()`), so no
+    request pays for it. A service under steady load is never idle that long and never trims: what it has
+    freed, its next requests take again, and a trim would hold the allocator's locks in the midst of them."""
 
     def __init__(self, delay_s: float, idle: Callable[[], bool], trim: Callable[[], None]) -> None:
         self.delay_s = delay_s
@@ -139,6 +141,8 @@ class IdleTrim:
             self._poked.clear()
             if self._stop.wait(self.delay_s):
                 return
+            if self._poked.is_set():  # answered another request meanwhile: not idle all along, wait again
+                continue
             if self._idle():
                 self._trim()
                 self.trims += 1

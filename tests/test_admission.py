@@ -28,6 +28,7 @@ from service.config import Settings
 from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import InvalidArgument, Overloaded
 from service.fair import FairPool
+from service.memory import IdleTrim
 from tests.conftest import classify_now, encode
 from tests.http_server import Server, jpeg, running_server
 
@@ -349,6 +350,25 @@ def test_memory_is_trimmed_once_idle(tiny_repo: Path, chelsea: Image.Image) -> N
         assert core.trim.trims == 1  # once after the burst, not once per request
     finally:
         core.close()
+
+
+def test_a_steady_load_is_never_trimmed() -> None:
+    """Requests answered every 50 ms leave the service idle between them, never for the trim's 0.3 s: no
+    trim (each would hold the allocator's locks in the midst of requests). Once they stop, one trim."""
+    trim = IdleTrim(0.3, lambda: True, lambda: None)
+    try:
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            trim.poke()
+            time.sleep(0.05)
+        assert trim.trims == 0
+        until = time.monotonic() + 5
+        while trim.trims == 0 and time.monotonic() < until:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        assert trim.trims == 1
+    finally:
+        trim.stop()
 
 
 # -- the server ----
