@@ -259,13 +259,13 @@ class ModelSession:
         self._shrink(self.session, data[: self.preferred_batch])
 
     def release_arena(self) -> None:
-        """CPU: give back what ONNX Runtime's arena took beyond one image's run. Under load the batcher's
-        concurrent runs, and the solo session's, grow each arena to their sum, which it keeps for good (see
-        docs/BENCHMARKS.md, "Hostile load"); the idle trim calls this when nothing runs. An arena frees only
-        whole regions that are unused at the end of a run."""
+        """CPU: give back what ONNX Runtime's arena took beyond one image's run (a fixed batch's, if any).
+        Under load the batcher's concurrent runs, and the solo session's, grow each arena to their sum, which
+        it keeps for good (see docs/BENCHMARKS.md, "Hostile load"); the idle trim calls this when nothing
+        runs. An arena frees only whole regions that are unused at the end of a run."""
         if self.on_gpu:
             return
-        one = np.zeros((1, *self.input_shape), np.float32)
+        one = np.zeros((self.fixed_batch or 1, *self.input_shape), np.float32)  # a fixed batch is a whole one
         self._shrink(self.session, one)
         if self.solo is not None:
             self._shrink(self.solo, one)

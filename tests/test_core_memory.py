@@ -169,3 +169,19 @@ def test_the_idle_trim_gives_back_what_the_arenas_grew_to(model_repo: Path) -> N
     assert r["trims"] == 1, r
     assert r["grown_mb"] > 150, r  # the runs above did grow the arenas
     assert r["left_mb"] < 40, r
+
+
+def test_a_shrunk_arena_answers_as_before(tiny_repo: Path) -> None:
+    """Shrinking frees only what no run holds: both sessions answer the same after it, and again after a
+    concurrent-size run grows them back."""
+    from service.card import read_card
+    from service.sessions import ModelSession
+
+    session = ModelSession(read_card(tiny_repo / "tiny" / "1"), Settings(solo_threads=1))
+    batch = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    before = session.run(batch), session.run(batch[:1], alone=True)
+    session.release_arena()
+    np.testing.assert_array_equal(session.run(batch[:1], alone=True), before[1])
+    np.testing.assert_array_equal(session.run(batch), before[0])
+    session.release_arena()
+    np.testing.assert_array_equal(session.run(batch), before[0])
