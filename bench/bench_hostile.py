@@ -21,7 +21,7 @@ lag the service causes itself from the lag of a host whose cores its clients tak
 
     python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
         [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile] [--warm 20]
-        [--client-niceness 0]
+        [--client-niceness 0] [--server-args "--worker-niceness 0"]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import collections
 import io
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -70,7 +71,7 @@ def jpeg(array: np.ndarray, size: int | None = None) -> bytes:
 
 
 class Server:
-    def __init__(self, repository: str, model: str, work: Path) -> None:
+    def __init__(self, repository: str, model: str, work: Path, extra: list[str]) -> None:
         self.port, grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "PROMETHEUS_"))}
@@ -80,7 +81,7 @@ class Server:
         cmd = [
             sys.executable, "-m", "service", "serve", "--repository", repository, "--models", model,
             "--default-model", model, "--host", "127.0.0.1", "--http-port", str(self.port),
-            "--grpc-port", str(grpc_port),
+            "--grpc-port", str(grpc_port), *extra,
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -470,6 +471,11 @@ def main() -> int:
         help="Linux nice value of this script's clients (the server keeps its own): above 0 tells the "
         "service's own lag from the lag of a host whose cores the clients share",
     )
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help='more flags for `python -m service serve` (one string, e.g. "--worker-niceness 0")',
+    )
     args = parser.parse_args()
     kinds = [k.strip() for k in args.abuse.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
@@ -477,7 +483,7 @@ def main() -> int:
         parser.error(f"unknown abuse {sorted(unknown)}; choose from {', '.join(KINDS)}")
     half = args.duration / 2
     photo = jpeg(photos.chelsea())
-    server = Server(args.repository, args.model, Path(args.work))
+    server = Server(args.repository, args.model, Path(args.work), shlex.split(args.server_args))
     if args.client_niceness > 0:
         os.nice(args.client_niceness)  # this thread's; the clients' threads, started from it, inherit it
     try:

@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.oip import OpenInference
 from service.storage import RepositoryError, is_url
 
-from . import connections, traffic
+from . import connections, tracing, traffic
 from .api import build_app
 from .middleware import RequestContextMiddleware
 from .parsing import BodyParser
@@ -46,6 +46,7 @@ app = build_app(SETTINGS)
 # The connection limit and the idle and header timeouts: the HTTP protocol uvicorn builds after this import.
 connections.install(SETTINGS, lambda: getattr(getattr(app.state, "runtime", None), "metrics", None))
 traffic.install()
+tracing.install()
 
 
 @bentoml.asgi_app(app, path="/")
