@@ -3,9 +3,9 @@
 BentoML wraps every app in OpenTelemetry's ASGI middleware, which by default opens a span for each message
 the app receives or sends as well as for the request. A 12 MB body arrives in about fifty pieces: fifty
 spans, each with its context attached and detached on the event loop, even at BentoML's default sampling
-rate of 0, when none is recorded. Under a load of large bodies those spans took about a tenth of the loop's
-time. `install` makes BentoML build the middleware with those spans left out; the request's span, its
-attributes and the trace context it passes on are unchanged.
+rate of 0, when none is recorded: under a load of large bodies, a large share of the loop's time
+(docs/BENCHMARKS.md, "Hostile clients"). `install` makes BentoML build the middleware with those spans
+left out; the request's span, its attributes and the trace context it passes on are unchanged.
 """
 
 from __future__ import annotations
