@@ -98,18 +98,26 @@ class Service:
         raise TimeoutError(self.log_path.read_text()[-3000:])
 
     def worker_rss_mb(self) -> float:
-        """The largest resident size among the server's processes: the worker holding the model."""
+        """The resident size of the worker holding the model (the largest of the server's processes) and of
+        its children: the processes that decode its images and parse large JSON bodies."""
         try:
             procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.Error:
             return float("nan")
-        sizes = []
+        sizes = {}
         for p in procs:
             try:
-                sizes.append(p.memory_info().rss)
+                sizes[p.pid] = p.memory_info().rss
             except psutil.Error:
                 pass
-        return max(sizes) / 2**20
+        if not sizes:
+            return float("nan")
+        worker = max(sizes, key=sizes.__getitem__)
+        try:
+            children = [c.pid for c in psutil.Process(worker).children(recursive=True)]
+        except psutil.Error:
+            children = []
+        return (sizes[worker] + sum(sizes.get(c, 0) for c in children)) / 2**20
 
     def durations(self, status: int, since: int, probes: bool = False) -> list[float]:
         """Server-side durations (ms) of the access log lines with this status, from byte offset `since`."""
@@ -366,7 +374,7 @@ def memory(checkout: Path, work: Path, clients: int, marks: tuple[int, ...], var
                     time.sleep(left)
                 rows[name][f"+{m}s"] = s.worker_rss_mb()
         print(
-            f"memory: worker RSS, MB (burst: 3 clients of 13x multiscale for ~3 s, "
+            f"memory: worker and its children, RSS in MB (burst: 3 clients of 13x multiscale for ~3 s, "
             f"{clients} clients x 4 images)"
         )
         keys = ("warm", "peak", *(f"+{m}s" for m in marks))

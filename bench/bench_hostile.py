@@ -4,8 +4,8 @@ Starts the service (default settings, one model), then runs normal clients (pers
 `POST /classify` of a photo) for half of `--duration` alone and for the other half beside the abusers, and
 prints, side by side:
 - normal clients' p50/p99 without and with abuse (and their ratio), and their failed requests (goal 0);
-- the RSS of the server's worker processes (the worker and its JSON parsing processes): baseline before the
-  abuse, peak during it, final once it stopped and the connections' timeouts have passed;
+- the RSS of the server's worker processes (the worker and its children, decoding and parsing): baseline
+  before the abuse, peak during it, final once it stopped and the connections' timeouts have passed;
 - the event loop's lag (the service's `cnn_serve_event_loop_lag_*` metrics; goal < 50 ms);
 - the server-side latency of its 503 answers (from its access log) and the connections refused at accept;
 - what each kind of abuse received, and how many connections were still open after the abuse stopped.
@@ -116,13 +116,13 @@ class Server:
         return total
 
     def rss_parts(self) -> dict[str, int]:
-        """RSS by kind of process: the worker, the JSON parsing processes, the rest (arbiter, trackers)."""
+        """RSS by kind of process: the worker, its children (decoding, parsing), the rest (arbiter...)."""
         parts: collections.Counter[str] = collections.Counter()
         for p in self.workers():
             try:
                 line = " ".join(p.cmdline())
                 kind = (
-                    "parsing"
+                    "children"
                     if "spawn_main" in line
                     else "worker"
                     if "_bentoml_impl.worker" in line

@@ -87,6 +87,11 @@ class Settings:
         512, "views (images x test-time views) admitted and not yet answered; beyond it: overloaded at once"
     )
     decode_threads: int = _setting(2, "threads decoding and preprocessing images beside inference")
+    decode_processes: bool = _setting(
+        False,
+        "each decode thread hands its images to a child process of its own, whose Python work never holds "
+        "the event loop's interpreter lock and whose crash fails one image, not the worker (docs/CORE.md)",
+    )
     worker_niceness: int = _setting(
         10,
         "Linux nice value of the threads that decode and run inference (and of ONNX Runtime's): the event "

@@ -22,6 +22,7 @@ import numpy as np
 from service import augmentation, decoding, limits, postprocessing, priority
 from service.batching import Batcher, Hold, Job, settle
 from service.config import Settings
+from service.decoders import DecodeProcess, DecodeProcesses
 from service.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -31,8 +32,8 @@ from service.errors import (
 )
 from service.fair import FairPool
 from service.integrity import FileCheck
-from service.memory import IdleTrim, MemoryBudget
-from service.models import LoadedModel, ModelSet, return_memory
+from service.memory import IdleTrim, MemoryBudget, return_memory
+from service.models import LoadedModel, ModelSet
 from service.postprocessing import ClassScore
 from service.repository import ModelCard
 from service.sessions import ModelSession
@@ -186,6 +187,11 @@ class InferenceCore:
             lambda owner: self.batcher.ahead(owner) < ahead,
             niceness=self.settings.worker_niceness,
         )
+        self.decoders = (
+            DecodeProcesses(self.settings.worker_niceness, self.settings.memory_trim_idle_s)
+            if self.settings.decode_processes
+            else None
+        )
         self.trim = IdleTrim(
             self.settings.memory_trim_idle_s, lambda: self.batcher.outstanding == 0, self._give_back_memory
         )
@@ -210,6 +216,8 @@ class InferenceCore:
         """Load and warm up the start set (`service.models`: every version the policies name, or
         `load_model` in explicit mode); failures are kept with their reason (GpuRequired raises). In poll mode
         the repository is then rescanned in the background."""
+        if self.decoders is not None:
+            self.decoders.start(max(1, self.settings.decode_threads))
         self.model_set.start()
         self.batcher.start()
         self.loaded = True
@@ -247,6 +255,8 @@ class InferenceCore:
         self.file_check.stop()
         self.model_set.stop()
         self._pool.shutdown(wait=True)
+        if self.decoders is not None:
+            self.decoders.close()
         self.batcher.stop(self.settings.drain_timeout_s)
         self.trim.stop()
 
@@ -358,7 +368,11 @@ class InferenceCore:
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before decoding")
             t0 = time.perf_counter()
-            views = self.preprocess(data, entry, tta, deadline, keep_until=fut)
+            if self.decoders is None:
+                views = self.preprocess(data, entry, tta, deadline, keep_until=fut)
+            else:
+                with self.decoders.borrow() as process:
+                    views = self.preprocess(data, entry, tta, deadline, keep_until=fut, process=process)
             seconds = time.perf_counter() - t0
             self.observer.preprocess(seconds)
             self.batcher.note_preprocess(seconds, views.shape[0])
@@ -383,18 +397,23 @@ class InferenceCore:
         tta: str,
         deadline: float | None = None,
         keep_until: concurrent.futures.Future | None = None,
+        process: DecodeProcess | None = None,
     ) -> np.ndarray:
-        """Bytes -> (views, C, H, W) float32 for one image (runs in the pool). The decoded image's memory
-        is reserved from the decode memory budget until its views are cut; with `keep_until`, the views'
-        tensor is reserved with it and stays reserved until that future is done (the batcher ran it), so
-        that queued views count against the budget as decoding images do."""
+        """Bytes -> (views, C, H, W) float32 for one image (runs in the pool; with `process`, in that child
+        process). The decoded image's memory is reserved from the decode memory budget until its views are
+        cut; with `keep_until`, the views' tensor is reserved with it and stays reserved until that future is
+        done (the batcher ran it), so that queued views count against the budget as decoding images do."""
         assert entry.pipeline is not None and entry.card is not None
         views_bytes = 0
         if keep_until is not None:
             spec = entry.card.preprocessing
             views_bytes = augmentation.view_count(tta) * spec.channels * spec.height * spec.width * 4
         with self.decode_memory.holding(deadline) as hold:
-            views = entry.pipeline.prepare(data, tta, reserve=lambda n: hold.reserve(n + views_bytes))
+            reserve = lambda n: hold.reserve(n + views_bytes)  # noqa: E731
+            if process is None:
+                views = entry.pipeline.prepare(data, tta, reserve=reserve)
+            else:
+                views = process.prepare(entry.key, entry.pipeline, data, tta, reserve)
             if keep_until is not None:
                 kept = hold.keep(views_bytes)
                 if kept:

@@ -11,10 +11,12 @@ for the others to finish. An image whose estimate alone exceeds the budget is re
 from __future__ import annotations
 
 import collections
+import ctypes
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from service.errors import DeadlineExceeded, ImageTooLarge
 
@@ -150,3 +152,20 @@ class IdleTrim:
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.0f}"
+
+
+def return_memory() -> None:
+    """Hand the pages of a released session back to the system. glibc keeps freed memory in its per-thread
+    arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 to
+    27 MB (tests/test_models_memory.py). Elsewhere than glibc, nothing to do."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None

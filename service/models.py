@@ -17,7 +17,6 @@ a transport.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import itertools
 import json
 import logging
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from service.card import CardError, ModelCard, is_version
 from service.config import Settings
 from service.errors import InvalidArgument, ModelNotFound, ModelUnavailable, PermissionDenied, shown
+from service.memory import return_memory
 from service.pipeline import Pipeline
 from service.priority import made_lowered
 from service.repository import (
@@ -161,23 +161,6 @@ class LoadedModel:
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.name, self.version, self.generation)
-
-
-def return_memory() -> None:
-    """Hand the pages of a released session back to the system. glibc keeps freed memory in its per-thread
-    arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 to
-    27 MB (tests/test_models_memory.py). Elsewhere than glibc, nothing to do."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 def _reason(exc: BaseException) -> str:
