@@ -13,8 +13,11 @@ Runtime threads) and the CPU profile (`inference_workers=2, intra_op_threads=1, 
 at once on 1 thread each under load, a lone batch on a second session's 2 spinning threads).
 4. Fast-vs-exact preprocessing: top-1 agreement of efficientnet_lite0 over crops/scales of real photos.
 
+With `--decode-processes`, figures 2 and 3 also for the default with `decode_processes` (each decode
+thread's images decoded in a child process of its own).
+
 Usage: python bench/bench_core.py [--repository models] [--runs 200] [--skip-resnet] [--default-only]
-       [--caps 2,4,8,16]
+       [--decode-processes] [--caps 2,4,8,16]
 """
 
 from __future__ import annotations
@@ -382,15 +385,20 @@ def export_resnet50(root: Path) -> str:
 PROFILE = f"CPU profile: {THREADS} workers x 1 thread, solo {THREADS} threads"
 
 
-def make_cores(settings: Settings, default_only: bool) -> dict[str, InferenceCore]:
+PROCESSES = "default, decoding in child processes"
+
+
+def make_cores(settings: Settings, default_only: bool, processes: bool = False) -> dict[str, InferenceCore]:
     """The default core (one batch at a time on every thread), then the CPU profile: as many single-threaded
-    batches at once as there are threads, and a solo session on all of them for a batch that runs alone.
-    Loaded."""
+    batches at once as there are threads, and a solo session on all of them for a batch that runs alone;
+    with `processes`, the default again with `decode_processes`. Loaded."""
     configs = {f"default: 1 worker x {THREADS} threads": settings}
     if not default_only:
         configs[PROFILE] = settings.replace(
             intra_op_threads=1, inference_workers=THREADS, solo_threads=THREADS
         )
+    if processes:
+        configs[PROCESSES] = settings.replace(decode_processes=True)
     cores = {name: InferenceCore(s) for name, s in configs.items()}
     for c in cores.values():
         c.load()
@@ -406,6 +414,9 @@ def main() -> None:
     ap.add_argument("--skip-resnet", action="store_true")
     ap.add_argument("--spinning", action="store_true", help="ONNX Runtime threads spin")
     ap.add_argument("--default-only", action="store_true", help="only the default, not the CPU profile")
+    ap.add_argument(
+        "--decode-processes", action="store_true", help="also the default with decoding in child processes"
+    )
     ap.add_argument("--caps", default="", help="also compare these batch caps side by side, e.g. 2,4,8,16")
     args = ap.parse_args()
     model = "efficientnet_lite0"
@@ -426,7 +437,7 @@ def main() -> None:
         max_batch_size=32,
         thread_spinning=args.spinning,
     )
-    cores = make_cores(settings, args.default_only)
+    cores = make_cores(settings, args.default_only, args.decode_processes)
     for name, c in cores.items():
         bench_single(c, model, data, args.runs, f", {name}")
     core = next(iter(cores.values()))
@@ -441,7 +452,9 @@ def main() -> None:
         repo = args.repository
         if not (Path(repo) / "resnet50").is_dir():
             repo = export_resnet50(Path(tempfile.mkdtemp(prefix="bench-resnet50-")))
-        cores = make_cores(settings.replace(repository=repo, models=("resnet50",)), args.default_only)
+        cores = make_cores(
+            settings.replace(repository=repo, models=("resnet50",)), args.default_only, args.decode_processes
+        )
         bench_concurrency(cores, "resnet50", images, max(1, args.rounds // 2))
         for c in cores.values():
             c.close()

@@ -155,9 +155,9 @@ def _mib(nbytes: int) -> str:
 
 
 def return_memory() -> None:
-    """Hand the pages of a released session back to the system. glibc keeps freed memory in its per-thread
-    arenas: without this, 50 loads and unloads of efficientnet_lite0 left 92 MB more behind, with it 11 to
-    27 MB (tests/test_models_memory.py). Elsewhere than glibc, nothing to do."""
+    """Hand freed pages (a released session's, a burst's images) back to the system: glibc keeps freed
+    memory in its per-thread arenas (tests/test_models_memory.py measures what it leaves behind). Elsewhere
+    than glibc, nothing to do."""
     global _malloc_trim
     if _malloc_trim is None:
         try:
