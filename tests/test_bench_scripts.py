@@ -37,18 +37,18 @@ def run_bench(script: str, *args: str, exit_codes: tuple[int, ...] = (0,)) -> st
 def test_bench_core_prints_every_figure(model_repo: Path) -> None:
     out = run_bench(
         "bench_core.py", "--repository", str(model_repo), "--runs", "6", "--rounds", "1", "--agreement", "8",
-        "--skip-resnet",
+        "--skip-resnet", "--decode-processes",
     )  # fmt: skip
     assert re.search(rf"fast {NUMBER} ms, torchvision eval transform {NUMBER} ms, speed-up {NUMBER}x", out)
     assert re.search(rf"on the reference machine: this host {NUMBER}x slower", out)
-    for config in ("default: 1 worker x 2 threads", "CPU profile"):
+    for config in ("default: 1 worker x 2 threads", "CPU profile", "default, decoding in child processes"):
         assert re.search(rf"single classify bytes->top5 efficientnet_lite0, {config}.*: p50 {NUMBER} ms", out)
         assert re.search(rf"throughput efficientnet_lite0, {config}.*ratio {NUMBER}x", out), out
     # the lone call's peer (the stages inline, no service), its breakdown interleaved with the calls, then
-    # each stage warm, for both configurations
-    assert len(re.findall(rf"peer: .* no service: p50 {NUMBER} ms; the service adds -?{NUMBER} ms", out)) == 2
-    assert len(re.findall(rf"where it goes .*hand-offs and the rest -?{NUMBER}", out)) == 2
-    assert len(re.findall(rf"each stage warm, back to back .*sum {NUMBER}", out)) == 2
+    # each stage warm, for each configuration
+    assert len(re.findall(rf"peer: .* no service: p50 {NUMBER} ms; the service adds -?{NUMBER} ms", out)) == 3
+    assert len(re.findall(rf"where it goes .*hand-offs and the rest -?{NUMBER}", out)) == 3
+    assert len(re.findall(rf"each stage warm, back to back .*sum {NUMBER}", out)) == 3
     assert re.search(rf"efficientnet_lite0 top-1 agreement: [0-9]+/8 = {NUMBER}%", out), out
 
 
