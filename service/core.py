@@ -269,6 +269,16 @@ class InferenceCore:
         """The version asked for, or the latest ready one; ModelNotFound for an unknown name or version."""
         return info_of(self._entry(name, version, require_ready=False))
 
+    def serves(self, name: str | None, version: str | None = None) -> bool:
+        """Whether a request for this model (None: the default) and version finds one ready to answer it. A
+        request for one that is unknown, unloaded or not ready is answered that (404 or 503 with the
+        reason), never shed as overload: retrying it later would not help."""
+        try:
+            self.model_set.entry(name, version)
+        except ServiceError:
+            return False
+        return True
+
     def _entry(self, name: str | None, version: str | None, require_ready: bool = True) -> LoadedModel:
         return self.model_set.entry(name, version, require_ready)
 
@@ -413,7 +423,7 @@ class InferenceCore:
             if process is None:
                 views = entry.pipeline.prepare(data, tta, reserve=reserve)
             else:
-                views = process.prepare(entry.key, entry.pipeline, data, tta, reserve)
+                views = process.prepare(entry.key, entry.pipeline, data, tta, reserve, deadline)
             if keep_until is not None:
                 kept = hold.keep(views_bytes)
                 if kept:

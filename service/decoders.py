@@ -16,7 +16,8 @@ One image at a time per child, over a pipe:
   then `{"shape": [...]}` followed by the views' float32 bytes, or `{"error": name, "message": text}`.
 
 A child that dies (a decoder crash, the OOM killer) fails its image with a 500 and is replaced by the next
-image's. Each child gives its freed memory back to the system after `memory_trim_idle_s` without work.
+image's; one still decoding at the image's deadline is killed (a thread could not be stopped) and replaced.
+Each child gives its freed memory back to the system after `memory_trim_idle_s` without work.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import multiprocessing
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from service import errors
-from service.errors import ServiceError
+from service.errors import DeadlineExceeded, ServiceError
 from service.memory import return_memory
 from service.pipeline import Pipeline
 from service.priority import lower_this_thread
@@ -47,6 +49,10 @@ MAX_HEADER = 4096  # bytes of a child's JSON header; an error message is cut wel
 MAX_MESSAGE = 500  # characters of an error message a child sends
 MAX_KEYS = 64  # models' pipelines a child keeps; past it, the parent starts its list again
 STOP_S = 5.0  # how long a child may take to end once asked
+
+
+class _Overran(Exception):
+    """The child did not answer before the image's deadline."""
 
 
 class _Stopped(ServiceError):
@@ -142,10 +148,18 @@ class DecodeProcess:
         data: bytes,
         tta: str,
         reserve: Callable[[int], None],
+        deadline: float | None = None,
     ) -> np.ndarray:
-        """`pipeline.prepare(data, tta, reserve)`, done by the child; `reserve` runs here, in the caller."""
+        """`pipeline.prepare(data, tta, reserve)`, done by the child; `reserve` runs here, in the caller. A
+        child still decoding at `deadline` (monotonic) is killed: a thread could not be stopped, a process
+        gives the core back at once."""
         try:
-            outcome = self._exchange(key, pipeline, data, tta, reserve)
+            outcome = self._exchange(key, pipeline, data, tta, reserve, deadline)
+        except _Overran:
+            self.broken = True
+            self.process.kill()
+            self.process.join(1.0)
+            raise DeadlineExceeded("deadline passed while the image was being decoded") from None
         except (EOFError, OSError, ValueError, TypeError, KeyError, pickle.PicklingError) as e:
             self.broken = True
             self.process.join(0.5)
@@ -166,8 +180,9 @@ class DecodeProcess:
         data: bytes,
         tta: str,
         reserve: Callable[[int], None],
+        deadline: float | None,
     ) -> np.ndarray | BaseException:
-        """The image's views or its error; a broken pipe or protocol raises."""
+        """The image's views or its error; a broken pipe or protocol raises, a child past `deadline` too."""
         reset = len(self._keys) >= MAX_KEYS and key not in self._keys
         if reset:
             self._keys.clear()
@@ -176,6 +191,11 @@ class DecodeProcess:
         self._keys.add(key)
         refused: BaseException | None = None
         while True:
+            if refused is not None:  # the child stops at once: its answer is awaited past the deadline
+                if not self._conn.poll(STOP_S):
+                    raise _Overran
+            elif deadline is not None and not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                raise _Overran
             header = self._header()
             if "reserve" in header:
                 try:
@@ -227,7 +247,7 @@ class DecodeProcesses:
         self._closed = False
 
     def start(self, count: int) -> None:
-        """Start `count` children now, so that the first images do not wait for them (about 0.3 s each)."""
+        """Start `count` children now, so that the first images do not wait for their start-up."""
         with self._lock:
             while len(self._all) < count and not self._closed:
                 process = DecodeProcess(self._niceness, self._trim_idle_s)

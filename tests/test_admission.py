@@ -247,6 +247,40 @@ def test_views_held_from_headers_count_until_admitted_or_dropped() -> None:
     b.stop(5)
 
 
+def test_a_request_for_a_model_that_cannot_answer_is_not_shed(tiny_repo: Path) -> None:
+    """Under overload a request for an unknown model is still told so (the route's 404), not 503 with a
+    Retry-After that no retry would help; requests for a served model are shed."""
+    from service.http.admission import hold_from_headers
+
+    settings = Settings(repository=str(tiny_repo), default_model="tiny", queue_size=8)
+    core = InferenceCore(settings)
+    core.load()
+    try:
+        full = core.hold(time.monotonic() + 30, 8)
+
+        def scope(path: str, query: str = "") -> dict:
+            return {"method": "POST", "path": path, "query_string": query.encode()}
+
+        for path, query in [
+            ("/classify", "model=nosuch"),
+            ("/classify_batch", "model=tiny&version=9"),
+            ("/v2/models/nosuch/infer", ""),
+            ("/v2/models/tiny/versions/9/infer", ""),
+        ]:
+            assert hold_from_headers(core, scope(path, query), {}, settings) is None, (path, query)
+        for path, query in [
+            ("/classify", ""),
+            ("/classify", "model=tiny&tta=flip"),
+            ("/v2/models/tiny/infer", ""),
+        ]:
+            with pytest.raises(Overloaded):
+                hold_from_headers(core, scope(path, query), {}, settings)
+        core.release_hold(full)
+        assert hold_from_headers(core, scope("/v2/models/tiny/versions/1/infer"), {}, settings) is not None
+    finally:
+        core.close()
+
+
 def test_the_decode_pool_takes_requests_in_turns_and_keeps_a_thread_free() -> None:
     """Two threads: a request of six calls runs on one of them at a time, so a request that comes later
     starts on the other at once, before the first request's second call ends."""

@@ -103,6 +103,37 @@ def test_a_child_that_dies_fails_its_image_and_is_replaced(pipeline: Pipeline, c
     assert processes.pids() == []
 
 
+def test_a_child_still_decoding_at_the_deadline_is_killed_and_replaced(
+    pipeline: Pipeline, astronaut: Image.Image
+) -> None:
+    big = encode(astronaut.resize((3000, 3000)), "JPEG", quality=95)
+    processes = DecodeProcesses(niceness=0, trim_idle_s=1.0)
+    try:
+        processes.start(1)
+        (first,) = processes.pids()
+        with processes.borrow() as process:
+            process.prepare(("m", "1", 0), pipeline, big, "none", lambda n: None)  # warm: its pipeline sent
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="while the image was being decoded"):
+                process.prepare(("m", "1", 0), pipeline, big, "ten_crop", lambda n: None, deadline=t0 + 0.01)
+            assert time.monotonic() - t0 < 2.0 and not process.process.is_alive()
+        assert processes.pids() == []
+        with processes.borrow() as process:
+            assert process.prepare(("m", "1", 0), pipeline, big, "none", lambda n: None).shape[0] == 1
+        assert processes.pids() != [first]
+
+        def no_room(nbytes: int) -> None:  # the budget's wait ends at the deadline: the child is not killed
+            time.sleep(0.05)
+            raise DeadlineExceeded("no room for the decode before the deadline")
+
+        (child,) = processes.pids()
+        with processes.borrow() as process, pytest.raises(DeadlineExceeded, match="no room"):
+            process.prepare(("m", "1", 0), pipeline, big, "none", no_room, deadline=time.monotonic() + 0.02)
+        assert processes.pids() == [child]
+    finally:
+        processes.close()
+
+
 def test_the_decode_costs_the_calling_thread_little_cpu(
     child: DecodeProcess, pipeline: Pipeline, astronaut: Image.Image
 ) -> None:

@@ -6,7 +6,9 @@ client's `x-request-timeout-ms` already say what the request needs at the least 
 when; when the work queued now would not be done by then, the answer is 503 with Retry-After at once, the
 body unread. Otherwise those views are held for the request (`InferenceCore.hold`) while its body is read,
 so that the requests of a burst arriving behind it see them; the route's own admission replaces the hold
-with the request's real views.
+with the request's real views. A request for a model that cannot answer it (unknown, unloaded, not ready)
+holds nothing and is never shed: its route answers 404 or 503 with the reason, which a retry would not
+change.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ from service.batching import Hold
 from service.config import Settings
 from service.errors import InvalidArgument
 
-INFERENCE_PATH = re.compile(r"^/(classify|classify_batch|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
+INFERENCE_PATH = re.compile(r"^/(classify|classify_batch|v2/models/([^/]+)(/versions/([^/]+))?/infer)$")
 
 
 def hold_from_headers(core: Any, scope: dict, headers: dict[str, str], settings: Settings) -> Hold | None:
     """The views held for an inference request, or None (not an inference request, the core not running
     yet, or a header malformed: the route answers that). Raises Overloaded when the queue cannot serve the
     request before its deadline."""
-    if core is None or scope.get("method") != "POST" or not INFERENCE_PATH.match(scope.get("path", "")):
+    route = INFERENCE_PATH.match(scope.get("path", "")) if scope.get("method") == "POST" else None
+    if core is None or route is None:
+        return None
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    model, version = (route[2], route[4]) if route[2] else (_last(query, "model"), _last(query, "version"))
+    if not core.serves(model, version):  # no overload answer for a model that cannot answer: the route's 404
         return None
     seconds = settings.request_timeout_s
     raw = headers.get("x-request-timeout-ms")
@@ -42,10 +49,15 @@ def hold_from_headers(core: Any, scope: dict, headers: dict[str, str], settings:
             return None
         seconds = min(seconds, asked)
     views = 1
-    tta = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tta")
+    tta = query.get("tta")
     if tta:
         try:
             views = augmentation.view_count(tta[-1])
         except InvalidArgument:
             return None
     return core.hold(time.monotonic() + seconds, views)
+
+
+def _last(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    return values[-1] if values else None
