@@ -68,6 +68,21 @@ def test_a_bad_image_is_its_own_error_and_the_child_serves_on(
     assert not child.broken
 
 
+def test_a_child_keeps_a_bounded_set_of_pipelines(
+    child: DecodeProcess, pipeline: Pipeline, chelsea: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each model version's pipeline is sent once; past `MAX_KEYS` the parent starts the child's set again,
+    so versions loaded and unloaded for months do not grow the child."""
+    from service import decoders
+
+    monkeypatch.setattr(decoders, "MAX_KEYS", 2)
+    jpeg = encode(chelsea, "JPEG", quality=90)
+    for key in [("a", "1", 0), ("b", "1", 0), ("a", "1", 0), ("c", "1", 0), ("a", "1", 0), ("b", "1", 0)]:
+        assert child.prepare(key, pipeline, jpeg, "none", lambda n: None).shape == (1, 3, 224, 224)
+        assert key in child._keys and len(child._keys) <= 2
+    assert not child.broken
+
+
 def test_a_reservation_refused_by_the_parent_stops_the_image(
     child: DecodeProcess, pipeline: Pipeline, chelsea: Image.Image
 ) -> None:
