@@ -29,14 +29,14 @@ INFERENCE_PATH = re.compile(r"^/(classify|classify_batch|v2/models/([^/]+)(/vers
 
 def hold_from_headers(core: Any, scope: dict, headers: dict[str, str], settings: Settings) -> Hold | None:
     """The views held for an inference request, or None (not an inference request, the core not running
-    yet, or a header malformed: the route answers that). Raises Overloaded when the queue cannot serve the
-    request before its deadline."""
+    yet, a model that cannot answer, or a header malformed: the route answers that). Raises Overloaded when
+    the queue cannot serve the request before its deadline."""
     route = INFERENCE_PATH.match(scope.get("path", "")) if scope.get("method") == "POST" else None
     if core is None or route is None:
         return None
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     model, version = (route[2], route[4]) if route[2] else (_last(query, "model"), _last(query, "version"))
-    if not core.serves(model, version):  # no overload answer for a model that cannot answer: the route's 404
+    if not core.serves(model, version):
         return None
     seconds = settings.request_timeout_s
     raw = headers.get("x-request-timeout-ms")
