@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import logging
 import time
@@ -378,11 +379,8 @@ class InferenceCore:
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before decoding")
             t0 = time.perf_counter()
-            if self.decoders is None:
-                views = self.preprocess(data, entry, tta, deadline, keep_until=fut)
-            else:
-                with self.decoders.borrow() as process:
-                    views = self.preprocess(data, entry, tta, deadline, keep_until=fut, process=process)
+            with self.decoders.borrow() if self.decoders else contextlib.nullcontext() as process:
+                views = self.preprocess(data, entry, tta, deadline, keep_until=fut, process=process)
             seconds = time.perf_counter() - t0
             self.observer.preprocess(seconds)
             self.batcher.note_preprocess(seconds, views.shape[0])

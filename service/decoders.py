@@ -153,8 +153,13 @@ class DecodeProcess:
         """`pipeline.prepare(data, tta, reserve)`, done by the child; `reserve` runs here, in the caller. A
         child still decoding at `deadline` (monotonic) is killed: a thread could not be stopped, a process
         gives the core back at once."""
+        reset = len(self._keys) >= MAX_KEYS and key not in self._keys
+        if reset:
+            self._keys.clear()
+        message = (key, pipeline if key not in self._keys else None, reset, bytes(data), tta)
         try:
-            outcome = self._exchange(key, pipeline, data, tta, reserve, deadline)
+            outcome = self._exchange(message, reserve, deadline)
+            self._keys.add(key)
         except _Overran:
             self.broken = True
             self.process.kill()
@@ -174,21 +179,11 @@ class DecodeProcess:
         return outcome
 
     def _exchange(
-        self,
-        key: Hashable,
-        pipeline: Pipeline,
-        data: bytes,
-        tta: str,
-        reserve: Callable[[int], None],
-        deadline: float | None,
+        self, message: tuple, reserve: Callable[[int], None], deadline: float | None
     ) -> np.ndarray | BaseException:
-        """The image's views or its error; a broken pipe or protocol raises, a child past `deadline` too."""
-        reset = len(self._keys) >= MAX_KEYS and key not in self._keys
-        if reset:
-            self._keys.clear()
-        first = key not in self._keys
-        self._conn.send((key, pipeline if first else None, reset, bytes(data), tta))
-        self._keys.add(key)
+        """Send one image and answer the child until it gives the views or their error; a broken pipe or
+        protocol raises, a child past `deadline` too."""
+        self._conn.send(message)
         refused: BaseException | None = None
         while True:
             if refused is not None:  # the child stops at once: its answer is awaited past the deadline
