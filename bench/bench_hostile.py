@@ -6,7 +6,9 @@ prints, side by side:
 - normal clients' p50/p99 without and with abuse (and their ratio), and their failed requests (goal 0);
 - the RSS of the server's worker processes (the worker and its children, decoding and parsing): baseline
   before the abuse, peak during it, final once it stopped and the connections' timeouts have passed;
-- the event loop's lag (the service's `cnn_serve_event_loop_lag_*` metrics; goal < 50 ms);
+- the event loop's lag (the service's `cnn_serve_event_loop_lag_*` metrics; goal < 50 ms), and its late
+  samples by cause: the loop's thread waiting for a core (`core_wait`) or the process's own work
+  (`process`), beside the share of the time the loop waited for a core and the host's stolen CPU time;
 - the server-side latency of its 503 answers (from its access log) and the connections refused at accept;
 - what each kind of abuse received, and how many connections were still open after the abuse stopped.
 
@@ -193,6 +195,32 @@ def lag_figures(before: dict[str, float], after: dict[str, float]) -> tuple[int,
     largest = next((b for b in LAG_BOUNDS if after[b] - before[b] == total), "+Inf")
     shown = f"{float(largest) * 1000:g} ms" if largest != "+Inf" else "more than 5 s"
     return int(total), int(over_25), int(over), shown
+
+
+CAUSES = ("core_wait", "process", "unknown")
+
+
+def host_steal_s() -> float:
+    """Time the hypervisor ran something else on this host's virtual CPUs, all CPUs together, so far."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+def lag_causes(before: str, after: str, seconds: float) -> str:
+    """Between two metrics texts: late samples by cause (`service.looplag`) and the loop's wait for a core."""
+    parts = []
+    for over in ("0.025", "0.05"):
+        counts = {
+            c: sample(after, "cnn_serve_event_loop_late_samples_total", cause=c, over=over)
+            - sample(before, "cnn_serve_event_loop_late_samples_total", cause=c, over=over)
+            for c in CAUSES
+        }
+        shown = ", ".join(f"{c} {n:.0f}" for c, n in counts.items() if n or c != "unknown")
+        parts.append(f"over {float(over) * 1000:g} ms: {shown}")
+    name = "cnn_serve_event_loop_core_wait_seconds_total"
+    waited = sample(after, name) - sample(before, name)
+    return "; ".join(parts) + f"; the loop's thread waited for a core {waited / seconds:.1%} of the time"
 
 
 class Phase:
@@ -506,10 +534,10 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         t.start()
     time.sleep(args.warm)  # connections open, the model warm, start-up out of the lag gauge's window
     baseline_rss = server.rss()
-    lag_start = lag_buckets(server.metrics())
+    text_start, steal_start, t_start = server.metrics(), host_steal_s(), time.monotonic()
     current[0] = clean
     run_phase(server, clean, half, stop)
-    lag_clean = lag_buckets(server.metrics())
+    text_clean, steal_clean, t_clean = server.metrics(), host_steal_s(), time.monotonic()
     abuse = Abuse(server, kinds, photo)
     abuse.model = args.model
     abuse.refusal_seconds = []
@@ -519,7 +547,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     run_phase(server, abused, half, stop)
     current[0] = None
     abuse.join()
-    lag_abuse = lag_buckets(server.metrics())
+    text_abuse, steal_abuse, t_abuse = server.metrics(), host_steal_s(), time.monotonic()
     stop.set()
     for t in clients:
         t.join(120)
@@ -559,6 +587,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         + ", ".join(f"{k} {v / mib:.0f}" for k, v in sorted(parts.items()))
         + ")"
     )
+    lag_start, lag_clean, lag_abuse = (lag_buckets(t) for t in (text_start, text_clean, text_abuse))
     n_clean, over25_clean, over_clean, under_clean = lag_figures(lag_start, lag_clean)
     n_abuse, over25_abuse, over_abuse, under_abuse = lag_figures(lag_clean, lag_abuse)
     print(
@@ -567,6 +596,15 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         f"{over_abuse} of {n_abuse} with; over 25 ms: {over25_clean} without, {over25_abuse} with; "
         f"largest under {under_clean} without, {under_abuse} with"
     )
+    cpus = os.cpu_count() or 1
+    for name, (t0, t1), (s0, s1), (w0, w1) in (
+        ("without abuse", (text_start, text_clean), (steal_start, steal_clean), (t_start, t_clean)),
+        ("with abuse", (text_clean, text_abuse), (steal_clean, steal_abuse), (t_clean, t_abuse)),
+    ):
+        print(
+            f"late lag samples by cause, {name}: {lag_causes(t0, t1, w1 - w0)}; "
+            f"host CPU stolen by the hypervisor {(s1 - s0) / (cpus * (w1 - w0)):.1%}"
+        )
     if unavailable:
         p50 = unavailable[len(unavailable) // 2]
         p99 = unavailable[min(len(unavailable) - 1, int(len(unavailable) * 0.99))]

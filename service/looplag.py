@@ -4,19 +4,52 @@ HTTP and gRPC share one event loop per worker. Anything that runs on it without 
 a tensor copied out of a message) delays every connection by as long; the lag is how such a stall shows from
 outside. The monitor sleeps `interval_s` again and again and reports each sleep's overshoot to an observer
 (`service.metrics.Metrics.event_loop_lag`), which keeps a histogram and the largest lag of the last minutes.
+
+A late sample (`LATE_S` or more) also gets a cause, so that an operator can tell a service that blocks its
+own loop from one that is starved of CPU. Linux counts, for each thread, the time it was ready to run but
+waited for a core (`/proc/thread-self/schedstat`: other busy threads or processes on the same cores, or a
+container's CPU limit throttling it). The loop's thread reads it before and after each sleep:
+
+- `core_wait`: the loop's thread waited for a core for at least half of the lag;
+- `process`: it did not, so the lag is this process's own: a callback that ran long, or the loop waiting for
+  the interpreter lock that another of its threads held;
+- `unknown`: the kernel does not say (not Linux).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Protocol
 
 INTERVAL_S = 0.05
+LATE_S = 0.025  # half the lag the service aims to stay under: late samples are counted with their cause
+SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
 
 class LagObserver(Protocol):
-    def event_loop_lag(self, seconds: float) -> None: ...
+    def event_loop_lag(self, seconds: float, late_cause: str | None = None) -> None: ...
+
+    def event_loop_core_wait(self, seconds: float) -> None: ...
+
+
+def core_wait_s() -> float | None:
+    """The calling thread's time ready to run but waiting for a core, since it started; None if unknown.
+
+    The file is the kernel's: three numbers, of which the second is that wait in nanoseconds. Reading it
+    takes microseconds and never blocks."""
+    try:
+        return int(SCHEDSTAT.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def late_cause(lag: float, waited: float | None) -> str:
+    """Why a late sample was late, from how long the loop's thread waited for a core meanwhile."""
+    if waited is None:
+        return "unknown"
+    return "core_wait" if waited >= lag / 2 else "process"
 
 
 class LoopLagMonitor:
@@ -40,9 +73,16 @@ class LoopLagMonitor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        waited_before = core_wait_s()
         while True:
             start = loop.time()
             await asyncio.sleep(self.interval_s)
             lag = max(0.0, loop.time() - start - self.interval_s)
+            waited_after = core_wait_s()
+            waited = None
+            if waited_before is not None and waited_after is not None:
+                waited = waited_after - waited_before
+                self.observer.event_loop_core_wait(waited)
+            waited_before = waited_after
             self.max_lag = max(self.max_lag, lag)
-            self.observer.event_loop_lag(lag)
+            self.observer.event_loop_lag(lag, late_cause(lag, waited) if lag >= LATE_S else None)

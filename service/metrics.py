@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from service.looplag import LATE_S
+
 if TYPE_CHECKING:
     from service.core import ModelInfo
 
@@ -49,6 +51,8 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 # The lag gauge shows the largest lag of the current and the previous window of this length: a stall stays
 # visible for at least one window, whenever it is scraped.
 LAG_WINDOW_S = 10.0
+# Late lag samples are counted by cause (`service.looplag`) at or over each of these.
+LATE_BOUNDS = (LATE_S, 2 * LATE_S)
 
 
 def _prometheus() -> Any:
@@ -162,6 +166,19 @@ class Metrics:
             registry=r,
         )
         self._lag_window = (time.monotonic(), 0.0, 0.0)  # (window start, its max, the previous window's max)
+        self.loop_late = prom.Counter(
+            f"{PREFIX}_event_loop_late_samples",
+            "Event loop lag samples of 25 ms or more (`over`: 0.025, or 0.05 for those of 50 ms or more), by "
+            "cause: core_wait (the loop's thread waited for a core at least half the lag), process (this "
+            "process's own work or lock), unknown (the kernel does not say).",
+            ["cause", "over"],
+            registry=r,
+        )
+        self.loop_core_wait = prom.Counter(
+            f"{PREFIX}_event_loop_core_wait_seconds",
+            "Time the event loop's thread was ready to run but waited for a core (busy cores, CPU limit).",
+            registry=r,
+        )
         self.connections_refused = prom.Counter(
             f"{PREFIX}_http_connections_refused",
             "HTTP connections answered 503 and closed at once: max_connections were open.",
@@ -219,9 +236,13 @@ class Metrics:
                     outcome["model"], endpoint, protocol, outcome["status"], elapsed, outcome["version"]
                 )
 
-    def event_loop_lag(self, seconds: float) -> None:
-        """One sample of the loop's lag (`service.looplag`)."""
+    def event_loop_lag(self, seconds: float, late_cause: str | None = None) -> None:
+        """One sample of the loop's lag (`service.looplag`), with its cause when it is late."""
         self.loop_lag_seconds.observe(seconds)
+        if late_cause is not None:
+            for bound in LATE_BOUNDS:
+                if seconds >= bound:
+                    self.loop_late.labels(late_cause, f"{bound:g}").inc()
         now = time.monotonic()
         start, current, previous = self._lag_window
         if now - start >= LAG_WINDOW_S:
@@ -229,6 +250,9 @@ class Metrics:
         current = max(current, seconds)
         self._lag_window = (start, current, previous)
         self.loop_lag_max.set(max(current, previous))
+
+    def event_loop_core_wait(self, seconds: float) -> None:
+        self.loop_core_wait.inc(max(0.0, seconds))
 
     def connection_refused(self) -> None:
         self.connections_refused.inc()

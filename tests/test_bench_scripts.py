@@ -143,6 +143,13 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     assert re.search(
         rf"event loop lag \(goal < 50 ms\): max {NUMBER} ms without abuse, {NUMBER} ms with", out
     )
+    for phase in ("without abuse", "with abuse"):
+        assert re.search(
+            rf"late lag samples by cause, {phase}: over 25 ms: core_wait [0-9]+, process [0-9]+; "
+            rf"over 50 ms: core_wait [0-9]+, process [0-9]+; the loop's thread waited for a core "
+            rf"{NUMBER}% of the time; host CPU stolen by the hypervisor {NUMBER}%",
+            out,
+        ), out
     assert re.search(r"503 answered by routes: [0-9]+", out), out
     assert re.search(rf"connections refused at accept .*: {NUMBER}", out), out
     for kind in HOSTILE_KINDS:

@@ -1,0 +1,103 @@
+"""The event loop's lag and its cause (`service.looplag`), on real loops, threads and busy processes.
+
+A late sample is put down to waiting for a core when the loop's thread was ready but off a core for at least
+half the lag, and to the process itself otherwise. Both are made to happen here: a callback that holds the
+loop, and a loop thread at nice 19 behind processes that keep every core busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.looplag import LoopLagMonitor, core_wait_s
+from service.metrics import Metrics
+from service.priority import lower_this_thread
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the wait for a core: Linux's schedstat"
+)
+
+
+def _late(metrics: Metrics, cause: str, over: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "cnn_serve_event_loop_late_samples_total", {"cause": cause, "over": over}
+    )
+    return value or 0.0
+
+
+def _watch(metrics: Metrics, seconds: float, during: object = None) -> LoopLagMonitor:
+    """Run a loop with the monitor on it for `seconds` in the calling thread; `during(loop)` once at 0.2 s."""
+
+    async def main() -> LoopLagMonitor:
+        monitor = LoopLagMonitor(metrics, interval_s=0.02)
+        monitor.start()
+        if during is not None:
+            asyncio.get_running_loop().call_later(0.2, during)
+        await asyncio.sleep(seconds)
+        await monitor.stop()
+        return monitor
+
+    return asyncio.run(main())
+
+
+def test_a_callback_that_holds_the_loop_is_late_by_the_process() -> None:
+    metrics = Metrics(CollectorRegistry())
+
+    def hold() -> None:
+        end = time.perf_counter() + 0.15
+        while time.perf_counter() < end:
+            pass
+
+    monitor = _watch(metrics, 0.6, hold)
+    assert monitor.max_lag >= 0.1
+    assert _late(metrics, "process", "0.05") >= 1
+    assert _late(metrics, "core_wait", "0.05") == 0
+    samples = metrics.registry.get_sample_value("cnn_serve_event_loop_lag_seconds_count")
+    assert samples is not None and samples >= 10
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+@pytest.mark.skipif(os.getpriority(os.PRIO_PROCESS, 0) > 12, reason="this process runs near nice 19")
+def test_a_loop_starved_of_cores_is_late_by_waiting_for_one() -> None:
+    """Twice as many busy processes as cores, at this process's nice value, and the loop's thread at 19."""
+    metrics = Metrics(CollectorRegistry())
+    result: list[LoopLagMonitor] = []
+    waits: list[float | None] = []
+
+    def loop_thread() -> None:
+        lower_this_thread(19)
+        waits.append(core_wait_s())
+        result.append(_watch(metrics, 3.0))
+        waits.append(core_wait_s())
+
+    ctx = multiprocessing.get_context("spawn")
+    busy = [ctx.Process(target=_spin, args=(4.5,), daemon=True) for _ in range(2 * (os.cpu_count() or 1))]
+    for p in busy:
+        p.start()
+    time.sleep(1.0)  # the children past their start-up, every core busy
+    watcher = threading.Thread(target=loop_thread)
+    watcher.start()
+    watcher.join(30)
+    for p in busy:
+        p.join(30)
+    assert result, "the loop did not finish"
+    start, end = waits
+    assert start is not None and end is not None and end - start > 0.2  # it waited for cores, counted
+    waited = metrics.registry.get_sample_value("cnn_serve_event_loop_core_wait_seconds_total")
+    assert waited is not None and waited > 0.2
+    starved = _late(metrics, "core_wait", "0.025")
+    assert starved >= 2
+    assert starved > _late(metrics, "process", "0.025")
