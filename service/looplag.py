@@ -11,8 +11,9 @@ waited for a core (`/proc/thread-self/schedstat`: other busy threads or processe
 container's CPU limit throttling it). The loop's thread reads it before and after each sleep:
 
 - `core_wait`: the loop's thread waited for a core for at least half of the lag;
-- `process`: it did not, so the lag is this process's own: a callback that ran long, or the loop waiting for
-  the interpreter lock that another of its threads held;
+- `process`: it did not: a callback ran long, or the loop waited for the interpreter lock that another of
+  the worker's threads held. That thread runs at the work's raised nice value, so it may itself have stood
+  ready without a core, lock in hand, while other work of the host ran;
 - `unknown`: the kernel does not say (not Linux).
 """
 
