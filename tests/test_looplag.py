@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -33,8 +34,8 @@ def _late(metrics: Metrics, cause: str, over: str) -> float:
     return value or 0.0
 
 
-def _watch(metrics: Metrics, seconds: float, during: object = None) -> LoopLagMonitor:
-    """Run a loop with the monitor on it for `seconds` in the calling thread; `during(loop)` once at 0.2 s."""
+def _watch(metrics: Metrics, seconds: float, during: Callable[[], None] | None = None) -> LoopLagMonitor:
+    """Run a loop with the monitor on it for `seconds` in the calling thread; `during()` on it at 0.2 s."""
 
     async def main() -> LoopLagMonitor:
         monitor = LoopLagMonitor(metrics, interval_s=0.02)
