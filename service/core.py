@@ -275,7 +275,7 @@ class InferenceCore:
         request for one that is unknown, unloaded or not ready is answered that (404 or 503 with the
         reason), never shed as overload: retrying it later would not help."""
         try:
-            self.model_set.entry(name, version)
+            self._entry(name, version)
         except ServiceError:
             return False
         return True
