@@ -18,8 +18,11 @@ key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked 
 second), `idle` (500 connections that send nothing), `flood` (connections past `max_connections` every 10 s),
 `tta_batch` (batches of 64 images with ten-crop test-time augmentation).
 
-The clients share the host's cores with the server; `--client-niceness 10` runs them below it, to tell the
-lag the service causes itself from the lag of a host whose cores its clients take.
+The clients share the host's cores with the server, and the script prints the share each side used. Linux
+divides the cores between sessions first (autogroups), so a thread's nice value counts only against the
+threads of its own session: `--client-niceness 10` runs the script in a session of its own and lowers that
+session (`/proc/self/autogroup`) as well as its threads, to tell the lag the service causes itself from the
+lag of a host whose cores its clients take.
 
     python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
         [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile] [--warm 20]
@@ -43,6 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -144,6 +148,16 @@ class Server:
         ).stdout
         return len([line for line in out.splitlines() if line.strip()])
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the server's processes so far (the arbiter, the worker and its children)."""
+        total = 0.0
+        for p in (psutil.Process(self.proc.pid), *self.workers()):
+            try:
+                total += process_cpu_seconds(p)
+            except psutil.Error:
+                pass
+        return total
+
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=30).text
 
@@ -200,11 +214,42 @@ def lag_figures(before: dict[str, float], after: dict[str, float]) -> tuple[int,
 CAUSES = ("core_wait", "process", "unknown")
 
 
-def host_steal_s() -> float:
-    """Time the hypervisor ran something else on this host's virtual CPUs, all CPUs together, so far."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds so far, all cores together: used by the server's processes, by this script (the normal
+    clients and the abusers), by the whole host, and stolen by the hypervisor (it ran something else on the
+    host's virtual CPUs)."""
+
+    server: float
+    script: float
+    host: float
+    stolen: float
+
+    @classmethod
+    def take(cls, server: Server) -> CpuSample:
+        with open("/proc/stat") as f:  # user nice system idle iowait irq softirq steal, in ticks
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+        ticks += [0] * (8 - len(ticks))
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = sum(ticks) - ticks[3] - ticks[4] - ticks[7]
+        return cls(server.cpu_seconds(), process_cpu_seconds(psutil.Process()), busy / tick, ticks[7] / tick)
+
+
+def process_cpu_seconds(p: psutil.Process) -> float:
+    """A process's CPU time, with that of its children it has waited for."""
+    t = p.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def cpu_use(before: CpuSample, after: CpuSample, seconds: float) -> str:
+    """Cores used on average between two samples, by side, in words."""
+    cores = os.cpu_count() or 1
+    server, script = after.server - before.server, after.script - before.script
+    rest = max(0.0, after.host - before.host - server - script)
+    return (
+        f"the server's processes {server / seconds:.2f} cores, this script's clients {script / seconds:.2f}, "
+        f"the rest of the host {rest / seconds:.2f}, of {cores}"
+    )
 
 
 def lag_causes(before: str, after: str, seconds: float) -> str:
@@ -478,6 +523,36 @@ def run_phase(server: Server, phase: Phase, seconds: float, stop: threading.Even
         time.sleep(1.0)
 
 
+def in_own_session() -> int:
+    """This script again, as the leader of a session of its own: lowering that session's autogroup then
+    lowers this script's clients alone, not the shell's session it was started from."""
+    child = subprocess.Popen([sys.executable, *sys.argv], start_new_session=True)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        return child.wait()
+
+
+def lower_clients(niceness: int) -> str:
+    """Run this script's threads (the clients, started after) below the server: the nice value of the calling
+    thread, which the threads it starts inherit, and of this session's autogroup, which is what Linux weighs
+    against the server's session when it divides the cores. What was lowered, in words."""
+    os.nice(niceness)
+    lowered = f"clients at nice {os.nice(0)}"
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            enabled = f.read().strip() == "1"
+        if enabled:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(niceness))
+            with open("/proc/self/autogroup") as f:
+                lowered += f", their session's {f.read().strip().lstrip('/')}"
+    except OSError as e:
+        lowered += f", their session not lowered ({e.strerror})"
+    return lowered
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -498,8 +573,8 @@ def main() -> int:
         "--client-niceness",
         type=int,
         default=0,
-        help="Linux nice value of this script's clients (the server keeps its own): above 0 tells the "
-        "service's own lag from the lag of a host whose cores the clients share",
+        help="Linux nice value of this script's clients and of their session's autogroup (the server keeps "
+        "its own): above 0 tells the service's own lag from the lag of a host whose cores the clients share",
     )
     parser.add_argument(
         "--server-args",
@@ -511,11 +586,16 @@ def main() -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown abuse {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if args.client_niceness > 0 and os.getsid(0) != os.getpid():
+        try:
+            os.setsid()
+        except PermissionError:  # a process group's leader (started from a shell) cannot start a session
+            return in_own_session()
     half = args.duration / 2
     photo = jpeg(photos.chelsea())
     server = Server(args.repository, args.model, Path(args.work), shlex.split(args.server_args))
     if args.client_niceness > 0:
-        os.nice(args.client_niceness)  # this thread's; the clients' threads, started from it, inherit it
+        print(lower_clients(args.client_niceness), flush=True)
     try:
         return soak(server, args, kinds, half, photo)
     finally:
@@ -534,10 +614,10 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         t.start()
     time.sleep(args.warm)  # connections open, the model warm, start-up out of the lag gauge's window
     baseline_rss = server.rss()
-    text_start, steal_start, t_start = server.metrics(), host_steal_s(), time.monotonic()
+    text_start, cpu_start, t_start = server.metrics(), CpuSample.take(server), time.monotonic()
     current[0] = clean
     run_phase(server, clean, half, stop)
-    text_clean, steal_clean, t_clean = server.metrics(), host_steal_s(), time.monotonic()
+    text_clean, cpu_clean, t_clean = server.metrics(), CpuSample.take(server), time.monotonic()
     abuse = Abuse(server, kinds, photo)
     abuse.model = args.model
     abuse.refusal_seconds = []
@@ -547,7 +627,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     run_phase(server, abused, half, stop)
     current[0] = None
     abuse.join()
-    text_abuse, steal_abuse, t_abuse = server.metrics(), host_steal_s(), time.monotonic()
+    text_abuse, cpu_abuse, t_abuse = server.metrics(), CpuSample.take(server), time.monotonic()
     stop.set()
     for t in clients:
         t.join(120)
@@ -597,14 +677,15 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         f"largest under {under_clean} without, {under_abuse} with"
     )
     cpus = os.cpu_count() or 1
-    for name, (t0, t1), (s0, s1), (w0, w1) in (
-        ("without abuse", (text_start, text_clean), (steal_start, steal_clean), (t_start, t_clean)),
-        ("with abuse", (text_clean, text_abuse), (steal_clean, steal_abuse), (t_clean, t_abuse)),
+    for name, (t0, t1), (c0, c1), (w0, w1) in (
+        ("without abuse", (text_start, text_clean), (cpu_start, cpu_clean), (t_start, t_clean)),
+        ("with abuse", (text_clean, text_abuse), (cpu_clean, cpu_abuse), (t_clean, t_abuse)),
     ):
         print(
             f"late lag samples by cause, {name}: {lag_causes(t0, t1, w1 - w0)}; "
-            f"host CPU stolen by the hypervisor {(s1 - s0) / (cpus * (w1 - w0)):.1%}"
+            f"host CPU stolen by the hypervisor {(c1.stolen - c0.stolen) / (cpus * (w1 - w0)):.1%}"
         )
+        print(f"CPU used, {name}: {cpu_use(c0, c1, w1 - w0)}")
     if unavailable:
         p50 = unavailable[len(unavailable) // 2]
         p99 = unavailable[min(len(unavailable) - 1, int(len(unavailable) * 0.99))]
