@@ -7,8 +7,9 @@ prints, side by side:
 - the RSS of the server's worker processes (the worker and its children, decoding and parsing): baseline
   before the abuse, peak during it, final once it stopped and the connections' timeouts have passed;
 - the event loop's lag (the service's `cnn_serve_event_loop_lag_*` metrics; goal < 50 ms), and its late
-  samples by cause: the loop's thread waiting for a core (`core_wait`) or the process's own work
-  (`process`), beside the share of the time the loop waited for a core and the host's stolen CPU time;
+  samples by cause: the loop's thread waiting for a core (`core_wait`), running its own callbacks
+  (`callbacks`) or blocked on the interpreter lock another thread held (`lock`), beside the share of the
+  time the loop waited for a core, the host's stolen CPU time, and the cores the server and the clients used;
 - the server-side latency of its 503 answers (from its access log) and the connections refused at accept;
 - what each kind of abuse received, and how many connections were still open after the abuse stopped.
 
@@ -211,7 +212,7 @@ def lag_figures(before: dict[str, float], after: dict[str, float]) -> tuple[int,
     return int(total), int(over_25), int(over), shown
 
 
-CAUSES = ("core_wait", "process", "unknown")
+CAUSES = ("core_wait", "callbacks", "lock", "unknown")
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,18 @@ outside. The monitor sleeps `interval_s` again and again and reports each sleep'
 (`service.metrics.Metrics.event_loop_lag`), which keeps a histogram and the largest lag of the last minutes.
 
 A late sample (`LATE_S` or more) also gets a cause, so that an operator can tell a service that blocks its
-own loop from one that is starved of CPU. Linux counts, for each thread, the time it was ready to run but
-waited for a core (`/proc/thread-self/schedstat`: other busy threads or processes on the same cores, or a
-container's CPU limit throttling it). The loop's thread reads it before and after each sleep:
+own loop from one that is starved of CPU. Linux counts, for each thread, the time it ran and the time it was
+ready to run but waited for a core (`/proc/thread-self/schedstat`: other busy threads or processes on the
+same cores, or a container's CPU limit throttling it). The loop's thread reads both before and after each
+sleep. Over that window the lag is what the thread ran, plus what it waited for a core, plus what it was
+blocked beyond its sleep; the cause is the part that explains it:
 
 - `core_wait`: the loop's thread waited for a core for at least half of the lag;
-- `process`: it did not: a callback ran long, or the loop waited for the interpreter lock that another of
-  the worker's threads held. That thread runs at the work's raised nice value, so it may itself have stood
-  ready without a core, lock in hand, while other work of the host ran;
+- `callbacks`: otherwise, if it ran at least as long as it was blocked beyond its sleep: the loop's own
+  callbacks held it;
+- `lock`: otherwise: it was blocked, which on the loop's thread means waiting for the interpreter lock that
+  another of the worker's threads held. That thread runs at the work's raised nice value, so it may itself
+  have stood ready without a core, lock in hand, while other work of the host ran;
 - `unknown`: the kernel does not say (not Linux).
 """
 
@@ -35,22 +39,34 @@ class LagObserver(Protocol):
     def event_loop_core_wait(self, seconds: float) -> None: ...
 
 
-def core_wait_s() -> float | None:
-    """The calling thread's time ready to run but waiting for a core, since it started; None if unknown.
+def sched_s() -> tuple[float, float] | None:
+    """The calling thread's time on a core and its time ready to run but waiting for one, since it started;
+    None if unknown.
 
-    The file is the kernel's: three numbers, of which the second is that wait in nanoseconds. Reading it
-    takes microseconds and never blocks."""
+    The file is the kernel's: three numbers, the first two those times in nanoseconds. Reading it takes
+    microseconds and never blocks."""
     try:
-        return int(SCHEDSTAT.read_text().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
+        ran, waited = SCHEDSTAT.read_text().split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+    except (OSError, ValueError):
         return None
 
 
-def late_cause(lag: float, waited: float | None) -> str:
-    """Why a late sample was late, from how long the loop's thread waited for a core meanwhile."""
-    if waited is None:
+def core_wait_s() -> float | None:
+    """The calling thread's time ready to run but waiting for a core, since it started; None if unknown."""
+    times = sched_s()
+    return None if times is None else times[1]
+
+
+def late_cause(lag: float, ran: float | None, waited: float | None) -> str:
+    """Why a late sample was late, from how long the loop's thread ran and waited for a core meanwhile (the
+    window of one sleep): the rest of the lag it was blocked."""
+    if ran is None or waited is None:
         return "unknown"
-    return "core_wait" if waited >= lag / 2 else "process"
+    if waited >= lag / 2:
+        return "core_wait"
+    blocked = lag - ran - waited
+    return "callbacks" if ran >= blocked else "lock"
 
 
 class LoopLagMonitor:
@@ -74,16 +90,16 @@ class LoopLagMonitor:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        waited_before = core_wait_s()
+        before = sched_s()
         while True:
             start = loop.time()
             await asyncio.sleep(self.interval_s)
             lag = max(0.0, loop.time() - start - self.interval_s)
-            waited_after = core_wait_s()
-            waited = None
-            if waited_before is not None and waited_after is not None:
-                waited = waited_after - waited_before
+            after = sched_s()
+            ran = waited = None
+            if before is not None and after is not None:
+                ran, waited = after[0] - before[0], after[1] - before[1]
                 self.observer.event_loop_core_wait(waited)
-            waited_before = waited_after
+            before = after
             self.max_lag = max(self.max_lag, lag)
-            self.observer.event_loop_lag(lag, late_cause(lag, waited) if lag >= LATE_S else None)
+            self.observer.event_loop_lag(lag, late_cause(lag, ran, waited) if lag >= LATE_S else None)

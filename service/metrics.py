@@ -169,8 +169,9 @@ class Metrics:
         self.loop_late = prom.Counter(
             f"{PREFIX}_event_loop_late_samples",
             "Event loop lag samples of 25 ms or more (`over`: 0.025, or 0.05 for those of 50 ms or more), by "
-            "cause: core_wait (the loop's thread waited for a core at least half the lag), process (a "
-            "callback, or the interpreter lock another thread held), unknown (the kernel does not say).",
+            "cause: core_wait (the loop's thread waited for a core at least half the lag), callbacks (it "
+            "ran: the loop's own callbacks held it), lock (it was blocked: the interpreter lock another "
+            "thread held), unknown (the kernel does not say).",
             ["cause", "over"],
             registry=r,
         )

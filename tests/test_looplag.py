@@ -1,8 +1,9 @@
 """The event loop's lag and its cause (`service.looplag`), on real loops, threads and busy processes.
 
 A late sample is put down to waiting for a core when the loop's thread was ready but off a core for at least
-half the lag, and to the process itself otherwise. Both are made to happen here: a callback that holds the
-loop, and a loop thread at nice 19 behind busy processes on its core.
+half the lag; otherwise to the loop's own callbacks when the thread ran, and to a lock when it was blocked.
+Each is made to happen here: a callback that holds the loop, a thread that holds the interpreter lock, and a
+loop thread at nice 19 behind busy processes on its core.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _watch(metrics: Metrics, seconds: float, during: Callable[[], None] | None =
     return asyncio.run(main())
 
 
-def test_a_callback_that_holds_the_loop_is_late_by_the_process() -> None:
+def test_a_callback_that_holds_the_loop_is_late_by_its_callbacks() -> None:
     metrics = Metrics(CollectorRegistry())
 
     def hold() -> None:
@@ -59,10 +60,23 @@ def test_a_callback_that_holds_the_loop_is_late_by_the_process() -> None:
 
     monitor = _watch(metrics, 0.6, hold)
     assert monitor.max_lag >= 0.1
-    assert _late(metrics, "process", "0.05") >= 1
+    assert _late(metrics, "callbacks", "0.05") >= 1
     assert _late(metrics, "core_wait", "0.05") == 0
+    assert _late(metrics, "lock", "0.05") == 0
     samples = metrics.registry.get_sample_value("cnn_serve_event_loop_lag_seconds_count")
     assert samples is not None and samples >= 10
+
+
+def test_a_thread_that_holds_the_interpreter_lock_makes_the_loop_late_by_the_lock() -> None:
+    """A large integer power is one C call that never lets the lock go (a fifth of a second here): the loop's
+    thread wakes from its sleep and waits for the lock, neither running nor waiting for a core."""
+    metrics = Metrics(CollectorRegistry())
+    worker = threading.Thread(target=pow, args=(7, 1_000_000))
+    monitor = _watch(metrics, 0.8, worker.start)
+    worker.join()
+    assert monitor.max_lag >= 0.05
+    assert _late(metrics, "lock", "0.05") >= 1
+    assert _late(metrics, "callbacks", "0.05") == 0
 
 
 def _spin(seconds: float, cpu: int) -> None:
@@ -106,4 +120,4 @@ def test_a_loop_starved_of_cores_is_late_by_waiting_for_one() -> None:
     assert waited is not None and waited > 0.2
     starved = _late(metrics, "core_wait", "0.025")
     assert starved >= 5
-    assert starved > _late(metrics, "process", "0.025")
+    assert starved > _late(metrics, "callbacks", "0.025") + _late(metrics, "lock", "0.025")
