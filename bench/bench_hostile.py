@@ -152,10 +152,10 @@ class Server:
     def cpu_seconds(self) -> float:
         """CPU time of the server's processes so far (the arbiter, the worker and its children)."""
         total = 0.0
-        for p in (psutil.Process(self.proc.pid), *self.workers()):
+        for pid in (self.proc.pid, *(p.pid for p in self.workers())):
             try:
-                total += process_cpu_seconds(p)
-            except psutil.Error:
+                total += process_cpu_seconds(psutil.Process(pid))
+            except psutil.Error:  # gone meanwhile
                 pass
         return total
 
