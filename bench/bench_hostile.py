@@ -20,9 +20,9 @@ second), `idle` (500 connections that send nothing), `flood` (connections past `
 `tta_batch` (batches of 64 images with ten-crop test-time augmentation).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
-divides the cores between sessions first (autogroups), so a thread's nice value counts only against the
-threads of its own session: `--client-niceness 10` runs the script in a session of its own and lowers that
-session (`/proc/self/autogroup`) as well as its threads, to tell the lag the service causes itself from the
+divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
+the threads of its own autogroup: `--client-niceness 10` runs the script in an autogroup of its own and
+lowers it (`/proc/self/autogroup`) as well as its threads, to tell the lag the service causes itself from the
 lag of a host whose cores its clients take.
 
     python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
@@ -524,9 +524,9 @@ def run_phase(server: Server, phase: Phase, seconds: float, stop: threading.Even
         time.sleep(1.0)
 
 
-def in_own_session() -> int:
-    """This script again, as the leader of a session of its own: lowering that session's autogroup then
-    lowers this script's clients alone, not the shell's session it was started from."""
+def rerun_in_own_autogroup() -> int:
+    """This script again, in an autogroup of its own (`setsid`): lowering that autogroup then lowers this
+    script's clients alone, not the shell it was started from and everything else in the shell's group."""
     child = subprocess.Popen([sys.executable, *sys.argv], start_new_session=True)
     try:
         return child.wait()
@@ -537,8 +537,8 @@ def in_own_session() -> int:
 
 def lower_clients(niceness: int) -> str:
     """Run this script's threads (the clients, started after) below the server: the nice value of the calling
-    thread, which the threads it starts inherit, and of this session's autogroup, which is what Linux weighs
-    against the server's session when it divides the cores. What was lowered, in words."""
+    thread, which the threads it starts inherit, and of this script's autogroup, which is what Linux weighs
+    against the server's autogroup when it divides the cores. What was lowered, in words."""
     os.nice(niceness)
     lowered = f"clients at nice {os.nice(0)}"
     try:
@@ -548,9 +548,9 @@ def lower_clients(niceness: int) -> str:
             with open("/proc/self/autogroup", "w") as f:
                 f.write(str(niceness))
             with open("/proc/self/autogroup") as f:
-                lowered += f", their session's {f.read().strip().lstrip('/')}"
+                lowered += f", their {f.read().strip().lstrip('/')}"
     except OSError as e:
-        lowered += f", their session not lowered ({e.strerror})"
+        lowered += f", their autogroup not lowered ({e.strerror})"
     return lowered
 
 
@@ -574,7 +574,7 @@ def main() -> int:
         "--client-niceness",
         type=int,
         default=0,
-        help="Linux nice value of this script's clients and of their session's autogroup (the server keeps "
+        help="Linux nice value of this script's clients and of their autogroup (the server keeps "
         "its own): above 0 tells the service's own lag from the lag of a host whose cores the clients share",
     )
     parser.add_argument(
@@ -590,8 +590,8 @@ def main() -> int:
     if args.client_niceness > 0 and os.getsid(0) != os.getpid():
         try:
             os.setsid()
-        except PermissionError:  # a process group's leader (started from a shell) cannot start a session
-            return in_own_session()
+        except PermissionError:  # a process group's leader (started from a shell) cannot call setsid
+            return rerun_in_own_autogroup()
     half = args.duration / 2
     photo = jpeg(photos.chelsea())
     server = Server(args.repository, args.model, Path(args.work), shlex.split(args.server_args))

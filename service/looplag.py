@@ -52,12 +52,6 @@ def sched_s() -> tuple[float, float] | None:
         return None
 
 
-def core_wait_s() -> float | None:
-    """The calling thread's time ready to run but waiting for a core, since it started; None if unknown."""
-    times = sched_s()
-    return None if times is None else times[1]
-
-
 def late_cause(lag: float, ran: float | None, waited: float | None) -> str:
     """Why a late sample was late, from how long the loop's thread ran and waited for a core meanwhile (the
     window of one sleep): the rest of the lag it was blocked."""

@@ -136,11 +136,11 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
         "--warm", "2", "--clients", "2", "--work", str(tmp_path), "--abuse", ",".join(HOSTILE_KINDS),
         "--client-niceness", "5",
     )  # fmt: skip
-    # The clients run below the server: Linux weighs sessions (autogroups) against each other before threads,
-    # so the script's own session is what it lowers, where the kernel groups so.
+    # The clients run below the server: Linux weighs autogroups against each other before threads, so the
+    # script's own autogroup is what it lowers, where the kernel groups so.
     autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
     grouped = autogroups.is_file() and autogroups.read_text().strip() == "1"
-    lowered = r"clients at nice [0-9]+" + (r", their session's autogroup-[0-9]+ nice 5" if grouped else "")
+    lowered = r"clients at nice [0-9]+" + (r", their autogroup-[0-9]+ nice 5" if grouped else "")
     assert re.search(lowered, out), out
     for phase in ("without abuse", "with abuse"):
         assert re.search(rf"normal clients {phase}: p50 {NUMBER} ms, p99 {NUMBER} ms", out), out
