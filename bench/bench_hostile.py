@@ -23,11 +23,13 @@ The clients share the host's cores with the server, and the script prints the sh
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
 the threads of its own autogroup: `--client-niceness 10` runs the script in an autogroup of its own and
 lowers it (`/proc/self/autogroup`) as well as its threads, to tell the lag the service causes itself from the
-lag of a host whose cores its clients take.
+lag of a host whose cores its clients take. The clients it lowers also send less of what costs them CPU (a
+12 MB body's copy through loopback is the sender's): `--rate KIND=PER_SECOND` caps a kind's requests, all its
+clients together, so that two runs compare at the same volume (the script prints the rate each kind reached).
 
     python bench/bench_hostile.py [--duration 600] [--clients 4] [--model efficientnet_lite0]
         [--repository models] [--abuse json_bomb,...] [--work bench/out/hostile] [--warm 20]
-        [--client-niceness 0] [--server-args "--worker-niceness 0"]
+        [--client-niceness 0] [--rate json_bomb=4 ...] [--server-args "--worker-niceness 0"]
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
+PACED = ("json_bomb", "big_json", "disconnect", "short_body", "tta_batch")  # the kinds that loop on requests
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
 
@@ -310,12 +313,31 @@ def normal_client(
 class Abuse:
     """The abusers: each kind a thread that loops until `stop`, counting what it received."""
 
-    def __init__(self, server: Server, kinds: list[str], photo: bytes) -> None:
+    def __init__(
+        self, server: Server, kinds: list[str], photo: bytes, rates: dict[str, float] | None = None
+    ) -> None:
         self.server, self.kinds, self.photo = server, kinds, photo
         self.stop = threading.Event()
         self.received: dict[str, collections.Counter[str]] = {k: collections.Counter() for k in kinds}
+        self.sent: collections.Counter[str] = collections.Counter()
         self.threads: list[threading.Thread] = []
         self.host, self.port = "127.0.0.1", server.port
+        self.rates = rates or {}
+        self._slots = {kind: time.monotonic() for kind in self.rates}
+        self._slot_lock = threading.Lock()
+
+    def _turn(self, kind: str) -> bool:
+        """Whether `kind` sends again: at once, or at its next slot of `--rate`; False once stopped."""
+        rate = self.rates.get(kind)
+        if rate:
+            with self._slot_lock:
+                slot = max(self._slots[kind], time.monotonic())
+                self._slots[kind] = slot + 1.0 / rate
+            self.stop.wait(max(0.0, slot - time.monotonic()))
+        if self.stop.is_set():
+            return False
+        self.sent[kind] += 1
+        return True
 
     def start(self) -> None:
         for kind in self.kinds:
@@ -349,20 +371,20 @@ class Abuse:
             + b"{}," * 4_000_000
             + b"{}]}"
         )
-        while not self.stop.is_set():
+        while self._turn("json_bomb"):
             self._post("json_bomb", "/v2/models/{model}/infer".replace("{model}", self.model), body)
 
     def big_json(self) -> None:
         data = np.random.default_rng(0).standard_normal(4 * 3 * 224 * 224).astype(np.float32).tolist()
         doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 3, 224, 224], "data": data}]}
         body = json.dumps(doc).encode()
-        while not self.stop.is_set():
+        while self._turn("big_json"):
             self._post("big_json", f"/v2/models/{self.model}/infer", body)
 
     def tta_batch(self) -> None:
         small = jpeg(photos.coffee(), 256)
         files = [("files", (f"{i}.jpg", small, "image/jpeg")) for i in range(64)]
-        while not self.stop.is_set():
+        while self._turn("tta_batch"):
             try:
                 r = httpx.post(
                     self.server.url + "/classify_batch", files=files, params={"tta": "ten_crop"}, timeout=120
@@ -384,7 +406,7 @@ class Abuse:
     def disconnect(self) -> None:
         head = "POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
         head += "Transfer-Encoding: chunked\r\n\r\n"
-        while not self.stop.is_set():
+        while self._turn("disconnect"):
             try:
                 with self._connect() as sock:
                     half = self.photo[: len(self.photo) // 2]
@@ -395,7 +417,7 @@ class Abuse:
                 self.received["disconnect"][type(exc).__name__] += 1
 
     def short_body(self) -> None:
-        while not self.stop.is_set():
+        while self._turn("short_body"):
             try:
                 with self._connect() as sock:
                     head = (
@@ -578,6 +600,14 @@ def main() -> int:
         "its own): above 0 tells the service's own lag from the lag of a host whose cores the clients share",
     )
     parser.add_argument(
+        "--rate",
+        action="append",
+        default=[],
+        metavar="KIND=PER_SECOND",
+        help=f"most requests a second of one kind of abuse ({', '.join(PACED)}), all its clients together; "
+        "the others send as fast as they are answered",
+    )
+    parser.add_argument(
         "--server-args",
         default="",
         help='more flags for `python -m service serve` (one string, e.g. "--worker-niceness 0")',
@@ -587,6 +617,16 @@ def main() -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown abuse {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    args.rates = {}
+    for item in args.rate:
+        kind, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0
+        if kind not in PACED or rate <= 0:
+            parser.error(f"--rate {item!r}: KIND=PER_SECOND with KIND one of {', '.join(PACED)}, rate > 0")
+        args.rates[kind] = rate
     if args.client_niceness > 0 and os.getsid(0) != os.getpid():
         try:
             os.setsid()
@@ -619,7 +659,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     current[0] = clean
     run_phase(server, clean, half, stop)
     text_clean, cpu_clean, t_clean = server.metrics(), CpuSample.take(server), time.monotonic()
-    abuse = Abuse(server, kinds, photo)
+    abuse = Abuse(server, kinds, photo, args.rates)
     abuse.model = args.model
     abuse.refusal_seconds = []
     current[0] = abused
@@ -711,7 +751,11 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     print(f"access log statuses during the abuse: {dict(sorted(statuses.items()))}")
     for kind in kinds:
         got = dict(sorted(abuse.received[kind].items(), key=lambda kv: (-kv[1], kv[0])))
-        print(f"  {kind}: {got}")
+        pace = ""
+        if kind in PACED:
+            cap = f", capped at {abuse.rates[kind]:g}" if kind in abuse.rates else ""
+            pace = f" ({abuse.sent[kind]} sent, {abuse.sent[kind] / half:.2f} a second{cap})"
+        print(f"  {kind}{pace}: {got}")
     print(f"HTTP connections still open {SETTLE_S:.0f} s after the abuse stopped: {still_open}")
     return 0
 

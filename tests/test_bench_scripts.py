@@ -134,7 +134,7 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     out = run_bench(
         "bench_hostile.py", "--repository", str(model_repo), "--model", "lenet5", "--duration", "8",
         "--warm", "2", "--clients", "2", "--work", str(tmp_path), "--abuse", ",".join(HOSTILE_KINDS),
-        "--client-niceness", "5",
+        "--client-niceness", "5", "--rate", "json_bomb=2",
     )  # fmt: skip
     # The clients run below the server: Linux weighs autogroups against each other before threads, so the
     # script's own autogroup is what it lowers, where the kernel groups so.
@@ -166,7 +166,11 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     assert re.search(r"503 answered by routes: [0-9]+", out), out
     assert re.search(rf"connections refused at accept .*: {NUMBER}", out), out
     for kind in HOSTILE_KINDS:
-        assert f"  {kind}: " in out, out
+        paced = rf"( \([0-9]+ sent, {NUMBER} a second(, capped at 2)?\))?"
+        assert re.search(rf"^  {kind}{paced}: ", out, re.M), out
+    # The capped kind sent no more than its rate over the 4 s of abuse (its first slot at the start).
+    bombs = re.search(rf"json_bomb \(([0-9]+) sent, ({NUMBER}) a second, capped at 2\)", out)
+    assert bombs is not None and 1 <= int(bombs[1]) <= 2 * 4 + 1, out
     assert re.search(r"HTTP connections still open 15 s after the abuse stopped: [0-9]+", out), out
 
 
