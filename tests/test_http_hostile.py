@@ -458,6 +458,78 @@ def test_a_flood_of_connections_is_accepted_a_batch_per_pass_of_the_event_loop()
     assert max(steps) == connections.ACCEPT_BATCH, seen
 
 
+def test_connections_whose_timeouts_fall_due_together_are_closed_a_batch_per_pass(monkeypatch) -> None:
+    """asyncio runs every timer due in one pass of its loop: connections opened together time out together,
+    and ending them all at once held the loop. The service's HTTP protocol ends them `CLOSE_BATCH` a pass,
+    and a connection whose client spoke between its timer and its turn is not cut: one idle connection
+    sends a request then, another completes the request head it had started."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from service.http import connections
+
+    monkeypatch.setattr(connections.GUARD, "idle_timeout_s", 0.2)
+    monkeypatch.setattr(connections.GUARD, "header_timeout_s", 0.2)
+    monkeypatch.setattr(connections.GUARD, "max_connections", 10_000)
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning")
+    config.load()
+    state = ServerState()
+    protocols: list[connections.GuardedH11Protocol] = []
+
+    def factory() -> connections.GuardedH11Protocol:
+        protocols.append(connections.GuardedH11Protocol(config=config, server_state=state, app_state={}))
+        return protocols[-1]
+
+    idle = 3 * connections.CLOSE_BATCH + 5
+
+    async def main() -> tuple[list[int], bytes, bytes, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(idle + 1)]
+        deadline = time.monotonic() + 10
+        while len(protocols) < idle + 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+        header = socket.create_connection(("127.0.0.1", port), timeout=5)
+        header.sendall(b"GET /late HTTP/1.1\r\n")  # its head's clock starts last
+        while len(protocols) < idle + 2 or protocols[-1]._head_timer is None:
+            await asyncio.sleep(0)
+        time.sleep(0.4)  # a pass of the loop that outlasts every timeout: they all fall due in the next
+        await asyncio.sleep(0)  # that pass: every timer has fired, no connection is closed yet
+        clients[-1].sendall(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")  # spoke after its timer fell due
+        header.sendall(b"Host: a\r\n\r\n")
+        closed = [sum(p.transport.is_closing() for p in protocols)]
+        while closed[-1] < idle and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+            closed.append(sum(p.transport.is_closing() for p in protocols))
+        spoke = [p for p in protocols if p._received]
+        while not all(p.cycle and p.cycle.response_complete for p in spoke) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)  # the two requests answered (their connections idle for 0.2 s again)
+        still_open = sum(not p.transport.is_closing() for p in protocols)
+        answers = []
+        for sock in (clients[-1], header):
+            sock.settimeout(5)
+            answers.append(sock.recv(4096))
+        for sock in (*clients, header):
+            sock.close()
+        server.close()
+        await server.wait_closed()
+        return closed, answers[0], answers[1], still_open
+
+    closed, after_idle, after_header, still_open = asyncio.run(main())
+    assert closed[0] == 0 and closed[-1] == idle, closed
+    steps = [b - a for a, b in zip(closed, closed[1:], strict=False)]
+    assert max(steps) == connections.CLOSE_BATCH, closed
+    assert after_idle.startswith(b"HTTP/1.1 200"), after_idle
+    assert after_header.startswith(b"HTTP/1.1 200"), after_header
+    assert still_open == 2
+
+
 def test_a_closed_connections_transport_is_freed_without_the_garbage_collector() -> None:
     """asyncio's socket transport refers to itself through a bound method, so every closed connection waited
     for a full collection, thousands at once under a flood, on the event loop's time. `release_transport`,

@@ -14,7 +14,9 @@ uvicorn's `Config` with `http="auto"` after loading this service):
 asyncio accepts up to the listen backlog (BentoML's: 2048) connections in one pass of the event loop and
 makes each one's protocol in the next: a flood of a thousand connections held the loop for 100 ms. `install`
 caps that at `ACCEPT_BATCH` a pass (`accept_in_passes`), so the loop's other work runs between the batches;
-the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped.
+the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped. Timeouts fall due
+together as well (500 idle connections opened at once time out at once, and asyncio runs every timer due in
+one pass): the connections they end are closed `CLOSE_BATCH` a pass (`Closer`).
 
 A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408); the connection
 reads up to `body_read_ahead_bytes` of it ahead (uvicorn's own 64 KiB paused a few images' body several
@@ -29,9 +31,11 @@ flood the log).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import socket
+import weakref
 from asyncio import selector_events
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from service.config import Settings
 
 PROTOCOL = "service.http.connections:GuardedH11Protocol"
 ACCEPT_BATCH = 32  # connections accepted per pass of the event loop
+CLOSE_BATCH = 32  # connections closed by their timeouts per pass of the event loop
 REFUSED_LOG_S = 10.0
 log = logging.getLogger("cnn_serve.http")
 
@@ -138,6 +143,42 @@ def _answer(status: int, reason: str, code: str, message: str, extra: str = "") 
     return head.encode("latin-1") + body
 
 
+class Closer:
+    """The event loop's connections whose timeouts fell due, ended `CLOSE_BATCH` a pass of the loop, in the
+    order they fell due. Ending one is a socket call, which lets a work thread take the interpreter lock:
+    hundreds in one pass kept every other connection, and the lag monitor, waiting for all of them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.due: collections.deque[Callable[[], None]] = collections.deque()
+
+    def add(self, end: Callable[[], None]) -> None:
+        if not self.due:
+            self.loop.call_soon(self._end_some)
+        self.due.append(end)
+
+    def _end_some(self) -> None:
+        for _ in range(min(CLOSE_BATCH, len(self.due))):
+            end = self.due.popleft()
+            try:
+                end()
+            except Exception:  # one connection's fault must not leave the others open
+                log.exception("ending a timed-out connection failed")
+        if self.due:
+            self.loop.call_soon(self._end_some)
+
+
+_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Closer] = weakref.WeakKeyDictionary()
+
+
+def closer(loop: asyncio.AbstractEventLoop) -> Closer:
+    """`loop`'s one `Closer`."""
+    found = _closers.get(loop)
+    if found is None:
+        found = _closers[loop] = Closer(loop)
+    return found
+
+
 def release_transport(transport: asyncio.BaseTransport | None) -> None:
     """Let a closed connection's transport be freed when its last reference goes. asyncio's socket transport
     keeps a bound method of itself (`_read_ready_cb`), a reference cycle: every closed connection waited for
@@ -155,6 +196,8 @@ class GuardedH11Protocol(H11Protocol):
         self.timeout_keep_alive = GUARD.idle_timeout_s  # uvicorn's keep-alive timer is the idle timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._received = 0  # pieces of data received: whether the client spoke after a timer fell due
+        self._head_clock = 0  # header clocks stopped: whether the one that fell due was stopped since
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= GUARD.max_connections:
@@ -187,6 +230,7 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._received += 1
         super().data_received(data)  # cancels the idle timer; handles whatever the bytes complete
         if self.transport.is_closing():
             self._cancel_head_timer()
@@ -200,12 +244,23 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
 
     def timeout_keep_alive_handler(self) -> None:
-        if not self.transport.is_closing():
-            self._count_timeout("idle")
+        received = self._received
+        closer(self.loop).add(lambda: self._idle_end(received))
+
+    def _idle_end(self, received: int) -> None:
+        if self.transport.is_closing() or self._received != received:
+            return  # closed meanwhile, or a request began between the timer and its turn to close
+        self._count_timeout("idle")
         super().timeout_keep_alive_handler()
 
     def _head_timeout(self) -> None:
         self._head_timer = None
+        clock = self._head_clock
+        closer(self.loop).add(lambda: self._head_end(clock))
+
+    def _head_end(self, clock: int) -> None:
+        if clock != self._head_clock:
+            return  # stopped between falling due and its turn: a request is being or was answered
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
         if self.conn.our_state is h11.IDLE:  # nothing answered on this request yet: say why it ends
@@ -217,6 +272,7 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     def _cancel_head_timer(self) -> None:
+        self._head_clock += 1  # a clock that fell due and waits for its turn to close stops too
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
