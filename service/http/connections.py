@@ -148,16 +148,15 @@ class Closer:
     order they fell due. Ending one is a socket call, which lets a work thread take the interpreter lock:
     hundreds in one pass kept every other connection, and the lag monitor, waiting for all of them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.due: collections.deque[Callable[[], None]] = collections.deque()
 
-    def add(self, end: Callable[[], None]) -> None:
+    def add(self, loop: asyncio.AbstractEventLoop, end: Callable[[], None]) -> None:
         if not self.due:
-            self.loop.call_soon(self._end_some)
+            loop.call_soon(self._end_some, loop)
         self.due.append(end)
 
-    def _end_some(self) -> None:
+    def _end_some(self, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(min(CLOSE_BATCH, len(self.due))):
             end = self.due.popleft()
             try:
@@ -165,18 +164,19 @@ class Closer:
             except Exception:  # one connection's fault must not leave the others open
                 log.exception("ending a timed-out connection failed")
         if self.due:
-            self.loop.call_soon(self._end_some)
+            loop.call_soon(self._end_some, loop)
 
 
+# One per event loop; it holds no reference to its loop, so a loop's entry goes with the loop.
 _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Closer] = weakref.WeakKeyDictionary()
 
 
-def closer(loop: asyncio.AbstractEventLoop) -> Closer:
-    """`loop`'s one `Closer`."""
+def end_in_turn(loop: asyncio.AbstractEventLoop, end: Callable[[], None]) -> None:
+    """Have `loop`'s `Closer` call `end` in its turn."""
     found = _closers.get(loop)
     if found is None:
-        found = _closers[loop] = Closer(loop)
-    return found
+        found = _closers[loop] = Closer()
+    found.add(loop, end)
 
 
 def release_transport(transport: asyncio.BaseTransport | None) -> None:
@@ -245,7 +245,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def timeout_keep_alive_handler(self) -> None:
         received = self._received
-        closer(self.loop).add(lambda: self._idle_end(received))
+        end_in_turn(self.loop, lambda: self._idle_end(received))
 
     def _idle_end(self, received: int) -> None:
         if self.transport.is_closing() or self._received != received:
@@ -256,7 +256,7 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         clock = self._head_clock
-        closer(self.loop).add(lambda: self._head_end(clock))
+        end_in_turn(self.loop, lambda: self._head_end(clock))
 
     def _head_end(self, clock: int) -> None:
         if clock != self._head_clock:
