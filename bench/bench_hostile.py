@@ -325,6 +325,7 @@ class Abuse:
         self.rates = rates or {}
         self._slots = {kind: time.monotonic() for kind in self.rates}
         self._slot_lock = threading.Lock()
+        self.started = self.seconds = 0.0  # when the abuse started, and for how long it ran
 
     def _turn(self, kind: str) -> bool:
         """Whether `kind` sends again: at once, or at its next slot of `--rate`; False once stopped."""
@@ -340,6 +341,7 @@ class Abuse:
         return True
 
     def start(self) -> None:
+        self.started = time.monotonic()
         for kind in self.kinds:
             workers = {"json_bomb": 2, "short_body": 4, "disconnect": 2}.get(kind, 1)
             for _ in range(workers):
@@ -348,6 +350,7 @@ class Abuse:
                 self.threads.append(t)
 
     def join(self) -> None:
+        self.seconds = time.monotonic() - self.started
         self.stop.set()
         for t in self.threads:
             t.join(30)
@@ -754,7 +757,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         pace = ""
         if kind in PACED:
             cap = f", capped at {abuse.rates[kind]:g}" if kind in abuse.rates else ""
-            pace = f" ({abuse.sent[kind]} sent, {abuse.sent[kind] / half:.2f} a second{cap})"
+            pace = f" ({abuse.sent[kind]} sent, {abuse.sent[kind] / abuse.seconds:.2f} a second{cap})"
         print(f"  {kind}{pace}: {got}")
     print(f"HTTP connections still open {SETTLE_S:.0f} s after the abuse stopped: {still_open}")
     return 0

@@ -168,9 +168,9 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     for kind in HOSTILE_KINDS:
         paced = rf"( \([0-9]+ sent, {NUMBER} a second(, capped at 2)?\))?"
         assert re.search(rf"^  {kind}{paced}: ", out, re.M), out
-    # The capped kind sent no more than its rate over the 4 s of abuse (its first slot at the start).
+    # The capped kind sent no more than its rate over the abuse's 4 s or more (its first slot at the start).
     bombs = re.search(rf"json_bomb \(([0-9]+) sent, ({NUMBER}) a second, capped at 2\)", out)
-    assert bombs is not None and 1 <= int(bombs[1]) <= 2 * 4 + 1, out
+    assert bombs is not None and int(bombs[1]) >= 1 and float(bombs[2]) <= 2 + 1 / 4 + 0.01, out
     assert re.search(r"HTTP connections still open 15 s after the abuse stopped: [0-9]+", out), out
 
 

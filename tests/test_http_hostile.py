@@ -507,7 +507,8 @@ def test_connections_whose_timeouts_fall_due_together_are_closed_a_batch_per_pas
         while closed[-1] < idle and time.monotonic() < deadline:
             await asyncio.sleep(0)
             closed.append(sum(p.transport.is_closing() for p in protocols))
-        spoke = [p for p in protocols if p._received]
+        ports = {clients[-1].getsockname()[1], header.getsockname()[1]}
+        spoke = [p for p in protocols if p.transport.get_extra_info("peername")[1] in ports]
         while not all(p.cycle and p.cycle.response_complete for p in spoke) and time.monotonic() < deadline:
             await asyncio.sleep(0.001)  # the two requests answered (their connections idle for 0.2 s again)
         still_open = sum(not p.transport.is_closing() for p in protocols)

@@ -476,6 +476,39 @@ def test_a_killed_worker_ends_the_run_instead_of_hanging_it(tmp_path, repo, caps
     assert sorted(r["path"] for r in rows_of(out)) == sorted(str(p) for p in images)
 
 
+@pytest.mark.timeout(60)
+def test_a_dead_worker_ends_the_wait_even_where_the_executor_never_fails_the_task() -> None:
+    """A worker killed while it writes a result leaves the executor's thread waiting for the rest of that
+    message, and the task never fails: the run waited forever. The main process, waiting for a task, looks
+    at the workers itself."""
+    import multiprocessing
+    import types
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from service.scoring import local
+
+    context = multiprocessing.get_context("spawn")
+    alive = context.Process(target=time.sleep, args=(30,))
+    dead = context.Process(target=time.sleep, args=(0,))
+    for process in (alive, dead):
+        process.start()
+    dead.join(30)
+    try:
+        pool = types.SimpleNamespace(_processes={alive.pid: alive, dead.pid: dead})
+        never = Future()  # a task the executor never fails
+        start = time.monotonic()
+        with pytest.raises(BrokenProcessPool):
+            local._result(never, pool)
+        assert time.monotonic() - start < 10 * local.RESULT_POLL_S
+        done = Future()
+        done.set_result("rows")  # a finished task is returned, dead worker or not
+        assert local._result(done, pool) == "rows"
+    finally:
+        alive.kill()
+        alive.join(5)
+
+
 def test_default_top_k_is_every_class_of_a_smaller_model(tmp_path):
     """`--top-k` defaults to 5, or every class of a model with fewer; asked for, a k above them is refused."""
     write_tiny_model(tmp_path / "repo", "three", "1", classes=3)

@@ -88,13 +88,17 @@ class WorkerLost(RuntimeError):
 RESULT_POLL_S = 1.0  # how often the main process, waiting for a task, looks up (Ctrl-C is seen then)
 
 
-def _result(handle: Future) -> Any:
-    """The task's result, waited for in steps so that Ctrl-C is seen."""
+def _result(handle: Future, pool: ProcessPoolExecutor) -> Any:
+    """The task's result, waited for in steps so that Ctrl-C and a dead worker are seen. The executor finds a
+    dead worker itself, except when the worker died writing a result: its thread then waits for the rest of
+    that message, which the other workers' open ends of the pipe keep from ever ending."""
     while True:
         try:
             return handle.result(timeout=RESULT_POLL_S)
         except TimeoutError:
-            continue
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            if any(process.exitcode is not None for process in processes):
+                raise BrokenProcessPool("a worker process ended") from None
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -178,7 +182,7 @@ def score_local(
                     pending.append((task, pool.submit(_prepare_many, task, _read_here(task, spec))))
                     next_task += 1
                 task, handle = pending.popleft()
-                for source, (views, error) in zip(task, _result(handle), strict=True):
+                for source, (views, error) in zip(task, _result(handle, pool), strict=True):
                     take(source, views, error)
         run_batch()
         flush_rows(force=True)
