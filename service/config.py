@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -144,6 +145,11 @@ class Settings:
     grpc_tls_cert: str = _setting("", "PEM certificate file for gRPC TLS (with grpc_tls_key)")
     grpc_tls_key: str = _setting("", "PEM private key file for gRPC TLS (with grpc_tls_cert)")
     drain_timeout_s: float = _setting(20.0, "on SIGTERM: time to finish the requests already accepted")
+    event_loop: str = _setting(
+        "auto",
+        "the event loop of HTTP and gRPC: uvloop, asyncio, or auto (uvloop where it is installed: Linux and "
+        "macOS)",
+    )
     max_connections: int = _setting(
         1000, "HTTP connections open at once; one more is answered 503 and closed at once"
     )
@@ -239,6 +245,10 @@ class Settings:
                 raise ValueError(f"{name} must be between 0 (excluded) and 86400, not {value!r}")
         if not 0 <= self.parse_processes <= 64:
             raise ValueError("parse_processes must be between 0 and 64")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError(f"event_loop must be auto, uvloop or asyncio, not {self.event_loop!r}")
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("event_loop=uvloop needs the uvloop package (pip install uvloop)")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if self.body_read_ahead_bytes < 1:

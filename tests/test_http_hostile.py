@@ -17,10 +17,12 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import uvloop
 
 from service.config import Settings
 from service.http.parsing import JSON_FREE_BYTES, json_cost
@@ -29,9 +31,13 @@ from tests.http_server import Server, descendants, png, running_server
 IDLE_S, HEADER_S, BODY_S, REQUEST_S, MAX_CONNECTIONS = 1.5, 2.0, 1.5, 4.0, 40
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+LOOPS = ("uvloop", "asyncio")  # every test of a running server runs on both event loops
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     flags = (
+        *("--event-loop", request.param),
         *("--models", "lenet5", "--default-model", "lenet5"),
         *("--idle-timeout-s", str(IDLE_S), "--header-timeout-s", str(HEADER_S)),
         *("--body-timeout-s", str(BODY_S), "--request-timeout-s", str(REQUEST_S)),
@@ -39,6 +45,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     with running_server(tmp_path_factory.mktemp("hostile"), *flags) as s:
         yield s
+
+
+def test_the_service_runs_on_the_event_loop_its_setting_names(request: pytest.FixtureRequest, server: Server):
+    loop = request.node.callspec.params["server"]
+    assert f"HTTP and gRPC share one {loop} event loop (event_loop={loop})" in server.log()
 
 
 @pytest.fixture(scope="module")
@@ -458,7 +469,15 @@ def test_a_flood_of_connections_is_accepted_a_batch_per_pass_of_the_event_loop()
     assert max(steps) == connections.ACCEPT_BATCH, seen
 
 
-def test_connections_whose_timeouts_fall_due_together_are_closed_a_batch_per_pass(monkeypatch) -> None:
+def run_on(loop: str, main: Any) -> Any:
+    """`main()` run to its end on a new event loop of that kind."""
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connections_whose_timeouts_fall_due_together_are_closed_a_batch_per_pass(monkeypatch, loop: str):
     """asyncio runs every timer due in one pass of its loop: connections opened together time out together,
     and ending them all at once held the loop. The service's HTTP protocol ends them `CLOSE_BATCH` a pass,
     and a connection whose client spoke between its timer and its turn is not cut: one idle connection
@@ -522,7 +541,7 @@ def test_connections_whose_timeouts_fall_due_together_are_closed_a_batch_per_pas
         await server.wait_closed()
         return closed, answers[0], answers[1], still_open
 
-    closed, after_idle, after_header, still_open = asyncio.run(main())
+    closed, after_idle, after_header, still_open = run_on(loop, main)
     assert closed[0] == 0 and closed[-1] == idle, closed
     steps = [b - a for a, b in zip(closed, closed[1:], strict=False)]
     assert max(steps) == connections.CLOSE_BATCH, closed
@@ -657,7 +676,8 @@ def test_a_body_is_buffered_up_to_the_read_ahead_before_the_application_reads_it
     assert first_read(2 << 20) == (len(body), False)  # the whole body, read without the application
 
 
-def test_a_body_that_fits_the_receive_buffer_arrives_in_one_read(monkeypatch) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_body_that_fits_the_receive_buffer_arrives_in_one_read(monkeypatch, loop: str) -> None:
     """`socket_receive_buffer_bytes` sizes the kernel's buffer of each connection: a 200 KB request sent while
     the event loop is busy is whole in the connection's first read. With Linux's first 128 KiB the client's
     kernel held the rest until the loop had read the first part, and under a burst the next read waited for
@@ -670,6 +690,7 @@ def test_a_body_that_fits_the_receive_buffer_arrives_in_one_read(monkeypatch) ->
     monkeypatch.setattr(connections.GUARD, "receive_buffer", connections.GUARD.receive_buffer)
     for name in ("auto", "h11"):
         monkeypatch.setitem(config.HTTP_PROTOCOLS, name, config.HTTP_PROTOCOLS[name])
+    monkeypatch.setitem(config.LOOP_FACTORIES, "auto", config.LOOP_FACTORIES["auto"])
     size = 256 * 1024
     connections.install(Settings(socket_receive_buffer_bytes=size), lambda: None)
     reads: dict[int, list[int]] = {}
@@ -696,7 +717,7 @@ def test_a_body_that_fits_the_receive_buffer_arrives_in_one_read(monkeypatch) ->
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="off", log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, http="h11", loop=loop, lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     request = b"POST /body HTTP/1.1\r\nhost: x\r\ncontent-length: 200000\r\n\r\n" + bytes(200_000)

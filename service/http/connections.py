@@ -4,19 +4,21 @@ uvicorn, as BentoML runs it, arms its keep-alive timer only after a response: a 
 a byte, or sends a request head one byte a second (slowloris), is held open forever, and nothing caps how
 many are. These rules apply before any request exists, so they live in the connection's protocol, a small
 subclass of uvicorn's h11 one that `install` registers in place of uvicorn's default (BentoML builds
-uvicorn's `Config` with `http="auto"` after loading this service):
+uvicorn's `Config` with `http="auto"` and `loop="auto"` after loading this service; `install` points the
+latter at the loop `event_loop` names, uvloop by default, asyncio's selector loop otherwise):
 
 - more than `max_connections` open: the new one is answered 503 (`Retry-After`) and closed at once;
 - no byte of a request within `idle_timeout_s` (a new connection, or one between requests): closed;
 - a request head not complete `header_timeout_s` after its first byte: 408 and closed; the same clock
   bounds bytes a client keeps sending after its request was answered.
 
-asyncio accepts up to the listen backlog (BentoML's: 2048) connections in one pass of the event loop and
+asyncio's selector loop accepts up to the listen backlog (BentoML's: 2048) connections in one pass and
 makes each one's protocol in the next: a flood of a thousand connections held the loop for 100 ms. `install`
 caps that at `ACCEPT_BATCH` a pass (`accept_in_passes`), so the loop's other work runs between the batches;
-the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped. Timeouts fall due
-together as well (500 idle connections opened at once time out at once, and asyncio runs every timer due in
-one pass): the connections they end are closed `CLOSE_BATCH` a pass (`Closer`).
+the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped. uvloop accepts in
+libuv's C code, which this cannot reach (docs/BENCHMARKS.md measures a flood on each loop). Timeouts fall
+due together as well (500 idle connections opened at once time out at once, and both loops run every timer
+due in one pass): the connections they end are closed `CLOSE_BATCH` a pass (`Closer`).
 
 A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408); the connection
 reads up to `body_read_ahead_bytes` of it ahead (uvicorn's own 64 KiB paused a few images' body several
@@ -49,6 +51,12 @@ from service import logs
 from service.config import Settings
 
 PROTOCOL = "service.http.connections:GuardedH11Protocol"
+# What `event_loop` names, as uvicorn's own names load them (kept before `install` points "auto" elsewhere).
+LOOP_FACTORIES = {
+    "auto": "uvicorn.loops.auto:auto_loop_factory",
+    "uvloop": "uvicorn.loops.uvloop:uvloop_loop_factory",
+    "asyncio": "uvicorn.loops.asyncio:asyncio_loop_factory",
+}
 ACCEPT_BATCH = 32  # connections accepted per pass of the event loop
 CLOSE_BATCH = 32  # connections closed by their timeouts per pass of the event loop
 REFUSED_LOG_S = 10.0
@@ -83,7 +91,8 @@ GUARD = Guard()
 
 
 def install(settings: Settings, metrics: Callable[[], Any]) -> None:
-    """Make uvicorn serve this process's HTTP connections with `GuardedH11Protocol` and these settings."""
+    """Make uvicorn serve this process's HTTP connections with `GuardedH11Protocol`, these settings and the
+    event loop they name (`event_loop`; uvicorn's "auto", which BentoML asks for, means the same)."""
     from uvicorn import config
 
     GUARD.max_connections = settings.max_connections
@@ -93,12 +102,15 @@ def install(settings: Settings, metrics: Callable[[], Any]) -> None:
     GUARD.metrics = metrics
     for name in ("auto", "h11"):
         config.HTTP_PROTOCOLS[name] = PROTOCOL
+    config.LOOP_FACTORIES["auto"] = LOOP_FACTORIES[settings.event_loop]
     h11_impl.HIGH_WATER_LIMIT = settings.body_read_ahead_bytes  # where uvicorn pauses a body's reading
     accept_in_passes()
+    size_listeners()
 
 
 def accept_in_passes(batch: int = ACCEPT_BATCH) -> None:
-    """Make asyncio's selector loops accept at most `batch` connections per pass (see the module's doc)."""
+    """Make asyncio's selector loops accept at most `batch` connections per pass (see the module's doc).
+    uvloop accepts in libuv's C code, and makes a flood's protocols faster than the batches would."""
     loop_class = selector_events.BaseSelectorEventLoop
     accept = getattr(loop_class._accept_connection, "unbatched", loop_class._accept_connection)
 
@@ -112,11 +124,27 @@ def accept_in_passes(batch: int = ACCEPT_BATCH) -> None:
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        size_receive_buffer(sock, GUARD.receive_buffer)  # the listener's: what the next connections inherit
         return accept(self, protocol_factory, sock, sslcontext, server, min(backlog, batch), *args, **kwargs)
 
     _accept_connection.unbatched = accept  # type: ignore[attr-defined]
     loop_class._accept_connection = _accept_connection  # type: ignore[method-assign]
+
+
+def size_listeners() -> None:
+    """Size the receive buffer of the sockets uvicorn listens on once it has started, with either event loop:
+    Linux gives a connection its listener's buffer when the connection is made, before it is accepted."""
+    from uvicorn import server
+
+    startup = getattr(server.Server.startup, "unsized", server.Server.startup)
+
+    async def sized_startup(self: Any, sockets: list[socket.socket] | None = None) -> None:
+        await startup(self, sockets)
+        for listener in getattr(self, "servers", ()):
+            for sock in listener.sockets:
+                size_receive_buffer(sock, GUARD.receive_buffer)
+
+    sized_startup.unsized = startup  # type: ignore[attr-defined]
+    server.Server.startup = sized_startup  # type: ignore[method-assign]
 
 
 def size_receive_buffer(sock: socket.socket | Any, size: int) -> None:
@@ -213,7 +241,7 @@ class GuardedH11Protocol(H11Protocol):
                 metrics.request("-", "-", "http", "503", 0.0)
             return
         super().connection_made(transport)
-        # Connections accepted in the first pass, before the listener's buffer was sized, have the kernel's.
+        # Connections made before uvicorn had started and sized its listeners have the kernel's buffer.
         size_receive_buffer(transport.get_extra_info("socket"), GUARD.receive_buffer)
         # uvicorn arms this only after a response; a connection that never sends a byte is idle too.
         self.timeout_keep_alive_task = self.loop.call_later(

@@ -73,6 +73,8 @@ class ClassifierService:
 
     @bentoml.on_startup
     async def start(self) -> None:
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "uvloop" or "asyncio"
+        log.info("HTTP and gRPC share one %s event loop (event_loop=%s)", loop, self.settings.event_loop)
         self.metrics = Metrics()
         self.lag = LoopLagMonitor(self.metrics)
         self.lag.start()
