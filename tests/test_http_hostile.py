@@ -609,9 +609,25 @@ def test_the_new_settings_are_checked() -> None:
         {"socket_receive_buffer_bytes": -1},
         {"json_memory_factor": 0.5},
         {"parse_processes": -1},
+        {"event_loop": "tornado"},
     ):
         with pytest.raises(ValueError):
             Settings(**bad).validate()
+
+
+def test_uvloop_asked_for_without_the_package_is_refused_at_start(monkeypatch) -> None:
+    """`auto` falls back to asyncio's loop where uvloop is not installed (Windows); `uvloop` says what is
+    missing before the server starts."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match="event_loop=uvloop needs the uvloop package"):
+        Settings(event_loop="uvloop").validate()
+    Settings(event_loop="auto").validate()
+    Settings(event_loop="asyncio").validate()
 
 
 def test_a_body_is_buffered_up_to_the_read_ahead_before_the_application_reads_it(monkeypatch) -> None:
