@@ -110,7 +110,7 @@ def install(settings: Settings, metrics: Callable[[], Any]) -> None:
 
 def accept_in_passes(batch: int = ACCEPT_BATCH) -> None:
     """Make asyncio's selector loops accept at most `batch` connections per pass (see the module's doc).
-    uvloop accepts in libuv's C code, and makes a flood's protocols faster than the batches would."""
+    uvloop accepts in libuv's C code, which this does not reach; a flood costs it less than the batches."""
     loop_class = selector_events.BaseSelectorEventLoop
     accept = getattr(loop_class._accept_connection, "unbatched", loop_class._accept_connection)
 
