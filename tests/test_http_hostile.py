@@ -707,6 +707,7 @@ def test_a_body_that_fits_the_receive_buffer_arrives_in_one_read(monkeypatch, lo
     for name in ("auto", "h11"):
         monkeypatch.setitem(config.HTTP_PROTOCOLS, name, config.HTTP_PROTOCOLS[name])
     monkeypatch.setitem(config.LOOP_FACTORIES, "auto", config.LOOP_FACTORIES["auto"])
+    monkeypatch.setattr(uvicorn.Server, "startup", uvicorn.Server.startup)  # `install` wraps it
     size = 256 * 1024
     connections.install(Settings(socket_receive_buffer_bytes=size), lambda: None)
     reads: dict[int, list[int]] = {}
