@@ -27,6 +27,24 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+def forget_traceback(error: BaseException) -> None:
+    """Drop the tracebacks of an error that has been answered, and of the errors it was raised from.
+
+    A traceback holds the frames it passed through, and one of them often holds the error itself (the list of
+    per-image results it came from, the future it was set on): a reference cycle that only the collector's
+    next full pass frees, with all those frames hold (the request, its body). Those passes run on the event
+    loop's time, so the transports call this where they turn an error into an answer."""
+    stack: list[BaseException] = [error]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+
+
 class ServiceError(Exception):
     code = "internal"
     http_status = 500

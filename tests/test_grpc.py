@@ -246,6 +246,49 @@ def test_empty_image_and_empty_batch_are_invalid_argument(
     fails(classifier.ClassifyBatch, classifier_pb2.ClassifyBatchRequest(), grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def test_refused_calls_leave_nothing_to_the_garbage_collector(
+    classifier: classifier_pb2_grpc.ImageClassifierStub, inference: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """A refused call's error, traceback and frames are freed once it is answered, not left in reference
+    cycles for the collector's next full pass, which would walk them on the event loop's time."""
+    import gc
+    import types
+
+    image = jpeg(data.chelsea())
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"not an image")
+    refusals = [
+        (classifier.Classify, classifier_pb2.ClassifyRequest(image=b"GIF89a-truncated")),
+        (classifier.Classify, classifier_pb2.ClassifyRequest(image=image, top_k=5000)),
+        (classifier.Classify, classifier_pb2.ClassifyRequest(image=image, model="nothing")),
+        (inference.ModelInfer, pb.ModelInferRequest(model_name="efficientnet_lite0", inputs=[tensor])),
+        (inference.ModelInfer, pb.ModelInferRequest(model_name="nothing", inputs=[tensor])),
+    ]
+    for call, request in refusals:  # once first: what a first call makes once is not in question
+        with pytest.raises(grpc.RpcError):
+            call(request, timeout=30)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for call, request in refusals * 3:
+            with pytest.raises(grpc.RpcError):
+                call(request, timeout=30)
+        gc.collect()
+        frames = sorted(
+            {
+                f"{o.f_code.co_filename}:{o.f_code.co_name}"
+                for o in gc.garbage
+                if isinstance(o, types.FrameType)
+            }
+        )
+        errors = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not errors, (errors, frames)
+    assert not [f for f in frames if "/service/" in f], frames
+
+
 def test_bad_top_k_and_tta_are_invalid_argument(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:
     image = jpeg(data.chelsea())
     fails(

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -597,6 +597,49 @@ def test_a_closed_connections_transport_is_freed_without_the_garbage_collector()
 
     assert not freed_after_close(release=False)  # the cycle: only a collection frees it
     assert freed_after_close(release=True)
+
+
+def test_a_json_body_refused_off_the_loop_is_freed_without_the_garbage_collector() -> None:
+    """An error raised in a worker thread came back through AnyIO's future, whose awaiting frame the error's
+    traceback holds: every refused JSON bomb left its frames and its body to the collector's next full pass,
+    and under a stream of them those passes (tens of milliseconds) ran on the event loop's time. The error now
+    comes back as a value (`parsing.off_loop`) and is freed once handled."""
+    import gc
+    import weakref
+
+    import anyio
+
+    from service.errors import RequestTooLarge
+    from service.http.parsing import JsonBudget, off_loop, parse_json_body
+
+    bomb = b'{"inputs": [], "x": [' + b"{}," * 100_000 + b"{}]}"
+
+    def freed(run: Callable[[], Awaitable[object]]) -> bool:
+        refs: list[weakref.ref] = []
+
+        async def main() -> None:
+            try:
+                await run()
+            except RequestTooLarge as e:
+                refs.append(weakref.ref(e))
+
+        gc.collect()
+        gc.disable()
+        try:
+            anyio.run(main)
+            return bool(refs) and refs[0]() is None
+        finally:
+            gc.enable()
+
+    budget = JsonBudget(factor=16)
+
+    async def through_anyio() -> object:
+        return await anyio.to_thread.run_sync(budget.check, bomb, len(bomb), "the body")
+
+    assert not freed(through_anyio)  # the cycle: only a collection frees it
+    assert freed(lambda: off_loop(budget.check, bomb, len(bomb), "the body"))
+    assert freed(lambda: parse_json_body(bomb, len(bomb), "the body", lambda parsed, _: parsed, budget, None))
+    assert asyncio.run(off_loop(sum, [1, 2, 3])) == 6
 
 
 def test_the_new_settings_are_checked() -> None:

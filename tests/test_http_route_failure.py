@@ -119,3 +119,67 @@ def test_a_bug_is_a_500_not_a_client_error_and_the_server_keeps_serving(
             assert again.status_code == 200 and again.json()["model_name"] == "tiny"
     finally:
         core.close()
+
+
+def test_requests_answered_or_refused_leave_nothing_to_the_garbage_collector(tiny_repo: Path) -> None:
+    """Each request's error, traceback, frames and request are freed once it is answered, not left in
+    reference cycles for the collector's next full pass, which would walk them on the event loop's time: a
+    stream of refusals made those passes long and frequent (docs/SERVING.md, "Garbage collection")."""
+    import gc
+    import types
+
+    settings = Settings(repository=str(tiny_repo), default_model="tiny", max_images_per_request=4)
+    core = InferenceCore(settings)
+    core.load()
+    photo = jpeg(photos.coffee())
+    image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(photo).decode()]}
+    bomb = b'{"inputs": [], "x": [' + b"{}," * 100_000 + b"{}]}"
+    calls: list[tuple[str, dict[str, Any], int]] = [
+        ("/classify", {"content": photo}, 200),
+        (
+            "/classify_batch",
+            {"files": [("images", ("a.jpg", photo)), ("images", ("b.jpg", b"not one"))]},
+            200,
+        ),
+        ("/v2/models/tiny/infer", {"json": {"inputs": [image]}}, 200),
+        ("/v2/models/tiny/infer", {"content": bomb, "headers": {"content-type": "application/json"}}, 413),
+        ("/v2/models/tiny/infer", {"json": {"inputs": [image], "unknown": 1}}, 400),
+        ("/v2/models/tiny/infer", {"json": {"inputs": [{**image, "data": ["bm90IGFuIGltYWdl"]}]}}, 400),
+        ("/v2/models/nothing/infer", {"json": {"inputs": [image]}}, 404),
+        ("/v2/models/tiny/infer", {"json": {"inputs": [{**image, "shape": [5], "data": ["x"] * 5}]}}, 400),
+        (
+            "/v2/models/tiny/infer",
+            {"json": {"inputs": [{"name": "t", "datatype": "FP32", "shape": [1, 2], "data": [0.0, 1.0]}]}},
+            400,
+        ),
+        ("/classify", {"content": b"not an image"}, 400),
+        ("/classify", {"content": photo, "params": {"model": "nothing"}}, 404),
+        ("/classify", {"content": photo, "params": {"top_k": "0"}}, 400),
+        ("/classify", {"json": {"image": "http://example.com/x.jpg"}}, 400),
+    ]
+    try:
+        with routes_in_process(settings, core) as url, httpx.Client(base_url=url, timeout=30) as client:
+            for path, kwargs, _ in calls:  # once first: what a first request makes once is not in question
+                client.post(path, **kwargs)
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                for path, kwargs, status in calls * 3:
+                    answer = client.post(path, **kwargs)
+                    assert answer.status_code == status, (path, answer.text)
+                gc.collect()
+                frames = sorted(
+                    {
+                        f"{o.f_code.co_filename}:{o.f_code.co_name}"
+                        for o in gc.garbage
+                        if isinstance(o, types.FrameType)
+                    }
+                )
+                errors = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+    finally:
+        core.close()
+    assert not errors, (errors, frames)
+    assert not [f for f in frames if "/service/" in f], frames

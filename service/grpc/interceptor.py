@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2
 from proto import classifier_pb2, grpc_predict_v2_pb2
 from service import auth, logs
 from service.config import Settings
-from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
+from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError, forget_traceback
 from service.metrics import Metrics
 
 log = logging.getLogger("service.grpc")
@@ -158,6 +158,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with self._call(method, context) as call:
+                    self._authorize(method, context)
                     async for response in behavior(requests(raw, call), context):
                         yield response
 
@@ -165,6 +166,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context) as call:
+                self._authorize(method, context)
                 result = behavior(requests(raw, call), context)
                 response = await result if inspect.isawaitable(result) else result
                 call.version = _answered_version(response)
@@ -172,12 +174,29 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return coroutine
 
+    def _authorize(self, method: _Method, context: grpc.aio.ServicerContext) -> None:
+        """The call's token, checked first in `_call`'s body, before the request is decoded: a client without
+        it learns nothing, not even whether its bytes were a message."""
+        if method.path in ADMIN_METHODS:
+            auth.check_admin(
+                metadata_value(context, AUTHORIZATION_KEY),
+                self.settings.admin_token,
+                f"'{AUTHORIZATION_KEY}' metadata",
+            )
+        elif method.authenticate:
+            auth.check_bearer(
+                metadata_value(context, AUTHORIZATION_KEY),
+                self.settings.auth_token,
+                f"'{AUTHORIZATION_KEY}' metadata",
+            )
+
     @contextlib.asynccontextmanager
     async def _call(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
-        """Around one call's behavior: token, request id, error mapping; metrics and log if observed.
+        """Around one call's behavior (whose first step is `_authorize`): request id, error mapping; metrics
+        and log if observed.
 
-        The token is checked before the request is decoded: a client without it learns nothing, not even
-        whether its bytes were a message."""
+        An error ends the call with its status set on the context, and the body's exception is not raised
+        further (see `_fail`): the behavior's wrapper returns nothing, which grpc does not send."""
         request_id = logs.request_id(metadata_value(context, REQUEST_ID_KEY))
         call = _Call(request_id)
         # Set first, so that an abort from inside a servicer (health's NOT_FOUND) carries it as well.
@@ -192,36 +211,22 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         try:
             with in_flight:
                 try:
-                    if method.path in ADMIN_METHODS:
-                        auth.check_admin(
-                            metadata_value(context, AUTHORIZATION_KEY),
-                            self.settings.admin_token,
-                            f"'{AUTHORIZATION_KEY}' metadata",
-                        )
-                    elif method.authenticate:
-                        auth.check_bearer(
-                            metadata_value(context, AUTHORIZATION_KEY),
-                            self.settings.auth_token,
-                            f"'{AUTHORIZATION_KEY}' metadata",
-                        )
                     yield call
                 except ServiceError as err:
                     status = err.grpc_code
-                    await _abort(context, err, request_id)
+                    _fail(context, err, request_id)
+                    forget_traceback(err)
                 except asyncio.CancelledError:
                     status = "CANCELLED"
                     raise
                 except (grpc.aio.AbortError, grpc.RpcError):  # the servicer aborted itself
                     status = _code_name(context) or "UNKNOWN"
                     raise
-                except Exception:  # noqa: BLE001 - the client gets a safe message, the log the trace
+                except Exception as err:  # noqa: BLE001 - the client gets a safe message, the log the trace
                     status = "INTERNAL"
                     log.exception("gRPC %s failed (request id %s)", method.endpoint, request_id)
-                    await context.abort(
-                        grpc.StatusCode.INTERNAL,
-                        f"internal error (request id {request_id})",
-                        trailing_metadata=((REQUEST_ID_KEY, request_id), (ERROR_CODE_KEY, "internal")),
-                    )
+                    _fail(context, ServiceError("internal error"), request_id)
+                    forget_traceback(err)
         finally:
             if method.observe:
                 self.active -= 1
@@ -277,13 +282,18 @@ def _answered_version(response: Any) -> str:
     return ""
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: ServiceError, request_id: str) -> None:
-    """End the call with the error's status; raises grpc's AbortError, as `context.abort` does."""
+def _fail(context: grpc.aio.ServicerContext, err: ServiceError, request_id: str) -> None:
+    """End the call with the error's status, code and request id, and no answer.
+
+    Set on the context rather than raised with `context.abort`: grpc keeps the AbortError that raises on the
+    call's state, which the frames in its traceback refer to, a reference cycle per refused call left to the
+    collector's next full pass (on the event loop's time)."""
     trailing = [(REQUEST_ID_KEY, request_id), (ERROR_CODE_KEY, err.code)]
     if isinstance(err, Overloaded):
         trailing.append((RETRY_AFTER_KEY, str(err.retry_after_s)))
-    code = getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL)
-    await context.abort(code, f"{err.message} (request id {request_id})", trailing_metadata=tuple(trailing))
+    context.set_trailing_metadata(tuple(trailing))
+    context.set_code(getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL))
+    context.set_details(f"{err.message} (request id {request_id})")
 
 
 def _decoder(deserializer: Decoder | None) -> Decoder:

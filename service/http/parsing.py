@@ -56,6 +56,37 @@ PROCESS_BYTES = 128 * 1024
 PARSE_NICENESS = 10
 
 
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
+def _outcome(fn: Callable[[], T]) -> T | _Raised:
+    try:
+        return fn()
+    except BaseException as e:  # noqa: BLE001 - raised again on the loop's side, by `off_loop`
+        return _Raised(e)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread at the work's priority, for work that releases the interpreter lock or
+    takes milliseconds.
+
+    An error comes back as a value and is raised here. AnyIO would raise it from the frame that awaits its
+    future, and that frame, the future and the error's traceback then refer to each other: each refused
+    request (a JSON bomb's 413, say) would leave its frames, request and body to the collector's next full
+    pass, which walks them on the event loop's time."""
+    outcome = await anyio.to_thread.run_sync(_outcome, as_work(functools.partial(fn, *args)))
+    if not isinstance(outcome, _Raised):
+        return outcome
+    error = outcome.error
+    del outcome
+    try:
+        raise error
+    finally:
+        del error  # this frame is in the error's traceback: it must not hold the error too
+
+
 def parse_json(data: bytes, what: str) -> Any:
     """JSON, or InvalidArgument: malformed text, and nesting too deep for the parser (RecursionError)."""
     try:
@@ -183,14 +214,14 @@ async def parse_json_body(
 ) -> T:
     """`then(parsed, rest)` of `data` whose first `json_end` bytes are JSON: its cost checked and reserved
     first, parsed in a child process when large (`parser`), else in a thread; never on the event loop."""
-    cost = await anyio.to_thread.run_sync(as_work(budget.check), data, json_end, what)
+    cost = await off_loop(budget.check, data, json_end, what)
     memory = budget.memory
     if memory is not None:
-        await anyio.to_thread.run_sync(as_work(memory.acquire), cost, budget.deadline)
+        await off_loop(memory.acquire, cost, budget.deadline)
     try:
         if parser is not None and parser.processes > 0 and json_end >= PROCESS_BYTES:
             return await parser.run(parse_then, data, json_end, what, then)
-        return await anyio.to_thread.run_sync(as_work(parse_then), data, json_end, what, then)
+        return await off_loop(parse_then, data, json_end, what, then)
     finally:
         if memory is not None:
             memory.release(cost)

@@ -17,7 +17,6 @@ import functools
 import math
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,9 +31,8 @@ from service.config import Settings
 from service.decoding import refuse_url
 from service.errors import ClientGone, InvalidArgument, RequestTimeout, RequestTooLarge, shown
 from service.memory import MemoryBudget
-from service.priority import as_work
 
-from .parsing import BodyParser, JsonBudget, parse_json_body
+from .parsing import BodyParser, JsonBudget, off_loop, parse_json_body
 
 T = TypeVar("T")
 FILE_FIELDS = ("file", "image", "files", "images")
@@ -74,11 +72,6 @@ def inflate(body: bytes, content_encoding: str, limit: int) -> bytes:
             return out
         break
     raise InvalidArgument(f"request body is not complete {coding} data")
-
-
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread, for work that releases the interpreter lock or takes milliseconds."""
-    return await anyio.to_thread.run_sync(as_work(functools.partial(fn, *args)))
 
 
 def image_from_base64(item: object, where: str) -> bytes:

@@ -23,7 +23,7 @@ from starlette.routing import Match
 from service.auth import check_admin
 from service.config import Settings
 from service.core import InferenceCore, ModelInfo, Prediction
-from service.errors import ClientGone, InvalidArgument, ServiceError, shown
+from service.errors import ClientGone, InvalidArgument, ServiceError, forget_traceback, shown
 from service.metrics import Metrics
 from service.models import check_name
 from service.oip import OpenInference
@@ -74,8 +74,10 @@ def endpoint(name: str) -> Callable[[Handler], Callable[[Request], Awaitable[Res
                     response = await handler(request, runtime)
                 except ServiceError as exc:
                     response = error_response(exc, rid)
-                except Exception:
+                    forget_traceback(exc)
+                except Exception as exc:
                     response = internal_error(rid)
+                    forget_traceback(exc)
             runtime.metrics.request(
                 str(state.get("model") or "-"),
                 name,
@@ -115,7 +117,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     async def watch() -> None:
         nonlocal gone
-        await _disconnect(request)
+        try:
+            await _disconnect(request)
+        except asyncio.CancelledError:
+            # Ended by this handler once `work` is done. Finished so rather than cancelled, this task keeps no
+            # CancelledError, whose traceback would hold this frame and so the handler's task in a cycle.
+            return
         gone = True
         this.cancel()
 
