@@ -7,9 +7,10 @@ prints, side by side:
 - the RSS of the server's worker processes (the worker and its children, decoding and parsing): baseline
   before the abuse, peak during it, final once it stopped and the connections' timeouts have passed;
 - the event loop's lag (the service's `cnn_serve_event_loop_lag_*` metrics; goal < 50 ms), and its late
-  samples by cause: the loop's thread waiting for a core (`core_wait`), running its own callbacks
-  (`callbacks`) or blocked on the interpreter lock another thread held (`lock`), beside the share of the
-  time the loop waited for a core, the host's stolen CPU time, and the cores the server and the clients used;
+  samples by cause: the garbage collector (`gc`), the loop's thread waiting for a core (`core_wait`),
+  running its own callbacks (`callbacks`) or blocked on the interpreter lock another thread held (`lock`),
+  beside the share of the time the loop waited for a core, the worker's full garbage collections, the host's
+  stolen CPU time, and the cores the server and the clients used;
 - the server-side latency of its 503 answers (from its access log) and the connections refused at accept;
 - what each kind of abuse received, and how many connections were still open after the abuse stopped.
 
@@ -215,7 +216,7 @@ def lag_figures(before: dict[str, float], after: dict[str, float]) -> tuple[int,
     return int(total), int(over_25), int(over), shown
 
 
-CAUSES = ("core_wait", "callbacks", "lock", "unknown")
+CAUSES = ("gc", "core_wait", "callbacks", "lock", "unknown")
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,15 @@ def lag_causes(before: str, after: str, seconds: float) -> str:
         parts.append(f"over {float(over) * 1000:g} ms: {shown}")
     name = "cnn_serve_event_loop_core_wait_seconds_total"
     waited = sample(after, name) - sample(before, name)
-    return "; ".join(parts) + f"; the loop's thread waited for a core {waited / seconds:.1%} of the time"
+    full = {
+        name: sample(after, f"cnn_serve_gc_{name}_total", generation="2")
+        - sample(before, f"cnn_serve_gc_{name}_total", generation="2")
+        for name in ("collections", "seconds")
+    }
+    return "; ".join(parts) + (
+        f"; the loop's thread waited for a core {waited / seconds:.1%} of the time; full garbage collections "
+        f"{full['collections']:.0f}, {full['seconds'] * 1000:.0f} ms in all"
+    )
 
 
 class Phase:

@@ -12,7 +12,10 @@ same cores, or a container's CPU limit throttling it). The loop's thread reads b
 sleep. Over that window the lag is what the thread ran, plus what it waited for a core, plus what it was
 blocked beyond its sleep; the cause is the part that explains it:
 
-- `core_wait`: the loop's thread waited for a core for at least half of the lag;
+- `gc`: Python's garbage collector ran for at least half of the lag. It holds the interpreter lock, on
+  whichever thread allocated when a collection fell due, so the loop waits for it either way. The
+  collector's passes are timed all the time (`CollectorClock`) and reported by generation;
+- `core_wait`: otherwise, the loop's thread waited for a core for at least half of the lag;
 - `callbacks`: otherwise, if it ran at least as long as it was blocked beyond its sleep: the loop's own
   callbacks held it;
 - `lock`: otherwise: it was blocked, which on the loop's thread means waiting for the interpreter lock that
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 INTERVAL_S = 0.05
 LATE_S = 0.025  # half the lag the service aims to stay under: late samples are counted with their cause
@@ -37,6 +42,39 @@ class LagObserver(Protocol):
     def event_loop_lag(self, seconds: float, late_cause: str | None = None) -> None: ...
 
     def event_loop_core_wait(self, seconds: float) -> None: ...
+
+    def garbage_collected(self, generation: int, collections: int, seconds: float) -> None: ...
+
+
+class CollectorClock:
+    """The garbage collector's passes, counted and timed by generation since `install`, from any thread.
+
+    Python calls the callback at the start and the end of every collection, on the thread that runs it, with
+    the interpreter lock held: no other thread runs meanwhile, so one start time is enough."""
+
+    GENERATIONS = 3
+
+    def __init__(self) -> None:
+        self.collections = [0] * self.GENERATIONS
+        self.seconds = [0.0] * self.GENERATIONS
+        self._started = 0.0
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+            return
+        generation = info.get("generation", 0)
+        self.collections[generation] += 1
+        self.seconds[generation] += now - self._started
 
 
 def sched_s() -> tuple[float, float] | None:
@@ -52,9 +90,11 @@ def sched_s() -> tuple[float, float] | None:
         return None
 
 
-def late_cause(lag: float, ran: float | None, waited: float | None) -> str:
-    """Why a late sample was late, from how long the loop's thread ran and waited for a core meanwhile (the
-    window of one sleep): the rest of the lag it was blocked."""
+def late_cause(lag: float, ran: float | None, waited: float | None, collecting: float = 0.0) -> str:
+    """Why a late sample was late, from how long the garbage collector ran and the loop's thread ran and
+    waited for a core meanwhile (the window of one sleep): the rest of the lag it was blocked."""
+    if collecting >= lag / 2:
+        return "gc"
     if ran is None or waited is None:
         return "unknown"
     if waited >= lag / 2:
@@ -70,9 +110,11 @@ class LoopLagMonitor:
         self.observer = observer
         self.interval_s = interval_s
         self.max_lag = 0.0
+        self.collector = CollectorClock()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
+        self.collector.install()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-loop-lag")
 
     async def stop(self) -> None:
@@ -81,10 +123,13 @@ class LoopLagMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.collector.remove()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        clock = self.collector
         before = sched_s()
+        collections, collected_s = list(clock.collections), list(clock.seconds)
         while True:
             start = loop.time()
             await asyncio.sleep(self.interval_s)
@@ -95,5 +140,14 @@ class LoopLagMonitor:
                 ran, waited = after[0] - before[0], after[1] - before[1]
                 self.observer.event_loop_core_wait(waited)
             before = after
+            collecting = 0.0
+            for generation in range(clock.GENERATIONS):
+                count = clock.collections[generation] - collections[generation]
+                if count:
+                    seconds = clock.seconds[generation] - collected_s[generation]
+                    collecting += seconds
+                    self.observer.garbage_collected(generation, count, seconds)
+            collections, collected_s = list(clock.collections), list(clock.seconds)
             self.max_lag = max(self.max_lag, lag)
-            self.observer.event_loop_lag(lag, late_cause(lag, ran, waited) if lag >= LATE_S else None)
+            cause = late_cause(lag, ran, waited, collecting) if lag >= LATE_S else None
+            self.observer.event_loop_lag(lag, cause)

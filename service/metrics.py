@@ -169,15 +169,29 @@ class Metrics:
         self.loop_late = prom.Counter(
             f"{PREFIX}_event_loop_late_samples",
             "Event loop lag samples of 25 ms or more (`over`: 0.025, or 0.05 for those of 50 ms or more), by "
-            "cause: core_wait (the loop's thread waited for a core at least half the lag), callbacks (it "
-            "ran: the loop's own callbacks held it), lock (it was blocked: the interpreter lock another "
-            "thread held), unknown (the kernel does not say).",
+            "cause: gc (the garbage collector ran at least half the lag), core_wait (the loop's thread "
+            "waited for a core at least half the lag), callbacks (it ran: the loop's own callbacks held it), "
+            "lock (it was blocked: the interpreter lock another thread held), unknown (the kernel does not "
+            "say).",
             ["cause", "over"],
             registry=r,
         )
         self.loop_core_wait = prom.Counter(
             f"{PREFIX}_event_loop_core_wait_seconds",
             "Time the event loop's thread was ready to run but waited for a core (busy cores, CPU limit).",
+            registry=r,
+        )
+        self.gc_collections = prom.Counter(
+            f"{PREFIX}_gc_collections",
+            "Passes of Python's garbage collector in the worker, by generation (2: full). Each holds the "
+            "interpreter lock, and so the event loop, while it runs.",
+            ["generation"],
+            registry=r,
+        )
+        self.gc_seconds = prom.Counter(
+            f"{PREFIX}_gc_seconds",
+            "Time Python's garbage collector ran in the worker, by generation (2: full).",
+            ["generation"],
             registry=r,
         )
         self.connections_refused = prom.Counter(
@@ -254,6 +268,10 @@ class Metrics:
 
     def event_loop_core_wait(self, seconds: float) -> None:
         self.loop_core_wait.inc(max(0.0, seconds))
+
+    def garbage_collected(self, generation: int, collections: int, seconds: float) -> None:
+        self.gc_collections.labels(str(generation)).inc(collections)
+        self.gc_seconds.labels(str(generation)).inc(max(0.0, seconds))
 
     def connection_refused(self) -> None:
         self.connections_refused.inc()

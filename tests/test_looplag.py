@@ -1,9 +1,10 @@
 """The event loop's lag and its cause (`service.looplag`), on real loops, threads and busy processes.
 
-A late sample is put down to waiting for a core when the loop's thread was ready but off a core for at least
-half the lag; otherwise to the loop's own callbacks when the thread ran, and to a lock when it was blocked.
-Each is made to happen here: a callback that holds the loop, a thread that holds the interpreter lock, and a
-loop thread at nice 19 behind busy processes on its core.
+A late sample is put down to the garbage collector when it ran for at least half the lag; otherwise to
+waiting for a core when the loop's thread was ready but off a core for at least half the lag; otherwise to
+the loop's own callbacks when the thread ran, and to a lock when it was blocked. Each is made to happen here:
+a full collection of a large heap on another thread, a callback that holds the loop, a thread that holds the
+interpreter lock, and a loop thread at nice 19 behind busy processes on its core.
 """
 
 from __future__ import annotations
@@ -77,6 +78,29 @@ def test_a_thread_that_holds_the_interpreter_lock_makes_the_loop_late_by_the_loc
     assert monitor.max_lag >= 0.05
     assert _late(metrics, "lock", "0.05") >= 1
     assert _late(metrics, "callbacks", "0.05") == 0
+
+
+def test_a_full_collection_on_another_thread_makes_the_loop_late_by_the_collector() -> None:
+    """The collector holds the interpreter lock for its whole pass, on whichever thread runs it: the loop
+    waits for it as for a lock, and the sample is put down to the collector, whose passes are counted."""
+    import gc
+
+    metrics = Metrics(CollectorRegistry())
+    heap = [[i] for i in range(2_000_000)]  # two million containers for a full pass to walk
+    worker = threading.Thread(target=gc.collect)
+    try:
+        monitor = _watch(metrics, 0.8, worker.start)
+        worker.join()
+    finally:
+        del heap
+    assert monitor.max_lag >= 0.05
+    assert _late(metrics, "gc", "0.05") >= 1
+    assert _late(metrics, "lock", "0.05") == 0 and _late(metrics, "callbacks", "0.05") == 0
+    full = metrics.registry.get_sample_value("cnn_serve_gc_collections_total", {"generation": "2"})
+    seconds = metrics.registry.get_sample_value("cnn_serve_gc_seconds_total", {"generation": "2"})
+    assert full is not None and full >= 1
+    assert seconds is not None and seconds >= 0.05
+    assert gc.callbacks.count(monitor.collector._callback) == 0  # removed when the monitor stopped
 
 
 def _spin(seconds: float, cpu: int) -> None:
