@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import io
 import os
+import types
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +218,32 @@ def astronaut() -> Image.Image:
 @pytest.fixture(scope="session")
 def chelsea_jpeg(chelsea: Image.Image) -> bytes:
     return encode(chelsea, "JPEG", quality=92)
+
+
+@dataclass
+class Garbage:
+    """What the collector found unreachable: reference cycles only, reference counting frees the rest."""
+
+    errors: list[str] = field(default_factory=list)  # exception types
+    frames: list[str] = field(default_factory=list)  # "file:function" of the frames, each once
+
+    def of_the_service(self) -> list[str]:
+        return self.errors + [f for f in self.frames if f"{os.sep}service{os.sep}" in f]
+
+
+@contextlib.contextmanager
+def garbage_collected() -> Iterator[Garbage]:
+    """The reference cycles the block leaves behind, read when it ends: what a full collection, which runs on
+    the event loop's time, would have to find and free."""
+    found = Garbage()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield found
+        gc.collect()
+        found.errors = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
+        frames = [o for o in gc.garbage if isinstance(o, types.FrameType)]
+        found.frames = sorted({f"{f.f_code.co_filename}:{f.f_code.co_name}" for f in frames})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()

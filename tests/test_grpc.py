@@ -28,7 +28,7 @@ from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service import oip
 from service.config import Settings
-from tests.conftest import write_tiny_model
+from tests.conftest import garbage_collected, write_tiny_model
 
 # GRPC_TEST_MODELS: another repository with the same model names (e.g. while `models/` is being built).
 REPOSITORY = Path(os.environ.get("GRPC_TEST_MODELS") or Path(__file__).resolve().parent.parent / "models")
@@ -251,9 +251,6 @@ def test_refused_calls_leave_nothing_to_the_garbage_collector(
 ) -> None:
     """A refused call's error, traceback and frames are freed once it is answered, not left in reference
     cycles for the collector's next full pass, which would walk them on the event loop's time."""
-    import gc
-    import types
-
     image = jpeg(data.chelsea())
     tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
     tensor.contents.bytes_contents.append(b"not an image")
@@ -267,26 +264,11 @@ def test_refused_calls_leave_nothing_to_the_garbage_collector(
     for call, request in refusals:  # once first: what a first call makes once is not in question
         with pytest.raises(grpc.RpcError):
             call(request, timeout=30)
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with garbage_collected() as garbage:
         for call, request in refusals * 3:
             with pytest.raises(grpc.RpcError):
                 call(request, timeout=30)
-        gc.collect()
-        frames = sorted(
-            {
-                f"{o.f_code.co_filename}:{o.f_code.co_name}"
-                for o in gc.garbage
-                if isinstance(o, types.FrameType)
-            }
-        )
-        errors = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert not errors, (errors, frames)
-    assert not [f for f in frames if "/service/" in f], frames
+    assert not garbage.of_the_service(), garbage
 
 
 def test_bad_top_k_and_tta_are_invalid_argument(classifier: classifier_pb2_grpc.ImageClassifierStub) -> None:

@@ -28,6 +28,7 @@ from service.http.middleware import RequestContextMiddleware
 from service.http.routes import Runtime
 from service.metrics import Metrics
 from service.oip import OpenInference
+from tests.conftest import garbage_collected
 from tests.http_server import free_port, jpeg, running_server
 
 # Every answer these tests receive is checked against the server's own /openapi.json.
@@ -125,9 +126,6 @@ def test_requests_answered_or_refused_leave_nothing_to_the_garbage_collector(tin
     """Each request's error, traceback, frames and request are freed once it is answered, not left in
     reference cycles for the collector's next full pass, which would walk them on the event loop's time: a
     stream of refusals made those passes long and frequent (docs/SERVING.md, "Garbage collection")."""
-    import gc
-    import types
-
     settings = Settings(repository=str(tiny_repo), default_model="tiny", max_images_per_request=4)
     core = InferenceCore(settings)
     core.load()
@@ -161,25 +159,10 @@ def test_requests_answered_or_refused_leave_nothing_to_the_garbage_collector(tin
         with routes_in_process(settings, core) as url, httpx.Client(base_url=url, timeout=30) as client:
             for path, kwargs, _ in calls:  # once first: what a first request makes once is not in question
                 client.post(path, **kwargs)
-            gc.collect()
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            try:
+            with garbage_collected() as garbage:
                 for path, kwargs, status in calls * 3:
                     answer = client.post(path, **kwargs)
                     assert answer.status_code == status, (path, answer.text)
-                gc.collect()
-                frames = sorted(
-                    {
-                        f"{o.f_code.co_filename}:{o.f_code.co_name}"
-                        for o in gc.garbage
-                        if isinstance(o, types.FrameType)
-                    }
-                )
-                errors = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
     finally:
         core.close()
-    assert not errors, (errors, frames)
-    assert not [f for f in frames if "/service/" in f], frames
+    assert not garbage.of_the_service(), garbage
