@@ -8,6 +8,7 @@ import gc
 import hashlib
 import io
 import os
+import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -181,6 +182,16 @@ def model_repo() -> Path:
     if not (MODELS / "efficientnet_lite0").is_dir() or not (MODELS / "lenet5").is_dir():
         pytest.fail(f"{MODELS} lacks efficientnet_lite0/lenet5: run `make models` first (make test does)")
     return MODELS
+
+
+def decode_memory_released(core: Any, timeout: float = 5.0) -> bool:
+    """Whether the core's decode memory budget is back to nothing held. An image's views are given back by a
+    callback of its future, on the thread that answered it, just after the callback that wakes the caller:
+    a caller holding its answer may find them still held for a moment."""
+    until = time.monotonic() + timeout
+    while core.decode_memory.used and time.monotonic() < until:
+        time.sleep(0.01)
+    return core.decode_memory.used == 0
 
 
 def classify_now(core: Any, images: Any, **kwargs: Any) -> list:

@@ -29,7 +29,7 @@ from service.core import InferenceCore, NullObserver, Prediction
 from service.errors import InvalidArgument, Overloaded
 from service.fair import FairPool
 from service.memory import IdleTrim
-from tests.conftest import classify_now, encode
+from tests.conftest import classify_now, decode_memory_released, encode
 from tests.http_server import Server, jpeg, running_server
 
 
@@ -364,10 +364,7 @@ def test_a_multiscale_flood_does_not_starve_a_lone_client(tiny_repo: Path, chels
         assert core.batcher.peak >= 390 and core.batcher.outstanding == 0
         # the queued views' tensors were held in the memory budget (30 views of 3x32x32 float32 each)
         assert core.decode_memory.peak >= 30 * 3 * 32 * 32 * 4
-        until = time.monotonic() + 5  # given back by the future's callbacks, on the thread that answered it
-        while core.decode_memory.used and time.monotonic() < until:
-            time.sleep(0.01)
-        assert core.decode_memory.used == 0
+        assert decode_memory_released(core)
     finally:
         core.close()
 

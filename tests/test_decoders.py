@@ -22,7 +22,7 @@ from service.core import InferenceCore
 from service.decoders import DecodeProcess, DecodeProcesses, _error
 from service.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument, InvalidImage, ServiceError
 from service.pipeline import Pipeline
-from tests.conftest import classify_now, encode
+from tests.conftest import classify_now, decode_memory_released, encode
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +204,7 @@ def test_the_core_decodes_in_children_at_the_work_s_nice_value(tiny_repo: Path, 
         answers = classify_now(core, [jpeg] * 6 + [b"\x89PNG broken"], top_k=3)
         assert all(a.top_k for a in answers[:6]) and isinstance(answers[6], InvalidArgument)
         assert core.decoders.pids() == pids  # the same children served every image
-        until = time.monotonic() + 5
-        while core.decode_memory.used and time.monotonic() < until:
-            time.sleep(0.01)  # the views' share is given back just after the answers
-        assert core.decode_memory.used == 0
+        assert decode_memory_released(core)
     finally:
         core.close()
     for pid in pids:
