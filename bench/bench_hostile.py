@@ -271,9 +271,9 @@ def lag_causes(before: str, after: str, seconds: float) -> str:
     name = "cnn_serve_event_loop_core_wait_seconds_total"
     waited = sample(after, name) - sample(before, name)
     full = {
-        name: sample(after, f"cnn_serve_gc_{name}_total", generation="2")
-        - sample(before, f"cnn_serve_gc_{name}_total", generation="2")
-        for name in ("collections", "seconds")
+        kind: sample(after, f"cnn_serve_gc_{kind}_total", generation="2")
+        - sample(before, f"cnn_serve_gc_{kind}_total", generation="2")
+        for kind in ("collections", "seconds")
     }
     return "; ".join(parts) + (
         f"; the loop's thread waited for a core {waited / seconds:.1%} of the time; full garbage collections "
