@@ -528,6 +528,7 @@ class ModelSet:
                     "model %s:%s is not complete yet (%s): trying at the next scan", name, version, reason
                 )
                 return None
+            self.observer.model_load_failure(name)  # counted before /models shows it
             entry.state, entry.reason = UNAVAILABLE, reason
             self._failed[(name, version)] = fp
             with self._lock:
@@ -538,7 +539,6 @@ class ModelSet:
                     shown[version] = entry
                 elif shown[version].state == READY:  # changed in place: the loaded one keeps serving
                     shown[version].reason = f"its files changed and do not load: {reason}"[:MAX_REASON]
-            self.observer.model_load_failure(name)
             log.error("model %s:%s unavailable: %s", name, version, reason)
             return None
         entry.session, entry.state = session, READY
