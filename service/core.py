@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -213,14 +213,19 @@ class InferenceCore:
         self.batcher.on_taken = self._pool.wake
 
     # -- lifecycle ----
-    def load(self) -> None:
+    def load(self, before_ready: Callable[[], None] | None = None) -> None:
         """Load and warm up the start set (`service.models`: every version the policies name, or
         `load_model` in explicit mode); failures are kept with their reason (GpuRequired raises). In poll mode
-        the repository is then rescanned in the background."""
+        the repository is then rescanned in the background.
+
+        `before_ready` runs once everything is loaded and before the core says it is ready: work that would
+        stall the process (a full garbage collection) is done before any traffic is sent to it."""
         if self.decoders is not None:
             self.decoders.start(max(1, self.settings.decode_threads))
         self.model_set.start()
         self.batcher.start()
+        if before_ready is not None:
+            before_ready()
         self.loaded = True
         self.file_check.start()
 
@@ -232,9 +237,9 @@ class InferenceCore:
         serves its good models and answers ModelUnavailable for the others."""
         return self.loaded and self.model_set.ready()
 
-    async def start(self) -> None:
+    async def start(self, before_ready: Callable[[], None] | None = None) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.load)
+            await asyncio.get_running_loop().run_in_executor(None, self.load, before_ready)
         except Exception as exc:
             self.failure = exc
             raise

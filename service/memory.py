@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,3 +170,12 @@ def return_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+
+def settle_heap() -> None:
+    """What start-up made (the libraries' modules, the models' cards and labels) lives as long as the
+    process: collected once and moved out of the collector's reach (`gc.freeze`), a full collection under
+    load no longer walks it on the event loop's time. Run before the service says it is ready: this
+    collection holds the interpreter lock for tens of milliseconds, which no request should wait for."""
+    gc.collect()
+    gc.freeze()

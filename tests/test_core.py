@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import shutil
 import threading
@@ -19,6 +20,7 @@ from service import postprocessing
 from service.config import Settings
 from service.core import InferenceCore, Prediction
 from service.errors import InvalidArgument, InvalidImage, ModelNotFound, ModelUnavailable
+from service.memory import settle_heap
 from service.sessions import GpuRequired, ModelSession, batch_buckets
 from tests.conftest import classify_now, encode, write_tiny_model
 
@@ -369,6 +371,34 @@ def test_start_and_stop_from_an_event_loop(tiny_repo: Path, photo: bytes) -> Non
         return p
 
     assert asyncio.run(go()).model == "tiny"
+
+
+def test_the_heap_is_settled_once_the_models_are_loaded_and_before_the_core_is_ready(
+    tiny_repo: Path, photo: bytes
+) -> None:
+    """The full collection at start-up holds the interpreter lock for tens of milliseconds: it runs before
+    readiness lets traffic in, not under the first requests."""
+    core = InferenceCore(Settings(repository=str(tiny_repo), default_model="tiny"))
+    seen: list[object] = []
+
+    def settle() -> None:
+        seen.append((core.ready, {m.state for m in core.models()}))
+        frozen = gc.get_freeze_count()
+        settle_heap()
+        seen.append(gc.get_freeze_count() > frozen)
+
+    async def go() -> Prediction:
+        await core.start(before_ready=settle)
+        assert core.ready
+        (p,) = await core.classify([photo])
+        await core.stop()
+        return p
+
+    try:
+        assert asyncio.run(go()).model == "tiny"
+    finally:
+        gc.unfreeze()  # the test process goes on: what it froze is collectable again
+    assert seen == [(False, {"READY"}), True]
 
 
 def test_repository_versions_are_plain_integers_and_the_folder_wins(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ that `python -m service serve` sets from `drain_timeout_s`); then `on_shutdown` 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from service.arbiter import report_fatal
 from service.config import Settings
 from service.core import InferenceCore
 from service.looplag import LoopLagMonitor
+from service.memory import settle_heap
 from service.metrics import Metrics
 from service.oip import OpenInference
 from service.storage import RepositoryError, is_url
@@ -121,7 +121,7 @@ class ClassifierService:
     async def _load(self) -> None:
         assert self.core is not None and self.metrics is not None
         try:
-            await self.core.start()
+            await self.core.start(before_ready=settle_heap)
         except Exception as exc:  # a failed start-up: not live, never ready, and the log says why
             log.error("inference core failed to start: %s", exc)
             if isinstance(exc, RepositoryError) and is_url(self.settings.repository):
@@ -134,11 +134,6 @@ class ClassifierService:
         models = self.core.models()
         self.metrics.model_info(models)
         log.info("models ready: %s", ", ".join(f"{m.name}/{m.version}" for m in models))
-        # What start-up made (the libraries' modules, the models' cards and labels) lives as long as the
-        # process: moved out of the collector's reach, a full collection under load no longer walks it on
-        # the event loop's time.
-        gc.collect()
-        gc.freeze()
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
