@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,8 +186,9 @@ class Batcher:
         self._batches = 0  # batches running: never more than `workers`, whichever thread runs them
         self._stopping = False
         self.workers = workers
-        self.niceness = niceness  # of the worker threads (`service.priority`)
+        self.niceness = niceness  # of the threads that run the batches (`service.priority`)
         self._threads: list[threading.Thread] = []
+        self._local = threading.local()  # a worker's lowered thread for its runs (`_loop`)
 
     # -- admission ----
     def admit(self, n: int, preparing: bool = True, deadline: float | None = None) -> None:
@@ -436,12 +437,32 @@ class Batcher:
         return max(job.request_views, job.views.shape[0]) > turn
 
     def _loop(self) -> None:
-        lower_this_thread(self.niceness)
-        while True:
-            taken = self._take()
-            if taken is None:
-                return
-            self._serve_taken(*taken)
+        """A worker: its own steps at the priority it was started with, its runs on a lowered thread.
+
+        Taking jobs, joining and splitting their arrays and settling their futures is Python code that holds
+        the interpreter lock. A worker at the work's raised nice value that lost its core with the lock in
+        hand kept the event loop waiting until the scheduler ran it again, behind every other runnable
+        thread. So only the run, which lets the lock go and takes the cores, is handed to a thread of its own
+        at that nice value (ONNX Runtime's threads have it too); the worker waits for it with the lock
+        released."""
+        compute = None
+        if self.niceness > 0:
+            compute = ThreadPoolExecutor(
+                1,
+                thread_name_prefix=f"{threading.current_thread().name}-run",
+                initializer=lower_this_thread,
+                initargs=(self.niceness,),
+            )
+            self._local.compute = compute
+        try:
+            while True:
+                taken = self._take()
+                if taken is None:
+                    return
+                self._serve_taken(*taken)
+        finally:
+            if compute is not None:
+                compute.shutdown(wait=True)
 
     def _serve_taken(self, jobs: list[Job], alone: bool) -> None:
         """Serve jobs counted in `_running`, and count them out; never raises."""
@@ -472,6 +493,14 @@ class Batcher:
         if live:
             self._execute(live, alone)
 
+    def _run_on(self, key: Hashable, chunk: np.ndarray, alone: bool) -> np.ndarray:
+        """`run`, on the worker's lowered thread where it has one (`_loop`), else on this thread (a job run
+        where it was prepared: a lowered decode thread)."""
+        compute: ThreadPoolExecutor | None = getattr(self._local, "compute", None)
+        if compute is None:
+            return self._run(key, chunk, alone)
+        return compute.submit(self._run, key, chunk, alone).result()
+
     def _execute(self, jobs: list[Job], alone: bool = False) -> None:
         key = jobs[0].key
         limit = self.limit(key)
@@ -481,7 +510,7 @@ class Batcher:
             for i in range(0, batch.shape[0], limit):  # one call per `limit` views
                 chunk = batch[i : i + limit]
                 t0 = time.perf_counter()
-                outputs.append(self._run(key, chunk, alone))
+                outputs.append(self._run_on(key, chunk, alone))
                 seconds = time.perf_counter() - t0
                 self.observer.inference(seconds, int(chunk.shape[0]), *self._labels(key))
                 with self._cond:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from service.batching import Batcher, Job
 from service.config import Settings
-from service.core import InferenceCore
+from service.core import InferenceCore, NullObserver
 from service.priority import made_lowered, thread_niceness
 from tests.conftest import classify_now, encode
 
@@ -52,14 +55,42 @@ def test_decode_batcher_and_onnx_runtime_threads_run_below_the_caller(
         pool = [t.native_id for t in core._pool._threads]
         batcher = [t.native_id for t in core.batcher._threads]
         assert len(pool) == 2 and len(batcher) == 1
-        for tid in pool + batcher:
+        for tid in pool:
             assert thread_niceness(tid) == mine + 7, tid
+        # The batcher's worker holds the interpreter lock for its own steps: it keeps the caller's priority
+        # and runs its batches on a lowered thread (`test_a_batchers_runs_are_lowered_and_its_own_steps_not`).
+        assert thread_niceness(batcher[0]) == mine
         # ONNX Runtime's own threads (not Python's) were started by a session made on a lowered thread
         runtime = [t for t in _tasks() - before if t not in python_threads]
         assert runtime and all(thread_niceness(t) == mine + 7 for t in runtime), runtime
         assert thread_niceness() == mine  # the caller (the event loop's thread in a server) keeps its own
     finally:
         core.close()
+
+
+def test_a_batchers_runs_are_lowered_and_its_own_steps_not() -> None:
+    mine = thread_niceness()
+    ran: list[tuple[str, int]] = []
+
+    def run(key: object, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        ran.append((threading.current_thread().name, thread_niceness()))
+        return batch.reshape(batch.shape[0], -1)[:, :1] * 2
+
+    b = Batcher(
+        run, max_batch_size=4, max_wait_s=0.0, queue_size=8, observer=NullObserver(), niceness=mine + 7
+    )
+    try:
+        for value in (1.0, 2.0):
+            b.admit(1, preparing=False)
+            job = Job("m", np.full((1, 1, 2, 2), value, np.float32), Future(), 1e12)
+            b.submit(job, from_preparing=False)  # from a thread that must not block: a worker runs it
+            assert job.future.result(10).tolist() == [[2 * value]]
+        assert ran == [("batcher-0-run_0", mine + 7)] * 2  # one lowered thread, kept between batches
+        (worker,) = b._threads
+        assert thread_niceness(worker.native_id) == mine
+    finally:
+        b.stop(5)
+    assert not any(t.name.startswith("batcher-0-run") for t in threading.enumerate())  # ended with its worker
 
 
 def test_niceness_zero_changes_nothing(tiny_repo: Path) -> None:
