@@ -69,7 +69,7 @@ def explicit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         # 32 ten-crop requests behind a 16-image one, one view a batch, must all be admitted (none shed by
         # their expected wait) on a host busy with other work too.
         "--request-timeout-s",
-        "120",
+        "300",
     ]
     with running_server(tmp, *flags) as server:
         yield server
