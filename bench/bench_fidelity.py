@@ -10,6 +10,12 @@ Each lever of the fast path is measured against it on efficientnet_lite0 (traine
   `reducing_gap` box pre-reduction, or resize-then-crop,
 - and the service's own modes (`fast`, `exact`) through `Pipeline.prepare`, the path requests take.
 
+`--fallback-leads` measures one more lever: answer from `fast`, and redo an input in `exact` (preprocessing
+and a second inference) where `fast`'s top-1 leads its second class by less than a probability threshold.
+For each threshold it prints how many inputs fall back, and among the answers kept from `fast` the top-1
+disagreements and the answers that `bench/bench_serving.py` would count as disagreeing with an exact peer
+(a top-5 probability more than its --tolerance, 0.01, apart).
+
 Printed per row: top-1 agreement, top-5 set agreement (mean |top5 ∩ top5_ref| / 5), mean L1 distance of the
 probabilities, mean absolute difference of the input tensors, and ms per image (bytes -> tensor, median) on a
 12-megapixel JPEG and a 1920x1280 JPEG with the ratio of torchvision's time to it, timed side by side.
@@ -20,7 +26,8 @@ The inputs (deterministic): the photos that installed packages ship (scikit-imag
 sample images), cropped, flipped, scaled (Lanczos up, box down: not the resamplers under test) to sizes
 from 224 px to 4000x3000, encoded by Pillow at JPEG quality 70..95, baseline or progressive, 4:2:0 or 4:4:4.
 
-Usage: python bench/bench_fidelity.py [--repository models] [--inputs 1000] [--record-card]
+Usage: python bench/bench_fidelity.py [--repository models] [--inputs 1000] [--fallback-leads 0.05,0.1]
+    [--record-card]
 `--record-card` writes the default mode's measured agreement into the model's card (`model.json`,
 `preprocessing_agreement`) through `service.card`.
 """
@@ -121,8 +128,14 @@ def variants(spec: Preprocessing) -> dict[tuple[str, str], Render]:
 
 # -- agreement ----
 def agreement(
-    session, images: list[bytes], renders: dict[tuple[str, str], Render], reference: Render
+    session,
+    images: list[bytes],
+    renders: dict[tuple[str, str], Render],
+    reference: Render,
+    probabilities: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> dict[tuple[str, str], dict[str, float]]:
+    """One row per render; `probabilities`, when given, receives each render's softmax (the reference's
+    under the key ("torchvision", "reference"))."""
     ref_x = np.stack([reference(d) for d in images])
     ref_p = softmax(logits_of(session, ref_x))
     top2 = np.sort(ref_p, 1)[:, -2:]
@@ -133,13 +146,58 @@ def agreement(
         + f" of {len(images)} inputs"
     )
     out = {}
+    if probabilities is not None:
+        probabilities[("torchvision", "reference")] = ref_p
     for key, render in renders.items():
         print(f"  {key[0]}: {key[1]}", file=sys.stderr, flush=True)
         x = np.stack([render(d) for d in images])
-        row = compare(softmax(logits_of(session, x)), ref_p)
+        probs = softmax(logits_of(session, x))
+        if probabilities is not None:
+            probabilities[key] = probs
+        row = compare(probs, ref_p)
         row["mad"] = float(np.abs(x - ref_x).mean())
         out[key] = row
     return out
+
+
+def top5(p: np.ndarray) -> dict[int, float]:
+    return {int(c): float(p[c]) for c in np.argsort(-p)[:5]}
+
+
+def fallback_table(
+    fast: np.ndarray,
+    ref: np.ndarray,
+    leads: list[float],
+    tolerance: float,
+    ms: dict[str, tuple[float, float]],
+) -> None:
+    """`fast`'s answer where its lead is at least the threshold, else `exact`'s (equal to the reference's)."""
+    from bench_serving import top5_difference  # the serving bench's own measure of agreement
+
+    ordered = np.sort(fast, 1)
+    lead = ordered[:, -1] - ordered[:, -2]
+    flipped = fast.argmax(1) != ref.argmax(1)
+    pairs = [(top5(a), top5(b)) for a, b in zip(fast, ref, strict=True)]
+    apart = np.array([max(top5_difference(a, b), top5_difference(b, a)) for a, b in pairs])
+    (f12, f19), (e12, e19) = ms["fast"], ms["exact"]
+    print(
+        f"\n`fast` where its top-1 leads by the threshold or more, else `exact` and a second inference "
+        f"({len(fast)} inputs); ms: preprocessing per image, fast plus the fallbacks' share of exact"
+    )
+    print(
+        "| lead threshold | fall back % | kept: top-1 disagreements | kept: same top-1, a top-5 probability "
+        f"over {tolerance:g} apart | kept: largest top-5 difference | ms 12 MP | ms 1920x1280 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for t in leads:
+        kept = lead >= t
+        share = float((~kept).mean())
+        over = int(((apart > tolerance) & kept & ~flipped).sum())
+        largest = float(apart[kept].max(initial=0.0))
+        print(
+            f"| {t:g} | {100 * share:.1f} | {int((flipped & kept).sum())} | {over} | {largest:.4f} | "
+            f"{f12 + share * e12:.1f} | {f19 + share * e19:.1f} |"
+        )
 
 
 # -- speed ----
@@ -235,6 +293,12 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="only the timings (no inputs, no agreement)")
     ap.add_argument("--only", default="", help="a regular expression: measure only the settings it matches")
     ap.add_argument(
+        "--fallback-leads",
+        default="",
+        help="comma-separated lead thresholds (probability) for the fast-then-exact lever, e.g. 0.05,0.1",
+    )
+    ap.add_argument("--tolerance", type=float, default=0.01, help="the serving bench's top-5 tolerance")
+    ap.add_argument(
         "--record-card", action="store_true", help="write the default mode's agreement into the card"
     )
     args = ap.parse_args()
@@ -255,6 +319,10 @@ def main() -> None:
     reference = torchvision_render(spec)
     images: list[bytes] = []
     table: dict[tuple[str, str], dict[str, float]] = {}
+    probabilities: dict[tuple[str, str], np.ndarray] = {}
+    leads = [float(v) for v in args.fallback_leads.split(",") if v]
+    if leads and not {("service", "fast"), ("service", "exact")} <= renders.keys():
+        ap.error("--fallback-leads needs both service modes among the settings --only keeps")
     if not args.speed_only:
         t0 = time.perf_counter()
         images = input_set(args.inputs)
@@ -267,7 +335,7 @@ def main() -> None:
             f"{time.perf_counter() - t0:.0f} s; {args.model}, preprocessing {spec.to_dict()}"
         )
         t0 = time.perf_counter()
-        table = agreement(session, images, renders, reference)
+        table = agreement(session, images, renders, reference, probabilities)
         print(f"agreement measured in {time.perf_counter() - t0:.0f} s")
 
     timed = {"torchvision": reference} | {f"{a}: {b}": r for (a, b), r in renders.items()}
@@ -298,6 +366,10 @@ def main() -> None:
         )
     if args.speed_only:
         return
+    if leads:
+        ms = {m: (big[f"service: {m}"], mid[f"service: {m}"]) for m in ("fast", "exact")}
+        fast, ref = probabilities[("service", "fast")], probabilities[("torchvision", "reference")]
+        fallback_table(fast, ref, leads, args.tolerance, ms)
     preset_differences(images[: args.preset_inputs])
 
     default = table[("service", Settings().preprocess_mode)]

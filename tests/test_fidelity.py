@@ -194,6 +194,8 @@ def test_the_bench_prints_the_table_and_records_the_default_in_the_card(
             "1",
             "--rounds-1920",
             "1",
+            "--fallback-leads",
+            "0,1.01",
             "--record-card",
         ],
         capture_output=True,
@@ -209,6 +211,12 @@ def test_the_bench_prints_the_table_and_records_the_default_in_the_card(
         r[1] for r in rows
     }
     assert re.search(r"^\| service \| exact \| 100\.0 \| 100\.0 \| 0\.0000 \|", proc.stdout, re.M)
+    # the fast-then-exact lever: at lead 0 nothing falls back (fast's own figures), past 1 everything does
+    leads = dict(
+        re.findall(rf"^\| ([0-9.]+) \| ({number}) \| [0-9]+ \| [0-9]+ \| {number} \|", proc.stdout, re.M)
+    )
+    assert leads == {"0": "0.0", "1.01": "100.0"}, proc.stdout[-2000:]
+    assert re.search(r"^\| 1\.01 \| 100\.0 \| 0 \| 0 \| 0\.0000 \|", proc.stdout, re.M)
     for preset in ("inception 299 bicubic", "bilinear 224", "crop_pct 1.0 bicubic", "lenet 32 grey"):
         assert re.search(rf"^\| {preset} \| {number} \|", proc.stdout, re.M), preset
     record = read_card(folder).preprocessing_agreement
