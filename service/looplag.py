@@ -50,14 +50,17 @@ class CollectorClock:
     """The garbage collector's passes, counted and timed by generation since `install`, from any thread.
 
     Python calls the callback at the start and the end of every collection, on the thread that runs it, with
-    the interpreter lock held: no other thread runs meanwhile, so one start time is enough."""
+    the interpreter lock held: no other thread runs meanwhile, so one start time is enough. The end's callback
+    is Python code, and a thread waiting for the lock (the loop's) may take it before that code has counted
+    the pass: `spent_s` counts the pass under way too, so a window that ends inside it still sees it."""
 
     GENERATIONS = 3
 
     def __init__(self) -> None:
         self.collections = [0] * self.GENERATIONS
         self.seconds = [0.0] * self.GENERATIONS
-        self._started = 0.0
+        # (seconds of all finished passes, start of the pass under way or None): one tuple, read at once
+        self._state: tuple[float, float | None] = (0.0, None)
 
     def install(self) -> None:
         if self._callback not in gc.callbacks:
@@ -67,14 +70,22 @@ class CollectorClock:
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._callback)
 
+    def spent_s(self, now: float) -> float:
+        """The collector's time since `install`, up to `now` (`time.perf_counter()`) in a pass under way."""
+        finished, started = self._state
+        return finished + (max(0.0, now - started) if started is not None else 0.0)
+
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         now = time.perf_counter()
+        finished, started = self._state
         if phase == "start":
-            self._started = now
+            self._state = (finished, now)
             return
+        took = now - started if started is not None else 0.0
+        self._state = (finished + took, None)
         generation = info.get("generation", 0)
         self.collections[generation] += 1
-        self.seconds[generation] += now - self._started
+        self.seconds[generation] += took
 
 
 def sched_s() -> tuple[float, float] | None:
@@ -130,6 +141,7 @@ class LoopLagMonitor:
         clock = self.collector
         before = sched_s()
         collections, collected_s = list(clock.collections), list(clock.seconds)
+        spent = clock.spent_s(time.perf_counter())
         while True:
             start = loop.time()
             await asyncio.sleep(self.interval_s)
@@ -140,12 +152,12 @@ class LoopLagMonitor:
                 ran, waited = after[0] - before[0], after[1] - before[1]
                 self.observer.event_loop_core_wait(waited)
             before = after
-            collecting = 0.0
+            now_spent = clock.spent_s(time.perf_counter())
+            collecting, spent = now_spent - spent, now_spent
             for generation in range(clock.GENERATIONS):
                 count = clock.collections[generation] - collections[generation]
                 if count:
                     seconds = clock.seconds[generation] - collected_s[generation]
-                    collecting += seconds
                     self.observer.garbage_collected(generation, count, seconds)
             collections, collected_s = list(clock.collections), list(clock.seconds)
             self.max_lag = max(self.max_lag, lag)

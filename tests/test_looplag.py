@@ -103,6 +103,36 @@ def test_a_full_collection_on_another_thread_makes_the_loop_late_by_the_collecto
     assert gc.callbacks.count(monitor.collector._callback) == 0  # removed when the monitor stopped
 
 
+def test_the_collector_clock_counts_a_pass_whose_end_is_not_yet_counted() -> None:
+    """The end's callback is Python code: the loop's thread can take the interpreter lock from it before it
+    has counted the pass (on a busy host it did, and a long pass was put down to the lock). The clock's time
+    includes the pass under way, and counts it once."""
+    import gc
+
+    from service.looplag import CollectorClock
+
+    clock = CollectorClock()
+    clock.install()
+    try:
+        gc.collect()
+        finished = clock.spent_s(time.perf_counter())
+        assert clock.collections[2] == 1 and finished == pytest.approx(sum(clock.seconds))
+        # the loop's view inside a pass: its start seen, its end not yet
+        clock._callback("start", {"generation": 2})
+        start = time.perf_counter()
+        time.sleep(0.05)
+        inside = clock.spent_s(time.perf_counter())
+        assert inside - finished >= 0.05 and clock.collections[2] == 1
+        clock._callback("stop", {"generation": 2})
+        after = clock.spent_s(time.perf_counter() + 10)  # no pass under way: the time stands still
+        assert clock.collections[2] == 2 and after - finished == pytest.approx(
+            time.perf_counter() - start, abs=0.01
+        )
+        assert after == pytest.approx(sum(clock.seconds))
+    finally:
+        clock.remove()
+
+
 def _spin(seconds: float, cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
     end = time.monotonic() + seconds
