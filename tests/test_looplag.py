@@ -36,8 +36,15 @@ def _late(metrics: Metrics, cause: str, over: str) -> float:
     return value or 0.0
 
 
-def _watch(metrics: Metrics, seconds: float, during: Callable[[], None] | None = None) -> LoopLagMonitor:
-    """Run a loop with the monitor on it for `seconds` in the calling thread; `during()` on it at 0.2 s."""
+def _watch(
+    metrics: Metrics,
+    seconds: float,
+    during: Callable[[], None] | None = None,
+    thread: threading.Thread | None = None,
+) -> LoopLagMonitor:
+    """Run a loop with the monitor on it for `seconds` in the calling thread; `during()` on it at 0.2 s.
+    With a `thread`, the monitor watches until it has ended and the window it ended in is reported (on a
+    busy host its work may outlast `seconds`)."""
 
     async def main() -> LoopLagMonitor:
         monitor = LoopLagMonitor(metrics, interval_s=0.02)
@@ -45,6 +52,10 @@ def _watch(metrics: Metrics, seconds: float, during: Callable[[], None] | None =
         if during is not None:
             asyncio.get_running_loop().call_later(0.2, during)
         await asyncio.sleep(seconds)
+        if thread is not None:
+            while thread.is_alive():
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
         await monitor.stop()
         return monitor
 
@@ -73,7 +84,7 @@ def test_a_thread_that_holds_the_interpreter_lock_makes_the_loop_late_by_the_loc
     loop's thread wakes from its sleep and waits for the lock, neither running nor waiting for a core."""
     metrics = Metrics(CollectorRegistry())
     worker = threading.Thread(target=pow, args=(7, 1_000_000))
-    monitor = _watch(metrics, 0.8, worker.start)
+    monitor = _watch(metrics, 0.8, worker.start, worker)
     worker.join()
     assert monitor.max_lag >= 0.05
     assert _late(metrics, "lock", "0.05") >= 1
@@ -89,7 +100,7 @@ def test_a_full_collection_on_another_thread_makes_the_loop_late_by_the_collecto
     heap = [[i] for i in range(2_000_000)]  # two million containers for a full pass to walk
     worker = threading.Thread(target=gc.collect)
     try:
-        monitor = _watch(metrics, 0.8, worker.start)
+        monitor = _watch(metrics, 0.8, worker.start, worker)
         worker.join()
     finally:
         del heap
