@@ -182,11 +182,14 @@ class InferenceCore:
         # batches' worth of views already queued waits for its next turn to decode.
         ahead = 2 * self.settings.max_batch_size
         threads = max(1, self.settings.decode_threads)
+        # With decode_processes the children do the work at worker_niceness, and these threads only hand
+        # them bytes and wait on pipes: lowered, one holding the interpreter lock for those short steps
+        # could lose its core and keep the event loop waiting for the lock.
         self._pool = FairPool(
             threads,
             "preprocess",
             lambda owner: self.batcher.ahead(owner) < ahead,
-            niceness=self.settings.worker_niceness,
+            niceness=0 if self.settings.decode_processes else self.settings.worker_niceness,
         )
         self.decoders = (
             DecodeProcesses(self.settings.worker_niceness, self.settings.memory_trim_idle_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -64,6 +65,35 @@ def test_decode_batcher_and_onnx_runtime_threads_run_below_the_caller(
         runtime = [t for t in _tasks() - before if t not in python_threads]
         assert runtime and all(thread_niceness(t) == mine + 7 for t in runtime), runtime
         assert thread_niceness() == mine  # the caller (the event loop's thread in a server) keeps its own
+    finally:
+        core.close()
+
+
+def test_with_decode_processes_the_children_are_lowered_and_the_threads_that_wait_on_them_not(
+    tiny_repo: Path, chelsea: Image.Image
+) -> None:
+    mine = thread_niceness()
+    settings = Settings(
+        repository=str(tiny_repo),
+        models=("tiny",),
+        worker_niceness=mine + 7,
+        decode_threads=2,
+        decode_processes=True,
+    )
+    core = InferenceCore(settings)
+    core.load()
+    try:
+        answers = classify_now(core, [encode(chelsea)] * 4, model="tiny")
+        assert all(answer.top_k for answer in answers)
+        pool = [t.native_id for t in core._pool._threads]
+        assert len(pool) == 2 and all(thread_niceness(tid) == mine for tid in pool)
+        assert core.decoders is not None
+        children = core.decoders.pids()
+        assert children
+        deadline = time.monotonic() + 10  # a child lowers itself as it starts
+        while any(os.getpriority(os.PRIO_PROCESS, pid) != mine + 7 for pid in children):
+            assert time.monotonic() < deadline, [os.getpriority(os.PRIO_PROCESS, pid) for pid in children]
+            time.sleep(0.05)
     finally:
         core.close()
 
