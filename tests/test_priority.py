@@ -35,20 +35,27 @@ def _tasks() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
+def _loaded_core(repository: Path, niceness: int, **settings: object) -> InferenceCore:
+    """The tiny model's core, two decode threads, its work at `niceness`."""
+    core = InferenceCore(
+        Settings(
+            repository=str(repository),
+            models=("tiny",),
+            worker_niceness=niceness,
+            decode_threads=2,
+            **settings,  # type: ignore[arg-type]
+        )
+    )
+    core.load()
+    return core
+
+
 def test_decode_batcher_and_onnx_runtime_threads_run_below_the_caller(
     tiny_repo: Path, chelsea: Image.Image
 ) -> None:
     mine = thread_niceness()
     before = _tasks()
-    settings = Settings(
-        repository=str(tiny_repo),
-        models=("tiny",),
-        worker_niceness=mine + 7,
-        intra_op_threads=2,
-        decode_threads=2,
-    )
-    core = InferenceCore(settings)
-    core.load()
+    core = _loaded_core(tiny_repo, mine + 7, intra_op_threads=2)
     try:
         (answer,) = classify_now(core, [encode(chelsea)], model="tiny")
         assert answer.top_k
@@ -73,15 +80,7 @@ def test_with_decode_processes_the_children_are_lowered_and_the_threads_that_wai
     tiny_repo: Path, chelsea: Image.Image
 ) -> None:
     mine = thread_niceness()
-    settings = Settings(
-        repository=str(tiny_repo),
-        models=("tiny",),
-        worker_niceness=mine + 7,
-        decode_threads=2,
-        decode_processes=True,
-    )
-    core = InferenceCore(settings)
-    core.load()
+    core = _loaded_core(tiny_repo, mine + 7, decode_processes=True)
     try:
         answers = classify_now(core, [encode(chelsea)] * 4, model="tiny")
         assert all(answer.top_k for answer in answers)
