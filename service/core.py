@@ -185,12 +185,13 @@ class InferenceCore:
         # With decode_processes the children do the work at worker_niceness, and these threads only hand
         # them bytes and wait on pipes: lowered, one holding the interpreter lock for those short steps
         # could lose its core and keep the event loop waiting for the lock.
+        pool_niceness = 0 if self.settings.decode_processes else self.settings.worker_niceness
         self._pool = FairPool(
-            threads,
-            "preprocess",
-            lambda owner: self.batcher.ahead(owner) < ahead,
-            niceness=0 if self.settings.decode_processes else self.settings.worker_niceness,
+            threads, "preprocess", lambda owner: self.batcher.ahead(owner) < ahead, niceness=pool_niceness
         )
+        # A lone job runs on the pool thread that prepared it when another is left to decode meanwhile, and
+        # only where that thread is lowered: inference runs below the loop.
+        self._run_here = threads > 1 and pool_niceness == self.settings.worker_niceness
         self.decoders = (
             DecodeProcesses(self.settings.worker_niceness, self.settings.memory_trim_idle_s)
             if self.settings.decode_processes
@@ -392,10 +393,9 @@ class InferenceCore:
             seconds = time.perf_counter() - t0
             self.observer.preprocess(seconds)
             self.batcher.note_preprocess(seconds, views.shape[0])
-            # A lone job runs on this thread when another pool thread is left to decode what comes meanwhile
             self.batcher.submit(
                 Job(entry.key, views, fut, deadline, owner=owner, request_views=request_views),
-                run_here=self.settings.decode_threads > 1,
+                run_here=self._run_here,
             )
             queued = True
         except ServiceError as e:  # its traceback would keep the decoded image alive as long as the answer

@@ -81,9 +81,21 @@ def test_with_decode_processes_the_children_are_lowered_and_the_threads_that_wai
 ) -> None:
     mine = thread_niceness()
     core = _loaded_core(tiny_repo, mine + 7, decode_processes=True)
+    runs: list[int] = []  # the nice value of each batch's thread
+    run = core.batcher._run
+
+    def recorded(*args: object, **kwargs: object) -> np.ndarray:
+        runs.append(thread_niceness())
+        return run(*args, **kwargs)
+
+    core.batcher._run = recorded
     try:
+        for _ in range(3):  # one at a time: a lone job, which a lowered decode thread would run itself
+            (answer,) = classify_now(core, [encode(chelsea)], model="tiny")
+            assert answer.top_k
         answers = classify_now(core, [encode(chelsea)] * 4, model="tiny")
         assert all(answer.top_k for answer in answers)
+        assert runs and all(niceness == mine + 7 for niceness in runs), runs  # inference below the loop
         pool = [t.native_id for t in core._pool._threads]
         assert len(pool) == 2 and all(thread_niceness(tid) == mine for tid in pool)
         assert core.decoders is not None
