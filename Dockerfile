@@ -19,6 +19,13 @@ COPY pyproject.toml README.md ./
 COPY export/ export/
 COPY service/ service/
 COPY proto/ proto/
+# The compiled crop-only resize of exact preprocessing (service/resample.c), for the serve stage, which has
+# no compiler. The apt versions follow the pinned Python image's Debian snapshot (docs/DEPLOY.md).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && gcc -O3 -fPIC -shared -o service/_resample.so service/resample.c -lm
 COPY requirements/export.txt requirements/export.txt
 RUN pip install -r requirements/export.txt
 # gRPC stubs are generated at build time, never taken from the build context.
@@ -49,6 +56,7 @@ COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install --only-binary=:all: -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY service/ service/
+COPY --from=export /src/service/_resample.so service/_resample.so
 COPY --from=export /src/proto/ proto/
 RUN pip install --no-deps .
 # Every write goes under /tmp (an emptyDir in Kubernetes, where the root filesystem is read-only), the model

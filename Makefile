@@ -8,7 +8,7 @@ MODELS ?= models
 SERVE_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium mlserver
+.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium mlserver resample
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
 # that the tests need, Ray included (the serving extras alone are what the Docker image gets). The image's
@@ -41,7 +41,15 @@ $(MODEL_STAMP): $(STAMP) $(wildcard export/*.py)
 
 models: $(MODEL_STAMP)
 
-serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
+# The compiled crop-only resize of exact preprocessing (service/resample.py). Without a C compiler the
+# service resizes with Pillow instead: the same answers, slower.
+CC ?= cc
+RESAMPLE := service/_resample.so
+$(RESAMPLE): service/resample.c
+	$(CC) -O3 -fPIC -shared -o $@ $< -lm || echo "no C compiler: exact preprocessing resizes with Pillow"
+resample: $(RESAMPLE)
+
+serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE)
 	$(PY) -m service serve --repository $(MODELS) $(SERVE_ARGS)
 
 # checkov (tests/test_deploy_*.py) in its own virtualenv: its pins conflict with the dev extra's.
@@ -89,7 +97,7 @@ chromium:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "chromium could not be installed: the browser tests will skip"
 
-test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(CHECKOV) $(TRITONCLIENT) $(KSERVE) chromium
+test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE) $(CHECKOV) $(TRITONCLIENT) $(KSERVE) chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 
@@ -105,4 +113,4 @@ bench: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(MODELS) proto/*_pb2*.py proto/*_pb2.pyi $(PROTO_STAMP)
+	rm -rf $(MODELS) proto/*_pb2*.py proto/*_pb2.pyi $(PROTO_STAMP) $(RESAMPLE)

@@ -4,7 +4,9 @@ Two modes (`Settings.preprocess_mode`):
 
 - `exact` (default) reproduces torchvision's PIL evaluation transform `Resize(resize, interp) +
   CenterCrop(crop) + ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets,
-  float32 arithmetic), on an image decoded at full size: the model's own answer, every time.
+  float32 arithmetic), on an image decoded at full size: the model's own answer, every time. Only the
+  resized pixels that the views keep are computed (`service.resample`: the same bytes as Pillow's whole
+  resize, in a third less time for a center crop of a camera photo).
 - `fast` asks the decoder for a JPEG DCT-downscaled image no smaller than `FAST_DRAFT_MARGIN` times the
   resize target, places each view by the full-size image (`decoding.source_geometry`: where it lies in the
   downscaled pixels), resizes only the region the view keeps with the card's filter (`Image.resize(box=...)`)
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from service import resample
 from service.card import Preprocessing
 from service.decoding import source_geometry
 
@@ -119,18 +122,35 @@ class Preprocessor:
     def _render_exact(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
         if source_geometry(img)[0] != img.size:
             raise ValueError("exact mode needs an image decoded at full size (decode with draft=False)")
-        resized: dict[int, Image.Image] = {}
+        views = [self.fit(view, img.size) for view in views]
+        resized: dict[int, tuple[np.ndarray, int, int]] = {}  # short side -> pixels, and where they lie
         for i, view in enumerate(views):
-            view = self.fit(view, img.size)
             if view.short not in resized:
-                resized[view.short] = img.resize(resized_size(*img.size, view.short), self.resample)
-            crop = _crop_padded(resized[view.short], view)
-            arr = np.asarray(crop, dtype=np.uint8)
+                same = [v for v in views if v.short == view.short]
+                resized[view.short] = self._resize_kept(img, view.short, same)
+            arr = _crop_padded(*resized[view.short], view)
             x = _to_chw(arr).astype(np.float32) / np.float32(255.0)  # ToTensor
             if self.spec.invert:
                 x = np.float32(1.0) - x
             x = (x - self._mean) / self._std  # Normalize
             out[i] = x[:, :, ::-1] if view.mirror else x
+
+    def _resize_kept(
+        self, img: Image.Image, short: int, views: Sequence[View]
+    ) -> tuple[np.ndarray, int, int]:
+        """The pixels of `img` resized to shorter side `short` that `views` keep (their bounding box within
+        the resized image), and the box's left and top: the same bytes as Pillow's whole resize
+        (`service.resample`), or that resize itself where the compiled part does not apply."""
+        size = resized_size(*img.size, short)
+        left = max(0, min(v.left for v in views))
+        top = max(0, min(v.top for v in views))
+        right = min(size[0], max(v.left + v.width for v in views))
+        bottom = min(size[1], max(v.top + v.height for v in views))
+        if left < right and top < bottom:
+            kept = resample.crop_resize(img, size, (left, top, right, bottom), self.resample)
+            if kept is not None:
+                return kept, left, top
+        return np.asarray(img.resize(size, self.resample), dtype=np.uint8), 0, 0
 
     # -- fast: resize only what each view keeps ----
     def _render_fast(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
@@ -157,10 +177,12 @@ class Preprocessor:
                     bx + (view.left + view.width) * sx,
                     by + (view.top + view.height) * sy,
                 )
-                crop = img.resize((view.width, view.height), self.resample, box=box)
+                part = img.resize((view.width, view.height), self.resample, box=box)
+                crop = np.asarray(part, dtype=np.uint8)
             else:  # enlarged, or a crop larger than the resized image (torchvision pads with zeros)
-                crop = _crop_padded(img.resize((rw, rh), self.resample, box=(bx, by, bx1, by1)), view)
-            arr = _to_chw(np.asarray(crop, dtype=np.uint8))
+                whole = img.resize((rw, rh), self.resample, box=(bx, by, bx1, by1))
+                crop = _crop_padded(np.asarray(whole, dtype=np.uint8), 0, 0, view)
+            arr = _to_chw(crop)
             if view.mirror:
                 arr = arr[:, :, ::-1]
             if self.spec.invert:
@@ -175,11 +197,16 @@ def _to_chw(arr: np.ndarray) -> np.ndarray:
     return arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _crop_padded(img: Image.Image, view: View) -> Image.Image:
-    """Crop, padding with zeros where the box leaves the image (torchvision's CenterCrop does the same)."""
-    box = (view.left, view.top, view.left + view.width, view.top + view.height)
-    if box[0] >= 0 and box[1] >= 0 and box[2] <= img.width and box[3] <= img.height:
-        return img.crop(box)
-    canvas = Image.new(img.mode, (view.width, view.height), 0)
-    canvas.paste(img, (-view.left, -view.top))
+def _crop_padded(pixels: np.ndarray, left: int, top: int, view: View) -> np.ndarray:
+    """The view's crop of resized pixels that start at (left, top), with zeros where the crop leaves the
+    resized image (torchvision's CenterCrop pads the same way)."""
+    x0, y0 = view.left - left, view.top - top
+    h, w = pixels.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x0 + view.width <= w and y0 + view.height <= h:
+        return pixels[y0 : y0 + view.height, x0 : x0 + view.width]
+    canvas = np.zeros((view.height, view.width, *pixels.shape[2:]), dtype=np.uint8)
+    sx0, sy0 = max(0, x0), max(0, y0)
+    sx1, sy1 = min(w, x0 + view.width), min(h, y0 + view.height)
+    if sx0 < sx1 and sy0 < sy1:
+        canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = pixels[sy0:sy1, sx0:sx1]
     return canvas
