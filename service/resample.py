@@ -105,7 +105,7 @@ def _pixels(img: Image.Image) -> tuple[int, object] | None:
     them in more than one block. The address is trusted only with the length it comes with."""
     try:
         _, capsule = img.__arrow_c_array__()
-    except (ValueError, AttributeError):
+    except Exception:  # noqa: BLE001 - more than one block, or a Pillow that exports otherwise: Pillow resizes
         return None
     array = ctypes.cast(_capsule_pointer(capsule, b"arrow_array"), ctypes.POINTER(_ArrowArray)).contents
     px = PIXEL_BYTES[img.mode]
