@@ -25,7 +25,8 @@ COPY proto/ proto/
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && gcc -O3 -fPIC -shared -o service/_resample.so service/resample.c -lm
+    && mkdir -p service/native \
+    && gcc -O3 -fPIC -shared -o service/native/resample.so service/resample.c -lm
 COPY requirements/export.txt requirements/export.txt
 RUN pip install -r requirements/export.txt
 # gRPC stubs are generated at build time, never taken from the build context.
@@ -56,7 +57,7 @@ COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install --only-binary=:all: -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY service/ service/
-COPY --from=export /src/service/_resample.so service/_resample.so
+COPY --from=export /src/service/native/resample.so service/native/resample.so
 COPY --from=export /src/proto/ proto/
 RUN pip install --no-deps .
 # Every write goes under /tmp (an emptyDir in Kubernetes, where the root filesystem is read-only), the model

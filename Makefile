@@ -44,9 +44,9 @@ models: $(MODEL_STAMP)
 # The compiled crop-only resize of exact preprocessing (service/resample.py). Without a C compiler the
 # service resizes with Pillow instead: the same answers, slower.
 CC ?= cc
-RESAMPLE := service/_resample.so
+RESAMPLE := service/native/resample.so
 $(RESAMPLE): service/resample.c
-	$(CC) -O3 -fPIC -shared -o $@ $< -lm || echo "no C compiler: exact preprocessing resizes with Pillow"
+	mkdir -p $(@D) && $(CC) -O3 -fPIC -shared -o $@ $< -lm || echo "no C compiler: exact preprocessing resizes with Pillow"
 resample: $(RESAMPLE)
 
 serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE)

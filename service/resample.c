@@ -131,7 +131,9 @@ static inline uint8_t clip8(int32_t in) {
 }
 
 /* One row, pixels of `px` bytes (1: L, 4: RGB stored as RGBX like Pillow's); all `px` channels computed. */
-static inline __attribute__((always_inline)) void horizontal_row(const uint8_t *src, uint8_t *dst, int px, int w, const int *bounds, const int32_t *kk,
+#define INLINE static inline __attribute__((always_inline)) /* into each copy of the passes */
+
+INLINE void horizontal_row(const uint8_t *src, uint8_t *dst, int px, int w, const int *bounds, const int32_t *kk,
                            int ksize) {
     for (int xx = 0; xx < w; xx++) {
         const int32_t *k = &kk[(size_t)xx * ksize];
@@ -152,9 +154,8 @@ static inline __attribute__((always_inline)) void horizontal_row(const uint8_t *
     }
 }
 
-
-static inline __attribute__((always_inline)) void vertical_row(const uint8_t *src, size_t sstride, uint8_t *dst, int n, int ymin, int taps,
-                         const int32_t *k, int32_t *acc) {
+INLINE void vertical_row(const uint8_t *src, size_t sstride, uint8_t *dst, int n, int ymin, int taps, const int32_t *k,
+                         int32_t *acc) {
     for (int i = 0; i < n; i++) acc[i] = 1 << (PRECISION_BITS - 1);
     for (int y = 0; y < taps; y++) {
         const uint8_t *row = src + (size_t)(y + ymin) * sstride;
@@ -165,8 +166,8 @@ static inline __attribute__((always_inline)) void vertical_row(const uint8_t *sr
 }
 
 /* The horizontal pass over `rows` rows of `src` (`sstride` bytes apart) into `dst` (w pixels a row). */
-WIDE static void horizontal(const uint8_t *src, size_t sstride, int px, int rows, const int *bounds, const int32_t *kk,
-                       int ksize, int w, uint8_t *dst) {
+WIDE static void horizontal(const uint8_t *src, size_t sstride, int px, int rows, const int *bounds,
+                            const int32_t *kk, int ksize, int w, uint8_t *dst) {
     for (int r = 0; r < rows; r++) {
         const uint8_t *row = src + (size_t)r * sstride;
         uint8_t *out = dst + (size_t)r * w * px;
@@ -176,7 +177,7 @@ WIDE static void horizontal(const uint8_t *src, size_t sstride, int px, int rows
 
 /* The vertical pass: output row i reads src rows bounds[2i] .. + bounds[2i + 1]; each row `n` bytes. */
 WIDE static int vertical(const uint8_t *src, size_t sstride, int n, int h, const int *bounds, const int32_t *kk,
-                    int ksize, uint8_t *dst) {
+                         int ksize, uint8_t *dst) {
     int32_t *acc = malloc(sizeof(int32_t) * (size_t)n);
     if (!acc) return -1;
     for (int i = 0; i < h; i++)

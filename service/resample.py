@@ -5,10 +5,11 @@ resize, and a third of that is spent on columns and rows the crop drops. `crop_r
 returns `np.asarray(img.resize(size, filter).crop(box))` without computing the rest. Pillow's own
 `resize(box=...)` cannot: it takes the box in single precision, and a few pixels then differ.
 
-The compiled part is a plain C library (`make resample` builds `service/_resample.so`) loaded with ctypes,
-which lets the interpreter lock go for the call as Pillow does. It reads the image's pixels where Pillow keeps
-them, through the Arrow C data interface Pillow exports; that needs an image in one block of memory, so
-importing this module asks Pillow to allocate new images in one block each (`set_use_block_allocator`).
+The compiled part is a plain C library, `service/native/resample.so` (`make resample`; a folder apart, so
+that it is no module of the package), loaded with ctypes, which lets the interpreter lock go for the call as
+Pillow does. It reads the image's pixels where Pillow keeps them, through the Arrow C data interface Pillow
+exports; that needs an image in one block of memory, so importing this module asks Pillow to allocate new
+images in one block each (`set_use_block_allocator`).
 Where the library is missing, the image's mode or the filter is one it does not do, or the crop leaves the
 resized image, `crop_resize` returns None and the caller resizes with Pillow: the same answer, slower.
 """
@@ -24,7 +25,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-LIBRARY = Path(__file__).with_name("_resample.so")
+LIBRARY = Path(__file__).parent / "native" / "resample.so"
 # Pillow's filter numbers, which the C code takes; NEAREST resizes by another path
 FILTERS = {
     Image.Resampling.LANCZOS: 1,

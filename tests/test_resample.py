@@ -15,7 +15,7 @@ from service.preprocessing import Preprocessor, center_box, resized_size
 from tests.conftest import encode
 
 pytestmark = pytest.mark.skipif(
-    not resample.available(), reason="service/_resample.so is not built (make resample)"
+    not resample.available(), reason="service/native/resample.so is not built (make resample)"
 )
 
 FILTERS = sorted(resample.FILTERS)
