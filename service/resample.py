@@ -9,7 +9,8 @@ The compiled part is a plain C library, `service/native/resample.so` (`make resa
 that it is no module of the package), loaded with ctypes, which lets the interpreter lock go for the call as
 Pillow does. It reads the image's pixels where Pillow keeps them, through the Arrow C data interface Pillow
 exports; that needs an image in one block of memory, so importing this module asks Pillow to allocate new
-images in one block each (`set_use_block_allocator`).
+images in one block each (`set_use_block_allocator`), and glibc to map such blocks apart
+(`memory.map_large_allocations`).
 Where the library is missing, the image's mode or the filter is one it does not do, or the crop leaves the
 resized image, `crop_resize` returns None and the caller resizes with Pillow: the same answer, slower.
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from service.memory import map_large_allocations
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ def _load() -> ctypes.CDLL | None:
 _lib = _load()
 if _lib is not None and hasattr(Image.core, "set_use_block_allocator"):
     Image.core.set_use_block_allocator(1)
+    map_large_allocations()  # a freed image block goes back to the system, not into the heap
 _checked: bool | None = None
 
 
