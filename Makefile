@@ -43,7 +43,6 @@ models: $(MODEL_STAMP)
 
 # The compiled crop-only resize of exact preprocessing (service/resample.py). Without a C compiler the
 # service resizes with Pillow instead: the same answers, slower.
-CC ?= cc
 RESAMPLE := service/native/resample.so
 $(RESAMPLE): service/resample.c
 	mkdir -p $(@D) && $(CC) -O3 -fPIC -shared -o $@ $< -lm || echo "no C compiler: exact preprocessing resizes with Pillow"

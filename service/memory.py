@@ -155,21 +155,27 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / (1 << 20):.0f}"
 
 
+def _glibc() -> Any:
+    """The C library if it is glibc, else None; loaded once."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+_libc: Any = None
+
+
 def return_memory() -> None:
     """Hand freed pages (a released session's, a burst's images) back to the system: glibc keeps freed
     memory in its per-thread arenas (tests/test_models_memory.py measures what it leaves behind). Elsewhere
     than glibc, nothing to do."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
+    if libc := _glibc():
+        libc.malloc_trim(0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -182,10 +188,8 @@ def map_large_allocations() -> None:
     most), after which such blocks come from the heap, which keeps what they free: with each image in one
     block (`service.resample`), decoding a 6 MP PNG through its conversions peaked a quarter above the
     memory the service reserves for it (tests/test_decoding_memory.py). Elsewhere than glibc, nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BYTES)
-    except (OSError, AttributeError):
-        pass
+    if libc := _glibc():
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_BYTES)
 
 
 def settle_heap() -> None:

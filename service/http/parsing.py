@@ -32,7 +32,7 @@ import anyio
 import numpy as np
 
 from service.errors import InvalidArgument, ModelUnavailable, RequestTooLarge
-from service.memory import MemoryBudget
+from service.memory import MemoryBudget, return_memory
 from service.priority import as_work
 
 T = TypeVar("T")
@@ -152,16 +152,7 @@ def _in_child(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     finally:
-        _trim_heap()
-
-
-def _trim_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the pages stay with the process, as without this
-        pass
+        return_memory()
 
 
 def _yield_the_cpu() -> None:
