@@ -16,9 +16,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
 
 /* x86-64: a copy of the passes for CPUs with AVX2 as well, which the compiler vectorizes wider, picked at load
- * time; integer sums, so the order of the additions does not change the result */
+ * time; integer sums, so the order of the additions does not change the result. Both passes have
+ * hand-written AVX2 forms besides (below), picked at run time. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -187,6 +192,237 @@ WIDE static int vertical(const uint8_t *src, size_t sstride, int n, int h, const
     return 0;
 }
 
+/* AVX2 forms of the passes, with vpmaddwd: it multiplies 16-bit pairs and adds each pair into 32 bits. A
+ * weight has 22 bits, so each is split into hi * 2048 + lo (lo in [0, 2048), hi signed, both 16-bit); the
+ * sums of pixel * hi and of pixel * lo then give Pillow's sum as (hi_sum << 11) + lo_sum. The arithmetic is
+ * modulo 2^32 throughout, so the result is Pillow's wherever Pillow's own 32-bit sum does not overflow. */
+#ifdef HAVE_AVX2
+static int simd = -1; /* -1: not yet asked; 0: the portable passes; 1: AVX2 */
+
+static int use_avx2(void) {
+    if (simd < 0) {
+        __builtin_cpu_init();
+        simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return simd;
+}
+
+/* The horizontal weights as the AVX2 pass reads them: for output pixel xx, `groups` groups of 4 taps from
+ * source pixel starts[xx]; a group is 32 hi words (the pairs of taps 0,1 four times, then 2,3 four times, in
+ * the order the pixels are shuffled to) and 32 lo words. A window is moved left where it would pass the end
+ * of the row, its weights moved right with it; returns NULL where the row is narrower than a window. */
+static int16_t *split_horizontal(const int *bounds, const int32_t *kk, int ksize, int w, int row_px, int *starts,
+                                 int *groups_out) {
+    int groups = (ksize + 3) / 4;
+    if (groups * 4 > row_px) return NULL;
+    int16_t *kw = calloc((size_t)w * groups * 32, sizeof(int16_t));
+    if (!kw) return NULL;
+    for (int xx = 0; xx < w; xx++) {
+        int xmin = bounds[xx * 2], taps = bounds[xx * 2 + 1];
+        int start = xmin + groups * 4 > row_px ? row_px - groups * 4 : xmin;
+        starts[xx] = start;
+        int16_t *o = kw + (size_t)xx * groups * 32;
+        for (int x = 0; x < taps; x++) {
+            int j = xmin - start + x, g = j / 4, t = j % 4;
+            int32_t k = kk[(size_t)xx * ksize + x];
+            int16_t hi = (int16_t)(k >> 11), lo = (int16_t)(k & 2047);
+            /* tap t of its group sits at word (t / 2) * 8 + t % 2 and every second word after it, 4 times */
+            for (int c = 0; c < 4; c++) {
+                o[g * 32 + (t / 2) * 8 + c * 2 + t % 2] = hi;
+                o[g * 32 + 16 + (t / 2) * 8 + c * 2 + t % 2] = lo;
+            }
+        }
+    }
+    *groups_out = groups;
+    return kw;
+}
+
+/* The same for grey pixels: 16 taps a group, the window's weights in order, 16 hi words then 16 lo words */
+static int16_t *split_horizontal_grey(const int *bounds, const int32_t *kk, int ksize, int w, int row_px,
+                                      int *starts, int *groups_out) {
+    int groups = (ksize + 15) / 16;
+    if (groups * 16 > row_px) return NULL;
+    int16_t *kw = calloc((size_t)w * groups * 32, sizeof(int16_t));
+    if (!kw) return NULL;
+    for (int xx = 0; xx < w; xx++) {
+        int xmin = bounds[xx * 2], taps = bounds[xx * 2 + 1];
+        int start = xmin + groups * 16 > row_px ? row_px - groups * 16 : xmin;
+        starts[xx] = start;
+        int16_t *o = kw + (size_t)xx * groups * 32;
+        for (int x = 0; x < taps; x++) {
+            int j = xmin - start + x;
+            int32_t k = kk[(size_t)xx * ksize + x];
+            o[(j / 16) * 32 + j % 16] = (int16_t)(k >> 11);
+            o[(j / 16) * 32 + 16 + j % 16] = (int16_t)(k & 2047);
+        }
+    }
+    *groups_out = groups;
+    return kw;
+}
+
+/* Pillow's rounding, shift and clip of four sums, given as hi and lo sums */
+__attribute__((target("avx2"))) static inline __m128i finish4(__m128i hi, __m128i lo) {
+    __m128i s = _mm_add_epi32(_mm_add_epi32(_mm_slli_epi32(hi, 11), lo), _mm_set1_epi32(1 << (PRECISION_BITS - 1)));
+    return _mm_srai_epi32(s, PRECISION_BITS);
+}
+
+/* RGBX pixels: four taps a step, the two halves of the register taking two pixels each, their R, G, B and X
+ * words paired as vpmaddwd pairs them */
+__attribute__((target("avx2"))) static void horizontal_avx2(const uint8_t *src, size_t sstride, int rows,
+                                                             const int *starts, const int16_t *kw, int groups, int w,
+                                                             uint8_t *dst) {
+    const __m256i shuffle = _mm256_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1, 8, -1, 12, -1, 9,
+                                             -1, 13, -1, 10, -1, 14, -1, 11, -1, 15, -1);
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *row = src + (size_t)r * sstride;
+        uint8_t *out = dst + (size_t)r * w * 4;
+        for (int xx = 0; xx < w; xx++) {
+            const uint8_t *p = row + (size_t)starts[xx] * 4;
+            const int16_t *k = kw + (size_t)xx * groups * 32;
+            __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+            for (int g = 0; g < groups; g++) {
+                __m256i px = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + g * 16)));
+                px = _mm256_shuffle_epi8(px, shuffle);
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32))));
+                lo = _mm256_add_epi32(lo,
+                                      _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32 + 16))));
+            }
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+            __m128i l = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+            __m128i v = finish4(h, l);
+            v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
+            int32_t bytes = _mm_cvtsi128_si32(v);
+            memcpy(out + xx * 4, &bytes, 4);
+        }
+    }
+}
+
+/* Grey pixels: sixteen taps a step, widened to 16-bit words */
+__attribute__((target("avx2"))) static void horizontal_grey_avx2(const uint8_t *src, size_t sstride, int rows,
+                                                                  const int *starts, const int16_t *kw, int groups,
+                                                                  int w, uint8_t *dst) {
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *row = src + (size_t)r * sstride;
+        uint8_t *out = dst + (size_t)r * w;
+        for (int xx = 0; xx < w; xx++) {
+            const uint8_t *p = row + starts[xx];
+            const int16_t *k = kw + (size_t)xx * groups * 32;
+            __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+            for (int g = 0; g < groups; g++) {
+                __m256i px = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + g * 16)));
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32))));
+                lo = _mm256_add_epi32(lo,
+                                      _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32 + 16))));
+            }
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+            __m128i l = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+            h = _mm_hadd_epi32(h, h);
+            l = _mm_hadd_epi32(l, l);
+            __m128i v = finish4(_mm_hadd_epi32(h, h), _mm_hadd_epi32(l, l));
+            v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
+            out[xx] = (uint8_t)_mm_cvtsi128_si32(v);
+        }
+    }
+}
+
+/* Sixteen columns a step, two source rows a step: the rows' bytes interleaved as 16-bit pairs */
+__attribute__((target("avx2"))) static void vertical_avx2(const uint8_t *src, size_t sstride, int n, int h,
+                                                           const int *bounds, const int32_t *kk, int ksize,
+                                                           uint8_t *dst) {
+    const __m256i round = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
+    for (int i = 0; i < h; i++) {
+        int ymin = bounds[i * 2], taps = bounds[i * 2 + 1];
+        const int32_t *k = &kk[(size_t)i * ksize];
+        uint8_t *out = dst + (size_t)i * n;
+        int c = 0;
+        for (; c + 16 <= n; c += 16) {
+            __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+            for (int y = 0; y < taps; y += 2) {
+                const uint8_t *a = src + (size_t)(ymin + y) * sstride + c;
+                __m256i va = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)a)), vb = _mm256_setzero_si256();
+                int32_t k0 = k[y], k1 = 0;
+                if (y + 1 < taps) {
+                    vb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(a + sstride)));
+                    k1 = k[y + 1];
+                }
+                __m256i pairs0 = _mm256_unpacklo_epi16(va, vb), pairs1 = _mm256_unpackhi_epi16(va, vb);
+                __m256i khi = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)(k0 >> 11) | ((uint32_t)(k1 >> 11) << 16)));
+                __m256i klo = _mm256_set1_epi32((k0 & 2047) | ((k1 & 2047) << 16));
+                h0 = _mm256_add_epi32(h0, _mm256_madd_epi16(pairs0, khi));
+                h1 = _mm256_add_epi32(h1, _mm256_madd_epi16(pairs1, khi));
+                l0 = _mm256_add_epi32(l0, _mm256_madd_epi16(pairs0, klo));
+                l1 = _mm256_add_epi32(l1, _mm256_madd_epi16(pairs1, klo));
+            }
+            __m256i s0 = _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(h0, 11), l0), round),
+                                           PRECISION_BITS);
+            __m256i s1 = _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(h1, 11), l1), round),
+                                           PRECISION_BITS);
+            /* columns 0-3, 8-11 in s0 and 4-7, 12-15 in s1: the packs put them back in order, lane by lane */
+            __m256i v = _mm256_packs_epi32(s0, s1);
+            v = _mm256_packus_epi16(v, v);
+            v = _mm256_permute4x64_epi64(v, 0x08);
+            _mm_storeu_si128((__m128i *)(out + c), _mm256_castsi256_si128(v));
+        }
+        for (; c < n; c++) { /* the last columns of a row not a multiple of 16 wide */
+            int32_t s = 1 << (PRECISION_BITS - 1);
+            for (int y = 0; y < taps; y++) s += src[(size_t)(ymin + y) * sstride + c] * k[y];
+            out[c] = clip8(s);
+        }
+    }
+}
+#endif
+
+/* The passes, in AVX2 where the CPU has it and the arguments allow */
+static int run_horizontal(const uint8_t *src, size_t sstride, int row_px, int px, int rows, const int *bounds,
+                          const int32_t *kk, int ksize, int w, uint8_t *dst) {
+#ifdef HAVE_AVX2
+    if (use_avx2()) {
+        int groups = 0, *starts = malloc(sizeof(int) * (size_t)w);
+        int16_t *kw = NULL;
+        if (starts)
+            kw = (px == 4 ? split_horizontal : split_horizontal_grey)(bounds, kk, ksize, w, row_px, starts, &groups);
+        if (kw && px == 4) horizontal_avx2(src, sstride, rows, starts, kw, groups, w, dst);
+        if (kw && px == 1) horizontal_grey_avx2(src, sstride, rows, starts, kw, groups, w, dst);
+        free(starts);
+        free(kw);
+        if (kw) return 0;
+    }
+#else
+    (void)row_px;
+#endif
+    horizontal(src, sstride, px, rows, bounds, kk, ksize, w, dst);
+    return 0;
+}
+
+static int run_vertical(const uint8_t *src, size_t sstride, int n, int h, const int *bounds, const int32_t *kk,
+                        int ksize, uint8_t *dst) {
+#ifdef HAVE_AVX2
+    if (use_avx2()) {
+        vertical_avx2(src, sstride, n, h, bounds, kk, ksize, dst);
+        return 0;
+    }
+#endif
+    return vertical(src, sstride, n, h, bounds, kk, ksize, dst);
+}
+
+/* Whether the AVX2 passes may run (1) or the portable ones must (0), for tests that compare both; returns
+ * whether they could before. Without AVX2, always 0. */
+int resample_simd(int on) {
+#ifdef HAVE_AVX2
+    int before = use_avx2();
+    if (!on)
+        simd = 0;
+    else {
+        __builtin_cpu_init();
+        simd = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return before;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
 /* The rows (or columns) the kept outputs read, [*first, *last), and the bounds made relative to *first. */
 static void span(int *bounds, int count, int *first, int *last) {
     *first = bounds[0];
@@ -229,12 +465,12 @@ int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int
         if (!tmp) goto done;
         const uint8_t *rows = src + (size_t)first * stride;
         if (need_h)
-            horizontal(rows, stride, px, last - first, bh, kh, ksh, w, tmp);
+            run_horizontal(rows, stride, in_w, px, last - first, bh, kh, ksh, w, tmp);
         else
             for (int r = 0; r < last - first; r++)
                 memcpy(tmp + r * ostride, rows + (size_t)r * stride + (size_t)x0 * px, ostride);
         if (need_v) {
-            if (vertical(tmp, ostride, (int)ostride, h, bv, kv, ksv, out)) goto done;
+            if (run_vertical(tmp, ostride, (int)ostride, h, bv, kv, ksv, out)) goto done;
         } else {
             memcpy(out, tmp, ostride * h);
         }
@@ -247,9 +483,9 @@ int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int
         size_t tstride = (size_t)(last - first) * px;
         tmp = malloc(tstride * h);
         if (!tmp) goto done;
-        if (vertical(src + (size_t)first * px, stride, (int)tstride, h, bv, kv, ksv, tmp)) goto done;
+        if (run_vertical(src + (size_t)first * px, stride, (int)tstride, h, bv, kv, ksv, tmp)) goto done;
         if (need_h)
-            horizontal(tmp, tstride, px, h, bh, kh, ksh, w, out);
+            run_horizontal(tmp, tstride, last - first, px, h, bh, kh, ksh, w, out);
         else
             memcpy(out, tmp, ostride * h);
     }

@@ -70,6 +70,8 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.crop_resize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 10 + [ctypes.c_void_p]
+    lib.resample_simd.restype = ctypes.c_int
+    lib.resample_simd.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -87,6 +89,13 @@ def available() -> bool:
     if _checked is None:
         _checked = _lib is not None and hasattr(Image.Image, "__arrow_c_array__") and _agrees_with_pillow()
     return _checked
+
+
+def use_vectors(on: bool) -> bool:
+    """Let the passes use the CPU's vector instructions (AVX2 on x86-64, where the CPU has it; the default)
+    or keep to the portable C. Both give Pillow's bytes; tests compare them. Returns whether the vectors were
+    in use before."""
+    return bool(_lib.resample_simd(int(on))) if _lib is not None else False
 
 
 def _agrees_with_pillow() -> bool:

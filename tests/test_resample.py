@@ -3,6 +3,8 @@ as without it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,7 +39,15 @@ def random_image(rng: np.random.Generator, mode: str, w: int, h: int) -> Image.I
     return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
 
 
-def test_random_sizes_crops_and_filters_match_pillow() -> None:
+@pytest.fixture(params=["vectors", "portable"])
+def passes(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test twice: with the CPU's vector instructions (where it has them) and with the portable C."""
+    before = resample.use_vectors(request.param == "vectors")
+    yield request.param
+    resample.use_vectors(before)
+
+
+def test_random_sizes_crops_and_filters_match_pillow(passes: str) -> None:
     """Shrinking, enlarging, one side each way, tall images (Pillow's vertical pass first), every filter."""
     rng = np.random.default_rng(0)
     compared = 0
@@ -65,13 +75,35 @@ def test_random_sizes_crops_and_filters_match_pillow() -> None:
 
 @pytest.mark.parametrize("f", FILTERS)
 @pytest.mark.parametrize("size", [(2000, 1500), (1280, 1920), (700, 3000)])
-def test_center_crop_of_a_photo_matches_pillow(coffee: Image.Image, size: tuple[int, int], f: int) -> None:
+def test_center_crop_of_a_photo_matches_pillow(
+    passes: str, coffee: Image.Image, size: tuple[int, int], f: int
+) -> None:
     """A photo at camera-like sizes, landscape, portrait and very tall, cut to the card's center crop."""
     img = coffee.resize(size, Image.Resampling.LANCZOS)
     out = resized_size(*size, 256)
     left, top = center_box(*out, 224, 224)
     box = (left, top, left + 224, top + 224)
     np.testing.assert_array_equal(resample.crop_resize(img, out, box, f), pillow(img, out, box, f))
+
+
+@pytest.mark.parametrize("f", FILTERS)
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_extreme_pixels_and_long_filters_match_pillow(passes: str, mode: str, f: int) -> None:
+    """Stripes of 0 and 255 drive the sums to both ends (the negative lobes of bicubic and Lanczos past 0 and
+    255, clipped); shrinking 20000 columns or 12000 rows to 40 gives windows of up to 3,000 taps."""
+    stripes = np.zeros((60, 20000), dtype=np.uint8)
+    stripes[:, ::2] = 255
+    stripes[::3, :] = 255 - stripes[::3, :]
+    cases = [
+        (stripes, (40, 60), (3, 5, 37, 60)),  # the width shrinks 500 times
+        (stripes[:, :240].T.copy(), (60, 40), (0, 1, 60, 39)),  # the height shrinks 4 times: vertical first
+        (np.ascontiguousarray(np.tile(stripes[:, :20].T, (600, 1))), (20, 40), (2, 0, 18, 40)),  # 12000 rows
+        (stripes[:7, :9], (300, 200), (17, 3, 290, 199)),  # enlarged 33 times and 28 times
+    ]
+    for pixels, size, box in cases:
+        img = Image.fromarray(pixels if mode == "L" else np.stack([pixels, 255 - pixels, pixels], axis=-1))
+        where = str((mode, img.size, size, box, f, passes))
+        np.testing.assert_array_equal(resample.crop_resize(img, size, box, f), pillow(img, size, box, f), where)
 
 
 def test_what_it_does_not_do_is_left_to_pillow(chelsea: Image.Image) -> None:
