@@ -6,12 +6,15 @@ Two modes (`Settings.preprocess_mode`):
   CenterCrop(crop) + ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets,
   float32 arithmetic), on an image decoded at full size: the model's own answer, every time. Only the
   resized pixels that the views keep are computed (`service.resample`: the same bytes as Pillow's whole
-  resize, in about a third of its time for the center crop of a camera photo).
+  resize, in about a tenth of its time for the center crop of a camera photo on a CPU with AVX2).
 - `fast` asks the decoder for a JPEG DCT-downscaled image no smaller than `FAST_DRAFT_MARGIN` times the
   resize target, places each view by the full-size image (`decoding.source_geometry`: where it lies in the
   downscaled pixels), resizes only the region the view keeps with the card's filter (`Image.resize(box=...)`)
-  and normalizes with one fused multiply-add in NumPy. It gives another top-1 class than `exact` on about 1
+  and normalizes with one multiply-add. It gives another top-1 class than `exact` on about 1
   photo in 80; `bench/bench_fidelity.py` measures it, docs/CORE.md has the trade-off.
+
+Both modes normalize by table: a normalized value depends on its byte and channel only, so each mode's
+float32 arithmetic runs once on the 256 bytes and rendering looks values up, bit for bit the same.
 
 The parameters are the model card's (`service.card.Preprocessing`). A *view* is (shorter side S, crop box in
 the S-resized image, mirror); test-time augmentation (`service/augmentation.py`) is a list of views, and this
