@@ -207,6 +207,14 @@ static int use_avx2(void) {
     return simd;
 }
 
+/* Whether every weight's high part fits 16 bits (it does for weights of Pillow's filters, all near or below
+ * 1.0, so up to about 2^22; a window of weights that nearly cancel could give larger ones) */
+static int fits16(const int32_t *kk, size_t count) {
+    for (size_t i = 0; i < count; i++)
+        if ((kk[i] >> 11) > 32767 || (kk[i] >> 11) < -32768) return 0;
+    return 1;
+}
+
 /* The horizontal weights as the AVX2 pass reads them: for output pixel xx, `groups` groups of 4 taps from
  * source pixel starts[xx]; a group is 32 hi words (the pairs of taps 0,1 four times, then 2,3 four times, in
  * the order the pixels are shuffled to) and 32 lo words. A window is moved left where it would pass the end
@@ -376,7 +384,7 @@ __attribute__((target("avx2"))) static void vertical_avx2(const uint8_t *src, si
 static int run_horizontal(const uint8_t *src, size_t sstride, int row_px, int px, int rows, const int *bounds,
                           const int32_t *kk, int ksize, int w, uint8_t *dst) {
 #ifdef HAVE_AVX2
-    if (use_avx2()) {
+    if (use_avx2() && fits16(kk, (size_t)w * ksize)) {
         int groups = 0, *starts = malloc(sizeof(int) * (size_t)w);
         int16_t *kw = NULL;
         if (starts)
@@ -397,7 +405,7 @@ static int run_horizontal(const uint8_t *src, size_t sstride, int row_px, int px
 static int run_vertical(const uint8_t *src, size_t sstride, int n, int h, const int *bounds, const int32_t *kk,
                         int ksize, uint8_t *dst) {
 #ifdef HAVE_AVX2
-    if (use_avx2()) {
+    if (use_avx2() && fits16(kk, (size_t)h * ksize)) {
         vertical_avx2(src, sstride, n, h, bounds, kk, ksize, dst);
         return 0;
     }
