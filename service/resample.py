@@ -67,6 +67,9 @@ def _load() -> ctypes.CDLL | None:
     except OSError:
         log.info("%s not built (make resample): exact preprocessing resizes with Pillow", LIBRARY)
         return None
+    if not hasattr(lib, "resample_simd"):  # built from an older resample.c: `make resample` rebuilds it
+        log.warning("%s is out of date (make resample): exact preprocessing resizes with Pillow", LIBRARY)
+        return None
     fn = lib.crop_resize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 10 + [ctypes.c_void_p]
