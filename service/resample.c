@@ -215,53 +215,31 @@ static int fits16(const int32_t *kk, size_t count) {
     return 1;
 }
 
-/* The horizontal weights as the AVX2 pass reads them: for output pixel xx, `groups` groups of 4 taps from
- * source pixel starts[xx]; a group is 32 hi words (the pairs of taps 0,1 four times, then 2,3 four times, in
- * the order the pixels are shuffled to) and 32 lo words. A window is moved left where it would pass the end
- * of the row, its weights moved right with it; returns NULL where the row is narrower than a window. */
-static int16_t *split_horizontal(const int *bounds, const int32_t *kk, int ksize, int w, int row_px, int *starts,
-                                 int *groups_out) {
-    int groups = (ksize + 3) / 4;
-    if (groups * 4 > row_px) return NULL;
+/* The horizontal weights as the AVX2 passes read them: for output pixel xx, `groups` groups of taps from
+ * source pixel starts[xx]; a group is 16 hi words, then 16 lo words. RGBX pixels: 4 taps a group, the pairs
+ * of taps 0,1 four times, then 2,3 four times (one pair per channel, in the order the pixels are shuffled
+ * to); grey pixels: 16 taps a group, in order. A window is moved left where it would pass the end of the
+ * row, its weights moved right with it; returns NULL where the row is narrower than a window. */
+static int16_t *split_horizontal(const int *bounds, const int32_t *kk, int ksize, int w, int row_px, int px,
+                                 int *starts, int *groups_out) {
+    int per = px == 4 ? 4 : 16, copies = px == 4 ? 4 : 1;
+    int groups = (ksize + per - 1) / per;
+    if (groups * per > row_px) return NULL;
     int16_t *kw = calloc((size_t)w * groups * 32, sizeof(int16_t));
     if (!kw) return NULL;
     for (int xx = 0; xx < w; xx++) {
         int xmin = bounds[xx * 2], taps = bounds[xx * 2 + 1];
-        int start = xmin + groups * 4 > row_px ? row_px - groups * 4 : xmin;
+        int start = xmin + groups * per > row_px ? row_px - groups * per : xmin;
         starts[xx] = start;
         int16_t *o = kw + (size_t)xx * groups * 32;
         for (int x = 0; x < taps; x++) {
-            int j = xmin - start + x, g = j / 4, t = j % 4;
+            int j = xmin - start + x, g = j / per, t = j % per;
             int32_t k = kk[(size_t)xx * ksize + x];
-            int16_t hi = (int16_t)(k >> 11), lo = (int16_t)(k & 2047);
-            /* tap t of its group sits at word (t / 2) * 8 + t % 2 and every second word after it, 4 times */
-            for (int c = 0; c < 4; c++) {
-                o[g * 32 + (t / 2) * 8 + c * 2 + t % 2] = hi;
-                o[g * 32 + 16 + (t / 2) * 8 + c * 2 + t % 2] = lo;
+            for (int c = 0; c < copies; c++) {
+                int at = g * 32 + (px == 4 ? (t / 2) * 8 + c * 2 + t % 2 : t);
+                o[at] = (int16_t)(k >> 11);
+                o[at + 16] = (int16_t)(k & 2047);
             }
-        }
-    }
-    *groups_out = groups;
-    return kw;
-}
-
-/* The same for grey pixels: 16 taps a group, the window's weights in order, 16 hi words then 16 lo words */
-static int16_t *split_horizontal_grey(const int *bounds, const int32_t *kk, int ksize, int w, int row_px,
-                                      int *starts, int *groups_out) {
-    int groups = (ksize + 15) / 16;
-    if (groups * 16 > row_px) return NULL;
-    int16_t *kw = calloc((size_t)w * groups * 32, sizeof(int16_t));
-    if (!kw) return NULL;
-    for (int xx = 0; xx < w; xx++) {
-        int xmin = bounds[xx * 2], taps = bounds[xx * 2 + 1];
-        int start = xmin + groups * 16 > row_px ? row_px - groups * 16 : xmin;
-        starts[xx] = start;
-        int16_t *o = kw + (size_t)xx * groups * 32;
-        for (int x = 0; x < taps; x++) {
-            int j = xmin - start + x;
-            int32_t k = kk[(size_t)xx * ksize + x];
-            o[(j / 16) * 32 + j % 16] = (int16_t)(k >> 11);
-            o[(j / 16) * 32 + 16 + j % 16] = (int16_t)(k & 2047);
         }
     }
     *groups_out = groups;
@@ -386,9 +364,7 @@ static int run_horizontal(const uint8_t *src, size_t sstride, int row_px, int px
 #ifdef HAVE_AVX2
     if (use_avx2() && fits16(kk, (size_t)w * ksize)) {
         int groups = 0, *starts = malloc(sizeof(int) * (size_t)w);
-        int16_t *kw = NULL;
-        if (starts)
-            kw = (px == 4 ? split_horizontal : split_horizontal_grey)(bounds, kk, ksize, w, row_px, starts, &groups);
+        int16_t *kw = starts ? split_horizontal(bounds, kk, ksize, w, row_px, px, starts, &groups) : NULL;
         if (kw && px == 4) horizontal_avx2(src, sstride, rows, starts, kw, groups, w, dst);
         if (kw && px == 1) horizontal_grey_avx2(src, sstride, rows, starts, kw, groups, w, dst);
         free(starts);
