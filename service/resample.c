@@ -252,63 +252,49 @@ __attribute__((target("avx2"))) static inline __m128i finish4(__m128i hi, __m128
     return _mm_srai_epi32(s, PRECISION_BITS);
 }
 
-/* RGBX pixels: four taps a step, the two halves of the register taking two pixels each, their R, G, B and X
- * words paired as vpmaddwd pairs them */
-__attribute__((target("avx2"))) static void horizontal_avx2(const uint8_t *src, size_t sstride, int rows,
-                                                             const int *starts, const int16_t *kw, int groups, int w,
-                                                             uint8_t *dst) {
+/* RGBX pixels (px 4): four taps a step, the two halves of the register taking two pixels each, their R, G, B
+ * and X words paired as vpmaddwd pairs them. Grey pixels (px 1): sixteen taps a step, widened to words, the
+ * eight sums added at the end. */
+__attribute__((target("avx2"), always_inline)) static inline void horizontal_avx2_px(
+    const uint8_t *src, size_t sstride, const int px, int rows, const int *starts, const int16_t *kw, int groups, int w,
+    uint8_t *dst) {
     const __m256i shuffle = _mm256_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1, 8, -1, 12, -1, 9,
                                              -1, 13, -1, 10, -1, 14, -1, 11, -1, 15, -1);
     for (int r = 0; r < rows; r++) {
         const uint8_t *row = src + (size_t)r * sstride;
-        uint8_t *out = dst + (size_t)r * w * 4;
+        uint8_t *out = dst + (size_t)r * w * px;
         for (int xx = 0; xx < w; xx++) {
-            const uint8_t *p = row + (size_t)starts[xx] * 4;
+            const uint8_t *p = row + (size_t)starts[xx] * px;
             const int16_t *k = kw + (size_t)xx * groups * 32;
             __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
             for (int g = 0; g < groups; g++) {
-                __m256i px = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + g * 16)));
-                px = _mm256_shuffle_epi8(px, shuffle);
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32))));
-                lo = _mm256_add_epi32(lo,
-                                      _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32 + 16))));
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(p + g * 16));
+                __m256i v = px == 4 ? _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), shuffle)
+                                    : _mm256_cvtepu8_epi16(bytes);
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(v, _mm256_loadu_si256((const __m256i *)(k + g * 32))));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(v, _mm256_loadu_si256((const __m256i *)(k + g * 32 + 16))));
             }
             __m128i h = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
             __m128i l = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+            if (px == 1) { /* four partial sums of one grey pixel: added into lane 0 */
+                h = _mm_hadd_epi32(_mm_hadd_epi32(h, h), h);
+                l = _mm_hadd_epi32(_mm_hadd_epi32(l, l), l);
+            }
             __m128i v = finish4(h, l);
-            v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
-            int32_t bytes = _mm_cvtsi128_si32(v);
-            memcpy(out + xx * 4, &bytes, 4);
+            int32_t out4 = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(v, v), v));
+            memcpy(out + (size_t)xx * px, &out4, (size_t)px); /* little-endian: lane 0's byte first */
         }
     }
 }
 
-/* Grey pixels: sixteen taps a step, widened to 16-bit words */
-__attribute__((target("avx2"))) static void horizontal_grey_avx2(const uint8_t *src, size_t sstride, int rows,
-                                                                  const int *starts, const int16_t *kw, int groups,
-                                                                  int w, uint8_t *dst) {
-    for (int r = 0; r < rows; r++) {
-        const uint8_t *row = src + (size_t)r * sstride;
-        uint8_t *out = dst + (size_t)r * w;
-        for (int xx = 0; xx < w; xx++) {
-            const uint8_t *p = row + starts[xx];
-            const int16_t *k = kw + (size_t)xx * groups * 32;
-            __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
-            for (int g = 0; g < groups; g++) {
-                __m256i px = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + g * 16)));
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32))));
-                lo = _mm256_add_epi32(lo,
-                                      _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + g * 32 + 16))));
-            }
-            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
-            __m128i l = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
-            h = _mm_hadd_epi32(h, h);
-            l = _mm_hadd_epi32(l, l);
-            __m128i v = finish4(_mm_hadd_epi32(h, h), _mm_hadd_epi32(l, l));
-            v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
-            out[xx] = (uint8_t)_mm_cvtsi128_si32(v);
-        }
-    }
+/* One copy of the loop for each pixel size, each with its own branch taken out of it */
+__attribute__((target("avx2"))) static void horizontal_avx2(const uint8_t *src, size_t sstride, int px, int rows,
+                                                             const int *starts, const int16_t *kw, int groups, int w,
+                                                             uint8_t *dst) {
+    if (px == 4)
+        horizontal_avx2_px(src, sstride, 4, rows, starts, kw, groups, w, dst);
+    else
+        horizontal_avx2_px(src, sstride, 1, rows, starts, kw, groups, w, dst);
 }
 
 /* Sixteen columns a step, two source rows a step: the rows' bytes interleaved as 16-bit pairs */
@@ -365,8 +351,7 @@ static int run_horizontal(const uint8_t *src, size_t sstride, int row_px, int px
     if (use_avx2() && fits16(kk, (size_t)w * ksize)) {
         int groups = 0, *starts = malloc(sizeof(int) * (size_t)w);
         int16_t *kw = starts ? split_horizontal(bounds, kk, ksize, w, row_px, px, starts, &groups) : NULL;
-        if (kw && px == 4) horizontal_avx2(src, sstride, rows, starts, kw, groups, w, dst);
-        if (kw && px == 1) horizontal_grey_avx2(src, sstride, rows, starts, kw, groups, w, dst);
+        if (kw) horizontal_avx2(src, sstride, px, rows, starts, kw, groups, w, dst);
         free(starts);
         free(kw);
         if (kw) return 0;
@@ -394,12 +379,8 @@ static int run_vertical(const uint8_t *src, size_t sstride, int n, int h, const 
 int resample_simd(int on) {
 #ifdef HAVE_AVX2
     int before = use_avx2();
-    if (!on)
-        simd = 0;
-    else {
-        __builtin_cpu_init();
-        simd = __builtin_cpu_supports("avx2") ? 1 : 0;
-    }
+    simd = on ? -1 : 0; /* on: asked of the CPU again */
+    use_avx2();
     return before;
 #else
     (void)on;
