@@ -19,14 +19,17 @@ COPY pyproject.toml README.md ./
 COPY export/ export/
 COPY service/ service/
 COPY proto/ proto/
-# The compiled crop-only resize of exact preprocessing (service/resample.c), for the serve stage, which has
-# no compiler. The apt versions follow the pinned Python image's Debian snapshot (docs/DEPLOY.md).
+# The compiled crop-only resize and JPEG part decoder of exact preprocessing (service/resample.c,
+# service/jpeg_region.c), for the serve stage, which has no compiler. The part decoder needs libjpeg's headers
+# only: it uses the libjpeg-turbo Pillow's wheel brings. The apt versions follow the pinned Python image's
+# Debian snapshot (docs/DEPLOY.md).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libjpeg62-turbo-dev \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p service/native \
-    && gcc -O3 -fPIC -shared -o service/native/resample.so service/resample.c -lm
+    && gcc -O3 -fPIC -shared -o service/native/resample.so service/resample.c -lm \
+    && gcc -O3 -fPIC -shared -o service/native/jpeg_region.so service/jpeg_region.c
 COPY requirements/export.txt requirements/export.txt
 RUN pip install -r requirements/export.txt
 # gRPC stubs are generated at build time, never taken from the build context.
@@ -57,7 +60,7 @@ COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install --only-binary=:all: -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY service/ service/
-COPY --from=export /src/service/native/resample.so service/native/resample.so
+COPY --from=export /src/service/native/resample.so /src/service/native/jpeg_region.so service/native/
 COPY --from=export /src/proto/ proto/
 RUN pip install --no-deps .
 # Every write goes under /tmp (an emptyDir in Kubernetes, where the root filesystem is read-only), the model

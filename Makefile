@@ -8,7 +8,7 @@ MODELS ?= models
 SERVE_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium mlserver resample
+.PHONY: serve test install proto models architectures lint bench clean checkov tritonclient kserve chromium mlserver resample jpeg-region
 
 # The environment: PyTorch pinned to the wheels on this machine's disk, then the project with every extra
 # that the tests need, Ray included (the serving extras alone are what the Docker image gets). The image's
@@ -48,7 +48,15 @@ $(RESAMPLE): service/resample.c
 	mkdir -p $(@D) && $(CC) -O3 -fPIC -shared -o $@ $< -lm || echo "no C compiler: exact preprocessing resizes with Pillow"
 resample: $(RESAMPLE)
 
-serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE)
+# The JPEG part decoder of exact preprocessing (service/jpeg_region.py). It needs libjpeg's headers (Debian's
+# libjpeg62-turbo-dev), not its library: it uses the one Pillow loads. Without them, Pillow decodes every JPEG
+# whole: the same answers, slower.
+JPEG_REGION := service/native/jpeg_region.so
+$(JPEG_REGION): service/jpeg_region.c
+	mkdir -p $(@D) && $(CC) -O3 -fPIC -shared -o $@ $< || echo "no C compiler or libjpeg headers: Pillow decodes JPEGs whole"
+jpeg-region: $(JPEG_REGION)
+
+serve: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE) $(JPEG_REGION)
 	$(PY) -m service serve --repository $(MODELS) $(SERVE_ARGS)
 
 # checkov (tests/test_deploy_*.py) in its own virtualenv: its pins conflict with the dev extra's.
@@ -96,7 +104,7 @@ chromium:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "chromium could not be installed: the browser tests will skip"
 
-test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE) $(CHECKOV) $(TRITONCLIENT) $(KSERVE) chromium
+test: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP) $(RESAMPLE) $(JPEG_REGION) $(CHECKOV) $(TRITONCLIENT) $(KSERVE) chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 
@@ -112,4 +120,4 @@ bench: $(STAMP) $(PROTO_STAMP) $(MODEL_STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(MODELS) proto/*_pb2*.py proto/*_pb2.pyi $(PROTO_STAMP) $(RESAMPLE)
+	rm -rf $(MODELS) proto/*_pb2*.py proto/*_pb2.pyi $(PROTO_STAMP) $(RESAMPLE) $(JPEG_REGION)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from service import containers
+from service import containers, jpeg_region
 from service.errors import ImageTooLarge, InvalidImage, ServiceError, UnsupportedFormat, UrlNotAllowed
 
 # A truncated file is an error, not grey-filled. One exception Pillow cannot see: a JPEG cut short whose end
@@ -154,6 +154,7 @@ def decode(
     draft: bool = True,
     draft_margin: float = 1.0,
     reserve: Callable[[int], None] | None = None,
+    part: Callable[[tuple[int, int]], tuple[int, int, int, int] | None] | None = None,
 ) -> Image.Image:
     """Decode to an upright image in mode RGB (channels=3) or L (channels=1).
 
@@ -164,6 +165,9 @@ def decode(
     filter, not the DCT scaling, makes the final reduction (see `service.preprocessing`, fast mode).
     `reserve`: called with the decode's memory estimate before any pixel is decoded (the caller's
     `memory.Hold.reserve`, which may wait for room); the caller keeps the image's memory until it is done.
+    `part`: called with the upright size, returns the pixels (left, top, right, bottom) the caller will read
+    (exact preprocessing's `Preprocessor.reads`); a JPEG is then decoded there only where it can be
+    (`service.jpeg_region`), and `source_geometry` says where the whole image lies in the result.
     """
     limits = limits or Limits()
     fmt = sniff(data)
@@ -208,10 +212,16 @@ def decode(
             )
         if reserve is not None:
             reserve(need)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-        exif_orientation = _orientation(img)
+        decoded = None
+        if part is not None and fmt == "JPEG" and source_box == (0.0, 0.0, float(width), float(height)):
+            decoded = _decode_part(img, data, part)
+        if decoded is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img.load()
+        else:
+            img, source_box = decoded
+        exif_orientation = _orientation(source)
         if fmt == "PNG" and "transparency" in img.info and img.mode != "P":
             img = _png_colour_key(img, data)
         img = to_channels(img, channels)
@@ -330,6 +340,28 @@ def _short(e: Exception) -> str:
     return str(e).split("\n")[0][:200] or type(e).__name__
 
 
+def _decode_part(
+    img: Image.Image, data: bytes, part: Callable[[tuple[int, int]], tuple[int, int, int, int] | None]
+) -> tuple[Image.Image, tuple[float, float, float, float]] | None:
+    """The part of an opened JPEG that `part` asks for (in upright terms), decoded alone, and where the
+    whole image lies in its pixels (stored orientation, like a drafted image's box); None where the whole
+    image is to be decoded."""
+    orientation = _orientation(img)
+    size = img.size
+    upright = (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+    box = part(upright)
+    if box is None:
+        return None
+    if orientation not in (None, 1):  # the box in the stored image: the inverse of each transpose, in turn
+        for op in reversed(_TRANSPOSE[orientation]):
+            box, upright = _move_box(box, upright, _INVERSE.get(op, op))
+    decoded = jpeg_region.decode(data, img.mode, size, tuple(int(v) for v in box))  # type: ignore[arg-type]
+    if decoded is None:
+        return None
+    pixels, (left, top) = decoded
+    return pixels, (float(-left), float(-top), float(size[0] - left), float(size[1] - top))
+
+
 def _orientation(img: Image.Image) -> int | None:
     try:
         value = img.getexif().get(0x0112)
@@ -349,28 +381,49 @@ _TRANSPOSE = {
 }
 
 
+_SWAPS = (
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+)
+_INVERSE = {
+    Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270,
+    Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+}
+
+
 def _orient_box(
     box: tuple[float, float, float, float], size: tuple[int, int], full: tuple[int, int], orientation: int
 ) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
     """The source box and full size of `_apply_orientation`'s result: each transpose moves the box as it
-    moves the pixels (a drafted image's partial last row or column of blocks moves with it)."""
+    moves the pixels (a drafted image's partial last row or column of blocks moves with it, and so does a
+    part decoded alone)."""
     for op in _TRANSPOSE[orientation]:
-        (x0, y0, x1, y1), (w, h) = box, size
-        if op == Image.Transpose.FLIP_LEFT_RIGHT:
-            box = (w - x1, y0, w - x0, y1)
-        elif op == Image.Transpose.FLIP_TOP_BOTTOM:
-            box = (x0, h - y1, x1, h - y0)
-        elif op == Image.Transpose.ROTATE_180:
-            box = (w - x1, h - y1, w - x0, h - y0)
-        else:  # the four that swap the axes
-            box = {
-                Image.Transpose.TRANSPOSE: (y0, x0, y1, x1),
-                Image.Transpose.ROTATE_90: (y0, w - x1, y1, w - x0),
-                Image.Transpose.ROTATE_270: (h - y1, x0, h - y0, x1),
-                Image.Transpose.TRANSVERSE: (h - y1, w - x1, h - y0, w - x0),
-            }[op]
-            size, full = (h, w), (full[1], full[0])
+        box, size = _move_box(box, size, op)
+        if op in _SWAPS:
+            full = (full[1], full[0])
     return box, full
+
+
+def _move_box(
+    box: tuple[float, ...], size: tuple[int, int], op: Image.Transpose
+) -> tuple[Any, tuple[int, int]]:
+    """A box of an image of `size` where `op` moves it, and the image's size after it."""
+    (x0, y0, x1, y1), (w, h) = box, size
+    if op == Image.Transpose.FLIP_LEFT_RIGHT:
+        return (w - x1, y0, w - x0, y1), size
+    if op == Image.Transpose.FLIP_TOP_BOTTOM:
+        return (x0, h - y1, x1, h - y0), size
+    if op == Image.Transpose.ROTATE_180:
+        return (w - x1, h - y1, w - x0, h - y0), size
+    swapped = {  # the four that swap the axes
+        Image.Transpose.TRANSPOSE: (y0, x0, y1, x1),
+        Image.Transpose.ROTATE_90: (y0, w - x1, y1, w - x0),
+        Image.Transpose.ROTATE_270: (h - y1, x0, h - y0, x1),
+        Image.Transpose.TRANSVERSE: (h - y1, w - x1, h - y0, w - x0),
+    }[op]
+    return swapped, (h, w)
 
 
 def source_geometry(img: Image.Image) -> tuple[tuple[int, int], tuple[float, float, float, float]]:

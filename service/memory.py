@@ -192,6 +192,23 @@ def map_large_allocations() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, LARGE_BYTES)
 
 
+HUGE_PAGE = 1 << 21
+MADV_HUGEPAGE = 14
+
+
+def prefer_huge_pages(address: int, length: int) -> None:
+    """Ask Linux to back the whole 2 MiB pages of a fresh block with huge pages (where transparent huge pages
+    are enabled for those who ask, as by default), as NumPy does for its large arrays: a block written once,
+    such as a decoded image, then takes one page fault per 2 MiB instead of one per 4 KiB (docs/CORE.md).
+    Elsewhere, nothing."""
+    if (libc := _glibc()) is None:
+        return
+    start = (address + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    end = (address + length) & ~(HUGE_PAGE - 1)
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
+
+
 def settle_heap() -> None:
     """What start-up made (the libraries' modules, the models' cards and labels) lives as long as the
     process: collected once and moved out of the collector's reach (`gc.freeze`), a full collection under

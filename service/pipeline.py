@@ -22,7 +22,7 @@ from service import augmentation, decoding, postprocessing
 from service.card import Label, ModelCard, Preprocessing
 from service.errors import InvalidArgument
 from service.postprocessing import ClassScore
-from service.preprocessing import Preprocessor
+from service.preprocessing import PartMissed, Preprocessor
 
 
 @dataclass(frozen=True)
@@ -68,20 +68,31 @@ class Pipeline:
         before any pixel is decoded (the core's decode memory budget)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgument("each image must be bytes")
-        spec = self.preprocessing
+        data = bytes(data)
+        try:
+            return self._prepare(data, tta, reserve, part=True)
+        except PartMissed:  # not expected: the part asked for is what rendering reads
+            return self._prepare(data, tta, reserve=None, part=False)
+
+    def _prepare(
+        self, data: bytes, tta: str, reserve: Callable[[int], None] | None, part: bool
+    ) -> np.ndarray:
+        spec, preprocessor = self.preprocessing, self.preprocessor
         img = decoding.decode(
-            bytes(data),
+            data,
             channels=spec.channels,
             limits=self.limits,
             min_short_side=augmentation.max_short_side(spec, tta),
-            draft=self.preprocessor.decode_draft,
-            draft_margin=self.preprocessor.draft_margin,
+            draft=preprocessor.decode_draft,
+            draft_margin=preprocessor.draft_margin,
             reserve=reserve,
+            # only the pixels the views read, where the decoder can (exact mode's JPEGs)
+            part=(lambda size: preprocessor.reads(augmentation.plan_views(spec, tta, size), size))
+            if part
+            else None,
         )
         try:
-            return self.preprocessor(
-                img, augmentation.plan_views(spec, tta, decoding.source_geometry(img)[0])
-            )
+            return preprocessor(img, augmentation.plan_views(spec, tta, decoding.source_geometry(img)[0]))
         finally:
             img.close()  # give the pixels back now, not when the collector gets to them
 

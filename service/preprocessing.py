@@ -134,33 +134,67 @@ class Preprocessor:
         return View(view.short, left, top, view.width, view.height, view.mirror)
 
     # -- exact: the torchvision pipeline ----
+    def reads(self, views: Sequence[View], size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+        """The pixels (left, top, right, bottom) of a `size` image that rendering `views` reads, for a decoder
+        that can decode only those (`decoding.decode`'s `part`); None where that is not known (fast mode,
+        a resize that `service.resample` does not compute)."""
+        if self.mode != "exact":
+            return None
+        views = [self.fit(view, size) for view in views]
+        boxes = []
+        for short in {view.short for view in views}:
+            resized = resized_size(*size, short)
+            kept = _kept_box([v for v in views if v.short == short], resized)
+            if kept is None:  # nothing of the image is kept: a view entirely in the padding
+                continue
+            box = kept if resized == size else resample.reads(size, resized, kept, self.resample)
+            if box is None:
+                return None
+            boxes.append(box)
+        if not boxes:
+            return None
+        (x0, y0, x1, y1) = zip(*boxes, strict=True)
+        return min(x0), min(y0), max(x1), max(y1)
+
     def _render_exact(self, img: Image.Image, views: Sequence[View], out: np.ndarray) -> None:
-        if source_geometry(img)[0] != img.size:
+        # the image is the whole one, or the part of it that `reads` asked the decoder for
+        size, (bx, by, bx1, by1) = source_geometry(img)
+        if (bx1 - bx, by1 - by) != size:
             raise ValueError("exact mode needs an image decoded at full size (decode with draft=False)")
-        views = [self.fit(view, img.size) for view in views]
+        origin = (-int(bx), -int(by))  # where the image's top left pixel lies in the whole one
+        views = [self.fit(view, size) for view in views]
         resized: dict[int, tuple[np.ndarray, int, int]] = {}  # short side -> pixels, and where they lie
         for i, view in enumerate(views):
             if view.short not in resized:
                 same = [v for v in views if v.short == view.short]
-                resized[view.short] = self._resize_kept(img, view.short, same)
+                resized[view.short] = self._resize_kept(img, size, origin, view.short, same)
             arr = _crop_padded(*resized[view.short], view)
             _look_up(self._exact_table, arr[:, ::-1] if view.mirror else arr, out[i])
 
     def _resize_kept(
-        self, img: Image.Image, short: int, views: Sequence[View]
+        self,
+        img: Image.Image,
+        full: tuple[int, int],
+        origin: tuple[int, int],
+        short: int,
+        views: Sequence[View],
     ) -> tuple[np.ndarray, int, int]:
-        """The pixels of `img` resized to shorter side `short` that `views` keep (their bounding box within
-        the resized image), and the box's left and top: the same bytes as Pillow's whole resize
-        (`service.resample`), or that resize itself where the compiled part does not apply."""
-        size = resized_size(*img.size, short)
-        left = max(0, min(v.left for v in views))
-        top = max(0, min(v.top for v in views))
-        right = min(size[0], max(v.left + v.width for v in views))
-        bottom = min(size[1], max(v.top + v.height for v in views))
-        if left < right and top < bottom:
-            kept = resample.crop_resize(img, size, (left, top, right, bottom), self.resample)
-            if kept is not None:
-                return kept, left, top
+        """The pixels of the `full` sized image (`img`, or the part of it `img` holds from `origin` on)
+        resized to shorter side `short` that `views` keep (their bounding box within the resized image), and
+        the box's left and top: the same bytes as Pillow's whole resize (`service.resample`), or that resize
+        itself where the compiled part does not apply."""
+        size = resized_size(*full, short)
+        kept = _kept_box(views, size)
+        if kept is None:  # every view lies in the padding
+            return np.zeros((0, 0, 3) if img.mode == "RGB" else (0, 0), dtype=np.uint8), 0, 0
+        part = img.size != full
+        if size == full and (not part or _holds(img, origin, kept)):  # no resize: the pixels as they are
+            return np.asarray(img, dtype=np.uint8), origin[0], origin[1]
+        pixels = resample.crop_resize(img, size, kept, self.resample, full, origin)
+        if pixels is not None:
+            return pixels, kept[0], kept[1]
+        if part:
+            raise PartMissed("the decoded part does not hold the pixels the views read")
         return np.asarray(img.resize(size, self.resample), dtype=np.uint8), 0, 0
 
     # -- fast: resize only what each view keeps ----
@@ -195,6 +229,24 @@ class Preprocessor:
                 crop = _crop_padded(np.asarray(whole, dtype=np.uint8), 0, 0, view)
             _look_up(self._fast_table, crop[:, ::-1] if view.mirror else crop, out[i])
             rendered[key] = i
+
+
+class PartMissed(Exception):
+    """A part decoded alone does not hold what rendering reads: the caller decodes the whole image."""
+
+
+def _kept_box(views: Sequence[View], size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The bounding box of the views' crops within a `size` resized image, or None where they keep none."""
+    left = max(0, min(v.left for v in views))
+    top = max(0, min(v.top for v in views))
+    right = min(size[0], max(v.left + v.width for v in views))
+    bottom = min(size[1], max(v.top + v.height for v in views))
+    return (left, top, right, bottom) if left < right and top < bottom else None
+
+
+def _holds(img: Image.Image, origin: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
+    x0, y0 = origin
+    return x0 <= box[0] and y0 <= box[1] and box[2] <= x0 + img.width and box[3] <= y0 + img.height
 
 
 def _look_up(table: np.ndarray, pixels: np.ndarray, out: np.ndarray) -> None:

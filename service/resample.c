@@ -399,14 +399,43 @@ static void span(int *bounds, int count, int *first, int *last) {
     for (int i = 0; i < count; i++) bounds[i * 2] -= *first;
 }
 
-/* src: the image's rows, `stride` bytes apart, pixels of `px` bytes (1 or 4). out: h rows of w pixels of
- * `px` bytes, the output pixels [x0, x0 + w) x [y0, y0 + h) of a resize to out_w x out_h. Returns 0, or -1
- * for arguments it does not take or memory it could not have. */
-int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int out_w, int out_h, int x0, int y0,
-                int w, int h, int filter, uint8_t *out) {
+/* The source positions [*lo, *hi) that the output positions [first, first + count) of a resize of in_size to
+ * out_size read (the whole window of each filter tap). Returns 0, or -1 for arguments it does not take. */
+int crop_span(int in_size, int out_size, int first, int count, int filter, int *lo, int *hi) {
+    struct filter fp;
+    int32_t *kk = NULL;
+    if (pick(filter, &fp) || in_size < 1 || out_size < 1 || first < 0 || count < 1 || first + count > out_size)
+        return -1;
+    int *bounds = malloc(sizeof(int) * 2 * count);
+    if (!bounds || coeffs(in_size, out_size, first, count, &fp, bounds, &kk) < 0) {
+        free(bounds);
+        return -1;
+    }
+    span(bounds, count, lo, hi);
+    free(bounds);
+    free(kk);
+    return 0;
+}
+
+/* Whether a window of `bounds` leaves the region [o, o + n); if none does, the bounds are made the region's. */
+static int within(int *bounds, int count, int o, int n) {
+    for (int i = 0; i < count; i++)
+        if (bounds[i * 2] < o || bounds[i * 2] + bounds[i * 2 + 1] > o + n) return 1;
+    for (int i = 0; i < count; i++) bounds[i * 2] -= o;
+    return 0;
+}
+
+/* src: the rows of a region of the image, `stride` bytes apart, pixels of `px` bytes (1 or 4): the region is
+ * [ox, ox + rw) x [oy, oy + rh) of an in_w x in_h image (the whole image: 0, 0, in_w, in_h). out: h rows of w
+ * pixels of `px` bytes, the output pixels [x0, x0 + w) x [y0, y0 + h) of a resize of the whole image to
+ * out_w x out_h. Returns 0; -1 for arguments it does not take or memory it could not have; -2 where the
+ * pixels read are not all in the region. */
+int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int ox, int oy, int rw, int rh,
+                int out_w, int out_h, int x0, int y0, int w, int h, int filter, uint8_t *out) {
     struct filter fp;
     if (pick(filter, &fp) || (px != 1 && px != 4) || in_w < 1 || in_h < 1 || out_w < 1 || out_h < 1 || w < 1 ||
-        h < 1 || x0 < 0 || y0 < 0 || x0 + w > out_w || y0 + h > out_h || stride < (long)in_w * px)
+        h < 1 || x0 < 0 || y0 < 0 || x0 + w > out_w || y0 + h > out_h || ox < 0 || oy < 0 || rw < 1 || rh < 1 ||
+        ox + rw > in_w || oy + rh > in_h || stride < (long)rw * px)
         return -1;
     /* Pillow skips a pass whose size does not change (the box being the whole image), and runs the vertical
      * pass first where the height shrinks by more than twice what the width does */
@@ -419,6 +448,16 @@ int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int
     if (!bh || !bv) goto done;
     if (need_h && (ksh = coeffs(in_w, out_w, x0, w, &fp, bh, &kh)) < 0) goto done;
     if (need_v && (ksv = coeffs(in_h, out_h, y0, h, &fp, bv, &kv)) < 0) goto done;
+    /* from here on, source positions are the region's: every one read must lie in it */
+    if (need_h ? within(bh, w, ox, rw) : (x0 < ox || x0 + w > ox + rw)) {
+        rc = -2;
+        goto done;
+    }
+    if (need_v ? within(bv, h, oy, rh) : (y0 < oy || y0 + h > oy + rh)) {
+        rc = -2;
+        goto done;
+    }
+    x0 -= ox, y0 -= oy;
     size_t ostride = (size_t)w * px;
     if (horizontal_first) {
         /* the source rows the kept output rows read, through the kept output columns */
@@ -430,7 +469,7 @@ int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int
         if (!tmp) goto done;
         const uint8_t *rows = src + (size_t)first * stride;
         if (need_h)
-            run_horizontal(rows, stride, in_w, px, last - first, bh, kh, ksh, w, tmp);
+            run_horizontal(rows, stride, rw, px, last - first, bh, kh, ksh, w, tmp);
         else
             for (int r = 0; r < last - first; r++)
                 memcpy(tmp + r * ostride, rows + (size_t)r * stride + (size_t)x0 * px, ostride);

@@ -67,12 +67,14 @@ def _load() -> ctypes.CDLL | None:
     except OSError:
         log.info("%s not built (make resample): exact preprocessing resizes with Pillow", LIBRARY)
         return None
-    if not hasattr(lib, "resample_simd"):  # built from an older resample.c: `make resample` rebuilds it
+    if not hasattr(lib, "crop_span"):  # built from an older resample.c: `make resample` rebuilds it
         log.warning("%s is out of date (make resample): exact preprocessing resizes with Pillow", LIBRARY)
         return None
     fn = lib.crop_resize
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 10 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_int] * 14 + [ctypes.c_void_p]
+    lib.crop_span.restype = ctypes.c_int
+    lib.crop_span.argtypes = [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)] * 2
     lib.resample_simd.restype = ctypes.c_int
     lib.resample_simd.argtypes = [ctypes.c_int]
     return lib
@@ -109,7 +111,7 @@ def _agrees_with_pillow() -> bool:
         img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
         for resample in FILTERS:
             box = (1, 2, out[0] - 1, out[1] - 3)
-            ours = _compute(img, out, box, resample)
+            ours = _compute(img, out, box, resample, img.size, (0, 0))
             if ours is None or not np.array_equal(ours, np.asarray(img.resize(out, resample).crop(box))):
                 version = Image.__version__
                 log.warning("Pillow %s resamples otherwise: exact preprocessing resizes with Pillow", version)
@@ -117,7 +119,7 @@ def _agrees_with_pillow() -> bool:
     return True
 
 
-def _pixels(img: Image.Image) -> tuple[int, object] | None:
+def pixels(img: Image.Image) -> tuple[int, object] | None:
     """The address of the image's pixels and the capsule that keeps them alive, or None where Pillow keeps
     them in more than one block. The address is trusted only with the length it comes with."""
     try:
@@ -135,32 +137,66 @@ def _pixels(img: Image.Image) -> tuple[int, object] | None:
 
 
 def crop_resize(
-    img: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], resample: int
+    img: Image.Image,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    resample: int,
+    full: tuple[int, int] | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> np.ndarray | None:
-    """`np.asarray(img.resize(size, resample).crop(box))` (H, W) or (H, W, 3) uint8, or None where this
-    module does not do it (the caller then asks Pillow)."""
+    """`np.asarray(whole.resize(size, resample).crop(box))` (H, W) or (H, W, 3) uint8, or None where this
+    module does not do it (the caller then asks Pillow). `img` is the whole image, or the part of a `full`
+    sized one whose top left pixel lies at `origin` in it (`service.jpeg_region`): it must hold every pixel
+    the box reads (`reads`)."""
     if not available():
         return None
-    return _compute(img, size, box, resample)
+    return _compute(img, size, box, resample, full or img.size, origin)
+
+
+def reads(
+    size: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int], resample: int
+) -> tuple[int, int, int, int] | None:
+    """The pixels (left, top, right, bottom) of a `size` image that `crop_resize` reads to compute `box` of
+    its resize to `resized`, or None where it would not compute it."""
+    if not available() or resample not in FILTERS:
+        return None
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= resized[0] and 0 <= y0 < y1 <= resized[1]):
+        return None
+    span = []
+    for axis, (first, last) in enumerate(((x0, x1), (y0, y1))):
+        if resized[axis] == size[axis]:  # Pillow leaves this axis as it is
+            span.append((first, last))
+            continue
+        lo, hi = ctypes.c_int(), ctypes.c_int()
+        if _lib.crop_span(size[axis], resized[axis], first, last - first, FILTERS[resample], lo, hi) != 0:
+            return None
+        span.append((lo.value, hi.value))
+    return span[0][0], span[1][0], span[0][1], span[1][1]
 
 
 def _compute(
-    img: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], resample: int
+    img: Image.Image,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    resample: int,
+    full: tuple[int, int],
+    origin: tuple[int, int],
 ) -> np.ndarray | None:
     if img.mode not in PIXEL_BYTES or resample not in FILTERS:
         return None
     x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]) or size == img.size:
+    if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]) or size == full:
         return None
-    pixels = _pixels(img)
-    if pixels is None:
+    found = pixels(img)
+    if found is None:
         return None
-    address, capsule = pixels
+    address, capsule = found
     px = PIXEL_BYTES[img.mode]
     out = np.empty((y1 - y0, x1 - x0, px), dtype=np.uint8)
     rc = _lib.crop_resize(
-        address, img.width * px, px, img.width, img.height, size[0], size[1],
-        x0, y0, x1 - x0, y1 - y0, FILTERS[resample], out.ctypes.data,
+        address, img.width * px, px, full[0], full[1], origin[0], origin[1], img.width, img.height,
+        size[0], size[1], x0, y0, x1 - x0, y1 - y0, FILTERS[resample], out.ctypes.data,
     )  # fmt: skip
     del capsule  # the pixels may go once the call has returned
     if rc != 0:

@@ -73,6 +73,36 @@ def test_random_sizes_crops_and_filters_match_pillow(passes: str) -> None:
     assert compared > 590
 
 
+def test_a_part_of_the_image_gives_the_bytes_of_the_whole(passes: str) -> None:
+    """`crop_resize` on the part of an image that `reads` names (a JPEG part decoded alone) gives the bytes
+    of the whole image's resize, and refuses a part that lacks a pixel it would read."""
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        mode = ("RGB", "L")[trial % 2]
+        w, h = int(rng.integers(2, 400)), int(rng.integers(2, 400))
+        ow, oh = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+        if (ow, oh) == (w, h):
+            continue
+        x0, y0 = int(rng.integers(0, ow)), int(rng.integers(0, oh))
+        box = (x0, y0, int(rng.integers(x0 + 1, ow + 1)), int(rng.integers(y0 + 1, oh + 1)))
+        f = FILTERS[trial % len(FILTERS)]
+        img = random_image(rng, mode, w, h)
+        read = resample.reads((w, h), (ow, oh), box, f)
+        assert read is not None
+        left, top, right, bottom = read
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        # the part read, and a margin where the image has one (as a decoded part has)
+        part = (max(0, left - 2), max(0, top - 2), min(w, right + 3), min(h, bottom + 1))
+        ours = resample.crop_resize(img.crop(part), (ow, oh), box, f, full=(w, h), origin=part[:2])
+        where = str((mode, w, h, ow, oh, box, f, part))
+        assert ours is not None, where
+        np.testing.assert_array_equal(ours, pillow(img, (ow, oh), box, f), err_msg=where)
+        if right - left > 1:  # one column short
+            short = img.crop((left + 1, top, right, bottom))
+            lacking = resample.crop_resize(short, (ow, oh), box, f, full=(w, h), origin=(left + 1, top))
+            assert lacking is None, where
+
+
 @pytest.mark.parametrize("f", FILTERS)
 @pytest.mark.parametrize("size", [(2000, 1500), (1280, 1920), (700, 3000)])
 def test_center_crop_of_a_photo_matches_pillow(
