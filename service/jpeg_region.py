@@ -3,8 +3,8 @@
 The center crop of a camera photo reads about 60% of its pixels, and most of a JPEG's decode time (the
 inverse DCT, the chroma upsampling, the colour conversion) can be left out for the rest: libjpeg-turbo skips
 the rows above the part and the columns beside it, and stops after its last row (`service/jpeg_region.c`). It
-writes the pixels straight into a Pillow image, so that the decode costs about half of Pillow's for that
-crop, and less than Pillow's even for the whole image (docs/CORE.md, "Decoding").
+writes the pixels straight into a Pillow image backed by huge pages, so that even the whole image decodes
+faster than through Pillow (docs/BENCHMARKS.md has the figures).
 
 The pixels are Pillow's because the decoder is Pillow's: the compiled part is built without libjpeg, and
 uses the copy of libjpeg-turbo that Pillow's own module has loaded (found in the process's memory map and
