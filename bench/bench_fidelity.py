@@ -224,6 +224,51 @@ def speed(renders: dict[str, Render], data: bytes, rounds: int) -> dict[str, flo
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def decode_table(rounds_12mp: int, rounds_1920: int) -> None:
+    """What `exact` decodes: Pillow's whole decode against the part of the JPEG the card's center crop reads
+    (`service.jpeg_region`), and the whole image through the same part decoder, interleaved."""
+    from service import augmentation, decoding, jpeg_region
+    from service.card import Preprocessing
+    from service.preprocessing import Preprocessor
+
+    spec = Preprocessing.from_dict(
+        {
+            "input_size": [3, 224, 224],
+            "resize": 256,
+            "interpolation": "bicubic",
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        }
+    )
+    preprocessor = Preprocessor(spec, "exact")
+
+    def center(size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+        return preprocessor.reads(augmentation.plan_views(spec, "none", size), size)
+
+    decodes: dict[str, Render] = {
+        "Pillow, whole": lambda data: decoding.decode(data, draft=False).close(),
+        "part decoder, the center crop's part": lambda data: decoding.decode(
+            data, draft=False, part=center
+        ).close(),
+        "part decoder, whole": lambda data: decoding.decode(
+            data, draft=False, part=lambda s: (0, 0, *s)
+        ).close(),
+    }
+    print(f"\nDecoding for `exact` (ms, medians of {rounds_12mp} and {rounds_1920} interleaved rounds)")
+    if not jpeg_region.available():
+        print("(the part decoder is not built or not usable here: `make jpeg-region`)")
+        return
+    big, mid = (
+        speed(decodes, photo_jpeg(size), n)
+        for size, n in (((4000, 3000), rounds_12mp), ((1920, 1280), rounds_1920))
+    )
+    print("| decode | ms 12 MP | x Pillow | ms 1920x1280 | x Pillow |")
+    print("|---|---|---|---|---|")
+    for k in decodes:
+        pb, pm = big["Pillow, whole"], mid["Pillow, whole"]
+        print(f"| {k} | {big[k]:.1f} | {pb / big[k]:.2f} | {mid[k]:.1f} | {pm / mid[k]:.2f} |")
+
+
 # -- other presets ----
 PRESETS = {
     "inception 299 bicubic": {
@@ -364,6 +409,7 @@ def main() -> None:
             f"| {kind} | {setting} {figures} {big[k]:.1f} | {tv12 / big[k]:.2f} | {mid[k]:.1f} | "
             f"{tv19 / mid[k]:.2f} |"
         )
+    decode_table(args.rounds_12mp, args.rounds_1920)
     if args.speed_only:
         return
     if leads:

@@ -6,7 +6,8 @@ Two modes (`Settings.preprocess_mode`):
   CenterCrop(crop) + ToTensor() + Normalize(mean, std)` step by step (same size rounding, same crop offsets,
   float32 arithmetic), on an image decoded at full size: the model's own answer, every time. Only the
   resized pixels that the views keep are computed (`service.resample`: the same bytes as Pillow's whole
-  resize, in about a tenth of its time for the center crop of a camera photo on a CPU with AVX2).
+  resize), and of a JPEG only the part those read is decoded (`reads`, `service.jpeg_region`: the same
+  pixels as Pillow's whole decode).
 - `fast` asks the decoder for a JPEG DCT-downscaled image no smaller than `FAST_DRAFT_MARGIN` times the
   resize target, places each view by the full-size image (`decoding.source_geometry`: where it lies in the
   downscaled pixels), resizes only the region the view keeps with the card's filter (`Image.resize(box=...)`)

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from export.fidelity import compare, input_set, softmax, torchvision_render
+from service import jpeg_region
 from service.card import CardError, ModelCard, Preprocessing, PreprocessingAgreement, read_card, write_card
 from service.config import Settings
 from service.decoding import Limits, decode, source_geometry
@@ -219,6 +220,11 @@ def test_the_bench_prints_the_table_and_records_the_default_in_the_card(
     assert re.search(r"^\| 1\.01 \| 100\.0 \| 0 \| 0 \| 0\.0000 \|", proc.stdout, re.M)
     for preset in ("inception 299 bicubic", "bilinear 224", "crop_pct 1.0 bicubic", "lenet 32 grey"):
         assert re.search(rf"^\| {preset} \| {number} \|", proc.stdout, re.M), preset
+    if jpeg_region.available():  # the decode table: Pillow's whole decode against the part decoder's
+        for decode in ("Pillow, whole", "part decoder, the center crop's part", "part decoder, whole"):
+            assert re.search(
+                rf"^\| {decode} \| {number} \| {number} \| {number} \| {number} \|$", proc.stdout, re.M
+            )
     record = read_card(folder).preprocessing_agreement
     assert record is not None and record.mode == Settings().preprocess_mode and record.inputs == 8
     top1 = {r[1]: float(r[2]) for r in rows if r[0] == "service"}[record.mode]
