@@ -224,22 +224,12 @@ def speed(renders: dict[str, Render], data: bytes, rounds: int) -> dict[str, flo
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def decode_table(rounds_12mp: int, rounds_1920: int) -> None:
+def decode_table(spec: Preprocessing, rounds_12mp: int, rounds_1920: int) -> None:
     """What `exact` decodes: Pillow's whole decode against the part of the JPEG the card's center crop reads
     (`service.jpeg_region`), and the whole image through the same part decoder, interleaved."""
     from service import augmentation, decoding, jpeg_region
-    from service.card import Preprocessing
     from service.preprocessing import Preprocessor
 
-    spec = Preprocessing.from_dict(
-        {
-            "input_size": [3, 224, 224],
-            "resize": 256,
-            "interpolation": "bicubic",
-            "mean": [0.5] * 3,
-            "std": [0.5] * 3,
-        }
-    )
     preprocessor = Preprocessor(spec, "exact")
 
     def center(size: tuple[int, int]) -> tuple[int, int, int, int] | None:
@@ -409,7 +399,7 @@ def main() -> None:
             f"| {kind} | {setting} {figures} {big[k]:.1f} | {tv12 / big[k]:.2f} | {mid[k]:.1f} | "
             f"{tv19 / mid[k]:.2f} |"
         )
-    decode_table(args.rounds_12mp, args.rounds_1920)
+    decode_table(card.preprocessing, args.rounds_12mp, args.rounds_1920)
     if args.speed_only:
         return
     if leads:
