@@ -37,9 +37,8 @@ static void quiet(j_common_ptr cinfo) { (void)cinfo; }
 
 /* Decode the pixels [x0, x0 + w) x [y0, y0 + h) of `data` into `out`, rows `stride` bytes apart, `px` bytes
  * a pixel (4: RGBX, 1: grey). x0 must lie on a boundary of the JPEG's blocks (a multiple of 32 always does).
- * Returns 0; 1 where this does not decode it (another colour space or pixel size, a misaligned x0, a
- * warning): the caller
- * then decodes the whole image another way. */
+ * Returns 0; 1 where this does not decode it (another colour space or pixel size, a misaligned x0, an error
+ * or a warning from libjpeg): the caller then decodes the whole image another way. */
 int jpeg_region(const unsigned char *data, unsigned long size, int px, int x0, int y0, int w, int h,
                 unsigned char *out, long stride) {
     struct jpeg_decompress_struct cinfo;

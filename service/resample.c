@@ -418,7 +418,7 @@ int crop_span(int in_size, int out_size, int first, int count, int filter, int *
 }
 
 /* Whether a window of `bounds` leaves the region [o, o + n); if none does, the bounds are made the region's. */
-static int within(int *bounds, int count, int o, int n) {
+static int leaves(int *bounds, int count, int o, int n) {
     for (int i = 0; i < count; i++)
         if (bounds[i * 2] < o || bounds[i * 2] + bounds[i * 2 + 1] > o + n) return 1;
     for (int i = 0; i < count; i++) bounds[i * 2] -= o;
@@ -449,11 +449,11 @@ int crop_resize(const uint8_t *src, long stride, int px, int in_w, int in_h, int
     if (need_h && (ksh = coeffs(in_w, out_w, x0, w, &fp, bh, &kh)) < 0) goto done;
     if (need_v && (ksv = coeffs(in_h, out_h, y0, h, &fp, bv, &kv)) < 0) goto done;
     /* from here on, source positions are the region's: every one read must lie in it */
-    if (need_h ? within(bh, w, ox, rw) : (x0 < ox || x0 + w > ox + rw)) {
+    if (need_h ? leaves(bh, w, ox, rw) : (x0 < ox || x0 + w > ox + rw)) {
         rc = -2;
         goto done;
     }
-    if (need_v ? within(bv, h, oy, rh) : (y0 < oy || y0 + h > oy + rh)) {
+    if (need_v ? leaves(bv, h, oy, rh) : (y0 < oy || y0 + h > oy + rh)) {
         rc = -2;
         goto done;
     }
