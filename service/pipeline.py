@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -78,6 +78,8 @@ class Pipeline:
         self, data: bytes, tta: str, reserve: Callable[[int], None] | None, part: bool
     ) -> np.ndarray:
         spec, preprocessor = self.preprocessing, self.preprocessor
+        # the views, planned once on the upright size: for the decoder's part, then for rendering
+        views = cache(lambda size: augmentation.plan_views(spec, tta, size))
         img = decoding.decode(
             data,
             channels=spec.channels,
@@ -87,12 +89,10 @@ class Pipeline:
             draft_margin=preprocessor.draft_margin,
             reserve=reserve,
             # only the pixels the views read, where the decoder can (exact mode's JPEGs)
-            part=(lambda size: preprocessor.reads(augmentation.plan_views(spec, tta, size), size))
-            if part
-            else None,
+            part=(lambda size: preprocessor.reads(views(size), size)) if part else None,
         )
         try:
-            return preprocessor(img, augmentation.plan_views(spec, tta, decoding.source_geometry(img)[0]))
+            return preprocessor(img, views(decoding.source_geometry(img)[0]))
         finally:
             img.close()  # give the pixels back now, not when the collector gets to them
 

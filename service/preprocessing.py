@@ -148,7 +148,7 @@ class Preprocessor:
             kept = _kept_box([v for v in views if v.short == short], resized)
             if kept is None:  # nothing of the image is kept: a view entirely in the padding
                 continue
-            box = kept if resized == size else resample.reads(size, resized, kept, self.resample)
+            box = resample.reads(size, resized, kept, self.resample)
             if box is None:
                 return None
             boxes.append(box)

@@ -157,9 +157,8 @@ def reads(
     size: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int], resample: int
 ) -> tuple[int, int, int, int] | None:
     """The pixels (left, top, right, bottom) of a `size` image that `crop_resize` reads to compute `box` of
-    its resize to `resized`, or None where it would not compute it."""
-    if not available() or resample not in FILTERS:
-        return None
+    its resize to `resized` (where the size does not change, the box itself), or None where it would not
+    compute it."""
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= resized[0] and 0 <= y0 < y1 <= resized[1]):
         return None
@@ -168,6 +167,8 @@ def reads(
         if resized[axis] == size[axis]:  # Pillow leaves this axis as it is
             span.append((first, last))
             continue
+        if not available() or resample not in FILTERS:
+            return None
         lo, hi = ctypes.c_int(), ctypes.c_int()
         if _lib.crop_span(size[axis], resized[axis], first, last - first, FILTERS[resample], lo, hi) != 0:
             return None
