@@ -18,7 +18,9 @@ Abuse (`--abuse`, comma-separated; default all): `json_bomb` (one image and mill
 key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked upload, client gone after
 0.5 s), `short_body` (Content-Length larger than what is sent), `slowloris` (50 connections, a header byte a
 second), `idle` (500 connections that send nothing), `flood` (connections past `max_connections` every 10 s),
-`tta_batch` (batches of 64 images with ten-crop test-time augmentation).
+`tta_batch` (batches of 64 images with ten-crop test-time augmentation). Not in the default set, so that
+soaks compare with the ones before it: `big_form` (multipart batches of 48 photos, 27 MB, refused for their
+views once the form is read: what reading and splitting a large form costs the loop).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -61,7 +63,15 @@ from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
-PACED = ("json_bomb", "big_json", "disconnect", "short_body", "tta_batch")  # the kinds that loop on requests
+EXTRA_KINDS = ("big_form",)  # chosen by name only
+PACED = (
+    "json_bomb",
+    "big_json",
+    "disconnect",
+    "short_body",
+    "tta_batch",
+    "big_form",
+)  # they loop on requests
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
 
@@ -395,15 +405,22 @@ class Abuse:
 
     def tta_batch(self) -> None:
         small = jpeg(photos.coffee(), 256)
-        files = [("files", (f"{i}.jpg", small, "image/jpeg")) for i in range(64)]
-        while self._turn("tta_batch"):
+        self._batches("tta_batch", [("files", (f"{i}.jpg", small, "image/jpeg")) for i in range(64)])
+
+    def big_form(self) -> None:
+        noise = jpeg(np.random.default_rng(1).integers(0, 256, (800, 800, 3), dtype=np.uint8))  # 570 KB
+        self._batches("big_form", [("files", (f"{i}.jpg", noise, "image/jpeg")) for i in range(48)])
+
+    def _batches(self, kind: str, files: list[tuple[str, tuple[str, bytes, str]]]) -> None:
+        """`/classify_batch` of `files` with ten-crop augmentation, again and again."""
+        while self._turn(kind):
             try:
                 r = httpx.post(
                     self.server.url + "/classify_batch", files=files, params={"tta": "ten_crop"}, timeout=120
                 )
-                self.received["tta_batch"][str(r.status_code)] += 1
+                self.received[kind][str(r.status_code)] += 1
             except httpx.HTTPError as exc:
-                self.received["tta_batch"][type(exc).__name__] += 1
+                self.received[kind][type(exc).__name__] += 1
 
     def _status_of(self, sock: socket.socket, timeout: float) -> str:
         sock.settimeout(timeout)
@@ -596,7 +613,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="normal clients")
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--repository", default=str(ROOT / "models"))
-    parser.add_argument("--abuse", default=",".join(KINDS), help=f"kinds of abuse: {', '.join(KINDS)}")
+    parser.add_argument(
+        "--abuse", default=",".join(KINDS), help=f"kinds of abuse: {', '.join(KINDS + EXTRA_KINDS)}"
+    )
     parser.add_argument("--work", default=str(ROOT / "bench" / "out" / "hostile"))
     parser.add_argument(
         "--warm",
@@ -626,9 +645,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     kinds = [k.strip() for k in args.abuse.split(",") if k.strip()]
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - set(KINDS + EXTRA_KINDS)
     if unknown:
-        parser.error(f"unknown abuse {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        parser.error(f"unknown abuse {sorted(unknown)}; choose from {', '.join(KINDS + EXTRA_KINDS)}")
     args.rates = {}
     for item in args.rate:
         kind, _, value = item.partition("=")

@@ -231,6 +231,29 @@ def test_images_per_request_is_one_rule_for_every_body(client: httpx.Client, che
     assert client.post("/classify_batch", json={"images": [encoded] * 4}).status_code == 200
 
 
+def test_form_bodies_that_break_their_format_are_400_and_the_server_keeps_serving(
+    client: httpx.Client, chelsea: bytes
+) -> None:
+    """Form bodies are split in a thread (`service.http.forms`); every way one breaks its format is the
+    client's error, with its reason."""
+    part = b'Content-Disposition: form-data; name="file"; filename="c.jpg"\r\n\r\n' + chelsea
+    cases = [
+        (b"--b\r\n" + part + b"\r\n--b--\r\n", "multipart/form-data", "boundary of 1 to 70"),
+        (b"--b\r\n" + part, "multipart/form-data; boundary=b", "ends before its closing boundary"),
+        (b"no boundary here", "multipart/form-data; boundary=b", "its boundary is not in it"),
+        (b"--b\r\nX: y\r\n\r\nz\r\n--b--", "multipart/form-data; boundary=b", "not form-data with a name"),
+        (b"file=abc", "application/x-www-form-urlencoded", "must be a file upload"),
+        (b"top_k=3", "application/x-www-form-urlencoded", "no image in the request"),
+        (b"&".join(b"f%d=1" % i for i in range(65)), "application/x-www-form-urlencoded", "limit of 64"),
+    ]
+    for body, content_type, reason in cases:
+        r = client.post("/classify_batch", content=body, headers={"content-type": content_type})
+        message = assert_error(r, 400, "invalid_argument")["message"]
+        assert reason in message, (content_type, message)
+    r = client.post("/classify", files={"file": ("c.jpg", chelsea, "image/jpeg")}, data={"top_k": "2"})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2, r.text
+
+
 def test_top_k_is_one_rule_for_the_query_string_and_the_protocol(
     client: httpx.Client, chelsea: bytes
 ) -> None:

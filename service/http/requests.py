@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 
 from service import limits
@@ -32,6 +29,7 @@ from service.decoding import refuse_url
 from service.errors import ClientGone, InvalidArgument, RequestTimeout, RequestTooLarge, shown
 from service.memory import MemoryBudget
 
+from . import forms
 from .parsing import BodyParser, JsonBudget, off_loop, parse_json_body
 
 T = TypeVar("T")
@@ -124,7 +122,6 @@ async def read_body(request: Request, limit: int, settings: Settings) -> bytes:
     encoding = request.headers.get("content-encoding", "")
     if encoding.strip():
         body = await off_loop(inflate, body, encoding, limit)
-    request._body = body  # Starlette's form parser reads the cached body instead of the spent stream.
     return body
 
 
@@ -160,16 +157,13 @@ async def read_images(
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     images: list[bytes] = []
     names: list[str] = []
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form(
-                max_files=settings.max_images_per_request + 1, max_fields=64, max_part_size=1024 * 1024
-            )
-        except (HTTPException, MultiPartException) as exc:  # Starlette's answer to a malformed body
-            raise InvalidArgument(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                images.append(await value.read())
+    if ctype in forms.KINDS:
+        # One file more than the limit: `limits.check_count` then refuses it as every transport does.
+        parse = functools.partial(forms.parse_form, max_files=settings.max_images_per_request + 1)
+        items = await off_loop(parse, body, request.headers.get("content-type", ""))
+        for key, value in items:
+            if isinstance(value, forms.FormFile):
+                images.append(value.data)
                 names.append(value.filename or key)
             elif key in FILE_FIELDS:
                 refuse_url(value, f"field {key!r}")
