@@ -20,7 +20,8 @@ key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked 
 second), `idle` (500 connections that send nothing), `flood` (connections past `max_connections` every 10 s),
 `tta_batch` (batches of 64 images with ten-crop test-time augmentation). Not in the default set, so that
 soaks compare with the ones before it: `big_form` (multipart batches of 48 photos, 27 MB, refused for their
-views once the form is read: what reading and splitting a large form costs the loop).
+views once the form is read: what reading and splitting a large form costs the loop), `grpc_fields` (gRPC
+`ModelInfer` messages of 300,000 `parameters` entries, 4 MB, which protobuf's parser takes a long time over).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -63,7 +64,7 @@ from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
-EXTRA_KINDS = ("big_form",)  # chosen by name only
+EXTRA_KINDS = ("big_form", "grpc_fields")  # chosen by name only
 PACED = (
     "json_bomb",
     "big_json",
@@ -93,7 +94,7 @@ def jpeg(array: np.ndarray, size: int | None = None) -> bytes:
 
 class Server:
     def __init__(self, repository: str, model: str, work: Path, extra: list[str]) -> None:
-        self.port, grpc_port = free_port(), free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CNN_SERVE_", "PROMETHEUS_"))}
         env["BENTOML_HOME"] = str(work / "bentoml")
@@ -102,7 +103,7 @@ class Server:
         cmd = [
             sys.executable, "-m", "service", "serve", "--repository", repository, "--models", model,
             "--default-model", model, "--host", "127.0.0.1", "--http-port", str(self.port),
-            "--grpc-port", str(grpc_port), *extra,
+            "--grpc-port", str(self.grpc_port), *extra,
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -410,6 +411,29 @@ class Abuse:
     def big_form(self) -> None:
         noise = jpeg(np.random.default_rng(1).integers(0, 256, (800, 800, 3), dtype=np.uint8))  # 570 KB
         self._batches("big_form", [("files", (f"{i}.jpg", noise, "image/jpeg")) for i in range(48)])
+
+    def grpc_fields(self) -> None:
+        import grpc  # noqa: PLC0415 - only this kind speaks gRPC
+
+        # Each entry: field 4 (parameters), its key (field 1) and an InferParameter holding bool_param = true.
+        entries = b"".join(
+            b"\x22" + bytes([len(key) + 6]) + b"\x0a" + bytes([len(key)]) + key + b"\x12\x02\x08\x01"
+            for key in (b"p%d" % i for i in range(300_000))
+        )
+        body = b"\x0a" + bytes([len(self.model)]) + self.model.encode() + entries  # model_name, the entries
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        with grpc.insecure_channel(f"127.0.0.1:{self.server.grpc_port}", options=options) as channel:
+            infer = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            while self._turn("grpc_fields"):
+                try:
+                    infer(body, timeout=120)
+                    self.received["grpc_fields"]["OK"] += 1
+                except grpc.RpcError as exc:
+                    self.received["grpc_fields"][exc.code().name] += 1
 
     def _batches(self, kind: str, files: list[tuple[str, tuple[str, bytes, str]]]) -> None:
         """`/classify_batch` of `files` with ten-crop augmentation, again and again."""

@@ -127,6 +127,11 @@ class Settings:
     json_memory_factor: float = _setting(
         16.0, "a JSON body whose parse would take, by estimate, more than this many times its size is refused"
     )
+    max_message_fields: int = _setting(
+        10_000,
+        "fields in one gRPC request message, nested and repeated ones each counted (a packed array once), "
+        "counted before it is parsed",
+    )
 
     # Transports
     host: str = _setting("0.0.0.0", "address the HTTP and gRPC servers listen on")
@@ -223,6 +228,7 @@ class Settings:
             "max_image_pixels",
             "max_jpeg_scans",
             "max_image_segments",
+            "max_message_fields",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

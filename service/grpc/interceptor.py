@@ -13,7 +13,9 @@ core calls and back:
   and, for Overloaded, `retry-after`; anything else is INTERNAL with a generic message (the trace is logged);
 - request messages are deserialized here, inside the call, not by grpc before it: bytes that are not the
   method's message are INVALID_ARGUMENT like any other bad request (answered with the request id, counted,
-  logged), where grpc would answer UNKNOWN naming its own exception and log a traceback per call;
+  logged), where grpc would answer UNKNOWN naming its own exception and log a traceback per call. Their
+  fields are counted first (`messages.count_fields`, `max_message_fields`), and a large one is counted and
+  parsed in a thread: protobuf's parser holds the interpreter lock, and some messages take it seconds;
 - every call but health is counted in the Prometheus metrics (protocol="grpc", the `model` label from the
   request message), in the in-flight gauge and in `active` (what the drain waits for), and written to the JSON
   access log. Health is left out: probes would swamp both, and a `Watch` stream would hold the drain.
@@ -36,8 +38,17 @@ from grpc_health.v1 import health_pb2
 from proto import classifier_pb2, grpc_predict_v2_pb2
 from service import auth, logs
 from service.config import Settings
-from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError, forget_traceback
+from service.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    Overloaded,
+    RequestTooLarge,
+    ServiceError,
+    forget_traceback,
+)
+from service.grpc import messages
 from service.metrics import Metrics
+from service.priority import as_work
 
 log = logging.getLogger("service.grpc")
 access_log = logs.access_logger()
@@ -70,6 +81,7 @@ MODEL_FIELDS: dict[str, tuple[str, bool]] = {
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 Decoder = Callable[[bytes], Any]
+AsyncDecoder = Callable[[bytes], Awaitable[Any]]
 
 
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -144,14 +156,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         behavior = (
             handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
         )
-        decode = _decoder(handler.request_deserializer)
+        decode = _decoder(handler.request_deserializer, self.settings.max_message_fields)
         streams_requests = handler.request_streaming
 
-        def requests(raw: Any, call: _Call) -> Any:
+        async def requests(raw: Any, call: _Call) -> Any:
             """The behavior's argument: the decoded message, or the stream of them decoded one by one."""
             if streams_requests:
                 return _decoded(raw, decode)
-            call.request = decode(raw)
+            call.request = await decode(raw)
             return call.request
 
         if inspect.isasyncgenfunction(behavior):
@@ -159,7 +171,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with self._call(method, context) as call:
                     self._authorize(method, context)
-                    async for response in behavior(requests(raw, call), context):
+                    async for response in behavior(await requests(raw, call), context):
                         yield response
 
             return stream
@@ -167,7 +179,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context) as call:
                 self._authorize(method, context)
-                result = behavior(requests(raw, call), context)
+                result = behavior(await requests(raw, call), context)
                 response = await result if inspect.isawaitable(result) else result
                 call.version = _answered_version(response)
                 return response
@@ -296,27 +308,37 @@ def _fail(context: grpc.aio.ServicerContext, err: ServiceError, request_id: str)
     context.set_details(f"{err.message} (request id {request_id})")
 
 
-def _decoder(deserializer: Decoder | None) -> Decoder:
-    """The handler's request deserializer, run inside the call: bytes that are not the method's message are
-    the client's error, InvalidArgument, never a traceback of ours."""
-    if deserializer is None:
-        return lambda raw: raw
+def _decoder(deserializer: Decoder | None, max_fields: int) -> AsyncDecoder:
+    """The handler's request deserializer, run inside the call once `messages.count_fields` has counted the
+    message's fields (in a thread for a large message): bytes that are not the method's message are the
+    client's error, InvalidArgument, never a traceback of ours."""
     descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
     name = getattr(descriptor, "full_name", "") or "request"
 
     def decode(raw: bytes) -> Any:
+        if deserializer is None:
+            return raw
         try:
+            if descriptor is not None:
+                messages.count_fields(raw, descriptor, max_fields)
             return deserializer(raw)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError, or whatever else these bytes provoke
+        except RequestTooLarge:
+            raise
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, NotWireFormat, whatever these bytes provoke
             raise InvalidArgument(f"the request ({len(raw)} bytes) is not a valid {name} message") from None
 
-    return decode
+    async def decode_off_loop(raw: bytes) -> Any:
+        if deserializer is None or len(raw) < messages.INLINE_BYTES:
+            return decode(raw)
+        return await asyncio.to_thread(as_work(decode), raw)
+
+    return decode_off_loop
 
 
-async def _decoded(raw: AsyncIterator[bytes], decode: Decoder) -> AsyncIterator[Any]:
+async def _decoded(raw: AsyncIterator[bytes], decode: AsyncDecoder) -> AsyncIterator[Any]:
     """A stream of requests, each decoded as it arrives."""
     async for message in raw:
-        yield decode(message)
+        yield await decode(message)
 
 
 def _rewrap(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
