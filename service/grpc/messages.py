@@ -85,4 +85,3 @@ def count_fields(data: bytes, descriptor: Descriptor, limit: int) -> int:
         else:
             raise NotWireFormat(f"a field has wire type {wire}, which proto3 messages do not use")
     return count
-
