@@ -6,7 +6,8 @@ here only what never reaches it is checked: a JSON string before base64 decoding
 
 A body is read with two clocks (a pause between two pieces longer than `body_timeout_s`, and the request's
 deadline for the whole): one that stops arriving is 408, one whose client goes away is 499 (`ClientGone`).
-JSON bodies are parsed by `parsing.parse_json_body`: their memory bounded, never on the event loop.
+JSON bodies are parsed by `parsing.parse_json_body`: their memory bounded, never on the event loop; form
+bodies are split by `forms.parse_form`, in a thread.
 """
 
 from __future__ import annotations
