@@ -1,12 +1,13 @@
 """Form bodies (`multipart/form-data`, `application/x-www-form-urlencoded`), split from the whole body in a
 worker thread.
 
-Starlette parses a form on the event loop as its pieces arrive: Python callbacks for every piece and part,
-and each file of more than 1 MiB spooled to a temporary file on disk, all on the loop's time, so a batch of
-large photos held every connection for tens of milliseconds. Here the body is already in memory and its size
-checked (`requests.read_body`): it is split with `bytes.find`, in C, in a thread (`parsing.off_loop`), and
-each file costs one copy of its bytes. The limits are Starlette's: files, text fields, a text field's size.
-The header parameters are read by python-multipart's parser, as Starlette reads them.
+Starlette parses a form on the event loop as its pieces arrive: Python callbacks for every piece and part, and
+each file of more than 1 MiB spooled to a temporary file on disk, all on the loop's time, so a batch of large
+photos held every connection (`bench/bench_hostile.py --abuse big_form`). Here the body is already in memory
+and its size checked (`requests.read_body`): it is split with `bytes.find`, in C, in a thread
+(`parsing.off_loop`), and each file costs one copy of its bytes. The limits are Starlette's: files, text
+fields, a text field's size. The header parameters are read by python-multipart's parser, as Starlette reads
+them.
 """
 
 from __future__ import annotations
