@@ -72,6 +72,7 @@ PACED = (
     "short_body",
     "tta_batch",
     "big_form",
+    "grpc_fields",
 )  # they loop on requests
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
