@@ -21,7 +21,8 @@ second), `idle` (500 connections that send nothing), `flood` (connections past `
 `tta_batch` (batches of 64 images with ten-crop test-time augmentation). Not in the default set, so that
 soaks compare with the ones before it: `big_form` (multipart batches of 48 photos, 27 MB, refused for their
 views once the form is read: what reading and splitting a large form costs the loop), `grpc_fields` (gRPC
-`ModelInfer` messages of 300,000 `parameters` entries, 4 MB, which protobuf's parser takes a long time over).
+`ModelInfer` messages of 300,000 `parameters` entries, 4 MB, refused before they are parsed: parsed on the
+event loop, each would hold it; `bench_messages.py` says for how long).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -415,13 +416,9 @@ class Abuse:
 
     def grpc_fields(self) -> None:
         import grpc  # noqa: PLC0415 - only this kind speaks gRPC
+        from bench_messages import map_entries  # noqa: PLC0415 - beside this script; imports the service
 
-        # Each entry: field 4 (parameters), its key (field 1) and an InferParameter holding bool_param = true.
-        entries = b"".join(
-            b"\x22" + bytes([len(key) + 6]) + b"\x0a" + bytes([len(key)]) + key + b"\x12\x02\x08\x01"
-            for key in (b"p%d" % i for i in range(300_000))
-        )
-        body = b"\x0a" + bytes([len(self.model)]) + self.model.encode() + entries  # model_name, the entries
+        body = map_entries(300_000, self.model)
         options = [("grpc.max_send_message_length", 64 << 20)]
         with grpc.insecure_channel(f"127.0.0.1:{self.server.grpc_port}", options=options) as channel:
             infer = channel.unary_unary(

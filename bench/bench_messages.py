@@ -28,13 +28,17 @@ from service.errors import RequestTooLarge  # noqa: E402
 from service.grpc.messages import count_fields  # noqa: E402
 
 
-def map_entries(n: int) -> bytes:
-    """A ModelInferRequest of `n` distinct `parameters` entries, each a bool (13 bytes or fewer each)."""
+def map_entries(n: int, model: str = "lenet5") -> bytes:
+    """A ModelInferRequest for `model` of `n` distinct `parameters` entries in key order, each a bool (13
+    bytes or fewer each), written field by field: building it with protobuf would take longer than sending it.
+    """
+    name = model.encode()
     entries = b"".join(
+        # field 4 (parameters): the key (field 1), and an InferParameter holding bool_param = true (field 2)
         b"\x22" + bytes([len(key) + 6]) + b"\x0a" + bytes([len(key)]) + key + b"\x12\x02\x08\x01"
         for key in (b"p%d" % i for i in range(n))
     )
-    return b"\x0a\x06lenet5" + entries
+    return b"\x0a" + bytes([len(name)]) + name + entries  # model_name (field 1), then the entries
 
 
 def map_entries_as_written(n: int) -> bytes:
