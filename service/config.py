@@ -177,6 +177,19 @@ class Settings:
     body_timeout_s: float = _setting(
         10.0, "HTTP: longest pause in a request body (all of it within request_timeout_s); else 408, closed"
     )
+    grpc_max_connections: int = _setting(
+        1000, "gRPC connections open at once (on each gRPC port); one more is closed at accept: UNAVAILABLE"
+    )
+    grpc_handshake_timeout_s: float = _setting(
+        10.0,
+        "gRPC: seconds from a connection's accept to the client's HTTP/2 settings (TLS included); else "
+        "closed",
+    )
+    grpc_idle_timeout_s: float = _setting(
+        60.0,
+        "gRPC: a connection without a call for this many seconds is sent GOAWAY and closed; a client's "
+        "channel connects again for its next call",
+    )
     log_level: str = _setting(
         "INFO", "level of the service's log lines (not the access log): DEBUG to CRITICAL"
     )
@@ -245,7 +258,13 @@ class Settings:
             raise ValueError("memory_trim_idle_s must be between 0 and 3600")
         if not (math.isfinite(self.drain_timeout_s) and self.drain_timeout_s >= 0):
             raise ValueError("drain_timeout_s must be a finite number, not negative")
-        for name in ("idle_timeout_s", "header_timeout_s", "body_timeout_s"):
+        for name in (
+            "idle_timeout_s",
+            "header_timeout_s",
+            "body_timeout_s",
+            "grpc_handshake_timeout_s",
+            "grpc_idle_timeout_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= 86_400):
                 raise ValueError(f"{name} must be between 0 (excluded) and 86400, not {value!r}")
@@ -255,8 +274,9 @@ class Settings:
             raise ValueError(f"event_loop must be auto, uvloop or asyncio, not {self.event_loop!r}")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ValueError("event_loop=uvloop needs the uvloop package (pip install uvloop)")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
+        for name in ("max_connections", "grpc_max_connections"):
+            if not 1 <= getattr(self, name) <= 2**31 - 1:
+                raise ValueError(f"{name} must be between 1 and {2**31 - 1}")
         if self.body_read_ahead_bytes < 1:
             raise ValueError("body_read_ahead_bytes must be at least 1")
         if self.socket_receive_buffer_bytes < 0:

@@ -38,6 +38,23 @@ SETTLE_S, SETTLE_POLL_S = 0.2, 0.02
 MIN_SEND_BYTES = 16 * 1024 * 1024
 
 
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """What gRPC's own C core enforces on each port's connections, as uvicorn's are guarded for HTTP
+    (`service/http/connections.py`): a connection past `grpc_max_connections` is closed at accept; one whose
+    client has not sent its HTTP/2 settings (after TLS) within `grpc_handshake_timeout_s` is sent GOAWAY and
+    closed, whatever it sends byte by byte; one without a call for `grpc_idle_timeout_s` is sent GOAWAY and
+    closed, and a client's channel connects again for its next call. Without them a connection that never
+    sent its settings stayed open for the core's default of two minutes, one without calls for ever, and
+    their number, each a file descriptor of the worker that HTTP shares, had no bound. The core counts and
+    logs none of these: its clients see UNAVAILABLE, or a new connection."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", int(settings.grpc_max_connections)),
+        ("grpc.server_handshake_timeout_ms", round(settings.grpc_handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(settings.grpc_idle_timeout_s * 1000)),
+    ]
+
+
 class GrpcServer:
     """Start and stop the gRPC transport; `port` is the bound port (useful with grpc_port=0)."""
 
@@ -56,7 +73,7 @@ class GrpcServer:
     def _options(self) -> list[tuple[str, Any]]:
         limit = int(self.settings.max_request_bytes)
         return [
-            ("grpc.so_reuseport", 0),
+            *connection_options(self.settings),
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", max(limit, MIN_SEND_BYTES)),
         ]
@@ -89,7 +106,7 @@ class GrpcServer:
         self.port = _bind(server, self._address(self.settings.grpc_port), credentials)
         health_server = None
         if credentials is not None and self.settings.grpc_health_port:
-            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_server = grpc.aio.server(options=connection_options(self.settings))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_port = _bind(health_server, self._address(self.settings.grpc_health_port), None)
         await self.refresh_health()

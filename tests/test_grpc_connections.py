@@ -1,0 +1,178 @@
+"""Connections that hold a gRPC port without calls, against real servers on loopback: sockets that never send
+their HTTP/2 settings, connections left idle, and more connections than the port allows
+(`service.grpc.server.connection_options`)."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import psutil
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from proto import grpc_predict_v2_pb2 as pb
+from proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.config import Settings
+from tests.test_grpc import Served, need_models, settings_for
+
+HANDSHAKE_S, IDLE_S = 1.0, 1.5
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    """One core with a server of short timeouts (`server`) and, added by the tests, others."""
+    s = Served(
+        settings_for(
+            need_models(),
+            models=("lenet5",),
+            default_model="lenet5",
+            grpc_handshake_timeout_s=HANDSHAKE_S,
+            grpc_idle_timeout_s=IDLE_S,
+        )
+    )
+    yield s
+    s.close()
+
+
+def _open_on_server(port: int) -> int:
+    """Connections this process's gRPC server holds open on `port` (its side of each)."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> float:
+    """Seconds until `condition()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _live(port: int, channel: grpc.Channel | None = None) -> bool:
+    if channel is not None:
+        return pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5).live
+    # a connection of its own: channels of the same target and options share one by default
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+        return _live(port, ch)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock` (what it sent before, its settings and GOAWAY, is read away)."""
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def test_sockets_that_never_send_their_settings_are_closed_after_the_handshake_timeout(
+    served: Served,
+) -> None:
+    """One connection sends nothing, the other the HTTP/2 preface a byte at a time (slowloris): both are
+    closed once `grpc_handshake_timeout_s` has passed since accept, not before; the port goes on serving."""
+    port = served.server.port
+    silent = socket.create_connection(("127.0.0.1", port))
+    slow = socket.create_connection(("127.0.0.1", port))
+    opened = time.monotonic()
+    for sock in (silent, slow):
+        sock.setblocking(False)
+    lived: dict[str, float] = {}
+    sent = 0
+    while len(lived) < 2 and time.monotonic() - opened < 10:
+        if "slow" not in lived and sent < len(PREFACE):
+            try:
+                slow.send(PREFACE[sent : sent + 1])
+                sent += 1
+            except OSError:
+                pass
+        for name, sock in (("silent", silent), ("slow", slow)):
+            if name not in lived and _closed(sock):
+                lived[name] = time.monotonic() - opened
+        time.sleep(0.05)
+    silent.close()
+    slow.close()
+    assert set(lived) == {"silent", "slow"}, lived
+    for name, seconds in lived.items():
+        assert HANDSHAKE_S * 0.8 <= seconds <= HANDSHAKE_S + 3, (name, seconds)
+    assert 0 < sent < len(PREFACE)  # still sending its preface when it was closed
+    assert _live(port)
+
+
+def test_an_idle_connection_is_closed_and_its_channel_connects_again(served: Served) -> None:
+    port = served.server.port
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        assert _live(port, channel)
+        assert _open_on_server(port) == 1
+        called = time.monotonic()
+        _wait(lambda: _open_on_server(port) == 0, 2 * IDLE_S + 3)
+        assert time.monotonic() - called >= IDLE_S * 0.8
+        assert _live(port, channel)  # the same channel, on a new connection
+        assert _open_on_server(port) == 1
+
+
+def test_a_call_in_progress_keeps_its_connection_past_the_idle_timeout(served: Served) -> None:
+    """A stream open for twice the idle timeout without a message is a call in progress: its connection stays
+    and its next message is answered on it."""
+    port = served.server.port
+    requests: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+
+    def sent() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        while (request := requests.get()) is not None:
+            yield request
+
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(sent(), timeout=30)
+        requests.put(ask)
+        assert next(answers).list_services_response.service
+        time.sleep(2 * IDLE_S + 1)
+        assert _open_on_server(port) == 1
+        requests.put(ask)
+        assert next(answers).list_services_response.service
+        requests.put(None)
+        assert list(answers) == []
+
+
+def test_connections_past_the_limit_are_closed_at_accept_and_the_open_ones_are_served(served: Served) -> None:
+    settings: Settings = served.settings.replace(
+        grpc_max_connections=3, grpc_handshake_timeout_s=30.0, grpc_idle_timeout_s=60.0
+    )
+    port = served.add(settings).port
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as first:
+        assert _live(port, first)
+        _wait(lambda: _open_on_server(port) == 3, 5)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            _live(port)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert time.monotonic() - started < 2  # refused at accept, not left to time out
+        assert _live(port, first)  # the connections already open are served
+        for sock in held:
+            sock.close()
+        _wait(lambda: _open_on_server(port) == 1, 5)
+        assert _live(port)  # a slot is free again
+
+
+def test_the_connection_settings_are_checked() -> None:
+    for bad in (
+        {"grpc_max_connections": 0},
+        {"grpc_handshake_timeout_s": 0},
+        {"grpc_idle_timeout_s": float("nan")},
+        {"grpc_idle_timeout_s": 100_000},
+    ):
+        with pytest.raises(ValueError):
+            Settings(**bad).validate()
