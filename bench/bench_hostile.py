@@ -22,7 +22,9 @@ second), `idle` (500 connections that send nothing), `flood` (connections past `
 soaks compare with the ones before it: `big_form` (multipart batches of 48 photos, 27 MB, refused for their
 views once the form is read: what reading and splitting a large form costs the loop), `grpc_fields` (gRPC
 `ModelInfer` messages of 300,000 `parameters` entries, 4 MB, refused before they are parsed: parsed on the
-event loop, each would hold it; `bench_messages.py` says for how long).
+event loop, each would hold it; `bench_messages.py` says for how long), `grpc_idle` (500 connections to the
+gRPC port that never send the HTTP/2 preface) and `grpc_flood` (connections past `grpc_max_connections` every
+10 s, with calls on new connections timed to their UNAVAILABLE).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -65,7 +67,7 @@ from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
-EXTRA_KINDS = ("big_form", "grpc_fields")  # chosen by name only
+EXTRA_KINDS = ("big_form", "grpc_fields", "grpc_idle", "grpc_flood")  # chosen by name only
 PACED = (
     "json_bomb",
     "big_json",
@@ -157,10 +159,10 @@ class Server:
                 pass
         return dict(parts)
 
-    def open_connections(self) -> int:
-        """Established TCP connections on the HTTP port, counted on the server's side."""
+    def open_connections(self, port: int | None = None) -> int:
+        """Established TCP connections on the HTTP port (or `port`), counted on the server's side."""
         out = subprocess.run(
-            ["ss", "-Htn", "state", "established", f"( sport = :{self.port} )"],
+            ["ss", "-Htn", "state", "established", f"( sport = :{port or self.port} )"],
             capture_output=True,
             text=True,
         ).stdout
@@ -377,8 +379,8 @@ class Abuse:
         for t in self.threads:
             t.join(30)
 
-    def _connect(self) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout=30)
+    def _connect(self, port: int | None = None) -> socket.socket:
+        return socket.create_connection((self.host, port or self.port), timeout=30)
 
     def _post(self, kind: str, path: str, body: bytes, ctype: str = "application/json") -> None:
         try:
@@ -483,9 +485,12 @@ class Abuse:
             except OSError as exc:
                 self.received["short_body"][type(exc).__name__] += 1
 
-    def _held(self, kind: str, count: int, feed: Callable[[socket.socket, int], bool]) -> None:
+    def _held(
+        self, kind: str, count: int, feed: Callable[[socket.socket, int], bool], port: int | None = None
+    ) -> None:
         """`count` connections kept open (reopened when the server closes one); `feed` sends to each every
-        second and says whether it is still open."""
+        second and says whether it is still open. On the gRPC port (`port`) what the server sends before it
+        closes (its HTTP/2 settings, then GOAWAY) is read and passed over."""
         socks: list[socket.socket | None] = [None] * count
         sent: list[int] = [0] * count
         opened: list[float] = [0.0] * count
@@ -494,7 +499,7 @@ class Abuse:
             for i in range(count):
                 if socks[i] is None:
                     try:
-                        socks[i] = self._connect()
+                        socks[i] = self._connect(port)
                         socks[i].setblocking(False)  # type: ignore[union-attr]
                         sent[i], opened[i] = 0, time.monotonic()
                         self.received[kind]["opened"] += 1
@@ -505,6 +510,8 @@ class Abuse:
                 assert sock is not None
                 try:
                     data = sock.recv(4096)
+                    while data and port is not None:  # gRPC: the server's frames, until it closes
+                        data = sock.recv(4096)
                     if data:  # an answer: the server's verdict, then it closes
                         status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "?"
                         self.received[kind][status] += 1
@@ -545,6 +552,55 @@ class Abuse:
     def idle(self) -> None:
         self._held("idle", 500, lambda sock, i: True)
 
+    def grpc_idle(self) -> None:
+        """500 connections to the gRPC port that never send the HTTP/2 preface."""
+        self._held("grpc_idle", 500, lambda sock, i: True, port=self.server.grpc_port)
+
+    def grpc_flood(self) -> None:
+        """Every 10 s, 1100 connections at once to the gRPC port (past the default grpc_max_connections of
+        1000) for 2 s; meanwhile a few calls, each on a connection of its own, timed to their UNAVAILABLE
+        (`grpc_refusal_seconds`)."""
+        import grpc  # noqa: PLC0415 - only the gRPC kinds speak gRPC
+
+        port = self.server.grpc_port
+        options = [("grpc.use_local_subchannel_pool", 1)]  # channels of one target share connections else
+        live = "/inference.GRPCInferenceService/ServerLive"
+        while not self.stop.is_set():
+            socks = []
+            for _ in range(1100):
+                try:
+                    socks.append(self._connect(port))
+                except OSError as exc:
+                    self.received["grpc_flood"][type(exc).__name__] += 1
+            for sock in socks:
+                sock.setblocking(False)
+            probe_end = time.monotonic() + 2
+            while time.monotonic() < probe_end:
+                start = time.perf_counter()
+                with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                    call = channel.unary_unary(live, request_serializer=None, response_deserializer=None)
+                    try:
+                        call(b"", timeout=5)
+                        self.received["grpc_flood"]["probe OK"] += 1
+                    except grpc.RpcError as exc:
+                        self.received["grpc_flood"][f"probe {exc.code().name}"] += 1
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                            self.grpc_refusal_seconds.append(time.perf_counter() - start)
+                time.sleep(0.2)
+            for sock in socks:
+                try:
+                    data = sock.recv(4096)
+                    while data:
+                        data = sock.recv(4096)
+                    status = "closed"
+                except BlockingIOError:
+                    status = "accepted"
+                except OSError:
+                    status = "reset"
+                self.received["grpc_flood"][status] += 1
+                sock.close()
+            self.stop.wait(8)
+
     def flood(self) -> None:
         """Every 10 s, 1100 connections at once (past the default max_connections of 1000) for 2 s; meanwhile
         a few more, timed from connect to the 503 (`refusal_seconds`)."""
@@ -582,6 +638,7 @@ class Abuse:
 
     model = ""
     refusal_seconds: list[float] = []
+    grpc_refusal_seconds: list[float] = []
 
 
 def run_phase(server: Server, phase: Phase, seconds: float, stop: threading.Event) -> None:
@@ -714,7 +771,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     text_clean, cpu_clean, t_clean = server.metrics(), CpuSample.take(server), time.monotonic()
     abuse = Abuse(server, kinds, photo, args.rates)
     abuse.model = args.model
-    abuse.refusal_seconds = []
+    abuse.refusal_seconds, abuse.grpc_refusal_seconds = [], []
     current[0] = abused
     access_before = len(server.access())
     abuse.start()
@@ -728,7 +785,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
     time.sleep(SETTLE_S)
     final_rss = server.rss()
     parts = server.rss_parts()
-    still_open = server.open_connections()
+    still_open, grpc_still_open = server.open_connections(), server.open_connections(server.grpc_port)
     text = server.metrics()
     lines = server.access()[access_before:]
     unavailable = sorted(
@@ -809,7 +866,16 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
             cap = f", capped at {abuse.rates[kind]:g}" if kind in abuse.rates else ""
             pace = f" ({abuse.sent[kind]} sent, {abuse.sent[kind] / abuse.seconds:.2f} a second{cap})"
         print(f"  {kind}{pace}: {got}")
-    print(f"HTTP connections still open {SETTLE_S:.0f} s after the abuse stopped: {still_open}")
+    if abuse.grpc_refusal_seconds:
+        timed = sorted(abuse.grpc_refusal_seconds)
+        print(
+            f"gRPC calls on a new connection while the port was full: UNAVAILABLE, client-side p50 "
+            f"{timed[len(timed) // 2] * 1000:.1f} ms, max {timed[-1] * 1000:.1f} ms ({len(timed)} probes)"
+        )
+    print(
+        f"connections still open {SETTLE_S:.0f} s after the abuse stopped: HTTP {still_open}, "
+        f"gRPC {grpc_still_open}"
+    )
     return 0
 
 

@@ -274,9 +274,11 @@ class Settings:
             raise ValueError(f"event_loop must be auto, uvloop or asyncio, not {self.event_loop!r}")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ValueError("event_loop=uvloop needs the uvloop package (pip install uvloop)")
-        for name in ("max_connections", "grpc_max_connections"):
-            if not 1 <= getattr(self, name) <= 2**31 - 1:
-                raise ValueError(f"{name} must be between 1 and {2**31 - 1}")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        # gRPC's core stops the whole process at start-up on 2**31 - 1 (its own check, not an exception).
+        if not 1 <= self.grpc_max_connections < 2**31 - 1:
+            raise ValueError(f"grpc_max_connections must be between 1 and {2**31 - 2}")
         if self.body_read_ahead_bytes < 1:
             raise ValueError("body_read_ahead_bytes must be at least 1")
         if self.socket_receive_buffer_bytes < 0:

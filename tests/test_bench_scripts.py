@@ -128,7 +128,7 @@ def test_bench_serving_measures_mlserver_and_compares_every_answer(model_repo: P
 # batches are refused for their views once the form is split: what they cost is the body and the split).
 HOSTILE_KINDS = (
     "json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood",
-    "big_form", "grpc_fields",
+    "big_form", "grpc_fields", "grpc_idle", "grpc_flood",
 )  # fmt: skip
 
 
@@ -175,7 +175,9 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     # The capped kind sent no more than its rate over the abuse's 4 s or more (its first slot at the start).
     bombs = re.search(rf"json_bomb \(([0-9]+) sent, ({NUMBER}) a second, capped at 2\)", out)
     assert bombs is not None and int(bombs[1]) >= 1 and float(bombs[2]) <= 2 + 1 / 4 + 0.01, out
-    assert re.search(r"HTTP connections still open 15 s after the abuse stopped: [0-9]+", out), out
+    assert re.search(r"connections still open 15 s after the abuse stopped: HTTP [0-9]+, gRPC [0-9]+", out)
+    full = rf"gRPC calls on a new connection while the port was full: UNAVAILABLE, .* {NUMBER} ms"
+    assert re.search(full, out), out
 
 
 def test_bench_admission_prints_every_figure(model_repo: Path) -> None:

@@ -170,6 +170,7 @@ def test_connections_past_the_limit_are_closed_at_accept_and_the_open_ones_are_s
 def test_the_connection_settings_are_checked() -> None:
     for bad in (
         {"grpc_max_connections": 0},
+        {"grpc_max_connections": 2**31 - 1},  # gRPC's core would abort the process at start-up
         {"grpc_handshake_timeout_s": 0},
         {"grpc_idle_timeout_s": float("nan")},
         {"grpc_idle_timeout_s": 100_000},
