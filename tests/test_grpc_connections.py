@@ -8,6 +8,7 @@ import queue
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import psutil
@@ -17,7 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.config import Settings
-from tests.test_grpc import Served, need_models, settings_for
+from tests.test_grpc import Served, free_port, need_models, settings_for
+from tests.test_grpc_security import self_signed
 
 HANDSHAKE_S, IDLE_S = 1.0, 1.5
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -109,6 +111,39 @@ def test_sockets_that_never_send_their_settings_are_closed_after_the_handshake_t
         assert HANDSHAKE_S * 0.8 <= seconds <= HANDSHAKE_S + 3, (name, seconds)
     assert 0 < sent < len(PREFACE)  # still sending its preface when it was closed
     assert _live(port)
+
+
+def test_a_tls_port_and_its_health_port_close_connections_that_never_finish_their_handshake(
+    served: Served, tmp_path: Path
+) -> None:
+    """On a TLS port the timeout counts the TLS handshake too: a client that starts one (a record's first
+    bytes) and stops is closed as one that sends nothing to the plaintext health port beside it."""
+    cert, key = self_signed(tmp_path)
+    settings = served.settings.replace(
+        grpc_tls_cert=str(cert), grpc_tls_key=str(key), grpc_health_port=free_port()
+    )
+    server = served.add(settings)
+    tls = socket.create_connection(("127.0.0.1", server.port))
+    tls.sendall(b"\x16\x03\x01\x02")  # a TLS handshake record's header, cut short
+    health = socket.create_connection(("127.0.0.1", server.health_port))
+    opened = time.monotonic()
+    socks = {"tls": tls, "health": health}
+    for sock in socks.values():
+        sock.setblocking(False)
+    lived: dict[str, float] = {}
+    while len(lived) < 2 and time.monotonic() - opened < 10:
+        for name, sock in socks.items():
+            if name not in lived and _closed(sock):
+                lived[name] = time.monotonic() - opened
+        time.sleep(0.05)
+    for sock in socks.values():
+        sock.close()
+    assert set(lived) == {"tls", "health"}, lived
+    for name, seconds in lived.items():
+        assert HANDSHAKE_S * 0.8 <= seconds <= HANDSHAKE_S + 3, (name, seconds)
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        assert _live(server.port, channel)
 
 
 def test_an_idle_connection_is_closed_and_its_channel_connects_again(served: Served) -> None:
