@@ -24,7 +24,8 @@ views once the form is read: what reading and splitting a large form costs the l
 `ModelInfer` messages of 300,000 `parameters` entries, 4 MB, refused before they are parsed: parsed on the
 event loop, each would hold it; `bench_messages.py` says for how long), `grpc_idle` (500 connections to the
 gRPC port that never send the HTTP/2 preface) and `grpc_flood` (connections past `grpc_max_connections` every
-10 s, with calls on new connections timed to their UNAVAILABLE).
+10 s, with calls on new connections timed to their UNAVAILABLE), `grpc_held` (2,000 `ModelInfer` calls kept
+open on one connection that never send their message).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -55,7 +56,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,7 @@ from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
-EXTRA_KINDS = ("big_form", "grpc_fields", "grpc_idle", "grpc_flood")  # chosen by name only
+EXTRA_KINDS = ("big_form", "grpc_fields", "grpc_idle", "grpc_flood", "grpc_held")  # chosen by name only
 PACED = (
     "json_bomb",
     "big_json",
@@ -555,6 +556,39 @@ class Abuse:
     def grpc_idle(self) -> None:
         """500 connections to the gRPC port that never send the HTTP/2 preface."""
         self._held("grpc_idle", 500, lambda sock, i: True, port=self.server.grpc_port)
+
+    def grpc_held(self) -> None:
+        """2,000 `ModelInfer` calls kept open on one connection, none of which sends its message; each that
+        ends is counted by its status and seconds, and another is opened."""
+        import grpc  # noqa: PLC0415 - only the gRPC kinds speak gRPC
+
+        never = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            never.wait()
+            yield from ()
+
+        kind = "grpc_held"
+        with grpc.insecure_channel(f"127.0.0.1:{self.server.grpc_port}") as channel:
+            infer = channel.stream_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            open_calls: dict[grpc.Future, float] = {}
+            while not self.stop.is_set():
+                while len(open_calls) < 2000:
+                    open_calls[infer.future(nothing(), timeout=600)] = time.monotonic()
+                for call in [c for c in open_calls if c.done()]:
+                    lived = time.monotonic() - open_calls.pop(call)
+                    err = call.exception()
+                    self.received[kind][err.code().name if err is not None else "OK"] += 1
+                    self.received[kind][f"lived {int(lived) // 10 * 10}-{int(lived) // 10 * 10 + 10} s"] += 1
+                self.stop.wait(0.5)
+            self.received[kind]["still open at the end"] += len(open_calls)
+            never.set()
+            for call in open_calls:
+                call.cancel()
 
     def grpc_flood(self) -> None:
         """Every 10 s, 1100 connections at once to the gRPC port (past the default grpc_max_connections of

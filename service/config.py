@@ -190,6 +190,11 @@ class Settings:
         "gRPC: a connection without a call for this many seconds is sent GOAWAY and closed; a client's "
         "channel connects again for its next call",
     )
+    grpc_max_streams: int = _setting(
+        1000,
+        "gRPC: calls open at once on one connection (HTTP/2 streams); a client's next ones wait for a slot "
+        "(those it sends before the server's HTTP/2 settings have reached it are refused: UNAVAILABLE)",
+    )
     log_level: str = _setting(
         "INFO", "level of the service's log lines (not the access log): DEBUG to CRITICAL"
     )
@@ -279,6 +284,8 @@ class Settings:
         # gRPC's core stops the whole process at start-up on 2**31 - 1 (its own check, not an exception).
         if not 1 <= self.grpc_max_connections < 2**31 - 1:
             raise ValueError(f"grpc_max_connections must be between 1 and {2**31 - 2}")
+        if not 1 <= self.grpc_max_streams < 2**31 - 1:
+            raise ValueError(f"grpc_max_streams must be between 1 and {2**31 - 2}")
         if self.body_read_ahead_bytes < 1:
             raise ValueError("body_read_ahead_bytes must be at least 1")
         if self.socket_receive_buffer_bytes < 0:

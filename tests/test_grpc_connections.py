@@ -1,11 +1,12 @@
-"""Connections that hold a gRPC port without calls, against real servers on loopback: sockets that never send
-their HTTP/2 settings, connections left idle, and more connections than the port allows
-(`service.grpc.server.connection_options`)."""
+"""Connections and calls that hold a gRPC port, against real servers on loopback: sockets that never send
+their HTTP/2 settings, connections left idle, more connections than the port allows
+(`service.grpc.server.connection_options`), and calls whose message never comes (`interceptor._first`)."""
 
 from __future__ import annotations
 
 import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.test_grpc_security import self_signed
 
 HANDSHAKE_S, IDLE_S = 1.0, 1.5
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +204,55 @@ def test_connections_past_the_limit_are_closed_at_accept_and_the_open_ones_are_s
         assert _live(port)  # a slot is free again
 
 
+def test_calls_whose_message_never_arrives_end_at_the_request_timeout_a_few_at_a_time(served: Served) -> None:
+    """A client that opens calls and never sends their messages (a client stream that yields nothing, on a
+    unary method) holds each until `request_timeout_s`, then gets DEADLINE_EXCEEDED `request_timeout`; one
+    connection holds `grpc_max_streams` of them at once, its client queuing the rest."""
+    settings = served.settings.replace(request_timeout_s=1.0, grpc_max_streams=4)
+    server = served.add(settings)
+    never_sent = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        never_sent.wait()
+        yield from ()
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        # Connected first: a client that opens more streams than the server's settings, not yet received,
+        # allow gets the ones past the limit refused (HTTP/2's REFUSED_STREAM, UNAVAILABLE to the caller).
+        assert _live(server.port, channel)
+        infer = channel.stream_unary(INFER, request_serializer=None, response_deserializer=None)
+        started = time.monotonic()
+        calls = [infer.future(nothing(), timeout=60) for _ in range(10)]
+        most = 0
+        while not all(call.done() for call in calls) and time.monotonic() - started < 20:
+            most = max(most, server.interceptor.active)
+            time.sleep(0.01)
+        took = time.monotonic() - started
+        never_sent.set()
+        assert most == 4  # the calls in the server's hands at once: the connection's streams
+        timed_out = 0
+        for call in calls:
+            err = call.exception()
+            assert err is not None
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                # A stream opened the moment one ended, before the server had counted that one out (this
+                # client never closes its side): refused, HTTP/2's REFUSED_STREAM.
+                assert "RST_STREAM" in err.details(), err
+                continue
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+            assert "the request message did not arrive within" in err.details()
+            assert dict(err.trailing_metadata())["x-error-code"] == "request_timeout"
+            timed_out += 1
+        assert timed_out >= 4  # the first four at least; the others as slots came free, or refused
+        assert 1.5 <= took <= 10, took  # four after a second, each later one a second after its start
+        assert _live(server.port, channel)
+        # A call that ends without its message is the client's error.
+        with pytest.raises(grpc.RpcError) as info:
+            infer(iter([]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the call ended without its request message" in info.value.details()
+
+
 def test_the_connection_settings_are_checked() -> None:
     for bad in (
         {"grpc_max_connections": 0},
@@ -209,6 +260,7 @@ def test_the_connection_settings_are_checked() -> None:
         {"grpc_handshake_timeout_s": 0},
         {"grpc_idle_timeout_s": float("nan")},
         {"grpc_idle_timeout_s": 100_000},
+        {"grpc_max_streams": 0},
     ):
         with pytest.raises(ValueError):
             Settings(**bad).validate()

@@ -11,6 +11,10 @@ core calls and back:
   token, `service.logs`' rule, else a new one) in its trailing metadata;
 - every `ServiceError` becomes the status its `grpc_code` names, with a client-safe message, `x-error-code`
   and, for Overloaded, `retry-after`; anything else is INTERNAL with a generic message (the trace is logged);
+- every method's requests come to the interceptor as a stream (`_rewrap`), so that a call is its own from its
+  headers on: a unary method's one message must arrive by the call's deadline, capped by `request_timeout_s`,
+  else DEADLINE_EXCEEDED (`request_timeout`), as an HTTP body that stops arriving is 408. grpc itself waited
+  for ever for a message the client never sent, and held the call;
 - request messages are deserialized here, inside the call, not by grpc before it: bytes that are not the
   method's message are INVALID_ARGUMENT like any other bad request (answered with the request id, counted,
   logged), where grpc would answer UNKNOWN naming its own exception and log a traceback per call. Their
@@ -42,6 +46,7 @@ from service.errors import (
     DeadlineExceeded,
     InvalidArgument,
     Overloaded,
+    RequestTimeout,
     RequestTooLarge,
     ServiceError,
     forget_traceback,
@@ -159,11 +164,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         decode = _decoder(handler.request_deserializer, self.settings.max_message_fields)
         streams_requests = handler.request_streaming
 
-        async def requests(raw: Any, call: _Call) -> Any:
+        async def requests(raw: AsyncIterator[bytes], call: _Call, context: grpc.aio.ServicerContext) -> Any:
             """The behavior's argument: the decoded message, or the stream of them decoded one by one."""
             if streams_requests:
                 return _decoded(raw, decode)
-            call.request = await decode(raw)
+            message = await _first(raw, deadline_from(context, self.settings.request_timeout_s))
+            call.request = await decode(message)
             return call.request
 
         if inspect.isasyncgenfunction(behavior):
@@ -171,7 +177,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with self._call(method, context) as call:
                     self._authorize(method, context)
-                    async for response in behavior(await requests(raw, call), context):
+                    async for response in behavior(await requests(raw, call, context), context):
                         yield response
 
             return stream
@@ -179,7 +185,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context) as call:
                 self._authorize(method, context)
-                result = behavior(await requests(raw, call), context)
+                result = behavior(await requests(raw, call, context), context)
                 response = await result if inspect.isawaitable(result) else result
                 call.version = _answered_version(response)
                 return response
@@ -335,6 +341,22 @@ def _decoder(deserializer: Decoder | None, max_fields: int) -> AsyncDecoder:
     return decode_off_loop
 
 
+async def _first(raw: AsyncIterator[bytes], deadline: float) -> bytes:
+    """A unary method's one request message, from the stream grpc hands the interceptor (`_rewrap`), by
+    `deadline` (`time.monotonic()`): a client that opens a call and never sends it, or sends it slowly, holds
+    the call and its stream no longer."""
+    remaining = max(0.0, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(anext(aiter(raw)), remaining)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request message did not arrive within {remaining:.3g} s (the call's deadline, at most "
+            "request_timeout_s)"
+        ) from None
+    except StopAsyncIteration:
+        raise InvalidArgument("the call ended without its request message") from None
+
+
 async def _decoded(raw: AsyncIterator[bytes], decode: AsyncDecoder) -> AsyncIterator[Any]:
     """A stream of requests, each decoded as it arrives."""
     async for message in raw:
@@ -342,16 +364,14 @@ async def _decoded(raw: AsyncIterator[bytes], decode: AsyncDecoder) -> AsyncIter
 
 
 def _rewrap(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
-    """A handler like `handler` (same kind, same response serializer) that runs `behavior` on the request's
-    bytes: `behavior` deserializes them itself (`_decoder`)."""
-    if handler.request_streaming and handler.response_streaming:
+    """A handler of `handler`'s responses (one or a stream, the same serializer) that runs `behavior` on a
+    stream of the request's bytes, whatever the method: grpc starts it once the call's headers are in, not
+    once a unary request's message is, and `behavior` takes that message (`_first`) and deserializes it
+    itself (`_decoder`). On the wire a unary request is a stream of one message."""
+    if handler.response_streaming:
         make = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
     else:
-        make = grpc.unary_unary_rpc_method_handler
+        make = grpc.stream_unary_rpc_method_handler
     return make(behavior, None, handler.response_serializer)
 
 

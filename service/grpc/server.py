@@ -43,15 +43,18 @@ def connection_options(settings: Settings) -> list[tuple[str, int]]:
     (`service/http/connections.py`): a connection past `grpc_max_connections` is closed at accept; one whose
     client has not sent its HTTP/2 settings (after TLS) within `grpc_handshake_timeout_s` is sent GOAWAY and
     closed, whatever it sends byte by byte; one without a call for `grpc_idle_timeout_s` is sent GOAWAY and
-    closed, and a client's channel connects again for its next call. Without them a connection that never
-    sent its settings stayed open for the core's default of two minutes, one without calls for ever, and
-    their number, each a file descriptor of the worker that HTTP shares, had no bound. The core counts and
-    logs none of these: its clients see UNAVAILABLE, or a new connection."""
+    closed, and a client's channel connects again for its next call; at most `grpc_max_streams` calls are
+    open at once on one connection (the client holds its next ones until one ends). Without them a
+    connection that never sent its settings stayed open for the core's default of two minutes, one without
+    calls for ever, and neither their number, each a file descriptor of the worker that HTTP shares, nor
+    the calls on each had a bound (a call's wait for its message is the interceptor's, `_first`). The core
+    counts and logs none of these: its clients see UNAVAILABLE, or a new connection."""
     return [
         ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", int(settings.grpc_max_connections)),
         ("grpc.server_handshake_timeout_ms", round(settings.grpc_handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", round(settings.grpc_idle_timeout_s * 1000)),
+        ("grpc.max_concurrent_streams", int(settings.grpc_max_streams)),
     ]
 
 
