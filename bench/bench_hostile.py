@@ -591,82 +591,85 @@ class Abuse:
                 call.cancel()
 
     def grpc_flood(self) -> None:
-        """Every 10 s, 1100 connections at once to the gRPC port (past the default grpc_max_connections of
-        1000) for 2 s; meanwhile a few calls, each on a connection of its own, timed to their UNAVAILABLE
-        (`grpc_refusal_seconds`)."""
+        """`_flood` on the gRPC port; its probes are calls, each on a connection of its own, timed to their
+        UNAVAILABLE (`grpc_refusal_seconds`)."""
         import grpc  # noqa: PLC0415 - only the gRPC kinds speak gRPC
 
         port = self.server.grpc_port
         options = [("grpc.use_local_subchannel_pool", 1)]  # channels of one target share connections else
         live = "/inference.GRPCInferenceService/ServerLive"
+
+        def probe() -> None:
+            start = time.perf_counter()
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                call = channel.unary_unary(live, request_serializer=None, response_deserializer=None)
+                try:
+                    call(b"", timeout=5)
+                    self.received["grpc_flood"]["probe OK"] += 1
+                except grpc.RpcError as exc:
+                    self.received["grpc_flood"][f"probe {exc.code().name}"] += 1
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.grpc_refusal_seconds.append(time.perf_counter() - start)
+
+        def state(sock: socket.socket) -> str:
+            """Closed, or (BlockingIOError) still open: what the server sent first (its settings) is read."""
+            while sock.recv(4096):
+                pass
+            return "closed"
+
+        self._flood("grpc_flood", port, probe, state)
+
+    def flood(self) -> None:
+        """`_flood` on the HTTP port (past the default max_connections of 1000); its probes are connections
+        timed from connect to their 503 (`refusal_seconds`)."""
+
+        def probe() -> None:
+            start = time.perf_counter()
+            try:
+                with self._connect() as sock:
+                    status = self._status_of(sock, 5)
+            except OSError:
+                status = "error"
+            if status == "503":
+                self.refusal_seconds.append(time.perf_counter() - start)
+
+        def state(sock: socket.socket) -> str:
+            data = sock.recv(4096)
+            return data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+
+        self._flood("flood", None, probe, state)
+
+    def _flood(
+        self,
+        kind: str,
+        port: int | None,
+        probe: Callable[[], None],
+        state: Callable[[socket.socket], str],
+    ) -> None:
+        """Every 10 s, 1100 connections at once (past a limit of 1000) for 2 s, `probe()` every 0.2 s
+        meanwhile; then each connection counted by `state` (its answer, or "closed"), "accepted" if still
+        open."""
         while not self.stop.is_set():
             socks = []
             for _ in range(1100):
                 try:
                     socks.append(self._connect(port))
                 except OSError as exc:
-                    self.received["grpc_flood"][type(exc).__name__] += 1
+                    self.received[kind][type(exc).__name__] += 1
             for sock in socks:
                 sock.setblocking(False)
             probe_end = time.monotonic() + 2
             while time.monotonic() < probe_end:
-                start = time.perf_counter()
-                with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                    call = channel.unary_unary(live, request_serializer=None, response_deserializer=None)
-                    try:
-                        call(b"", timeout=5)
-                        self.received["grpc_flood"]["probe OK"] += 1
-                    except grpc.RpcError as exc:
-                        self.received["grpc_flood"][f"probe {exc.code().name}"] += 1
-                        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                            self.grpc_refusal_seconds.append(time.perf_counter() - start)
+                probe()
                 time.sleep(0.2)
             for sock in socks:
                 try:
-                    data = sock.recv(4096)
-                    while data:
-                        data = sock.recv(4096)
-                    status = "closed"
+                    status = state(sock)
                 except BlockingIOError:
                     status = "accepted"
                 except OSError:
                     status = "reset"
-                self.received["grpc_flood"][status] += 1
-                sock.close()
-            self.stop.wait(8)
-
-    def flood(self) -> None:
-        """Every 10 s, 1100 connections at once (past the default max_connections of 1000) for 2 s; meanwhile
-        a few more, timed from connect to the 503 (`refusal_seconds`)."""
-        while not self.stop.is_set():
-            socks = []
-            for _ in range(1100):
-                try:
-                    socks.append(self._connect())
-                except OSError as exc:
-                    self.received["flood"][type(exc).__name__] += 1
-            for sock in socks:
-                sock.setblocking(False)
-            probe_end = time.monotonic() + 2
-            while time.monotonic() < probe_end:
-                start = time.perf_counter()
-                try:
-                    with self._connect() as probe:
-                        status = self._status_of(probe, 5)
-                except OSError:
-                    status = "error"
-                if status == "503":
-                    self.refusal_seconds.append(time.perf_counter() - start)
-                time.sleep(0.2)
-            for sock in socks:
-                try:
-                    data = sock.recv(4096)
-                    status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
-                except BlockingIOError:
-                    status = "accepted"
-                except OSError:
-                    status = "reset"
-                self.received["flood"][status] += 1
+                self.received[kind][status] += 1
                 sock.close()
             self.stop.wait(8)
 
