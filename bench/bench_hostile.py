@@ -124,7 +124,8 @@ class Server:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("server not ready")
+                self.stop()  # its arbiter would go on restarting a worker that fails at start-up
+                raise TimeoutError(f"server not ready:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.5)
 
     def workers(self) -> list[psutil.Process]:
