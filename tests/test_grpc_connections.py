@@ -45,11 +45,10 @@ def served() -> Iterator[Served]:
 
 def _open_on_server(port: int) -> int:
     """Connections this process's gRPC server holds open on `port` (its side of each)."""
-    return sum(
-        1
-        for c in psutil.Process().net_connections(kind="tcp")
-        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
-    )
+    process = psutil.Process()
+    listed = getattr(process, "net_connections", None) or process.connections  # psutil 6 renamed it
+    established = psutil.CONN_ESTABLISHED
+    return sum(1 for c in listed(kind="tcp") if c.laddr and c.laddr.port == port and c.status == established)
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> float:
