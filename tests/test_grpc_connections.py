@@ -81,32 +81,44 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
+def _lifetimes(socks: dict[str, socket.socket], tick: Callable[[dict[str, float]], None]) -> dict[str, float]:
+    """Seconds until the server closed each of `socks` (opened just before), up to 10 s; `tick(lived)` runs
+    every 50 ms meanwhile. The sockets are closed on return."""
+    opened = time.monotonic()
+    for sock in socks.values():
+        sock.setblocking(False)
+    lived: dict[str, float] = {}
+    while len(lived) < len(socks) and time.monotonic() - opened < 10:
+        tick(lived)
+        for name, sock in socks.items():
+            if name not in lived and _closed(sock):
+                lived[name] = time.monotonic() - opened
+        time.sleep(0.05)
+    for sock in socks.values():
+        sock.close()
+    return lived
+
+
 def test_sockets_that_never_send_their_settings_are_closed_after_the_handshake_timeout(
     served: Served,
 ) -> None:
     """One connection sends nothing, the other the HTTP/2 preface a byte at a time (slowloris): both are
     closed once `grpc_handshake_timeout_s` has passed since accept, not before; the port goes on serving."""
     port = served.server.port
-    silent = socket.create_connection(("127.0.0.1", port))
     slow = socket.create_connection(("127.0.0.1", port))
-    opened = time.monotonic()
-    for sock in (silent, slow):
-        sock.setblocking(False)
-    lived: dict[str, float] = {}
+    socks = {"silent": socket.create_connection(("127.0.0.1", port)), "slow": slow}
     sent = 0
-    while len(lived) < 2 and time.monotonic() - opened < 10:
+
+    def one_byte(lived: dict[str, float]) -> None:
+        nonlocal sent
         if "slow" not in lived and sent < len(PREFACE):
             try:
                 slow.send(PREFACE[sent : sent + 1])
                 sent += 1
             except OSError:
                 pass
-        for name, sock in (("silent", silent), ("slow", slow)):
-            if name not in lived and _closed(sock):
-                lived[name] = time.monotonic() - opened
-        time.sleep(0.05)
-    silent.close()
-    slow.close()
+
+    lived = _lifetimes(socks, one_byte)
     assert set(lived) == {"silent", "slow"}, lived
     for name, seconds in lived.items():
         assert HANDSHAKE_S * 0.8 <= seconds <= HANDSHAKE_S + 3, (name, seconds)
@@ -127,18 +139,7 @@ def test_a_tls_port_and_its_health_port_close_connections_that_never_finish_thei
     tls = socket.create_connection(("127.0.0.1", server.port))
     tls.sendall(b"\x16\x03\x01\x02")  # a TLS handshake record's header, cut short
     health = socket.create_connection(("127.0.0.1", server.health_port))
-    opened = time.monotonic()
-    socks = {"tls": tls, "health": health}
-    for sock in socks.values():
-        sock.setblocking(False)
-    lived: dict[str, float] = {}
-    while len(lived) < 2 and time.monotonic() - opened < 10:
-        for name, sock in socks.items():
-            if name not in lived and _closed(sock):
-                lived[name] = time.monotonic() - opened
-        time.sleep(0.05)
-    for sock in socks.values():
-        sock.close()
+    lived = _lifetimes({"tls": tls, "health": health}, lambda lived: None)
     assert set(lived) == {"tls", "health"}, lived
     for name, seconds in lived.items():
         assert HANDSHAKE_S * 0.8 <= seconds <= HANDSHAKE_S + 3, (name, seconds)
