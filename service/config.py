@@ -108,6 +108,12 @@ class Settings:
 
     # Limits on what clients send
     max_request_bytes: int = _setting(32 * 1024 * 1024, "largest request body or gRPC message, bytes")
+    receive_memory_mb: int = _setting(
+        512,
+        "MiB of request bodies and gRPC messages the worker holds at once, from before they are read to the "
+        "request's end (a gRPC message counts as max_request_bytes until it has arrived); a request that "
+        "does not fit waits, until its deadline: overloaded",
+    )
     max_images_per_request: int = _setting(64, "images in one batch request")
     max_views_per_request: int = _setting(
         400, "images x test-time views (multiscale: 30 each) in one request; beyond it: 400"
@@ -190,6 +196,17 @@ class Settings:
         "gRPC: a connection without a call for this many seconds is sent GOAWAY and closed; a client's "
         "channel connects again for its next call",
     )
+    grpc_max_calls: int = _setting(
+        1000,
+        "gRPC calls in progress at once, all connections together (health aside); one more is refused "
+        "RESOURCE_EXHAUSTED at once",
+    )
+    grpc_bdp_probe: bool = _setting(
+        False,
+        "gRPC: let HTTP/2 flow control widen each stream's window to the measured bandwidth-delay product: "
+        "faster large messages over long links, but a call waiting for receive_memory_mb may then hold up "
+        "to 64 MiB of its message in grpc's core (docs/SERVING.md)",
+    )
     grpc_max_streams: int = _setting(
         1000,
         "gRPC: calls open at once on one connection (HTTP/2 streams); a client's next ones wait for a slot "
@@ -255,6 +272,13 @@ class Settings:
         # grpcio takes message sizes as a C int: past 2 GiB - 1 the server would fail after start-up.
         if not 1 <= self.max_request_bytes <= 2**31 - 1:
             raise ValueError(f"max_request_bytes must be between 1 and {2**31 - 1}")
+        if not 1 <= self.receive_memory_mb <= 2**20:
+            raise ValueError(f"receive_memory_mb must be between 1 and {2**20}")
+        if self.receive_memory_mb << 20 < self.max_request_bytes:
+            raise ValueError(
+                f"receive_memory_mb ({self.receive_memory_mb} MiB) must hold one request of "
+                f"max_request_bytes ({self.max_request_bytes} bytes)"
+            )
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
             raise ValueError(f"request_timeout_s must be a positive number, not {self.request_timeout_s!r}")
         if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1):
@@ -284,6 +308,8 @@ class Settings:
         # gRPC's core stops the whole process at start-up on 2**31 - 1 (its own check, not an exception).
         if not 1 <= self.grpc_max_connections < 2**31 - 1:
             raise ValueError(f"grpc_max_connections must be between 1 and {2**31 - 2}")
+        if self.grpc_max_calls < 1:
+            raise ValueError("grpc_max_calls must be at least 1")
         if not 1 <= self.grpc_max_streams < 2**31 - 1:
             raise ValueError(f"grpc_max_streams must be between 1 and {2**31 - 2}")
         if self.body_read_ahead_bytes < 1:

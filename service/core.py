@@ -36,6 +36,7 @@ from service.integrity import FileCheck
 from service.memory import IdleTrim, MemoryBudget, return_memory
 from service.models import LoadedModel, ModelSet
 from service.postprocessing import ClassScore
+from service.receiving import ReceiveBudget
 from service.repository import ModelCard
 from service.sessions import ModelSession
 
@@ -58,6 +59,7 @@ class Observer(Protocol):
 
     def queue_depth(self, n: int) -> None: ...
     def decode_memory(self, nbytes: int) -> None: ...
+    def receive_memory(self, nbytes: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
     def preprocess(self, seconds: float) -> None: ...
     def inference(self, seconds: float, batch_size: int, model: str, version: str) -> None: ...
@@ -72,6 +74,9 @@ class NullObserver:
         pass
 
     def decode_memory(self, nbytes: int) -> None:
+        pass
+
+    def receive_memory(self, nbytes: int) -> None:
         pass
 
     def queue_wait(self, seconds: float) -> None:
@@ -171,6 +176,10 @@ class InferenceCore:
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
         self.limits = decoding.Limits.from_settings(self.settings)
         self.decode_memory = MemoryBudget(self.limits.max_decode_bytes, self.observer.decode_memory)
+        # What the transports hold of requests still arriving (`service/receiving.py`).
+        self.receive_memory = ReceiveBudget(
+            self.settings.receive_memory_mb << 20, self.observer.receive_memory
+        )
         # The model_info metric follows every load, swap and unload.
         publish = lambda: self.observer.model_info(self.models())  # noqa: E731
         self.model_set = ModelSet(self.settings, self.limits, self.observer, on_change=publish)

@@ -126,6 +126,12 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.receive_memory_gauge = prom.Gauge(
+            f"{PREFIX}_receive_memory_bytes",
+            "Bytes reserved by requests being received and not yet answered, against receive_memory_mb.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.in_flight_gauge = prom.Gauge(
             f"{PREFIX}_in_flight_requests",
             "Requests being answered now, by protocol.",
@@ -294,6 +300,9 @@ class Metrics:
 
     def decode_memory(self, nbytes: int) -> None:
         self.decode_memory_gauge.set(nbytes)
+
+    def receive_memory(self, nbytes: int) -> None:
+        self.receive_memory_gauge.set(nbytes)
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(max(0.0, seconds))

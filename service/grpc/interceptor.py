@@ -54,6 +54,7 @@ from service.errors import (
 from service.grpc import messages
 from service.metrics import Metrics
 from service.priority import as_work
+from service.receiving import ReceiveBudget, Reservation
 
 log = logging.getLogger("service.grpc")
 access_log = logs.access_logger()
@@ -122,6 +123,7 @@ class _Call:
     """One call in progress: its request message once decoded (None before, or for a stream of them)."""
 
     request_id: str
+    reservation: Reservation
     request: Any = field(default=None)
     version: str = ""  # the version that answered, from the response (Classify's, ModelInfer's)
 
@@ -130,12 +132,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Authentication, request ids, metrics, access log and error mapping for every call of one server.
 
     `active` counts the calls inside a handler now (health aside): the drain stops the server once it has
-    stayed at 0 for a moment."""
+    stayed at 0 for a moment. `calls` counts them all, health included, against `grpc_max_calls`. `receive`
+    is the worker's receive budget (`service/receiving.py`), shared with HTTP."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, receive: ReceiveBudget | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.receive = receive
         self.active = 0
+        self.calls = 0
 
     async def intercept_service(
         self,
@@ -165,10 +172,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         streams_requests = handler.request_streaming
 
         async def requests(raw: AsyncIterator[bytes], call: _Call, context: grpc.aio.ServicerContext) -> Any:
-            """The behavior's argument: the decoded message, or the stream of them decoded one by one."""
+            """The behavior's argument: the decoded message, or the stream of them decoded one by one. Each
+            message is waited for with `max_request_bytes` reserved from the receive budget (grpc's core takes
+            in as much as the message declares once it is asked for), by the call's deadline."""
+            timeout_s = self.settings.request_timeout_s
             if streams_requests:
-                return _decoded(raw, decode)
-            message = await _first(raw, deadline_from(context, self.settings.request_timeout_s))
+                return _decoded(raw, decode, call.reservation, self.settings.max_request_bytes, timeout_s)
+            deadline = deadline_from(context, timeout_s)
+            await call.reservation.reserve(self.settings.max_request_bytes, deadline)
+            message = await _first(raw, deadline)
+            call.reservation.keep(len(message))  # held with the request until the call ends
             call.request = await decode(message)
             return call.request
 
@@ -176,6 +189,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with self._call(method, context) as call:
+                    self._admit()
                     self._authorize(method, context)
                     async for response in behavior(await requests(raw, call, context), context):
                         yield response
@@ -184,6 +198,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context) as call:
+                self._admit()
                 self._authorize(method, context)
                 result = behavior(await requests(raw, call, context), context)
                 response = await result if inspect.isawaitable(result) else result
@@ -191,6 +206,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
         return coroutine
+
+    def _admit(self) -> None:
+        """Past `grpc_max_calls` (this call counted) the call is refused at once, before its message."""
+        if self.calls > self.settings.grpc_max_calls:
+            raise Overloaded(
+                f"the server has {self.calls - 1} gRPC calls in progress, its limit (grpc_max_calls)"
+            )
 
     def _authorize(self, method: _Method, context: grpc.aio.ServicerContext) -> None:
         """The call's token, checked first in `_call`'s body, before the request is decoded: a client without
@@ -216,7 +238,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         An error ends the call with its status set on the context, and the body's exception is not raised
         further (see `_fail`): the behavior's wrapper returns nothing, which grpc does not send."""
         request_id = logs.request_id(metadata_value(context, REQUEST_ID_KEY))
-        call = _Call(request_id)
+        call = _Call(request_id, Reservation(self.receive))
         # Set first, so that an abort from inside a servicer (health's NOT_FOUND) carries it as well.
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         start = time.perf_counter()
@@ -226,6 +248,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             self.active += 1
             if self.metrics is not None:
                 in_flight = self.metrics.in_flight("grpc")
+        self.calls += 1
         try:
             with in_flight:
                 try:
@@ -246,6 +269,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     _fail(context, ServiceError("internal error"), request_id)
                     forget_traceback(err)
         finally:
+            self.calls -= 1
+            call.reservation.close()
             if method.observe:
                 self.active -= 1
                 seconds = time.perf_counter() - start
@@ -342,9 +367,17 @@ def _decoder(deserializer: Decoder | None, max_fields: int) -> AsyncDecoder:
 
 
 async def _first(raw: AsyncIterator[bytes], deadline: float) -> bytes:
-    """A unary method's one request message, from the stream grpc hands the interceptor (`_rewrap`), by
-    `deadline` (`time.monotonic()`): a client that opens a call and never sends it, or sends it slowly, holds
-    the call and its stream no longer."""
+    """A unary method's one request message (`_next`)."""
+    message = await _next(raw, deadline)
+    if message is None:
+        raise InvalidArgument("the call ended without its request message")
+    return message
+
+
+async def _next(raw: AsyncIterator[bytes], deadline: float) -> bytes | None:
+    """The next request message of the stream grpc hands the interceptor (`_rewrap`), None once the client
+    has sent its last, by `deadline` (`time.monotonic()`): a client that opens a call and never sends it,
+    or sends it slowly, holds the call and its stream no longer."""
     remaining = max(0.0, deadline - time.monotonic())
     try:
         return await asyncio.wait_for(anext(aiter(raw)), remaining)
@@ -354,12 +387,25 @@ async def _first(raw: AsyncIterator[bytes], deadline: float) -> bytes:
             "request_timeout_s)"
         ) from None
     except StopAsyncIteration:
-        raise InvalidArgument("the call ended without its request message") from None
+        return None
 
 
-async def _decoded(raw: AsyncIterator[bytes], decode: AsyncDecoder) -> AsyncIterator[Any]:
-    """A stream of requests, each decoded as it arrives."""
-    async for message in raw:
+async def _decoded(
+    raw: AsyncIterator[bytes], decode: AsyncDecoder, reservation: Reservation, reserve: int, timeout_s: float
+) -> AsyncIterator[Any]:
+    """A stream of requests, each decoded as it arrives. Each is waited for with `reserve` bytes held from
+    the receive budget, given back once it is in, and must arrive within `timeout_s` of the last: a stream
+    left waiting would hold its reservation."""
+    stream = aiter(raw)
+    while True:
+        deadline = time.monotonic() + timeout_s
+        await reservation.reserve(reserve, deadline)
+        try:
+            message = await _next(stream, deadline)
+        finally:
+            reservation.keep(0)
+        if message is None:
+            return
         yield await decode(message)
 
 

@@ -36,6 +36,8 @@ HEALTH_REFRESH_S = 0.5
 SETTLE_S, SETTLE_POLL_S = 0.2, 0.02
 # Room for the answer to a full batch (probabilities of 1000 classes per image) whatever the receive limit.
 MIN_SEND_BYTES = 16 * 1024 * 1024
+# A health request names a service: the health-only port takes no larger message.
+HEALTH_MESSAGE_BYTES = 4096
 
 
 def connection_options(settings: Settings) -> list[tuple[str, int]]:
@@ -48,13 +50,19 @@ def connection_options(settings: Settings) -> list[tuple[str, int]]:
     connection that never sent its settings stayed open for the core's default of two minutes, one without
     calls for ever, and neither their number, each a file descriptor of the worker that HTTP shares, nor
     the calls on each had a bound (a call's wait for its message is the interceptor's, `_first`). The core
-    counts and logs none of these: its clients see UNAVAILABLE, or a new connection."""
+    counts and logs none of these: its clients see UNAVAILABLE, or a new connection.
+
+    Without `grpc_bdp_probe` the core never widens a stream's window past HTTP/2's 64 KiB before its
+    handler asks for a message: a call waiting for room in the receive budget (`service/receiving.py`)
+    then holds no more of its message than that. With it, the window grows with the measured bandwidth and
+    delay, up to 64 MiB a stream whatever the budget."""
     return [
         ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", int(settings.grpc_max_connections)),
         ("grpc.server_handshake_timeout_ms", round(settings.grpc_handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", round(settings.grpc_idle_timeout_s * 1000)),
         ("grpc.max_concurrent_streams", int(settings.grpc_max_streams)),
+        ("grpc.http2.bdp_probe", int(settings.grpc_bdp_probe)),
     ]
 
 
@@ -71,7 +79,7 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._watch: asyncio.Task | None = None
-        self.interceptor = ServiceInterceptor(settings, metrics)
+        self.interceptor = ServiceInterceptor(settings, metrics, core.receive_memory)
 
     def _options(self) -> list[tuple[str, Any]]:
         limit = int(self.settings.max_request_bytes)
@@ -109,7 +117,15 @@ class GrpcServer:
         self.port = _bind(server, self._address(self.settings.grpc_port), credentials)
         health_server = None
         if credentials is not None and self.settings.grpc_health_port:
-            health_server = grpc.aio.server(options=connection_options(self.settings))
+            # The same interceptor: its calls count with the main port's, and wait for their message within
+            # the receive budget and the request timeout.
+            health_server = grpc.aio.server(
+                options=[
+                    *connection_options(self.settings),
+                    ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES),
+                ],
+                interceptors=[self.interceptor],
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_port = _bind(health_server, self._address(self.settings.grpc_health_port), None)
         await self.refresh_health()

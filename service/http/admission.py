@@ -58,6 +58,32 @@ def hold_from_headers(core: Any, scope: dict, headers: dict[str, str], settings:
     return core.hold(time.monotonic() + seconds, views)
 
 
+def body_bytes(headers: dict[str, str], settings: Settings) -> int:
+    """What a request's body may hold once read, reserved from the receive budget (`service/receiving.py`)
+    before it is: its Content-Length; `max_request_bytes` when it is chunked or compressed (its size is
+    known only once read); nothing past `max_request_bytes`, which the route refuses (413) unread."""
+    encoded = headers.get("content-encoding", "").strip().lower() not in ("", "identity")
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return settings.max_request_bytes
+    declared = headers.get("content-length", "")
+    if not (declared.isascii() and declared.isdigit()) or int(declared) > settings.max_request_bytes:
+        return 0
+    return settings.max_request_bytes if encoded and int(declared) else int(declared)
+
+
+def request_deadline(headers: dict[str, str], settings: Settings) -> float:
+    """The request's deadline (`time.monotonic()`): `request_timeout_s`, or the client's shorter
+    `x-request-timeout-ms` (a malformed one is the route's to refuse)."""
+    seconds = settings.request_timeout_s
+    try:
+        asked = float(headers.get("x-request-timeout-ms", "")) / 1000.0
+    except ValueError:
+        asked = math.inf
+    if math.isfinite(asked) and asked > 0:
+        seconds = min(seconds, asked)
+    return time.monotonic() + seconds
+
+
 def _last(query: dict[str, list[str]], key: str) -> str | None:
     values = query.get(key)
     return values[-1] if values else None

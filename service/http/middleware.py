@@ -17,8 +17,9 @@ from service import logs
 from service.auth import REALM, check_bearer
 from service.config import Settings
 from service.errors import Overloaded, Unauthenticated
+from service.receiving import Reservation
 
-from .admission import hold_from_headers
+from .admission import body_bytes, hold_from_headers, request_deadline
 from .api import open_rule
 from .responses import error_response, internal_message, plain_error
 
@@ -60,6 +61,8 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = {"code": 500, "bytes": 0, "sent": 0}
         hold = None
+        core = self.core()
+        reservation = Reservation(core.receive_memory if core is not None else None)
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -95,7 +98,11 @@ class RequestContextMiddleware:
                     metrics.request("-", "-", "http", "404", time.perf_counter() - start)
                 return
             try:
-                hold = hold_from_headers(self.core(), scope, headers, self.settings)
+                hold = hold_from_headers(core, scope, headers, self.settings)
+                # Room for the body before a byte of it is read (`service/receiving.py`).
+                await reservation.reserve(
+                    body_bytes(headers, self.settings), request_deadline(headers, self.settings)
+                )
             except Overloaded as refused:  # answered from the headers, the body left unread
                 await error_response(refused, request_id)(scope, receive, send_with_id)
                 metrics = self.metrics()
@@ -117,6 +124,7 @@ class RequestContextMiddleware:
                 message = internal_message(request_id)
                 await plain_error(500, "internal", message, request_id)(scope, receive, send_with_id)
         finally:
+            reservation.close()
             if hold is not None:  # the request ended before its admission took the hold back
                 self.core().release_hold(hold)
             content_length = headers.get("content-length", "")
