@@ -25,7 +25,10 @@ views once the form is read: what reading and splitting a large form costs the l
 event loop, each would hold it; `bench_messages.py` says for how long), `grpc_idle` (500 connections to the
 gRPC port that never send the HTTP/2 preface) and `grpc_flood` (connections past `grpc_max_connections` every
 10 s, with calls on new connections timed to their UNAVAILABLE), `grpc_held` (2,000 `ModelInfer` calls kept
-open on one connection that never send their message).
+open on one connection that never send their message), `held_bodies` (100 connections each sending 30 MiB of a
+32 MiB body, then a byte every 5 s) and `grpc_held_messages` (100 `ModelInfer` calls on two raw HTTP/2
+connections each sending all but the last byte of a 30 MiB message as fast as the server lets it): the
+request bytes a worker holds while they arrive (`receive_memory_mb`).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -68,7 +71,15 @@ from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
-EXTRA_KINDS = ("big_form", "grpc_fields", "grpc_idle", "grpc_flood", "grpc_held")  # chosen by name only
+EXTRA_KINDS = (  # chosen by name only
+    "big_form",
+    "grpc_fields",
+    "grpc_idle",
+    "grpc_flood",
+    "grpc_held",
+    "held_bodies",
+    "grpc_held_messages",
+)
 PACED = (
     "json_bomb",
     "big_json",
@@ -590,6 +601,89 @@ class Abuse:
             never.set()
             for call in open_calls:
                 call.cancel()
+
+    def held_bodies(self) -> None:
+        """100 connections, each sending 30 MiB of a 32 MiB body as fast as the server reads it, then a byte
+        every 5 s (within `body_timeout_s`) until answered; answered ones are counted and opened again."""
+        kind, count, declared, sent_at_most = "held_bodies", 100, 32 << 20, 30 << 20
+        chunk = b"\0" * (1 << 16)
+        socks: dict[int, tuple[socket.socket, list[int]]] = {}
+        while not self.stop.is_set():
+            for i in range(count):
+                if i not in socks:
+                    try:
+                        sock = self._connect()
+                        sock.sendall(
+                            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                            + f"Content-Length: {declared}\r\n\r\n".encode()
+                        )
+                        sock.setblocking(False)
+                        socks[i] = (sock, [0, 0])  # bytes sent, when the last trickled byte went
+                    except OSError as exc:
+                        self.received[kind][type(exc).__name__] += 1
+                        continue
+                sock, state = socks[i]
+                try:
+                    answer = sock.recv(4096)
+                    answered = answer.startswith(b"HTTP/1.1 ")
+                    status = answer.split(b" ", 2)[1].decode() if answered else "closed"
+                    self.received[kind][status] += 1
+                    sock.close()
+                    del socks[i]
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    self.received[kind][type(exc).__name__] += 1
+                    sock.close()
+                    del socks[i]
+                    continue
+                try:
+                    if state[0] < sent_at_most:
+                        state[0] += sock.send(chunk[: sent_at_most - state[0]])
+                    elif time.monotonic() - state[1] > 5:
+                        state[0] += sock.send(b"\0")
+                        state[1] = int(time.monotonic())
+                except BlockingIOError:
+                    pass  # the server reads no more of it for now
+                except OSError as exc:
+                    self.received[kind][type(exc).__name__] += 1
+                    sock.close()
+                    del socks[i]
+            self.stop.wait(0.01)
+        for sock, _ in socks.values():
+            sock.close()
+
+    def grpc_held_messages(self) -> None:
+        """Two raw HTTP/2 connections of 50 `ModelInfer` calls each, every call sending all but the last byte
+        of a 30 MiB message as fast as the server's flow control lets it; a connection whose calls have all
+        ended, or that the server closed, is opened again."""
+        sys.path.insert(0, str(ROOT))
+        from bench.raw_http2 import RawCalls  # noqa: PLC0415 - only this kind speaks raw HTTP/2
+
+        kind = "grpc_held_messages"
+        path = "/inference.GRPCInferenceService/ModelInfer"
+        conns: list[RawCalls | None] = [None, None]
+        while not self.stop.is_set():
+            for i, conn in enumerate(conns):
+                try:
+                    if conn is None:
+                        conns[i] = conn = RawCalls(self.host, self.server.grpc_port, path, 50, 30 << 20)
+                        self.received[kind]["connections opened"] += 1
+                    conn.run(0.05)
+                    if len(conn.ended) == len(conn.window):
+                        self.received[kind]["calls ended by the server"] += len(conn.ended)
+                        conn.close()
+                        conns[i] = None
+                except OSError as exc:
+                    self.received[kind][type(exc).__name__] += 1
+                    if conn is not None:
+                        self.received[kind]["calls ended by the server"] += len(conn.ended)
+                        conn.close()
+                    conns[i] = None
+        for conn in conns:
+            if conn is not None:
+                conn.close()
 
     def grpc_flood(self) -> None:
         """`_flood` on the gRPC port; its probes are calls, each on a connection of its own, timed to their

@@ -2,15 +2,17 @@
 connections together (`receive_memory_mb`).
 
 Each transport bounds one request (`max_request_bytes`) and the connections (`max_connections`,
-`grpc_max_connections`, `grpc_max_streams`), not their product: 60 HTTP connections each sending 30 MiB of
-a body took the worker to 2 GB in 3 s, and 100 gRPC calls each sending 30 MiB of a message to 3 GB, since
-grpc's core widens a stream's window to the size its message declares once a handler asks for it. So a
-request reserves room here before its bytes are read and keeps it until it ends: an HTTP body its
-Content-Length (`max_request_bytes` when chunked or compressed, which say nothing of the size read), a gRPC
-message `max_request_bytes` until it has arrived (its size is known only then), then its size. A request
-that does not fit waits, first come first served, until its deadline: Overloaded (503 with Retry-After,
-RESOURCE_EXHAUSTED). Its bytes meanwhile stay where the transport's flow control keeps them: HTTP's read
-ahead (`body_read_ahead_bytes`) and the socket's buffer; a gRPC stream's initial window.
+`grpc_max_connections`, `grpc_max_streams`), not their product: clients each sending most of a large body,
+or most of a large gRPC message (grpc's core widens a stream's window to the size its message declares once
+a handler asks for it), took the worker to gigabytes in seconds (docs/BENCHMARKS.md). So a request
+reserves room here before its bytes are read and keeps it until it ends: an HTTP body its Content-Length
+(`max_request_bytes` when chunked or compressed, which say nothing of the size read), a gRPC message
+`max_request_bytes` until it has arrived (its size is known only then), then its size. A request that does not
+fit waits until its deadline: Overloaded (503 with Retry-After, RESOURCE_EXHAUSTED). Waiters that fit go
+first, in arrival order, whatever waits before them: a client that holds large bodies open would otherwise
+keep every small request behind its next one. Its bytes meanwhile stay where the transport's flow control
+keeps them: HTTP's read ahead (`body_read_ahead_bytes`) and the socket's buffer; a gRPC stream's initial
+window.
 
 The budget is asyncio's, for the one event loop of a worker; waiters on other loops (tests run servers on
 loops of their own) are woken on theirs.
@@ -32,8 +34,8 @@ def _mib(nbytes: int) -> str:
 
 
 class ReceiveBudget:
-    """A byte-counting semaphore for coroutines, first come first served (a large body is never starved by
-    small ones); `used` and `peak` for tests and the metrics' gauge (`observe`)."""
+    """A byte-counting semaphore for coroutines, each waiter that fits served in arrival order; `used` and
+    `peak` for tests and the metrics' gauge (`observe`)."""
 
     def __init__(self, capacity: int, observe: Callable[[int], None] | None = None) -> None:
         if capacity < 1:
@@ -54,15 +56,14 @@ class ReceiveBudget:
             return len(self._waiting)
 
     async def acquire(self, nbytes: int, deadline: float) -> None:
-        """Room for `nbytes`, once every earlier waiter has had its own; Overloaded at `deadline`
-        (`time.monotonic()`)."""
+        """Room for `nbytes`, as soon as it fits; Overloaded at `deadline` (`time.monotonic()`)."""
         if nbytes > self.capacity:
             raise RequestTooLarge(
                 f"a request of {_mib(nbytes)} MiB exceeds receive_memory_mb ({_mib(self.capacity)} MiB)"
             )
         loop = asyncio.get_running_loop()
         with self._lock:
-            if not self._waiting and self.used + nbytes <= self.capacity:
+            if self.used + nbytes <= self.capacity:
                 self._grant(nbytes)
                 return
             future: asyncio.Future[None] = loop.create_future()
@@ -75,7 +76,6 @@ class ReceiveBudget:
                 granted = entry not in self._waiting  # `_wake` counts a grant before the future hears of it
                 if not granted:
                     self._waiting.remove(entry)
-                    self._wake()  # the next in line may fit now that this one left the head
             if granted:  # granted as the wait ended: give it back
                 self.release(nbytes)
             if isinstance(err, TimeoutError):
@@ -99,9 +99,12 @@ class ReceiveBudget:
         self._observe(self.used)
 
     def _wake(self) -> None:
-        """Grant the waiters at the head that fit now (under the lock)."""
-        while self._waiting and self.used + self._waiting[0][0] <= self.capacity:
-            nbytes, loop, future = self._waiting.popleft()
+        """Grant the waiters that fit now, in arrival order (under the lock)."""
+        for entry in list(self._waiting):
+            nbytes, loop, future = entry
+            if self.used + nbytes > self.capacity:
+                continue
+            self._waiting.remove(entry)
             self._grant(nbytes)
             try:
                 loop.call_soon_threadsafe(_settle, future)

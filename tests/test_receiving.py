@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.raw_http2 import WINDOW, RawCalls
 from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.config import Settings
@@ -29,13 +28,15 @@ from tests.test_grpc import Served, need_models, settings_for
 
 MIB = 1 << 20
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-WINDOW = 65_535  # HTTP/2's initial stream window, which the server keeps without `grpc_bdp_probe`
 
 
 # --- the budget itself --------------------------------------------------------------------------------------
 
 
-def test_the_budget_serves_in_arrival_order_and_refuses_at_the_deadline() -> None:
+def test_the_budget_serves_whoever_fits_and_refuses_at_the_deadline() -> None:
+    """A request that fits goes before a larger one that waits: a client holding large bodies open must not
+    keep every small request behind its next one."""
+
     async def main() -> None:
         budget = ReceiveBudget(10)
         await budget.acquire(6, time.monotonic() + 1)
@@ -47,12 +48,12 @@ def test_the_budget_serves_in_arrival_order_and_refuses_at_the_deadline() -> Non
 
         big = asyncio.create_task(take("big", 8))
         await asyncio.sleep(0.05)
-        small = asyncio.create_task(take("small", 2))  # fits now, but arrived after the big one
-        await asyncio.sleep(0.05)
-        assert order == [] and budget.waiting == 2
+        small = asyncio.create_task(take("small", 2))  # fits now, though it arrived after the big one
+        await asyncio.wait_for(small, 1)
+        assert order == ["small"] and budget.waiting == 1
         budget.release(6)
-        await asyncio.gather(big, small)
-        assert order == ["big", "small"] and budget.used == 10 and budget.peak == 10
+        await asyncio.wait_for(big, 1)
+        assert order == ["small", "big"] and budget.used == 10 and budget.peak == 10
 
         started = time.monotonic()
         with pytest.raises(Overloaded, match="receive_memory_mb"):
@@ -65,21 +66,24 @@ def test_the_budget_serves_in_arrival_order_and_refuses_at_the_deadline() -> Non
     asyncio.run(main())
 
 
-def test_a_waiter_that_leaves_lets_the_next_in_line_through() -> None:
+def test_waiters_are_served_in_arrival_order_and_one_that_leaves_takes_nothing() -> None:
     async def main() -> None:
         budget = ReceiveBudget(10)
-        await budget.acquire(5, time.monotonic() + 1)
-        blocked = asyncio.create_task(budget.acquire(9, time.monotonic() + 5))
+        await budget.acquire(9, time.monotonic() + 1)
+        first = asyncio.create_task(budget.acquire(5, time.monotonic() + 5))
         await asyncio.sleep(0.05)
-        behind = asyncio.create_task(budget.acquire(4, time.monotonic() + 5))  # fits, but waits its turn
+        gone = asyncio.create_task(budget.acquire(3, time.monotonic() + 5))
+        second = asyncio.create_task(budget.acquire(5, time.monotonic() + 5))
         await asyncio.sleep(0.05)
-        assert not behind.done()
-        blocked.cancel()  # its client went away
-        await asyncio.wait_for(behind, 1)
-        assert budget.used == 9 and budget.waiting == 0
+        gone.cancel()  # its client went away
+        await asyncio.sleep(0.05)
+        assert budget.waiting == 2
+        budget.release(9)
+        await asyncio.wait_for(asyncio.gather(first, second), 1)
+        assert budget.used == 10 and budget.waiting == 0
 
         reservation = Reservation(budget)
-        budget.release(9)
+        budget.release(10)
         await reservation.reserve(8, time.monotonic() + 1)
         reservation.keep(3)  # what arrived
         assert budget.used == 3
@@ -238,105 +242,13 @@ def served() -> Iterator[Served]:
     s.close()
 
 
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
-
-
-def _literal(name: str, value: str) -> bytes:
-    """An HPACK header field, literal without indexing, no Huffman (names and values under 127 bytes)."""
-    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
-
-
-class RawCalls:
-    """`ModelInfer` calls on one HTTP/2 connection, each declaring a message of `declared` bytes and sending
-    all of it but its last byte as fast as the server's flow control lets it (so none ever completes)."""
-
-    def __init__(self, port: int, streams: int, declared: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))
-        self.declared = declared
-        self.buffer = b""
-        self.connection_window, self.initial_window = WINDOW, WINDOW
-        self.window: dict[int, int] = {}
-        self.sent: dict[int, int] = {}
-        self.ended: set[int] = set()
-        head = b"".join(
-            _literal(k, v)
-            for k, v in (
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", INFER),
-                (":authority", "x"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            )
-        )
-        for i in range(streams):
-            stream = 1 + 2 * i
-            self.sock.sendall(_frame(1, 4, stream, head))  # HEADERS, END_HEADERS
-            self.window[stream], self.sent[stream] = WINDOW, 0
-
-    def run(self, seconds: float) -> int:
-        """Send for `seconds`; the bytes the server took in all."""
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            self._read(0.02)
-            for stream in self.window:
-                whole = self.declared + 5 - 1  # the gRPC prefix and the message, less its last byte
-                room = min(self.window[stream], self.connection_window, 16_384, whole - self.sent[stream])
-                if stream in self.ended or room <= 0:
-                    continue
-                if self.sent[stream] == 0:
-                    payload = b"\x00" + struct.pack(">I", self.declared) + b"\x00" * (room - 5)
-                else:
-                    payload = b"\x00" * room
-                self.sock.sendall(_frame(0, 0, stream, payload))
-                self.window[stream] -= room
-                self.connection_window -= room
-                self.sent[stream] += room
-        return sum(self.sent.values())
-
-    def _read(self, timeout: float) -> None:
-        if not select.select([self.sock], [], [], timeout)[0]:
-            return
-        data = self.sock.recv(1 << 20)
-        assert data, "the server closed the connection"
-        self.buffer += data
-        while len(self.buffer) >= 9 and len(self.buffer) >= 9 + int.from_bytes(self.buffer[:3], "big"):
-            size = int.from_bytes(self.buffer[:3], "big")
-            kind, flags = self.buffer[3], self.buffer[4]
-            stream = struct.unpack(">I", self.buffer[5:9])[0] & 0x7FFFFFFF
-            payload, self.buffer = self.buffer[9 : 9 + size], self.buffer[9 + size :]
-            if kind == 4 and not flags & 1:  # SETTINGS: take the initial window, acknowledge
-                for at in range(0, len(payload), 6):
-                    ident, value = struct.unpack(">HI", payload[at : at + 6])
-                    if ident == 4:
-                        for s in self.window:
-                            self.window[s] += value - self.initial_window
-                        self.initial_window = value
-                self.sock.sendall(_frame(4, 1, 0))
-            elif kind == 6 and not flags & 1:  # PING
-                self.sock.sendall(_frame(6, 1, 0, payload))
-            elif kind == 8:  # WINDOW_UPDATE
-                increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
-                if stream == 0:
-                    self.connection_window += increment
-                elif stream in self.window:
-                    self.window[stream] += increment
-            elif kind in (1, 3) and stream:  # the call answered, or reset
-                self.ended.add(stream)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_grpc_messages_in_transit_are_bounded_by_the_budget_and_the_stream_window(served: Served) -> None:
     """Ten calls each send all but the last byte of a 2 MiB message as fast as the server lets them: two
     (4 MiB of budget) take in their whole message, the other eight wait for room with no more than HTTP/2's
     initial window of theirs in grpc's core. Without the budget and `grpc_bdp_probe` off, grpc's core took
     in every call's message (30 MiB messages on 100 calls: 3 GB)."""
     budget = served.core.receive_memory
-    calls = RawCalls(served.server.port, streams=10, declared=2 * MIB)
+    calls = RawCalls("127.0.0.1", served.server.port, INFER, streams=10, declared=2 * MIB)
     try:
         taken = calls.run(2.0)
         assert budget.used == 4 * MIB and budget.peak <= budget.capacity
