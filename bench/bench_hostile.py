@@ -28,7 +28,8 @@ gRPC port that never send the HTTP/2 preface) and `grpc_flood` (connections past
 open on one connection that never send their message), `held_bodies` (100 connections each sending 30 MiB of a
 32 MiB body, then a byte every 5 s) and `grpc_held_messages` (100 `ModelInfer` calls on two raw HTTP/2
 connections each sending all but the last byte of a 30 MiB message as fast as the server lets it): the
-request bytes a worker holds while they arrive (`receive_memory_mb`).
+request bytes a worker holds while they arrive (`receive_memory_mb`); both send from 127.0.0.2, a client of
+their own beside the normal clients (`receive_client_share`).
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -89,6 +90,8 @@ PACED = (
     "big_form",
     "grpc_fields",
 )  # they loop on requests
+# Where `held_bodies` and `grpc_held_messages` send from: a client of their own (`receive_client_share`).
+OTHER_CLIENT = "127.0.0.2"
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
 
@@ -392,8 +395,9 @@ class Abuse:
         for t in self.threads:
             t.join(30)
 
-    def _connect(self, port: int | None = None) -> socket.socket:
-        return socket.create_connection((self.host, port or self.port), timeout=30)
+    def _connect(self, port: int | None = None, source: str = "") -> socket.socket:
+        address = (self.host, port or self.port)
+        return socket.create_connection(address, timeout=30, source_address=(source, 0))
 
     def _post(self, kind: str, path: str, body: bytes, ctype: str = "application/json") -> None:
         try:
@@ -612,7 +616,7 @@ class Abuse:
             for i in range(count):
                 if i not in socks:
                     try:
-                        sock = self._connect()
+                        sock = self._connect(source=OTHER_CLIENT)
                         sock.sendall(
                             b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                             + f"Content-Length: {declared}\r\n\r\n".encode()
@@ -668,7 +672,9 @@ class Abuse:
             for i, conn in enumerate(conns):
                 try:
                     if conn is None:
-                        conns[i] = conn = RawCalls(self.host, self.server.grpc_port, path, 50, 30 << 20)
+                        conns[i] = conn = RawCalls(
+                            self.host, self.server.grpc_port, path, 50, 30 << 20, source=OTHER_CLIENT
+                        )
                         self.received[kind]["connections opened"] += 1
                     conn.run(0.05)
                     if len(conn.ended) == len(conn.window):

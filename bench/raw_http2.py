@@ -25,8 +25,10 @@ class RawCalls:
     """gRPC calls to `path` on one HTTP/2 connection, each declaring a message of `declared` bytes and sending
     all of it but its last byte as fast as the server's flow control lets it (so none ever completes)."""
 
-    def __init__(self, host: str, port: int, path: str, streams: int, declared: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=30)
+    def __init__(
+        self, host: str, port: int, path: str, streams: int, declared: int, source: str = ""
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=30, source_address=(source, 0))
         self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))
         self.declared = declared
         self.buffer = b""
@@ -53,8 +55,10 @@ class RawCalls:
     def run(self, seconds: float) -> int:
         """Send for `seconds`; the bytes the server took in all."""
         until = time.monotonic() + seconds
+        moved = True
         while time.monotonic() < until:
-            self._read(0.02)
+            self._read(0.0 if moved else 0.02)  # waits only when the windows let nothing more go
+            moved = False
             for stream in self.window:
                 whole = self.declared + 5 - 1  # the gRPC prefix and the message, less its last byte
                 room = min(self.window[stream], self.connection_window, 16_384, whole - self.sent[stream])
@@ -68,6 +72,7 @@ class RawCalls:
                 self.window[stream] -= room
                 self.connection_window -= room
                 self.sent[stream] += room
+                moved = True
         return sum(self.sent.values())
 
     def _read(self, timeout: float) -> None:

@@ -177,8 +177,11 @@ class InferenceCore:
         self.limits = decoding.Limits.from_settings(self.settings)
         self.decode_memory = MemoryBudget(self.limits.max_decode_bytes, self.observer.decode_memory)
         # What the transports hold of requests still arriving (`service/receiving.py`).
+        receive_bytes = self.settings.receive_memory_mb << 20
         self.receive_memory = ReceiveBudget(
-            self.settings.receive_memory_mb << 20, self.observer.receive_memory
+            receive_bytes,
+            int(receive_bytes * self.settings.receive_client_share),
+            self.observer.receive_memory,
         )
         # The model_info metric follows every load, swap and unload.
         publish = lambda: self.observer.model_info(self.models())  # noqa: E731

@@ -22,7 +22,7 @@ from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import Overloaded, RequestTooLarge
-from service.receiving import ReceiveBudget, Reservation
+from service.receiving import ReceiveBudget, Reservation, client_of
 from tests.http_server import Server, png, running_server
 from tests.test_grpc import Served, need_models, settings_for
 
@@ -93,6 +93,34 @@ def test_waiters_are_served_in_arrival_order_and_one_that_leaves_takes_nothing()
     asyncio.run(main())
 
 
+def test_one_client_holds_no_more_than_its_share() -> None:
+    async def main() -> None:
+        budget = ReceiveBudget(10, client_capacity=4)
+        await budget.acquire(4, time.monotonic() + 1, "a")
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="this client holds as many request bytes as its share"):
+            await budget.acquire(1, time.monotonic() + 0.2, "a")
+        assert time.monotonic() - started >= 0.15
+        await asyncio.wait_for(budget.acquire(4, time.monotonic() + 1, "b"), 0.5)  # another client: at once
+        waiting = asyncio.create_task(budget.acquire(2, time.monotonic() + 5, "a"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        budget.release(4, "a")
+        await asyncio.wait_for(waiting, 1)
+        assert dict(budget.by_client) == {"a": 2, "b": 4} and budget.used == 6
+        with pytest.raises(RequestTooLarge, match="share"):
+            await budget.acquire(5, time.monotonic() + 1, "c")
+
+    asyncio.run(main())
+
+
+def test_clients_are_addresses_and_ipv6_networks() -> None:
+    assert client_of("ipv4:10.1.2.3:5000") == client_of("10.1.2.3") == "10.1.2.3"
+    assert client_of("ipv6:[2001:db8::1:2]:443") == client_of("2001:db8::9") == "2001:db8::/64"
+    assert client_of("ipv6:[::ffff:10.1.2.3]:80") == "10.1.2.3"  # IPv4 on a dual-stack socket
+    assert client_of("unix:/run/x.sock") == "unix:/run/x.sock"
+
+
 def test_a_waiter_on_another_event_loop_is_woken_on_its_own() -> None:
     """HTTP and gRPC share one loop in the worker; the tests' servers run loops of their own."""
     budget = ReceiveBudget(4)
@@ -120,6 +148,9 @@ def test_the_settings_are_checked() -> None:
         {"receive_memory_mb": 0},
         {"receive_memory_mb": 16, "max_request_bytes": 17 * MIB},  # one request of the limit must fit
         {"grpc_max_calls": 0},
+        {"receive_client_share": 0},
+        {"receive_client_share": 1.5},
+        {"receive_client_share": 0.01},  # 5 MiB of 512: less than one request of 32 MiB
     ):
         with pytest.raises(ValueError):
             Settings(**bad).validate()
@@ -130,8 +161,9 @@ def test_the_settings_are_checked() -> None:
 
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """4 MiB of receive budget, 2 MiB of it for each client, bodies of 1 MiB at most."""
     flags = ("--models", "lenet5", "--default-model", "lenet5", "--receive-memory-mb", "4")
-    flags += ("--max-request-bytes", str(2 * MIB))
+    flags += ("--max-request-bytes", str(MIB), "--receive-client-share", "0.5")
     with running_server(tmp_path_factory.mktemp("receiving"), *flags) as s:
         yield s
 
@@ -150,52 +182,48 @@ def _wait_reserved(server: Server, nbytes: float, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
-def _unfinished_body(server: Server, declared: int, sent: int) -> socket.socket:
-    """A POST whose body declares `declared` bytes and sends `sent` of them."""
-    sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
-    head = (
-        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {declared}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + b"\x00" * sent)
+def _port(server: Server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _unfinished_body(server: Server, source: str, declared: int = MIB, sent: int = MIB // 2) -> socket.socket:
+    """A POST from `source` (a loopback address) whose body declares `declared` bytes and sends `sent`."""
+    sock = socket.create_connection(("127.0.0.1", _port(server)), source_address=(source, 0))
+    head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {declared}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + b"\0" * sent)
     return sock
+
+
+def _classify(server: Server, source: str, timeout_ms: int | None = None) -> httpx.Response:
+    image = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    headers = {"Content-Type": "image/png"}
+    if timeout_ms is not None:
+        headers["x-request-timeout-ms"] = str(timeout_ms)
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=30) as client:
+        return client.post(server.url + "/classify", content=image, headers=headers)
 
 
 def test_http_bodies_in_transit_are_bounded_and_a_request_without_room_is_refused_at_its_deadline(
     http_server: Server,
 ) -> None:
-    """Two bodies of 2 MiB, half sent, hold the whole budget of 4 MiB: a third request waits for room and is
-    refused 503 (Retry-After) at its deadline, its body unread; one that waits longer is served once a held
-    body goes; requests without a body never wait."""
-    image = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    held = [_unfinished_body(http_server, 2 * MIB, MIB) for _ in range(2)]
+    """Two clients each hold two bodies of 1 MiB, half sent: the whole budget of 4 MiB. A third client's
+    request waits for room and is refused 503 (Retry-After) at its deadline, its body unread; one that waits
+    longer is served once a held body goes; requests without a body never wait."""
+    held = [_unfinished_body(http_server, source) for source in ("127.0.0.2", "127.0.0.3") for _ in range(2)]
     try:
         _wait_reserved(http_server, 4 * MIB)
         started = time.monotonic()
-        refused = httpx.post(
-            http_server.url + "/classify",
-            content=image,
-            headers={"Content-Type": "image/png", "x-request-timeout-ms": "1000"},
-            timeout=30,
-        )
+        refused = _classify(http_server, "127.0.0.1", timeout_ms=1000)
         took = time.monotonic() - started
         assert refused.status_code == 503, refused.text
         assert refused.json()["code"] == "overloaded"
-        assert "receive_memory_mb" in refused.json()["message"]
+        assert "the server holds as many request bytes as receive_memory_mb" in refused.json()["message"]
         assert int(refused.headers["retry-after"]) >= 1
         assert 0.9 <= took < 5, took
         assert httpx.get(http_server.url + "/livez", timeout=5).status_code == 200
 
         answer: dict[str, httpx.Response] = {}
-        waiter = threading.Thread(
-            target=lambda: answer.update(
-                r=httpx.post(
-                    http_server.url + "/classify",
-                    content=image,
-                    headers={"Content-Type": "image/png"},
-                    timeout=30,
-                )
-            )
-        )
+        waiter = threading.Thread(target=lambda: answer.update(r=_classify(http_server, "127.0.0.1")))
         waiter.start()
         time.sleep(1.0)
         assert "r" not in answer  # waiting for room
@@ -208,16 +236,33 @@ def test_http_bodies_in_transit_are_bounded_and_a_request_without_room_is_refuse
     _wait_reserved(http_server, 0)
 
 
+def test_http_one_client_holds_no_more_than_its_share(http_server: Server) -> None:
+    """A client holding its share (two bodies of 1 MiB) waits for its own next request, and is refused at
+    its deadline; another client is served at once."""
+    held = [_unfinished_body(http_server, "127.0.0.2") for _ in range(2)]
+    try:
+        _wait_reserved(http_server, 2 * MIB)
+        refused = _classify(http_server, "127.0.0.2", timeout_ms=1000)
+        assert refused.status_code == 503, refused.text
+        assert "this client holds as many request bytes as its share" in refused.json()["message"]
+        started = time.monotonic()
+        assert _classify(http_server, "127.0.0.1").status_code == 200
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in held:
+            sock.close()
+    _wait_reserved(http_server, 0)
+
+
 def test_http_a_chunked_body_reserves_the_request_limit(http_server: Server) -> None:
     """A chunked body says nothing of its size: it counts as `max_request_bytes` until its request ends."""
-    port = int(http_server.url.rsplit(":", 1)[1])
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock = socket.create_connection(("127.0.0.1", _port(http_server)))
     try:
         sock.sendall(
             b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n"
         )
-        _wait_reserved(http_server, 2 * MIB)
+        _wait_reserved(http_server, MIB)
     finally:
         sock.close()
     _wait_reserved(http_server, 0)
@@ -228,13 +273,15 @@ def test_http_a_chunked_body_reserves_the_request_limit(http_server: Server) -> 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
+    """4 MiB of receive budget, 2 MiB of it for each client, messages of 1 MiB at most."""
     s = Served(
         settings_for(
             need_models(),
             models=("lenet5",),
             default_model="lenet5",
             receive_memory_mb=4,
-            max_request_bytes=2 * MIB,
+            receive_client_share=0.5,
+            max_request_bytes=MIB,
             request_timeout_s=3.0,
         )
     )
@@ -242,29 +289,59 @@ def served() -> Iterator[Served]:
     s.close()
 
 
-def test_grpc_messages_in_transit_are_bounded_by_the_budget_and_the_stream_window(served: Served) -> None:
-    """Ten calls each send all but the last byte of a 2 MiB message as fast as the server lets them: two
-    (4 MiB of budget) take in their whole message, the other eight wait for room with no more than HTTP/2's
-    initial window of theirs in grpc's core. Without the budget and `grpc_bdp_probe` off, grpc's core took
-    in every call's message (30 MiB messages on 100 calls: 3 GB)."""
-    budget = served.core.receive_memory
-    calls = RawCalls("127.0.0.1", served.server.port, INFER, streams=10, declared=2 * MIB)
-    try:
-        taken = calls.run(2.0)
-        assert budget.used == 4 * MIB and budget.peak <= budget.capacity
-        assert 2 * (2 * MIB + 4) <= taken <= 2 * (2 * MIB + 4) + 8 * WINDOW, taken
-        assert calls.ended == set()  # all still waiting, within the request timeout
-    finally:
-        calls.close()
+def _released(budget: ReceiveBudget) -> None:
     deadline = time.monotonic() + 5
     while budget.used and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert budget.used == 0  # given back when their connection went
+    assert budget.used == 0
+
+
+def test_grpc_messages_in_transit_are_bounded_by_the_budget_and_the_stream_window(served: Served) -> None:
+    """Two clients of five calls each send all but the last byte of a 1 MiB message as fast as the server
+    lets them: two calls of each (their share, 4 MiB in all) take in their whole message, the other six wait
+    for room with no more than HTTP/2's initial window of theirs in grpc's core. Without the budget and with
+    `grpc_bdp_probe` on, grpc's core took in every call's message."""
+    budget = served.core.receive_memory
+    clients = [
+        RawCalls("127.0.0.1", served.server.port, INFER, streams=5, declared=MIB, source=source)
+        for source in ("127.0.0.2", "127.0.0.3")
+    ]
+    try:
+        for _ in range(4):  # 2 s in all, within the request timeout of 3 s
+            for calls in clients:
+                calls.run(0.25)
+        taken = sum(sum(calls.sent.values()) for calls in clients)
+        assert budget.used == 4 * MIB and budget.peak <= budget.capacity
+        assert dict(budget.by_client) == {"127.0.0.2": 2 * MIB, "127.0.0.3": 2 * MIB}
+        assert 4 * (MIB + 4) <= taken <= 4 * (MIB + 4) + 6 * WINDOW, taken
+        assert all(calls.ended == set() for calls in clients)  # still waiting, within the request timeout
+    finally:
+        for calls in clients:
+            calls.close()
+    _released(budget)  # given back when their connections went
+
+
+def test_grpc_one_client_holds_no_more_than_its_share(served: Served) -> None:
+    """A client whose calls hold its share waits for its next ones; another client is served at once."""
+    budget = served.core.receive_memory
+    calls = RawCalls("127.0.0.1", served.server.port, INFER, streams=3, declared=MIB, source="127.0.0.2")
+    try:
+        calls.run(1.0)
+        assert budget.by_client["127.0.0.2"] == 2 * MIB and budget.waiting == 1
+        with grpc.insecure_channel(f"127.0.0.1:{served.server.port}") as channel:
+            started = time.monotonic()
+            assert (
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5).live
+            )
+            assert time.monotonic() - started < 1
+    finally:
+        calls.close()
+    _released(budget)
 
 
 def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) -> None:
-    """Two calls whose message never comes hold the budget (each `max_request_bytes` until its message is
-    in) until the request timeout ends them; a call made meanwhile waits, then is served."""
+    """Two calls whose message never comes hold their client's share (each `max_request_bytes` until its
+    message is in) until the request timeout ends them; the client's next call waits, then is served."""
     port = served.server.port
     budget = served.core.receive_memory
     never_sent = threading.Event()
@@ -281,7 +358,7 @@ def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) 
         held = [infer.future(nothing(), timeout=60) for _ in range(2)]
         try:
             deadline = time.monotonic() + 5
-            while budget.used < 4 * MIB:
+            while budget.used < 2 * MIB:
                 assert time.monotonic() < deadline, budget.used
                 time.sleep(0.02)
             assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
@@ -292,10 +369,11 @@ def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) 
             assert waited_until >= 2.5, waited_until  # the held calls' 3 s, less what passed before
         finally:
             never_sent.set()
+    _released(budget)
 
 
 def test_grpc_calls_past_the_limit_are_refused_at_once(served: Served) -> None:
-    server = served.add(served.settings.replace(grpc_max_calls=2, max_request_bytes=MIB))
+    server = served.add(served.settings.replace(grpc_max_calls=2))
     never_sent = threading.Event()
 
     def nothing() -> Iterator[bytes]:

@@ -54,7 +54,7 @@ from service.errors import (
 from service.grpc import messages
 from service.metrics import Metrics
 from service.priority import as_work
-from service.receiving import ReceiveBudget, Reservation
+from service.receiving import ReceiveBudget, Reservation, client_of
 
 log = logging.getLogger("service.grpc")
 access_log = logs.access_logger()
@@ -238,7 +238,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         An error ends the call with its status set on the context, and the body's exception is not raised
         further (see `_fail`): the behavior's wrapper returns nothing, which grpc does not send."""
         request_id = logs.request_id(metadata_value(context, REQUEST_ID_KEY))
-        call = _Call(request_id, Reservation(self.receive))
+        call = _Call(request_id, Reservation(self.receive, client_of(context.peer() or "")))
         # Set first, so that an abort from inside a servicer (health's NOT_FOUND) carries it as well.
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         start = time.perf_counter()

@@ -17,7 +17,7 @@ from service import logs
 from service.auth import REALM, check_bearer
 from service.config import Settings
 from service.errors import Overloaded, Unauthenticated
-from service.receiving import Reservation
+from service.receiving import Reservation, client_of
 
 from .admission import body_bytes, hold_from_headers, request_deadline
 from .api import open_rule
@@ -62,7 +62,8 @@ class RequestContextMiddleware:
         status = {"code": 500, "bytes": 0, "sent": 0}
         hold = None
         core = self.core()
-        reservation = Reservation(core.receive_memory if core is not None else None)
+        peer = (scope.get("client") or ("", 0))[0]
+        reservation = Reservation(core.receive_memory if core is not None else None, client_of(peer))
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
