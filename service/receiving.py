@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.errors import Overloaded, RequestTooLarge
+from service.turns import turn
 
 
 def _mib(nbytes: int) -> str:
@@ -113,6 +114,8 @@ class ReceiveBudget:
             if granted:  # granted as the wait ended: give it back
                 self.release(nbytes, client)
             if isinstance(err, TimeoutError):
+                # Requests that waited together time out together: their refusals take turns.
+                await turn()
                 raise Overloaded(
                     f"this client holds as many request bytes as its share of receive_memory_mb "
                     f"({_mib(self.client_capacity)} MiB, receive_client_share) allows"

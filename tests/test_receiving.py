@@ -6,6 +6,7 @@ as much of a large message as the server's flow control lets them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import socket
 import threading
@@ -20,6 +21,7 @@ import pytest
 from bench.raw_http2 import WINDOW, RawCalls
 from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from service import turns
 from service.config import Settings
 from service.errors import Overloaded, RequestTooLarge
 from service.receiving import ReceiveBudget, Reservation, client_of
@@ -91,6 +93,39 @@ def test_waiters_are_served_in_arrival_order_and_one_that_leaves_takes_nothing()
         assert budget.used == 0
 
     asyncio.run(main())
+
+
+def test_waiters_refused_together_are_answered_a_batch_a_pass() -> None:
+    """Requests that waited together reach their deadline together; their refusals take turns, so that no
+    pass of the loop answers a hundred of them (`service/turns.py`)."""
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        passes = 0
+
+        def count() -> None:
+            nonlocal passes
+            passes += 1
+            loop.call_soon(count)
+
+        budget = ReceiveBudget(1)
+        await budget.acquire(1, time.monotonic() + 1)
+        deadline = time.monotonic() + 0.2
+        refused_in: list[int] = []
+
+        async def wait() -> None:
+            with pytest.raises(Overloaded):
+                await budget.acquire(1, deadline)
+            refused_in.append(passes)
+
+        loop.call_soon(count)
+        await asyncio.gather(*(wait() for _ in range(100)))
+        return refused_in
+
+    refused_in = asyncio.run(main())
+    per_pass = collections.Counter(refused_in)
+    assert len(refused_in) == 100 and max(per_pass.values()) <= turns.BATCH, per_pass
+    assert len(per_pass) >= 100 // turns.BATCH
 
 
 def test_one_client_holds_no_more_than_its_share() -> None:

@@ -18,7 +18,7 @@ caps that at `ACCEPT_BATCH` a pass (`accept_in_passes`), so the loop's other wor
 the kernel's queue, the backlog, is unchanged, so a burst of connections is not dropped. uvloop accepts in
 libuv's C code, which this cannot reach (docs/BENCHMARKS.md measures a flood on each loop). Timeouts fall
 due together as well (500 idle connections opened at once time out at once, and both loops run every timer
-due in one pass): the connections they end are closed `CLOSE_BATCH` a pass (`Closer`).
+due in one pass): the connections they end are closed `CLOSE_BATCH` a pass (`service/turns.py`).
 
 A request body is the application's to read (`requests.read_body`: `body_timeout_s`, 408); the connection
 reads up to `body_read_ahead_bytes` of it ahead (uvicorn's own 64 KiB paused a few images' body several
@@ -33,11 +33,9 @@ flood the log).
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import socket
-import weakref
 from asyncio import selector_events
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,8 +45,9 @@ import h11
 from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service import logs
+from service import logs, turns
 from service.config import Settings
+from service.turns import in_turn
 
 PROTOCOL = "service.http.connections:GuardedH11Protocol"
 # What `event_loop` names, as uvicorn's own names load them (kept before `install` points "auto" elsewhere).
@@ -58,7 +57,7 @@ LOOP_FACTORIES = {
     "asyncio": "uvicorn.loops.asyncio:asyncio_loop_factory",
 }
 ACCEPT_BATCH = 32  # connections accepted per pass of the event loop
-CLOSE_BATCH = 32  # connections closed by their timeouts per pass of the event loop
+CLOSE_BATCH = turns.BATCH  # connections closed by their timeouts per pass of the event loop
 REFUSED_LOG_S = 10.0
 log = logging.getLogger("cnn_serve.http")
 
@@ -171,42 +170,6 @@ def _answer(status: int, reason: str, code: str, message: str, extra: str = "") 
     return head.encode("latin-1") + body
 
 
-class Closer:
-    """The event loop's connections whose timeouts fell due, ended `CLOSE_BATCH` a pass of the loop, in the
-    order they fell due. Ending one is a socket call, which lets a work thread take the interpreter lock:
-    hundreds in one pass kept every other connection, and the lag monitor, waiting for all of them."""
-
-    def __init__(self) -> None:
-        self.due: collections.deque[Callable[[], None]] = collections.deque()
-
-    def add(self, loop: asyncio.AbstractEventLoop, end: Callable[[], None]) -> None:
-        if not self.due:
-            loop.call_soon(self._end_some, loop)
-        self.due.append(end)
-
-    def _end_some(self, loop: asyncio.AbstractEventLoop) -> None:
-        for _ in range(min(CLOSE_BATCH, len(self.due))):
-            end = self.due.popleft()
-            try:
-                end()
-            except Exception:  # one connection's fault must not leave the others open
-                log.exception("ending a timed-out connection failed")
-        if self.due:
-            loop.call_soon(self._end_some, loop)
-
-
-# One per event loop; it holds no reference to its loop, so a loop's entry goes with the loop.
-_closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Closer] = weakref.WeakKeyDictionary()
-
-
-def end_in_turn(loop: asyncio.AbstractEventLoop, end: Callable[[], None]) -> None:
-    """Have `loop`'s `Closer` call `end` in its turn."""
-    found = _closers.get(loop)
-    if found is None:
-        found = _closers[loop] = Closer()
-    found.add(loop, end)
-
-
 def release_transport(transport: asyncio.BaseTransport | None) -> None:
     """Let a closed connection's transport be freed when its last reference goes. asyncio's socket transport
     keeps a bound method of itself (`_read_ready_cb`), a reference cycle: every closed connection waited for
@@ -273,7 +236,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def timeout_keep_alive_handler(self) -> None:
         received = self._received
-        end_in_turn(self.loop, lambda: self._idle_end(received))
+        in_turn(self.loop, lambda: self._idle_end(received))
 
     def _idle_end(self, received: int) -> None:
         if self.transport.is_closing() or self._received != received:
@@ -284,7 +247,7 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         clock = self._head_clock
-        end_in_turn(self.loop, lambda: self._head_end(clock))
+        in_turn(self.loop, lambda: self._head_end(clock))
 
     def _head_end(self, clock: int) -> None:
         if clock != self._head_clock:
