@@ -128,7 +128,7 @@ def test_bench_serving_measures_mlserver_and_compares_every_answer(model_repo: P
 # batches are refused for their views once the form is split: what they cost is the body and the split).
 HOSTILE_KINDS = (
     "json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood",
-    "big_form", "grpc_fields", "grpc_idle", "grpc_flood", "grpc_held",
+    "big_form", "grpc_fields", "grpc_idle", "grpc_flood", "grpc_held", "held_bodies", "grpc_held_messages",
 )  # fmt: skip
 
 

@@ -8,7 +8,8 @@ body unread. Otherwise those views are held for the request (`InferenceCore.hold
 so that the requests of a burst arriving behind it see them; the route's own admission replaces the hold
 with the request's real views. A request for a model that cannot answer it (unknown, unloaded, not ready)
 holds nothing and is never shed: its route answers 404 or 503 with the reason, which a retry would not
-change.
+change. What the body itself will hold is reserved next, from the receive budget (`body_bytes`,
+`service/receiving.py`), before a byte of it is read.
 """
 
 from __future__ import annotations
