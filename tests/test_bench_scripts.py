@@ -196,3 +196,20 @@ def test_bench_messages_prints_the_parse_and_the_count_of_each_message() -> None
     names = ("20,000 map entries in key order", "20,000 map entries as protobuf writes them")
     for name in (*names, "30,000 empty raw_input_contents"):
         assert re.search(rf"^{name} \| {NUMBER} MB \| [0-9,.]+ ms \| {NUMBER} ms$", out, re.M), out
+
+
+def test_bench_window_prints_each_size_and_delay_with_the_probe_off_and_on(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    out = run_bench(
+        "bench_window.py", "--repository", str(model_repo), "--work", str(tmp_path), "--sizes-mib", "0.5,2",
+        "--delay-ms", "0,2", "--rounds", "1",
+    )  # fmt: skip
+    for size in ("0.5", "2"):
+        for delay in ("0", "2"):
+            assert re.search(
+                rf"^  {size} MiB, {delay} ms each way: grpc_bdp_probe off {NUMBER} s, on {NUMBER} s, "
+                rf"off / on {NUMBER}x$",
+                out,
+                re.M,
+            ), out
