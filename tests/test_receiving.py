@@ -376,7 +376,8 @@ def test_grpc_one_client_holds_no_more_than_its_share(served: Served) -> None:
 
 def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) -> None:
     """Two calls whose message never comes hold their client's share (each `max_request_bytes` until its
-    message is in) until the request timeout ends them; the client's next call waits, then is served."""
+    message is in) until their deadline (1.5 s) ends them; the client's next call (3 s) waits, then is
+    served."""
     port = served.server.port
     budget = served.core.receive_memory
     never_sent = threading.Event()
@@ -390,7 +391,7 @@ def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) 
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
         infer = channel.stream_unary(INFER, request_serializer=None, response_deserializer=None)
         held_since = time.monotonic()
-        held = [infer.future(nothing(), timeout=60) for _ in range(2)]
+        held = [infer.future(nothing(), timeout=1.5) for _ in range(2)]
         try:
             deadline = time.monotonic() + 5
             while budget.used < 2 * MIB:
@@ -401,7 +402,7 @@ def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) 
             for call in held:
                 err = call.exception(timeout=10)
                 assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert waited_until >= 2.5, waited_until  # the held calls' 3 s, less what passed before
+            assert waited_until >= 1.2, waited_until  # the held calls' 1.5 s, less what passed before
         finally:
             never_sent.set()
     _released(budget)
