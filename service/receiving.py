@@ -110,9 +110,12 @@ class ReceiveBudget:
                 granted = waiter not in self._waiting  # `_wake` counts a grant before the future hears of it
                 if not granted:
                     self._waiting.remove(waiter)
-                own = self.by_client[client] + nbytes > self.client_capacity
-            if granted:  # granted as the wait ended: give it back
+                    own = self.by_client[client] + nbytes > self.client_capacity  # whose room it lacked
+            if granted:  # granted as the wait ended: kept if the deadline ended it, else given back
+                if isinstance(err, TimeoutError):
+                    return
                 self.release(nbytes, client)
+                raise
             if isinstance(err, TimeoutError):
                 # Requests that waited together time out together: their refusals take turns.
                 await turn()
@@ -151,6 +154,8 @@ class ReceiveBudget:
     def _wake(self) -> None:
         """Grant the waiters that fit now, in arrival order (under the lock)."""
         for waiter in list(self._waiting):
+            if self.used >= self.capacity:
+                break
             if not self._fits(waiter.nbytes, waiter.client):
                 continue
             self._waiting.remove(waiter)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import httpx
@@ -374,12 +376,10 @@ def test_grpc_one_client_holds_no_more_than_its_share(served: Served) -> None:
     _released(budget)
 
 
-def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) -> None:
-    """Two calls whose message never comes hold their client's share (each `max_request_bytes` until its
-    message is in) until their deadline (1.5 s) ends them; the client's next call (3 s) waits, then is
-    served."""
-    port = served.server.port
-    budget = served.core.receive_memory
+@contextlib.contextmanager
+def _calls_without_message(port: int, count: int, timeout: float) -> Iterator[tuple[Any, list[grpc.Future]]]:
+    """A stub, connected, and `count` `ModelInfer` calls on its channel whose message is never sent (a request
+    stream that yields nothing until the block ends)."""
     never_sent = threading.Event()
 
     def nothing() -> Iterator[bytes]:
@@ -390,53 +390,52 @@ def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) 
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
         infer = channel.stream_unary(INFER, request_serializer=None, response_deserializer=None)
-        held_since = time.monotonic()
-        held = [infer.future(nothing(), timeout=1.5) for _ in range(2)]
+        held = [infer.future(nothing(), timeout=timeout) for _ in range(count)]
         try:
-            deadline = time.monotonic() + 5
-            while budget.used < 2 * MIB:
-                assert time.monotonic() < deadline, budget.used
-                time.sleep(0.02)
-            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
-            waited_until = time.monotonic() - held_since
-            for call in held:
-                err = call.exception(timeout=10)
-                assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert waited_until >= 1.2, waited_until  # the held calls' 1.5 s, less what passed before
+            yield stub, held
         finally:
             never_sent.set()
+            for call in held:
+                call.exception(timeout=10)
+
+
+def _until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.02)
+
+
+def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) -> None:
+    """Two calls whose message never comes hold their client's share (each `max_request_bytes` until its
+    message is in) until their deadline (1.5 s) ends them; the client's next call (3 s) waits, then is
+    served."""
+    budget = served.core.receive_memory
+    held_since = time.monotonic()
+    with _calls_without_message(served.server.port, 2, timeout=1.5) as (stub, held):
+        _until(lambda: budget.used >= 2 * MIB)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+        waited_until = time.monotonic() - held_since
+        for call in held:
+            err = call.exception(timeout=10)
+            assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert waited_until >= 1.2, waited_until  # the held calls' 1.5 s, less what passed before
     _released(budget)
 
 
 def test_grpc_calls_past_the_limit_are_refused_at_once(served: Served) -> None:
     server = served.add(served.settings.replace(grpc_max_calls=2))
-    never_sent = threading.Event()
-
-    def nothing() -> Iterator[bytes]:
-        never_sent.wait()
-        yield from ()
-
+    with _calls_without_message(server.port, 2, timeout=60) as (stub, _held):
+        _until(lambda: server.interceptor.calls >= 2)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+        assert time.monotonic() - started < 1
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "grpc_max_calls" in info.value.details()
+        metadata = dict(info.value.trailing_metadata())
+        assert metadata["x-error-code"] == "overloaded" and int(metadata["retry-after"]) >= 1
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
-        infer = channel.stream_unary(INFER, request_serializer=None, response_deserializer=None)
-        held = [infer.future(nothing(), timeout=60) for _ in range(2)]
-        try:
-            deadline = time.monotonic() + 5
-            while server.interceptor.calls < 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as info:
-                stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
-            assert time.monotonic() - started < 1
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "grpc_max_calls" in info.value.details()
-            metadata = dict(info.value.trailing_metadata())
-            assert metadata["x-error-code"] == "overloaded" and int(metadata["retry-after"]) >= 1
-        finally:
-            never_sent.set()
-        for call in held:
-            call.exception(timeout=10)
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live  # a slot is free again
     assert server.interceptor.calls == 0
