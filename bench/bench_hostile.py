@@ -28,8 +28,10 @@ gRPC port that never send the HTTP/2 preface) and `grpc_flood` (connections past
 open on one connection that never send their message), `held_bodies` (100 connections each sending 30 MiB of a
 32 MiB body, then a byte every 5 s) and `grpc_held_messages` (100 `ModelInfer` calls on two raw HTTP/2
 connections each sending all but the last byte of a 30 MiB message as fast as the server lets it): the
-request bytes a worker holds while they arrive (`receive_memory_mb`); both send from 127.0.0.2, a client of
-their own beside the normal clients (`receive_client_share`).
+request bytes a worker holds while they arrive (`receive_memory_mb`).
+
+The normal clients send from 127.0.0.2, the abusers from 127.0.0.1: two clients to the server, each with its
+share of the receive budget (`receive_client_share`), as an abuser and the clients it hurts would be.
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -90,8 +92,8 @@ PACED = (
     "big_form",
     "grpc_fields",
 )  # they loop on requests
-# Where `held_bodies` and `grpc_held_messages` send from: a client of their own (`receive_client_share`).
-OTHER_CLIENT = "127.0.0.2"
+# The normal clients' address: a client of their own, the abusers being 127.0.0.1 (`receive_client_share`).
+NORMAL_CLIENT = "127.0.0.2"
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
 
@@ -333,7 +335,8 @@ class Phase:
 def normal_client(
     server: Server, photo: bytes, phase: Callable[[], Phase | None], stop: threading.Event
 ) -> None:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    transport = httpx.HTTPTransport(local_address=NORMAL_CLIENT)
+    with httpx.Client(base_url=server.url, timeout=60, transport=transport) as client:
         while not stop.is_set():
             current = phase()
             start = time.perf_counter()
@@ -395,9 +398,8 @@ class Abuse:
         for t in self.threads:
             t.join(30)
 
-    def _connect(self, port: int | None = None, source: str = "") -> socket.socket:
-        address = (self.host, port or self.port)
-        return socket.create_connection(address, timeout=30, source_address=(source, 0))
+    def _connect(self, port: int | None = None) -> socket.socket:
+        return socket.create_connection((self.host, port or self.port), timeout=30)
 
     def _post(self, kind: str, path: str, body: bytes, ctype: str = "application/json") -> None:
         try:
@@ -616,7 +618,7 @@ class Abuse:
             for i in range(count):
                 if i not in socks:
                     try:
-                        sock = self._connect(source=OTHER_CLIENT)
+                        sock = self._connect()
                         sock.sendall(
                             b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                             + f"Content-Length: {declared}\r\n\r\n".encode()
@@ -672,9 +674,7 @@ class Abuse:
             for i, conn in enumerate(conns):
                 try:
                     if conn is None:
-                        conns[i] = conn = RawCalls(
-                            self.host, self.server.grpc_port, path, 50, 30 << 20, source=OTHER_CLIENT
-                        )
+                        conns[i] = conn = RawCalls(self.host, self.server.grpc_port, path, 50, 30 << 20)
                         self.received[kind]["connections opened"] += 1
                     conn.run(0.05)
                     if len(conn.ended) == len(conn.window):
