@@ -13,8 +13,13 @@ core calls and back:
   and, for Overloaded, `retry-after`; anything else is INTERNAL with a generic message (the trace is logged);
 - every method's requests come to the interceptor as a stream (`_rewrap`), so that a call is its own from its
   headers on: a unary method's one message must arrive by the call's deadline, capped by `request_timeout_s`,
-  else DEADLINE_EXCEEDED (`request_timeout`), as an HTTP body that stops arriving is 408. grpc itself waited
-  for ever for a message the client never sent, and held the call;
+  else DEADLINE_EXCEEDED (`request_timeout`), as an HTTP body that stops arriving is 408 (a stream's messages
+  each within `request_timeout_s` of the last). grpc itself waited for ever for a message the client never
+  sent, and held the call;
+- past `grpc_max_calls` calls in progress a call is RESOURCE_EXHAUSTED at once; and a call asks for each
+  message only once it has room for `max_request_bytes` in the worker's receive budget, within its client's
+  share (`service/receiving.py`, shared with HTTP): grpc's core takes in as much as a message declares once
+  it is asked for, and without the budget a hundred calls took the worker to gigabytes;
 - request messages are deserialized here, inside the call, not by grpc before it: bytes that are not the
   method's message are INVALID_ARGUMENT like any other bad request (answered with the request id, counted,
   logged), where grpc would answer UNKNOWN naming its own exception and log a traceback per call. Their
