@@ -31,7 +31,7 @@ connections each sending all but the last byte of a 30 MiB message as fast as th
 request bytes a worker holds while they arrive (`receive_memory_mb`).
 
 The normal clients send from 127.0.0.2, the abusers from 127.0.0.1: two clients to the server, each with its
-share of the receive budget (`receive_client_share`), as an abuser and the clients it hurts would be.
+share of the receive budget (`client_share`), as an abuser and the clients it hurts would be.
 
 The clients share the host's cores with the server, and the script prints the share each side used. Linux
 divides the cores between autogroups first (one per `setsid`), so a thread's nice value counts only against
@@ -92,7 +92,7 @@ PACED = (
     "big_form",
     "grpc_fields",
 )  # they loop on requests
-# The normal clients' address: a client of their own, the abusers being 127.0.0.1 (`receive_client_share`).
+# The normal clients' address: a client of their own, the abusers being 127.0.0.1 (`client_share`).
 NORMAL_CLIENT = "127.0.0.2"
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)

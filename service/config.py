@@ -114,10 +114,10 @@ class Settings:
         "request's end (a gRPC message counts as max_request_bytes until it has arrived); a request that "
         "does not fit waits, until its deadline: overloaded",
     )
-    receive_client_share: float = _setting(
+    client_share: float = _setting(
         0.25,
-        "share of receive_memory_mb one client (an address; an IPv6 /64) may hold; 1 behind a proxy that all "
-        "clients come through",
+        "share of receive_memory_mb, and of grpc_max_calls, one client (an address; an IPv6 /64) may hold; 1 "
+        "behind a proxy that all clients come through",
     )
     max_images_per_request: int = _setting(64, "images in one batch request")
     max_views_per_request: int = _setting(
@@ -285,13 +285,13 @@ class Settings:
                 f"max_request_bytes ({self.max_request_bytes} bytes)"
             )
         if not (
-            math.isfinite(self.receive_client_share)
-            and 0 < self.receive_client_share <= 1
-            and (self.receive_memory_mb << 20) * self.receive_client_share >= self.max_request_bytes
+            math.isfinite(self.client_share)
+            and 0 < self.client_share <= 1
+            and (self.receive_memory_mb << 20) * self.client_share >= self.max_request_bytes
         ):
             raise ValueError(
-                "receive_client_share must be at most 1 and leave a client room for one request of "
-                f"max_request_bytes, not {self.receive_client_share!r}"
+                "client_share must be at most 1 and leave a client room for one request of "
+                f"max_request_bytes, not {self.client_share!r}"
             )
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
             raise ValueError(f"request_timeout_s must be a positive number, not {self.request_timeout_s!r}")

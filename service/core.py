@@ -180,7 +180,7 @@ class InferenceCore:
         receive_bytes = self.settings.receive_memory_mb << 20
         self.receive_memory = ReceiveBudget(
             receive_bytes,
-            int(receive_bytes * self.settings.receive_client_share),
+            int(receive_bytes * self.settings.client_share),
             self.observer.receive_memory,
         )
         # The model_info metric follows every load, swap and unload.

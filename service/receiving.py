@@ -11,7 +11,7 @@ here before its bytes are read and keeps it until it ends: an HTTP body its Cont
 fit waits until its deadline: Overloaded (503 with Retry-After, RESOURCE_EXHAUSTED). Waiters that fit go
 first, in arrival order, whatever waits before them: a client that holds large bodies open would otherwise
 keep every small request behind its next one. One client may hold no more than its share
-(`receive_client_share`, a quarter by default) so that it cannot take all the room from the others: a client
+(`client_share`, a quarter by default) so that it cannot take all the room from the others: a client
 is its address, an IPv6 /64 network (what one host is given), as the transports see it; behind a proxy that
 all clients come through, the proxy is one client and the share should be 1. Its bytes meanwhile stay where
 the transport's flow control keeps them: HTTP's read ahead (`body_read_ahead_bytes`) and the socket's buffer;
@@ -121,7 +121,7 @@ class ReceiveBudget:
                 await turn()
                 raise Overloaded(
                     f"this client holds as many request bytes as its share of receive_memory_mb "
-                    f"({_mib(self.client_capacity)} MiB, receive_client_share) allows"
+                    f"({_mib(self.client_capacity)} MiB, client_share) allows"
                     if own
                     else f"the server holds as many request bytes as receive_memory_mb "
                     f"({_mib(self.capacity)} MiB) allows",

@@ -185,9 +185,9 @@ def test_the_settings_are_checked() -> None:
         {"receive_memory_mb": 0},
         {"receive_memory_mb": 16, "max_request_bytes": 17 * MIB},  # one request of the limit must fit
         {"grpc_max_calls": 0},
-        {"receive_client_share": 0},
-        {"receive_client_share": 1.5},
-        {"receive_client_share": 0.01},  # 5 MiB of 512: less than one request of 32 MiB
+        {"client_share": 0},
+        {"client_share": 1.5},
+        {"client_share": 0.01},  # 5 MiB of 512: less than one request of 32 MiB
     ):
         with pytest.raises(ValueError):
             Settings(**bad).validate()
@@ -198,9 +198,9 @@ def test_the_settings_are_checked() -> None:
 
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """4 MiB of receive budget, 2 MiB of it for each client, bodies of 1 MiB at most."""
+    """4 MiB of receive budget, 2 MiB of it for each client, bodies of 1 MiB at most, 3 s for a request."""
     flags = ("--models", "lenet5", "--default-model", "lenet5", "--receive-memory-mb", "4")
-    flags += ("--max-request-bytes", str(MIB), "--receive-client-share", "0.5")
+    flags += ("--max-request-bytes", str(MIB), "--client-share", "0.5", "--request-timeout-s", "3")
     with running_server(tmp_path_factory.mktemp("receiving"), *flags) as s:
         yield s
 
@@ -291,6 +291,28 @@ def test_http_one_client_holds_no_more_than_its_share(http_server: Server) -> No
     _wait_reserved(http_server, 0)
 
 
+def test_http_a_body_is_due_by_the_requests_deadline_however_long_it_waited_for_room(
+    http_server: Server,
+) -> None:
+    """The request timeout counts from the request's arrival: a body that waited for room until then, and
+    still has not come, is 408 at once, not a whole timeout later."""
+    held = [_unfinished_body(http_server, "127.0.0.3") for _ in range(2)]  # its share, until their 408 at 3 s
+    try:
+        _wait_reserved(http_server, 2 * MIB)
+        started = time.monotonic()
+        late = _unfinished_body(http_server, "127.0.0.3", sent=0)  # waits for room, then sends nothing
+        late.settimeout(20)
+        answer = late.recv(4096)
+        took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert took < 4.5, took  # its 3 s from arrival, where its wait for room took nearly all of them
+        late.close()
+    finally:
+        for sock in held:
+            sock.close()
+    _wait_reserved(http_server, 0)
+
+
 def test_http_a_chunked_body_reserves_the_request_limit(http_server: Server) -> None:
     """A chunked body says nothing of its size: it counts as `max_request_bytes` until its request ends."""
     sock = socket.create_connection(("127.0.0.1", _port(http_server)))
@@ -317,7 +339,7 @@ def served() -> Iterator[Served]:
             models=("lenet5",),
             default_model="lenet5",
             receive_memory_mb=4,
-            receive_client_share=0.5,
+            client_share=0.5,
             max_request_bytes=MIB,
             request_timeout_s=3.0,
         )
@@ -424,7 +446,7 @@ def test_a_grpc_call_waits_for_room_and_is_served_once_there_is(served: Served) 
 
 
 def test_grpc_calls_past_the_limit_are_refused_at_once(served: Served) -> None:
-    server = served.add(served.settings.replace(grpc_max_calls=2))
+    server = served.add(served.settings.replace(grpc_max_calls=2, client_share=1.0))
     with _calls_without_message(server.port, 2, timeout=60) as (stub, _held):
         _until(lambda: server.interceptor.calls >= 2)
         started = time.monotonic()
@@ -439,3 +461,24 @@ def test_grpc_calls_past_the_limit_are_refused_at_once(served: Served) -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live  # a slot is free again
     assert server.interceptor.calls == 0
+
+
+def test_one_client_has_no_more_than_its_share_of_the_grpc_calls(served: Served) -> None:
+    """A client that opens calls and never sends their messages takes its share of `grpc_max_calls`, not all
+    of them: its next call is refused at once, another client's is served."""
+    server = served.add(served.settings.replace(grpc_max_calls=4, client_share=0.5, max_request_bytes=1024))
+    calls = RawCalls("127.0.0.1", server.port, INFER, streams=3, declared=64, source="127.0.0.2")
+    try:
+        calls.run(1.0)
+        assert server.interceptor.calls_by_client["127.0.0.2"] == 2
+        assert calls.ended == {5}  # the third stream: refused, answered with its status
+        assert _live(server.port)  # another client (127.0.0.1)
+    finally:
+        calls.close()
+    _until(lambda: server.interceptor.calls == 0)
+
+
+def _live(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        return bool(stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live)

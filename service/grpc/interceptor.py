@@ -16,7 +16,8 @@ core calls and back:
   else DEADLINE_EXCEEDED (`request_timeout`), as an HTTP body that stops arriving is 408 (a stream's messages
   each within `request_timeout_s` of the last). grpc itself waited for ever for a message the client never
   sent, and held the call;
-- past `grpc_max_calls` calls in progress a call is RESOURCE_EXHAUSTED at once; and a call asks for each
+- past `grpc_max_calls` calls in progress, or its client's share of them (`client_share`), a call is
+  RESOURCE_EXHAUSTED at once; and a call asks for each
   message only once it has room for `max_request_bytes` in the worker's receive budget, within its client's
   share (`service/receiving.py`, shared with HTTP): grpc's core takes in as much as a message declares once
   it is asked for, and without the budget a hundred calls took the worker to gigabytes;
@@ -33,6 +34,7 @@ core calls and back:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -148,6 +150,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.receive = receive
         self.active = 0
         self.calls = 0
+        self.calls_by_client: collections.Counter[str] = collections.Counter()
+        self.client_calls = max(1, int(settings.grpc_max_calls * settings.client_share))
 
     async def intercept_service(
         self,
@@ -194,7 +198,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with self._call(method, context) as call:
-                    self._admit()
+                    self._admit(call)
                     self._authorize(method, context)
                     async for response in behavior(await requests(raw, call, context), context):
                         yield response
@@ -203,7 +207,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._call(method, context) as call:
-                self._admit()
+                self._admit(call)
                 self._authorize(method, context)
                 result = behavior(await requests(raw, call, context), context)
                 response = await result if inspect.isawaitable(result) else result
@@ -212,11 +216,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return coroutine
 
-    def _admit(self) -> None:
-        """Past `grpc_max_calls` (this call counted) the call is refused at once, before its message."""
+    def _admit(self, call: _Call) -> None:
+        """Past `grpc_max_calls`, or past its client's share of them (this call counted), the call is refused
+        at once, before its message: a client that opens calls and never sends their messages must not take
+        every call the server allows."""
         if self.calls > self.settings.grpc_max_calls:
             raise Overloaded(
                 f"the server has {self.calls - 1} gRPC calls in progress, its limit (grpc_max_calls)"
+            )
+        if self.calls_by_client[call.reservation.client] > self.client_calls:
+            raise Overloaded(
+                f"this client has {self.client_calls} gRPC calls in progress, its share of grpc_max_calls "
+                "(client_share)"
             )
 
     def _authorize(self, method: _Method, context: grpc.aio.ServicerContext) -> None:
@@ -254,6 +265,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if self.metrics is not None:
                 in_flight = self.metrics.in_flight("grpc")
         self.calls += 1
+        self.calls_by_client[call.reservation.client] += 1
         try:
             with in_flight:
                 try:
@@ -275,6 +287,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     forget_traceback(err)
         finally:
             self.calls -= 1
+            self.calls_by_client[call.reservation.client] -= 1
+            if not self.calls_by_client[call.reservation.client]:
+                del self.calls_by_client[call.reservation.client]
             call.reservation.close()
             if method.observe:
                 self.active -= 1

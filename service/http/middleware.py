@@ -58,6 +58,7 @@ class RequestContextMiddleware:
         request_id = logs.request_id(headers.get("x-request-id"))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["arrived"] = time.monotonic()  # deadlines count from here, whatever the request waited for
         start = time.perf_counter()
         status = {"code": 500, "bytes": 0, "sent": 0}
         hold = None

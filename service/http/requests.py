@@ -95,7 +95,7 @@ async def read_body(request: Request, limit: int, settings: Settings) -> bytes:
         if int(declared) > limit:
             raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
     # The server's own timeout, not a client's shorter deadline: that one is the core's to enforce (504).
-    deadline = time.monotonic() + settings.request_timeout_s
+    deadline = arrival(request) + settings.request_timeout_s
     chunks: list[bytes] = []
     total = 0
     stream = request.stream().__aiter__()
@@ -214,6 +214,13 @@ def _json_images(
     return images, options
 
 
+def arrival(request: Request) -> float:
+    """When the request's headers were in (`time.monotonic()`, set by the middleware): its deadlines count
+    from then, not from the end of its wait for room in the receive budget."""
+    arrived = request.scope.get("state", {}).get("arrived")
+    return float(arrived) if arrived is not None else time.monotonic()
+
+
 def deadline_of(request: Request, settings: Settings) -> float:
     """Absolute `time.monotonic()` deadline: the configured timeout, or less if `x-request-timeout-ms` asks
     (a client may shorten its deadline, never lengthen it past the server's, as with gRPC's)."""
@@ -227,4 +234,4 @@ def deadline_of(request: Request, settings: Settings) -> float:
         if not (math.isfinite(asked) and asked > 0):
             raise InvalidArgument(f"x-request-timeout-ms must be a positive number, not {shown(raw)}")
         seconds = min(seconds, asked)
-    return time.monotonic() + seconds
+    return arrival(request) + seconds
