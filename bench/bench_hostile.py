@@ -15,20 +15,20 @@ prints, side by side:
 - what each kind of abuse received, and how many connections were still open after the abuse stopped.
 
 Abuse (`--abuse`, comma-separated; default all): `json_bomb` (one image and millions of `{}` under an unknown
-key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked upload, client gone after
-0.5 s), `short_body` (Content-Length larger than what is sent), `slowloris` (50 connections, a header byte a
+key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked upload, client gone after 0.5
+s), `short_body` (Content-Length larger than what is sent), `slowloris` (50 connections, a header byte a
 second), `idle` (500 connections that send nothing), `flood` (connections past `max_connections` every 10 s),
-`tta_batch` (batches of 64 images with ten-crop test-time augmentation). Not in the default set, so that
-soaks compare with the ones before it: `big_form` (multipart batches of 48 photos, 27 MB, refused for their
-views once the form is read: what reading and splitting a large form costs the loop), `grpc_fields` (gRPC
+`tta_batch` (batches of 64 images with ten-crop test-time augmentation). Not in the default set, so that soaks
+compare with the ones before it: `big_form` (multipart batches of 48 photos, 27 MB, refused for their views
+once the form is read: what reading and splitting a large form costs the loop), `grpc_fields` (gRPC
 `ModelInfer` messages of 300,000 `parameters` entries, 4 MB, refused before they are parsed: parsed on the
 event loop, each would hold it; `bench_messages.py` says for how long), `grpc_idle` (500 connections to the
 gRPC port that never send the HTTP/2 preface) and `grpc_flood` (connections past `grpc_max_connections` every
-10 s, with calls on new connections timed to their UNAVAILABLE), `grpc_held` (2,000 `ModelInfer` calls kept
-open on one connection that never send their message), `held_bodies` (100 connections each sending 30 MiB of a
-32 MiB body, then a byte every 5 s) and `grpc_held_messages` (100 `ModelInfer` calls on two raw HTTP/2
-connections each sending all but the last byte of a 30 MiB message as fast as the server lets it): the
-request bytes a worker holds while they arrive (`receive_memory_mb`).
+10 s, with calls on new connections timed to their UNAVAILABLE), `grpc_held` (up to 2,000 `ModelInfer` calls
+kept open on one connection that never send their message), `held_bodies` (100 connections each sending 30 MiB
+of a 32 MiB body, then a byte every 5 s) and `grpc_held_messages` (100 `ModelInfer` calls on two raw HTTP/2
+connections each sending all but the last byte of a 30 MiB message as fast as the server lets it): the request
+bytes a worker holds while they arrive (`receive_memory_mb`).
 
 The normal clients send from 127.0.0.2, the abusers from 127.0.0.1: two clients to the server, each with its
 share of the receive budget (`client_share`), as an abuser and the clients it hurts would be.
@@ -576,8 +576,8 @@ class Abuse:
         self._held("grpc_idle", 500, lambda sock, i: True, port=self.server.grpc_port)
 
     def grpc_held(self) -> None:
-        """2,000 `ModelInfer` calls kept open on one connection, none of which sends its message; each that
-        ends is counted by its status and seconds, and another is opened."""
+        """Up to 2,000 `ModelInfer` calls kept open on one connection, none of which sends its message, 100
+        more every half second; each that ends is counted by its status and seconds, and another is opened."""
         import grpc  # noqa: PLC0415 - only the gRPC kinds speak gRPC
 
         never = threading.Event()
@@ -595,7 +595,9 @@ class Abuse:
             )
             open_calls: dict[grpc.Future, float] = {}
             while not self.stop.is_set():
-                while len(open_calls) < 2000:
+                # At most 100 more a tick: each call takes a thread of grpc's client until it ends, and
+                # calls refused at once would be opened again by the thousand.
+                for _ in range(min(100, 2000 - len(open_calls))):
                     open_calls[infer.future(nothing(), timeout=600)] = time.monotonic()
                 for call in [c for c in open_calls if c.done()]:
                     lived = time.monotonic() - open_calls.pop(call)

@@ -47,7 +47,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service import logs, turns
 from service.config import Settings
-from service.turns import in_turn
 
 PROTOCOL = "service.http.connections:GuardedH11Protocol"
 # What `event_loop` names, as uvicorn's own names load them (kept before `install` points "auto" elsewhere).
@@ -236,7 +235,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def timeout_keep_alive_handler(self) -> None:
         received = self._received
-        in_turn(self.loop, lambda: self._idle_end(received))
+        turns.in_turn(self.loop, lambda: self._idle_end(received))
 
     def _idle_end(self, received: int) -> None:
         if self.transport.is_closing() or self._received != received:
@@ -247,7 +246,7 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         clock = self._head_clock
-        in_turn(self.loop, lambda: self._head_end(clock))
+        turns.in_turn(self.loop, lambda: self._head_end(clock))
 
     def _head_end(self, clock: int) -> None:
         if clock != self._head_clock:
