@@ -203,7 +203,7 @@ class Settings:
     )
     grpc_max_calls: int = _setting(
         1000,
-        "gRPC calls in progress at once, all connections together (health aside); one more is refused "
+        "gRPC calls in progress at once, all connections together (health included); one more is refused "
         "RESOURCE_EXHAUSTED at once",
     )
     grpc_bdp_probe: bool = _setting(

@@ -39,16 +39,9 @@ def hold_from_headers(core: Any, scope: dict, headers: dict[str, str], settings:
     model, version = (route[2], route[4]) if route[2] else (_last(query, "model"), _last(query, "version"))
     if not core.serves(model, version):
         return None
-    seconds = settings.request_timeout_s
-    raw = headers.get("x-request-timeout-ms")
-    if raw is not None:
-        try:
-            asked = float(raw) / 1000.0
-        except ValueError:
-            return None
-        if not (math.isfinite(asked) and asked > 0):
-            return None
-        seconds = min(seconds, asked)
+    seconds = _timeout_s(headers, settings)
+    if seconds is None:
+        return None
     views = 1
     tta = query.get("tta")
     if tta:
@@ -73,16 +66,22 @@ def body_bytes(headers: dict[str, str], settings: Settings) -> int:
 
 
 def request_deadline(headers: dict[str, str], settings: Settings) -> float:
-    """The request's deadline (`time.monotonic()`): `request_timeout_s`, or the client's shorter
-    `x-request-timeout-ms` (a malformed one is the route's to refuse)."""
-    seconds = settings.request_timeout_s
+    """The request's deadline (`time.monotonic()`; a malformed timeout header is the route's to refuse)."""
+    return time.monotonic() + (_timeout_s(headers, settings) or settings.request_timeout_s)
+
+
+def _timeout_s(headers: dict[str, str], settings: Settings) -> float | None:
+    """`request_timeout_s`, or the client's shorter `x-request-timeout-ms`; None when that is malformed."""
+    raw = headers.get("x-request-timeout-ms")
+    if raw is None:
+        return settings.request_timeout_s
     try:
-        asked = float(headers.get("x-request-timeout-ms", "")) / 1000.0
+        asked = float(raw) / 1000.0
     except ValueError:
-        asked = math.inf
-    if math.isfinite(asked) and asked > 0:
-        seconds = min(seconds, asked)
-    return time.monotonic() + seconds
+        return None
+    if not (math.isfinite(asked) and asked > 0):
+        return None
+    return min(settings.request_timeout_s, asked)
 
 
 def _last(query: dict[str, list[str]], key: str) -> str | None:
