@@ -45,12 +45,8 @@ from PIL import Image
 from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT))
+from bench.ports import free_port  # noqa: E402 - ROOT first, when run as a script
 
 
 def jpeg(arr: np.ndarray, size: tuple[int, int]) -> bytes:

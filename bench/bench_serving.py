@@ -46,7 +46,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,17 +60,14 @@ from PIL import Image
 from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.ports import free_port  # noqa: E402 - ROOT first, when run as a script
+
 OUT = ROOT / "bench" / "out" / "serving"
 PY = sys.executable
 MLSERVER_RUNTIME = ROOT / "bench" / "peer_mlserver"
 # The softmax's top 5 of one request: class indices and their probabilities, best first.
 Answer = tuple[tuple[int, ...], tuple[float, ...]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg(image: Image.Image) -> bytes:

@@ -27,7 +27,8 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_hostile import Server, free_port  # noqa: E402
+from bench.bench_hostile import Server  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 

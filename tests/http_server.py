@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("TEST_MODEL_REPOSITORY", ROOT / "models"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Each server's own OpenAPI document, by URL, fetched once it answers: `conftest.openapi_conformance` checks

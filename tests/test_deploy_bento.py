@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("CNN_SERVE_TEST_MODELS", ROOT / "models"))
@@ -84,12 +85,6 @@ def test_bentoml_build_offline_packs_service_protos_and_models(tmp_path: Path) -
     meta = yaml.safe_load((bento / "bento.yaml").read_text())
     assert meta["service"] == "service.http.service:ClassifierService"
     assert {e["name"]: e["value"] for e in meta["envs"]}["CNN_SERVE_REPOSITORY"] == "models"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

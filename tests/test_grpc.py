@@ -7,7 +7,6 @@ import asyncio
 import io
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -46,12 +45,6 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_models() -> Path:

@@ -16,10 +16,11 @@ import psutil
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bench.ports import free_port
 from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.config import Settings
-from tests.test_grpc import Served, free_port, need_models, settings_for
+from tests.test_grpc import Served, need_models, settings_for
 from tests.test_grpc_security import self_signed
 
 HANDSHAKE_S, IDLE_S = 1.0, 1.5

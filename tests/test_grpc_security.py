@@ -15,10 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from bench.ports import free_port
 from proto import classifier_pb2, classifier_pb2_grpc
 from proto import grpc_predict_v2_pb2 as pb
 from proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.test_grpc import Served, fails, free_port, need_models, png, settings_for, trailing
+from tests.test_grpc import Served, fails, need_models, png, settings_for, trailing
 
 TOKEN = "s3cret-token"
 
