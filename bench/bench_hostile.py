@@ -54,6 +54,7 @@ import collections
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -73,6 +74,9 @@ from PIL import Image
 from skimage import data as photos
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.ports import free_port  # noqa: E402 - ROOT first, when run as a script
+
 KINDS = ("json_bomb", "big_json", "disconnect", "short_body", "slowloris", "idle", "flood", "tta_batch")
 EXTRA_KINDS = (  # chosen by name only
     "big_form",
@@ -96,12 +100,6 @@ PACED = (
 NORMAL_CLIENT = "127.0.0.2"
 SETTLE_S = 15.0  # after the abuse: longer than the default idle (5 s) and header (10 s) timeouts
 WARM_S = 20.0  # before the first phase: longer than the lag gauge's window (10 to 20 s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def jpeg(array: np.ndarray, size: int | None = None) -> bytes:
@@ -332,6 +330,15 @@ class Phase:
         return f"{self.name}: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(lat)} requests)"
 
 
+def reason(answer: httpx.Response) -> str:
+    """An error answer's message, its numbers folded (`N`): refusals for one reason count as one."""
+    try:
+        message = str(answer.json().get("message", ""))
+    except ValueError:
+        message = answer.text
+    return re.sub(r"\d+(\.\d+)?", "N", message)[:120]
+
+
 def normal_client(
     server: Server, photo: bytes, phase: Callable[[], Phase | None], stop: threading.Event
 ) -> None:
@@ -342,7 +349,7 @@ def normal_client(
             start = time.perf_counter()
             try:
                 r = client.post("/classify", content=photo, headers={"content-type": "image/jpeg"})
-                status = str(r.status_code)
+                status = str(r.status_code) if r.status_code == 200 else f"{r.status_code} {reason(r)}"
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             elapsed = time.perf_counter() - start

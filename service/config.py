@@ -116,8 +116,8 @@ class Settings:
     )
     client_share: float = _setting(
         0.25,
-        "share of receive_memory_mb, and of grpc_max_calls, one client (an address; an IPv6 /64) may hold; 1 "
-        "behind a proxy that all clients come through",
+        "share of receive_memory_mb, of grpc_max_calls and of queue_size held from HTTP headers, one client "
+        "(an address; an IPv6 /64) may hold; 1 behind a proxy that all clients come through",
     )
     max_images_per_request: int = _setting(64, "images in one batch request")
     max_views_per_request: int = _setting(

@@ -281,6 +281,37 @@ def test_a_request_for_a_model_that_cannot_answer_is_not_shed(tiny_repo: Path) -
         core.close()
 
 
+def test_a_client_holds_at_most_its_share_of_the_queue_from_headers(tiny_repo: Path) -> None:
+    """One client's requests whose bodies have not come hold at most `client_share` of the queue: past it
+    they hold nothing (their admission alone decides), and another client's still hold theirs."""
+    from service.http.admission import HeaderHolds
+
+    settings = Settings(repository=str(tiny_repo), default_model="tiny", queue_size=8, client_share=0.25)
+    core = InferenceCore(settings)
+    core.load()
+    try:
+        holds = HeaderHolds(settings)
+        scope = {"method": "POST", "path": "/classify", "query_string": b""}
+
+        def take(client: str):  # each request is its own asyncio task, with its own context
+            return contextvars.copy_context().run(holds.take, core, scope, {}, client, time.monotonic())
+
+        first = [take("10.0.0.1") for _ in range(4)]
+        assert [h is not None for h in first] == [True, True, False, False]
+        assert core.batcher.outstanding == 2
+        other = take("10.0.0.2")
+        assert other is not None and core.batcher.outstanding == 3
+        holds.end(core, first[0], "10.0.0.1")  # answered: its view and its place in the share come back
+        assert core.batcher.outstanding == 2
+        assert take("10.0.0.1") is not None
+        tta = {**scope, "query_string": b"tta=flip"}  # two views each: one request fills a share of two
+        holds.end(core, other, "10.0.0.2")
+        two = contextvars.copy_context().run(holds.take, core, tta, {}, "10.0.0.2", time.monotonic())
+        assert two is not None and two.views == 2 and take("10.0.0.2") is None
+    finally:
+        core.close()
+
+
 def test_the_decode_pool_takes_requests_in_turns_and_keeps_a_thread_free() -> None:
     """Two threads: a request of six calls runs on one of them at a time, so a request that comes later
     starts on the other at once, before the first request's second call ends."""

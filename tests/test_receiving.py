@@ -198,9 +198,11 @@ def test_the_settings_are_checked() -> None:
 
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """4 MiB of receive budget, 2 MiB of it for each client, bodies of 1 MiB at most, 3 s for a request."""
+    """4 MiB of receive budget, 2 MiB of it for each client, bodies of 1 MiB at most, 3 s for a request; a
+    queue of 6 views, 3 of them for each client's requests held from their headers."""
     flags = ("--models", "lenet5", "--default-model", "lenet5", "--receive-memory-mb", "4")
     flags += ("--max-request-bytes", str(MIB), "--client-share", "0.5", "--request-timeout-s", "3")
+    flags += ("--queue-size", "6")
     with running_server(tmp_path_factory.mktemp("receiving"), *flags) as s:
         yield s
 
@@ -231,8 +233,12 @@ def _unfinished_body(server: Server, source: str, declared: int = MIB, sent: int
     return sock
 
 
+def _image() -> bytes:
+    return png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
 def _classify(server: Server, source: str, timeout_ms: int | None = None) -> httpx.Response:
-    image = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    image = _image()
     headers = {"Content-Type": "image/png"}
     if timeout_ms is not None:
         headers["x-request-timeout-ms"] = str(timeout_ms)
@@ -307,6 +313,49 @@ def test_http_a_body_is_due_by_the_requests_deadline_however_long_it_waited_for_
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert took < 4.5, took  # its 3 s from arrival, where its wait for room took nearly all of them
         late.close()
+    finally:
+        for sock in held:
+            sock.close()
+    _wait_reserved(http_server, 0)
+
+
+def test_http_a_clients_requests_hold_at_most_its_share_of_the_queue(http_server: Server) -> None:
+    """A client's six requests whose bodies do not come hold three views of the queue of six from their
+    headers, its share: another client's request is served at once, not refused as the queue full. The six
+    are served in full once their bodies come."""
+    image = _image()
+    waiting = [_unfinished_body(http_server, "127.0.0.2", declared=len(image), sent=0) for _ in range(6)]
+    try:
+        _wait_reserved(http_server, 6 * len(image))
+        answer = _classify(http_server, "127.0.0.1")
+        assert answer.status_code == 200, answer.text
+        for sock in waiting:
+            sock.sendall(image)
+        for sock in waiting:
+            sock.settimeout(20)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "a held request lost"
+    finally:
+        for sock in waiting:
+            sock.close()
+    _wait_reserved(http_server, 0)
+
+
+def test_http_a_request_waiting_for_room_holds_no_place_in_the_queue(http_server: Server) -> None:
+    """Two clients' bodies, nearly 4 MiB, hold four views of the six; a third client's two requests of 1 MiB
+    wait for room, holding none: a small request from a fourth fits in both and is served at once."""
+    near = MIB - (64 << 10)
+    held = [
+        _unfinished_body(http_server, source, declared=near, sent=near // 2)
+        for source in ("127.0.0.2", "127.0.0.3")
+        for _ in range(2)
+    ]
+    try:
+        _wait_reserved(http_server, 4 * near)
+        held += [_unfinished_body(http_server, "127.0.0.4", sent=0) for _ in range(2)]
+        time.sleep(0.5)  # both wait for room
+        assert _reserved(http_server) == 4 * near
+        answer = _classify(http_server, "127.0.0.1")
+        assert answer.status_code == 200, answer.text
     finally:
         for sock in held:
             sock.close()

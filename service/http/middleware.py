@@ -19,7 +19,7 @@ from service.config import Settings
 from service.errors import Overloaded, Unauthenticated
 from service.receiving import Reservation, client_of
 
-from .admission import body_bytes, hold_from_headers, request_deadline
+from .admission import HeaderHolds, body_bytes, request_deadline
 from .api import open_rule
 from .responses import error_response, internal_message, plain_error
 
@@ -48,6 +48,7 @@ class RequestContextMiddleware:
         # the same): probes and scrapers (Kubernetes' probes and Prometheus must work with auth on), a model's
         # readiness (open as gRPC's ModelReady is), and the pages' files (a browser's navigation sends none).
         self.is_open = open_rule(settings)
+        self.holds = HeaderHolds(settings)
         self.log = logs.access_logger()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -58,13 +59,13 @@ class RequestContextMiddleware:
         request_id = logs.request_id(headers.get("x-request-id"))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        state["arrived"] = time.monotonic()  # deadlines count from here, whatever the request waited for
+        arrived = state["arrived"] = time.monotonic()  # deadlines count from here, whatever it waited for
         start = time.perf_counter()
         status = {"code": 500, "bytes": 0, "sent": 0}
         hold = None
         core = self.core()
-        peer = (scope.get("client") or ("", 0))[0]
-        reservation = Reservation(core.receive_memory if core is not None else None, client_of(peer))
+        client = client_of((scope.get("client") or ("", 0))[0])
+        reservation = Reservation(core.receive_memory if core is not None else None, client)
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -100,11 +101,12 @@ class RequestContextMiddleware:
                     metrics.request("-", "-", "http", "404", time.perf_counter() - start)
                 return
             try:
-                hold = hold_from_headers(core, scope, headers, self.settings)
-                # Room for the body before a byte of it is read (`service/receiving.py`).
+                # Room for the body before a byte of it is read (`service/receiving.py`), then its place in
+                # the queue (`admission.py`): a request still waiting for room holds none.
                 await reservation.reserve(
-                    body_bytes(headers, self.settings), request_deadline(headers, self.settings)
+                    body_bytes(headers, self.settings), request_deadline(headers, self.settings, arrived)
                 )
+                hold = self.holds.take(core, scope, headers, client, arrived)
             except Overloaded as refused:  # answered from the headers, the body left unread
                 await error_response(refused, request_id)(scope, receive, send_with_id)
                 metrics = self.metrics()
@@ -127,8 +129,8 @@ class RequestContextMiddleware:
                 await plain_error(500, "internal", message, request_id)(scope, receive, send_with_id)
         finally:
             reservation.close()
-            if hold is not None:  # the request ended before its admission took the hold back
-                self.core().release_hold(hold)
+            if hold is not None:  # given back, if the request ended before its admission took it
+                self.holds.end(self.core(), hold, client)
             content_length = headers.get("content-length", "")
             logs.access(
                 self.log,
