@@ -334,7 +334,7 @@ def reason(answer: httpx.Response) -> str:
     """An error answer's message, its numbers folded (`N`): refusals for one reason count as one."""
     try:
         message = str(answer.json().get("message", ""))
-    except ValueError:
+    except (ValueError, AttributeError):  # not JSON, or not the service's error object
         message = answer.text
     return re.sub(r"\d+(\.\d+)?", "N", message)[:120]
 
