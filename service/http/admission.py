@@ -30,6 +30,8 @@ from service.batching import Hold
 from service.config import Settings
 from service.errors import InvalidArgument
 
+from .requests import timeout_s
+
 INFERENCE_PATH = re.compile(r"^/(classify|classify_batch|v2/models/([^/]+)(/versions/([^/]+))?/infer)$")
 
 
@@ -110,17 +112,11 @@ def request_deadline(headers: dict[str, str], settings: Settings, arrived: float
 
 
 def _timeout_s(headers: dict[str, str], settings: Settings) -> float | None:
-    """`request_timeout_s`, or the client's shorter `x-request-timeout-ms`; None when that is malformed."""
-    raw = headers.get("x-request-timeout-ms")
-    if raw is None:
-        return settings.request_timeout_s
+    """The request's `timeout_s`; None when its header is malformed (the route answers that)."""
     try:
-        asked = float(raw) / 1000.0
-    except ValueError:
+        return timeout_s(headers.get("x-request-timeout-ms"), settings)
+    except InvalidArgument:
         return None
-    if not (math.isfinite(asked) and asked > 0):
-        return None
-    return min(settings.request_timeout_s, asked)
 
 
 def _last(query: dict[str, list[str]], key: str) -> str | None:

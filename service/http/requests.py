@@ -221,17 +221,20 @@ def arrival(request: Request) -> float:
     return float(arrived) if arrived is not None else time.monotonic()
 
 
+def timeout_s(raw: str | None, settings: Settings) -> float:
+    """A request's time in seconds: the configured timeout, or less if `x-request-timeout-ms` (`raw`) asks (a
+    client may shorten its deadline, never lengthen it past the server's, as with gRPC's)."""
+    if raw is None:
+        return settings.request_timeout_s
+    try:
+        asked = float(raw) / 1000.0
+    except ValueError:
+        raise InvalidArgument(f"x-request-timeout-ms must be a number, not {shown(raw)}") from None
+    if not (math.isfinite(asked) and asked > 0):
+        raise InvalidArgument(f"x-request-timeout-ms must be a positive number, not {shown(raw)}")
+    return min(settings.request_timeout_s, asked)
+
+
 def deadline_of(request: Request, settings: Settings) -> float:
-    """Absolute `time.monotonic()` deadline: the configured timeout, or less if `x-request-timeout-ms` asks
-    (a client may shorten its deadline, never lengthen it past the server's, as with gRPC's)."""
-    raw = request.headers.get("x-request-timeout-ms")
-    seconds = settings.request_timeout_s
-    if raw is not None:
-        try:
-            asked = float(raw) / 1000.0
-        except ValueError:
-            raise InvalidArgument(f"x-request-timeout-ms must be a number, not {shown(raw)}") from None
-        if not (math.isfinite(asked) and asked > 0):
-            raise InvalidArgument(f"x-request-timeout-ms must be a positive number, not {shown(raw)}")
-        seconds = min(seconds, asked)
-    return arrival(request) + seconds
+    """Absolute `time.monotonic()` deadline, from the request's arrival (`timeout_s`)."""
+    return arrival(request) + timeout_s(request.headers.get("x-request-timeout-ms"), settings)
