@@ -98,6 +98,12 @@ class Settings:
         "Linux nice value of the threads that decode and run inference (and of ONNX Runtime's): the event "
         "loop that answers connections runs first; 0: the loop's own",
     )
+    loop_realtime_priority: int = _setting(
+        0,
+        "Linux SCHED_FIFO priority (1-99) of the worker's event-loop thread, which then runs the moment it "
+        "is ready, ahead of every ordinary thread on the host; needs CAP_SYS_NICE or RLIMIT_RTPRIO "
+        "(docs/SERVING.md); 0: off",
+    )
     decode_memory_mb: int = _setting(
         1024, "MiB the images being decoded may hold at once, by estimate; an image needing more is too large"
     )
@@ -245,6 +251,8 @@ class Settings:
             raise ValueError("thread counts must not be negative, and decode_threads must be at least 1")
         if not 0 <= self.worker_niceness <= 19:
             raise ValueError("worker_niceness must be between 0 and 19")
+        if not 0 <= self.loop_realtime_priority <= 99:
+            raise ValueError("loop_realtime_priority must be between 0 (off) and 99")
         if not 1 <= self.inference_workers <= 64:
             raise ValueError("inference_workers must be between 1 and 64")
         if not 0 <= self.max_wait_ms <= 60_000:  # beyond a minute the batcher's timed wait overflows, too

@@ -10,6 +10,12 @@ thread that makes it (`made_lowered`). A request's work handed to a shared threa
 estimate and parse, a gRPC tensor's copy: `as_work`) runs at that value too: were it above inference, a
 client sending large bodies would be served before the others' images. Elsewhere than Linux the nice value
 is the process's: nothing changes.
+
+A nice value orders the worker's threads among themselves only: Linux shares the cores between groups of
+processes (a container, a session's autogroup) before it shares them between threads, so a busy neighbour
+still makes the loop wait for a core. `make_realtime` (the `loop_realtime_priority` setting, off by default,
+needing CAP_SYS_NICE or a real-time limit, `RLIMIT_RTPRIO`) puts the loop's thread in the real-time class,
+which runs before every ordinary thread of the host; the threads and processes it starts are ordinary.
 """
 
 from __future__ import annotations
@@ -80,3 +86,17 @@ def made_lowered(niceness: int, make: Callable[[], T]) -> T:
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
+
+
+def make_realtime(priority: int) -> str | None:
+    """Put the calling thread in `SCHED_FIFO` at `priority`; None when done, else why not.
+
+    `SCHED_RESET_ON_FORK`: a thread or process it starts is ordinary again, at nice 0, so that no work thread
+    inherits a class that would hold a core for as long as it computes."""
+    if not PER_THREAD or not hasattr(os, "SCHED_FIFO"):
+        return "real-time scheduling of one thread needs Linux"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except OSError as exc:  # EPERM: no CAP_SYS_NICE, an RLIMIT_RTPRIO below it, or no real-time budget
+        return f"{exc.strerror or exc} (it needs CAP_SYS_NICE, or an RLIMIT_RTPRIO of {priority} or more)"
+    return None

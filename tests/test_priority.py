@@ -7,6 +7,9 @@ on the work threads (ONNX Runtime's included), the loop is run first whenever it
 from __future__ import annotations
 
 import os
+import resource
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -20,8 +23,9 @@ from PIL import Image
 from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver
-from service.priority import made_lowered, thread_niceness
+from service.priority import made_lowered, make_realtime, thread_niceness
 from tests.conftest import classify_now, encode
+from tests.http_server import ROOT, descendants, running_server
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values: Linux"),
@@ -173,3 +177,91 @@ def test_request_work_on_a_shared_pool_runs_at_the_work_niceness() -> None:
         assert thread_niceness() == mine
     finally:
         priority.configure(0)
+
+
+def _policy(tid: int, pid: int | None = None) -> tuple[int, int]:
+    """A thread's scheduling class and real-time priority, as the kernel reports them (`/proc/.../stat`)."""
+    stat = Path(f"/proc/{pid or os.getpid()}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command's name, which may hold spaces
+    return int(fields[38]), int(fields[37])  # policy, rt_priority (fields 41 and 40 of proc(5))
+
+
+def _realtime_allowed() -> bool:
+    """Whether this process may put a thread in the real-time class (CAP_SYS_NICE), asked of a thread that
+    ends at once."""
+    outcome: list[str | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(make_realtime(1)))
+    thread.start()
+    thread.join()
+    return outcome == [None]
+
+
+def test_a_realtime_thread_starts_ordinary_threads_or_says_why_it_is_not_realtime() -> None:
+    seen: dict[str, object] = {}
+
+    def loop_thread() -> None:
+        seen["refused"] = make_realtime(7)
+        seen["mine"] = _policy(threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.update(child=_policy(threading.get_native_id())))
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=loop_thread)
+    thread.start()
+    thread.join()
+    ordinary = (os.SCHED_OTHER, 0)
+    assert seen["child"] == ordinary  # never a work thread in the real-time class
+    if seen["refused"] is None:
+        assert seen["mine"] == (os.SCHED_FIFO, 7)
+    else:
+        assert "CAP_SYS_NICE" in str(seen["refused"])
+        assert seen["mine"] == ordinary
+    assert _policy(threading.get_native_id()) == ordinary  # the caller's thread is left as it was
+    with pytest.raises(ValueError, match="loop_realtime_priority"):
+        Settings(loop_realtime_priority=100).validate()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="becomes another user: root")
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_RTPRIO)[0] != 0, reason="a real-time limit is granted")
+def test_without_the_privilege_the_thread_stays_ordinary_and_the_reason_says_what_it_needs() -> None:
+    """As a user with no capability and no real-time limit (as in a container that drops them all)."""
+    code = (
+        "import os; from service.priority import make_realtime; "
+        "print(repr(make_realtime(5)), os.sched_getscheduler(0) == os.SCHED_OTHER)"
+    )
+    user = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps", "-all")
+    if subprocess.run([*user, sys.executable, "-c", "import service"], cwd=ROOT, timeout=60).returncode:
+        pytest.skip("another user cannot read this checkout or its Python")
+    done = subprocess.run(
+        [*user, sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "'Operation not permitted (it needs CAP_SYS_NICE, or an RLIMIT_RTPRIO of 5 or more)' True"
+    )
+
+
+def test_a_served_worker_runs_only_its_event_loop_in_the_realtime_class(
+    tmp_path: Path, chelsea: Image.Image
+) -> None:
+    """With `loop_realtime_priority` the worker's loop thread (its main thread) is real-time where the
+    process may be, and nothing else is: not its other threads, not its decoding children; it serves."""
+    import httpx
+
+    allowed = _realtime_allowed()
+    flags = ("--models", "efficientnet_lite0", "--decode-processes", "--loop-realtime-priority", "3")
+    with running_server(tmp_path, *flags) as server:
+        answer = httpx.post(server.url + "/classify", content=encode(chelsea, "JPEG", quality=90), timeout=30)
+        assert answer.status_code == 200, answer.text
+        (worker,) = [p for p in descendants(server) if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+        children = worker.children(recursive=True)
+        policies = {(p.pid, t.id): _policy(t.id, p.pid) for p in [worker, *children] for t in p.threads()}
+        realtime = {key: policy for key, policy in policies.items() if policy[0] != os.SCHED_OTHER}
+        log = server.log()
+        if allowed:
+            assert realtime == {(worker.pid, worker.pid): (os.SCHED_FIFO, 3)}, realtime
+            assert "the event loop runs at real-time priority 3" in log
+        else:
+            assert realtime == {}
+            assert "the event loop stays in the ordinary scheduling class" in log and "CAP_SYS_NICE" in log
+        assert children and len(policies) > 10, policies  # its threads and its children, all looked at

@@ -27,6 +27,7 @@ from service.looplag import LoopLagMonitor
 from service.memory import settle_heap
 from service.metrics import Metrics
 from service.oip import OpenInference
+from service.priority import make_realtime
 from service.storage import RepositoryError, is_url
 
 from . import connections, tracing, traffic
@@ -75,6 +76,12 @@ class ClassifierService:
     async def start(self) -> None:
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "uvloop" or "asyncio"
         log.info("HTTP and gRPC share one %s event loop (event_loop=%s)", loop, self.settings.event_loop)
+        if self.settings.loop_realtime_priority:
+            refused = make_realtime(self.settings.loop_realtime_priority)
+            if refused:
+                log.warning("the event loop stays in the ordinary scheduling class: %s", refused)
+            else:
+                log.info("the event loop runs at real-time priority %d", self.settings.loop_realtime_priority)
         self.metrics = Metrics()
         self.lag = LoopLagMonitor(self.metrics)
         self.lag.start()
