@@ -12,7 +12,8 @@ prints, side by side:
   beside the share of the time the loop waited for a core, the worker's full garbage collections, the host's
   stolen CPU time, and the cores the server and the clients used;
 - the server-side latency of its 503 answers (from its access log) and the connections refused at accept;
-- what each kind of abuse received, and how many connections were still open after the abuse stopped.
+- what each kind of abuse received, how many connections were still open after the abuse stopped, and how
+  long the abusers took to stop (a stall of the server or of the script shows there).
 
 Abuse (`--abuse`, comma-separated; default all): `json_bomb` (one image and millions of `{}` under an unknown
 key, 12 MB), `big_json` (a valid 12 MB JSON FP32 tensor), `disconnect` (chunked upload, client gone after 0.5
@@ -195,6 +196,14 @@ class Server:
         return total
 
     def metrics(self) -> str:
+        """The server's metrics; a scrape the server closes unanswered is tried twice more, so that one lost
+        connection does not lose a whole run's report (the failures go to stderr)."""
+        for _ in range(2):
+            try:
+                return httpx.get(self.url + "/metrics", timeout=30).text
+            except httpx.TransportError as exc:
+                print(f"scraping /metrics failed ({type(exc).__name__}: {exc}); again", file=sys.stderr)
+                time.sleep(2)
         return httpx.get(self.url + "/metrics", timeout=30).text
 
     def access(self) -> list[dict]:
@@ -376,6 +385,7 @@ class Abuse:
         self._slots = {kind: time.monotonic() for kind in self.rates}
         self._slot_lock = threading.Lock()
         self.started = self.seconds = 0.0  # when the abuse started, and for how long it ran
+        self.stopping_s = 0.0  # how long its clients took to stop: a stalled server or script shows here
 
     def _turn(self, kind: str) -> bool:
         """Whether `kind` sends again: at once, or at its next slot of `--rate`; False once stopped."""
@@ -404,6 +414,7 @@ class Abuse:
         self.stop.set()
         for t in self.threads:
             t.join(30)
+        self.stopping_s = time.monotonic() - self.started - self.seconds
 
     def _connect(self, port: int | None = None) -> socket.socket:
         return socket.create_connection((self.host, port or self.port), timeout=30)
@@ -1023,6 +1034,7 @@ def soak(server: Server, args: argparse.Namespace, kinds: list[str], half: float
         f"connections still open {SETTLE_S:.0f} s after the abuse stopped: HTTP {still_open}, "
         f"gRPC {grpc_still_open}"
     )
+    print(f"the abusers stopped {abuse.stopping_s:.1f} s after the abuse's end")
     return 0
 
 

@@ -176,6 +176,7 @@ def test_bench_hostile_prints_every_figure_and_fails_no_normal_request(
     bombs = re.search(rf"json_bomb \(([0-9]+) sent, ({NUMBER}) a second, capped at 2\)", out)
     assert bombs is not None and int(bombs[1]) >= 1 and float(bombs[2]) <= 2 + 1 / 4 + 0.01, out
     assert re.search(r"connections still open 15 s after the abuse stopped: HTTP [0-9]+, gRPC [0-9]+", out)
+    assert re.search(rf"the abusers stopped {NUMBER} s after the abuse's end", out), out
     full = rf"gRPC calls on a new connection while the port was full: UNAVAILABLE, .* {NUMBER} ms"
     assert re.search(full, out), out
 
