@@ -6,6 +6,7 @@ on the work threads (ONNX Runtime's included), the loop is run first whenever it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -255,7 +256,11 @@ def test_a_served_worker_runs_only_its_event_loop_in_the_realtime_class(
         assert answer.status_code == 200, answer.text
         (worker,) = [p for p in descendants(server) if "_bentoml_impl.worker" in " ".join(p.cmdline())]
         children = worker.children(recursive=True)
-        policies = {(p.pid, t.id): _policy(t.id, p.pid) for p in [worker, *children] for t in p.threads()}
+        policies = {}
+        for p in [worker, *children]:
+            for t in p.threads():
+                with contextlib.suppress(FileNotFoundError):  # a pool's thread that ended meanwhile
+                    policies[p.pid, t.id] = _policy(t.id, p.pid)
         realtime = {key: policy for key, policy in policies.items() if policy[0] != os.SCHED_OTHER}
         log = server.log()
         if allowed:
