@@ -104,6 +104,11 @@ class Settings:
         "is ready, ahead of every ordinary thread on the host; needs CAP_SYS_NICE or RLIMIT_RTPRIO "
         "(docs/SERVING.md); 0: off",
     )
+    loop_full_collections: bool = _setting(
+        True,
+        "Python's full garbage collections run on the event loop's thread, when Python's own rule says one "
+        "is due, instead of on whichever thread allocates then (docs/SERVING.md); 0: Python's schedule",
+    )
     decode_memory_mb: int = _setting(
         1024, "MiB the images being decoded may hold at once, by estimate; an image needing more is too large"
     )

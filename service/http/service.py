@@ -21,6 +21,7 @@ import bentoml
 
 from service import logs
 from service.arbiter import report_fatal
+from service.collector import LoopCollector
 from service.config import Settings
 from service.core import InferenceCore
 from service.looplag import LoopLagMonitor
@@ -70,6 +71,7 @@ class ClassifierService:
         self.load_task: asyncio.Task | None = None
         self.grpc_drain: asyncio.Task | None = None
         self.lag: LoopLagMonitor | None = None
+        self.collector = LoopCollector()
         self.parser: BodyParser | None = None
 
     @bentoml.on_startup
@@ -138,6 +140,8 @@ class ClassifierService:
         finally:
             if self.grpc is not None:  # gRPC health follows at once, not at its next periodic refresh
                 await self.grpc.refresh_health()
+        if self.settings.loop_full_collections and self.collector.start():
+            log.info("full garbage collections run on the event loop's thread")
         models = self.core.models()
         self.metrics.model_info(models)
         log.info("models ready: %s", ", ".join(f"{m.name}/{m.version}" for m in models))
@@ -153,6 +157,7 @@ class ClassifierService:
             self.load_task.cancel()
         if self.core is not None:
             await self.core.stop()
+        await self.collector.stop()
         if self.lag is not None:
             await self.lag.stop()
         if self.parser is not None:
