@@ -126,8 +126,8 @@ def test_a_full_collection_falls_due_when_python_would_run_one(full_passes: list
 
     by_loop = asyncio.run(with_collector())
     assert not full_passes, "Python ran a full collection of its own while the collector held them"
-    assert by_python >= 3, "the heap's history was too short to tell"
-    assert abs(by_loop - by_python) <= 1, (by_loop, by_python)
+    assert by_python >= 5, "the heap's history was too short to tell"
+    assert abs(by_loop - by_python) <= 2, (by_loop, by_python)
 
 
 def test_stop_gives_full_collections_back_to_python() -> None:
