@@ -1,20 +1,17 @@
-"""Full garbage collections on the event loop's thread, when the heap has grown enough to be worth one.
+"""Full garbage collections on the event loop's thread, when Python's own rule says one is due.
 
 Python runs a full collection (generation 2) on whichever thread allocates when one falls due, and holds the
-interpreter lock for as long as it walks every live object: 5 to 30 ms with a thousand connections open. On
-a work thread (at `worker_niceness`, or ordinary beside a real-time loop) that thread can lose its core
-partway, and the loop waits for the lock as long (`looplag`, cause `gc`). Python also counts toward its next
-full collection every object that lived through two young collections, even those reference counting has
-freed since: under a stream of connections that live a few seconds, a full pass every few seconds that finds
-nothing.
+interpreter lock for as long as it walks every live object, tens of milliseconds with a thousand connections
+open. On a work thread (at `worker_niceness`, or ordinary beside a real-time loop) that thread can lose its
+core partway, and the loop waits for the lock until it gets one back (`looplag`, cause `gc`).
 
 `LoopCollector` takes full collections off Python's schedule (generation 2's threshold out of reach) and
 runs them on the loop, between its callbacks and at its priority, when Python's own rule says one is due:
 ten young collections since the last, and more objects moved to generation 2 since then than a quarter of
 what it held after it (CPython's `long_lived_pending > long_lived_total / 4`). The collector's callbacks
 count what each generation-1 collection moves: the young generations' objects at its start, less what it
-freed. So a full collection runs as often as before, never on a work thread. Young collections stay
-Python's: they walk only new objects.
+freed. So full collections run as often as before, on the loop's thread (an explicit `gc.collect()`, such
+as the idle trim's, runs where it is called). Young collections stay Python's: they walk only new objects.
 
 CPython 3.14 collects the old generation a piece at a time with each young collection, which no threshold
 turns off: there the collector leaves Python's schedule as it is.
