@@ -44,7 +44,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 from service.fair import FairClock
-from service.priority import lower_this_thread
+from service.priority import lift_steps, lower_this_thread
 
 log = logging.getLogger("service.batching")
 
@@ -444,9 +444,11 @@ class Batcher:
         hand kept the event loop waiting until the scheduler ran it again, behind every other runnable
         thread. So only the run, which lets the lock go and takes the cores, is handed to a thread of its own
         at that nice value (ONNX Runtime's threads have it too); the worker waits for it with the lock
-        released."""
+        released. Beside a real-time loop the worker, with its runs elsewhere, joins the loop's class one
+        priority below it (`service.priority.lift_steps`); the run thread it starts is ordinary."""
         compute = None
         if self.niceness > 0:
+            lift_steps()
             compute = ThreadPoolExecutor(
                 1,
                 thread_name_prefix=f"{threading.current_thread().name}-run",

@@ -101,8 +101,9 @@ class Settings:
     loop_realtime_priority: int = _setting(
         0,
         "Linux SCHED_FIFO priority (1-99) of the worker's event-loop thread, which then runs the moment it "
-        "is ready, ahead of every ordinary thread on the host; needs CAP_SYS_NICE or RLIMIT_RTPRIO "
-        "(docs/SERVING.md); 0: off",
+        "is ready, ahead of every ordinary thread on the host, and one below it of the threads that take the "
+        "interpreter lock for short steps only; needs CAP_SYS_NICE or RLIMIT_RTPRIO (docs/SERVING.md); "
+        "0: off",
     )
     loop_full_collections: bool = _setting(
         True,

@@ -170,7 +170,7 @@ def info_of(entry: LoadedModel) -> ModelInfo:
 class InferenceCore:
     def __init__(self, settings: Settings | None = None, observer: Observer | None = None) -> None:
         self.settings = settings or Settings()
-        priority.configure(self.settings.worker_niceness)
+        priority.configure(self.settings.worker_niceness, self.settings.loop_realtime_priority)
         self.observer: Observer = observer or NullObserver()
         self.loaded = False  # load() finished and close() not begun: each ready model serves
         self.failure: BaseException | None = None  # why start-up failed; the process is then not live
@@ -199,7 +199,11 @@ class InferenceCore:
         # could lose its core and keep the event loop waiting for the lock.
         pool_niceness = 0 if self.settings.decode_processes else self.settings.worker_niceness
         self._pool = FairPool(
-            threads, "preprocess", lambda owner: self.batcher.ahead(owner) < ahead, niceness=pool_niceness
+            threads,
+            "preprocess",
+            lambda owner: self.batcher.ahead(owner) < ahead,
+            niceness=pool_niceness,
+            steps=self.settings.decode_processes,
         )
         # A lone job runs on the pool thread that prepared it when another is left to decode meanwhile, and
         # only where that thread is lowered: inference runs below the loop.

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from service.priority import lower_this_thread
+from service.priority import lift_steps, lower_this_thread
 
 
 class FairClock:
@@ -61,8 +61,10 @@ class FairPool:
         name: str,
         ready: Callable[[Hashable], bool] | None = None,
         niceness: int = 0,
+        steps: bool = False,
     ) -> None:
         self.niceness = niceness  # of its threads (`service.priority`)
+        self.steps = steps  # its calls only take short steps: beside a real-time loop, lifted (`lift_steps`)
         self._cond = threading.Condition()
         self._clock = FairClock()
         self._ready = ready
@@ -111,7 +113,8 @@ class FairPool:
         return None
 
     def _loop(self) -> None:
-        lower_this_thread(self.niceness)
+        if not (self.steps and lift_steps()):
+            lower_this_thread(self.niceness)
         while True:
             with self._cond:
                 while True:

@@ -16,6 +16,15 @@ processes (a container, a session's autogroup) before it shares them between thr
 still makes the loop wait for a core. `make_realtime` (the `loop_realtime_priority` setting, off by default,
 needing CAP_SYS_NICE or a real-time limit, `RLIMIT_RTPRIO`) puts the loop's thread in the real-time class,
 which runs before every ordinary thread of the host; the threads and processes it starts are ordinary.
+
+The loop then never waits for a core, but it still waits for the interpreter lock, and an ordinary thread
+that takes the lock can lose its core with it in hand (to the loop waking on that core, or to the host) and
+keep the loop waiting until the scheduler runs it again. So beside a real-time loop, the threads that take
+the lock for short Python steps and leave the heavy work to others join the class one priority below it
+(`lift_steps`): the batcher's workers (their runs are on lowered threads), the decode threads that only hand
+images to child processes, and request work on shared pools (`as_work`: a body's estimate, a form's split, a
+gRPC message's decode), which there goes before inference, as the loop's own reading of bodies does.
+Inference, decoding and parsing in children stay ordinary and lowered.
 """
 
 from __future__ import annotations
@@ -43,20 +52,43 @@ def lower_this_thread(niceness: int) -> None:
 
 
 _work_niceness = 0  # what `as_work` lowers a pool's thread to: the core's `worker_niceness`
+_steps_priority = 0  # the real-time priority of threads that take short steps (`lift_steps`); 0: ordinary
 
 
-def configure(niceness: int) -> None:
-    """The nice value of request work (`as_work`); set once, by the inference core."""
-    global _work_niceness
+def configure(niceness: int, loop_realtime_priority: int = 0) -> None:
+    """The nice value of request work (`as_work`), and the loop's real-time priority, below which the
+    threads of short steps run (`lift_steps`); set once, by the inference core."""
+    global _work_niceness, _steps_priority
     _work_niceness = niceness
+    _steps_priority = max(1, loop_realtime_priority - 1) if loop_realtime_priority > 0 else 0
+
+
+def lift_steps() -> bool:
+    """Beside a real-time loop, put the calling thread, which takes the interpreter lock for short steps
+    only, in the real-time class one priority below the loop; whether it is there now. Refused once (no
+    privilege: the loop's own warning says so), it is not asked again."""
+    global _steps_priority
+    if not _steps_priority:
+        return False
+    if make_realtime(_steps_priority) is None:
+        return True
+    _steps_priority = 0
+    return False
 
 
 def as_work(fn: Callable[..., T]) -> Callable[..., T]:
-    """`fn`, run at the nice value of request work on whatever pool thread runs it."""
+    """`fn`, run at the nice value of request work on whatever pool thread runs it; beside a real-time loop,
+    in the class of short steps (`lift_steps`), the thread ordinary again afterwards."""
 
     def lowered(*args: object, **kwargs: object) -> T:
-        lower_this_thread(_work_niceness)
-        return fn(*args, **kwargs)
+        if not lift_steps():
+            lower_this_thread(_work_niceness)
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            # Leaving the class needs no privilege.
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
     return lowered
 

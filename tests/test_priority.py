@@ -180,6 +180,9 @@ def test_request_work_on_a_shared_pool_runs_at_the_work_niceness() -> None:
         priority.configure(0)
 
 
+ORDINARY = (os.SCHED_OTHER, 0)
+
+
 def _policy(tid: int, pid: int | None = None) -> tuple[int, int]:
     """A thread's scheduling class and real-time priority, as the kernel reports them (`/proc/.../stat`)."""
     stat = Path(f"/proc/{pid or os.getpid()}/task/{tid}/stat").read_text()
@@ -210,14 +213,13 @@ def test_a_realtime_thread_starts_ordinary_threads_or_says_why_it_is_not_realtim
     thread = threading.Thread(target=loop_thread)
     thread.start()
     thread.join()
-    ordinary = (os.SCHED_OTHER, 0)
-    assert seen["child"] == ordinary  # never a work thread in the real-time class
+    assert seen["child"] == ORDINARY  # never a work thread in the real-time class
     if seen["refused"] is None:
         assert seen["mine"] == (os.SCHED_FIFO, 7)
     else:
         assert "CAP_SYS_NICE" in str(seen["refused"])
-        assert seen["mine"] == ordinary
-    assert _policy(threading.get_native_id()) == ordinary  # the caller's thread is left as it was
+        assert seen["mine"] == ORDINARY
+    assert _policy(threading.get_native_id()) == ORDINARY  # the caller's thread is left as it was
     with pytest.raises(ValueError, match="loop_realtime_priority"):
         Settings(loop_realtime_priority=100).validate()
 
@@ -225,10 +227,14 @@ def test_a_realtime_thread_starts_ordinary_threads_or_says_why_it_is_not_realtim
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="becomes another user: root")
 @pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_RTPRIO)[0] != 0, reason="a real-time limit is granted")
 def test_without_the_privilege_the_thread_stays_ordinary_and_the_reason_says_what_it_needs() -> None:
-    """As a user with no capability and no real-time limit (as in a container that drops them all)."""
+    """As a user with no capability and no real-time limit (as in a container that drops them all). Request
+    work beside a loop asked to be real-time is then lowered as it would be without."""
     code = (
-        "import os; from service.priority import make_realtime; "
-        "print(repr(make_realtime(5)), os.sched_getscheduler(0) == os.SCHED_OTHER)"
+        "import os; from service import priority; from service.priority import make_realtime; "
+        "print(repr(make_realtime(5)), os.sched_getscheduler(0) == os.SCHED_OTHER); "
+        "priority.configure(os.getpriority(os.PRIO_PROCESS, 0) + 3, loop_realtime_priority=5); "
+        "print(priority.as_work(lambda: (os.sched_getscheduler(0), priority.thread_niceness()))(), "
+        "priority.lift_steps())"
     )
     user = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps", "-all")
     if subprocess.run([*user, sys.executable, "-c", "import service"], cwd=ROOT, timeout=60).returncode:
@@ -237,16 +243,104 @@ def test_without_the_privilege_the_thread_stays_ordinary_and_the_reason_says_wha
         [*user, sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == (
+    refused, lowered = done.stdout.strip().split("\n")
+    assert refused == (
         "'Operation not permitted (it needs CAP_SYS_NICE, or an RLIMIT_RTPRIO of 5 or more)' True"
     )
+    # lowered as without the setting, and not asked again
+    assert lowered == f"({os.SCHED_OTHER}, {os.getpriority(os.PRIO_PROCESS, 0) + 3}) False", lowered
 
 
-def test_a_served_worker_runs_only_its_event_loop_in_the_realtime_class(
+def test_beside_a_realtime_loop_a_batchers_worker_is_lifted_and_its_runs_stay_lowered() -> None:
+    """The worker's steps hold the interpreter lock: one priority below the loop, so that it never waits
+    for a core with the lock in hand; the runs, which take the cores, stay ordinary and lowered."""
+    from service import priority
+
+    allowed = _realtime_allowed()
+    mine = thread_niceness()
+    ran: list[tuple[str, tuple[int, int], int]] = []
+
+    def run(key: object, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+        ran.append((threading.current_thread().name, _policy(threading.get_native_id()), thread_niceness()))
+        return batch.reshape(batch.shape[0], -1)[:, :1] * 2
+
+    priority.configure(mine + 7, loop_realtime_priority=5)
+    b = Batcher(
+        run, max_batch_size=4, max_wait_s=0.0, queue_size=8, observer=NullObserver(), niceness=mine + 7
+    )
+    try:
+        b.admit(1, preparing=False)
+        job = Job("m", np.full((1, 1, 2, 2), 3.0, np.float32), Future(), 1e12)
+        b.submit(job, from_preparing=False)
+        assert job.future.result(10).tolist() == [[6.0]]
+        assert ran == [("batcher-0-run_0", ORDINARY, mine + 7)]
+        (worker,) = b._threads
+        assert _policy(worker.native_id) == ((os.SCHED_FIFO, 4) if allowed else ORDINARY)
+    finally:
+        b.stop(5)
+        priority.configure(0)
+
+
+def test_beside_a_realtime_loop_request_work_is_lifted_and_its_thread_ordinary_again() -> None:
+    from service import priority
+
+    allowed = _realtime_allowed()
+    mine = thread_niceness()
+    seen: dict[str, object] = {}
+
+    def pool_thread() -> None:
+        tid = threading.get_native_id()
+        seen["during"] = priority.as_work(lambda: (_policy(tid), thread_niceness()))()
+        seen["after"] = (_policy(tid), thread_niceness())
+
+    priority.configure(mine + 4, loop_realtime_priority=5)
+    try:
+        thread = threading.Thread(target=pool_thread)
+        thread.start()
+        thread.join()
+    finally:
+        priority.configure(0)
+    if allowed:
+        assert seen == {"during": ((os.SCHED_FIFO, 4), mine), "after": (ORDINARY, mine)}
+    else:  # lowered, as without a real-time loop
+        assert seen == {"during": (ORDINARY, mine + 4), "after": (ORDINARY, mine + 4)}
+
+
+def test_beside_a_realtime_loop_decode_threads_are_lifted_only_where_children_decode(
+    tiny_repo: Path, chelsea: Image.Image
+) -> None:
+    allowed = _realtime_allowed()
+    mine = thread_niceness()
+    lifted = (os.SCHED_FIFO, 4) if allowed else ORDINARY
+    for processes in (True, False):
+        core = _loaded_core(tiny_repo, mine + 7, decode_processes=processes, loop_realtime_priority=5)
+        try:
+            (answer,) = classify_now(core, [encode(chelsea)], model="tiny")
+            assert answer.top_k
+            pool = [t.native_id for t in core._pool._threads]
+            if processes:  # they only hand images to their children
+                assert [_policy(tid) for tid in pool] == [lifted, lifted]
+                assert core.decoders is not None and core.decoders.pids()
+                assert all(_policy(pid, pid) == ORDINARY for pid in core.decoders.pids())
+            else:  # they decode: ordinary, lowered
+                assert [(_policy(tid), thread_niceness(tid)) for tid in pool] == [(ORDINARY, mine + 7)] * 2
+            (worker,) = core.batcher._threads
+            assert _policy(worker.native_id) == lifted
+            assert _policy(threading.get_native_id()) == ORDINARY  # the caller is left as it was
+        finally:
+            core.close()
+            from service import priority
+
+            priority.configure(0)
+
+
+def test_a_served_worker_runs_its_event_loop_and_its_steps_only_in_the_realtime_class(
     tmp_path: Path, chelsea: Image.Image
 ) -> None:
     """With `loop_realtime_priority` the worker's loop thread (its main thread) is real-time where the
-    process may be, and nothing else is: not its other threads, not its decoding children; it serves."""
+    process may be, and one below it the threads of short steps (the batcher's worker, the two decode
+    threads that hand images to children), and nothing else: not inference, not its decoding children; it
+    serves."""
     import httpx
 
     allowed = _realtime_allowed()
@@ -265,7 +359,9 @@ def test_a_served_worker_runs_only_its_event_loop_in_the_realtime_class(
         log = server.log()
         assert "full garbage collections run on the event loop's thread" in log  # whatever its class
         if allowed:
-            assert realtime == {(worker.pid, worker.pid): (os.SCHED_FIFO, 3)}, realtime
+            assert realtime.pop((worker.pid, worker.pid)) == (os.SCHED_FIFO, 3), realtime
+            steps = {key: policy for key, policy in realtime.items() if key[0] == worker.pid}
+            assert sorted(steps.values()) == [(os.SCHED_FIFO, 2)] * 3 and steps == realtime, realtime
             assert "the event loop runs at real-time priority 3" in log
         else:
             assert realtime == {}
