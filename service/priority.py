@@ -29,6 +29,8 @@ Inference, decoding and parsing in children stay ordinary and lowered.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import sys
 import threading
@@ -87,10 +89,29 @@ def as_work(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         finally:
-            # Leaving the class needs no privilege.
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            leave_realtime()
 
     return lowered
+
+
+def leave_realtime() -> None:
+    """Make the calling thread ordinary again (which needs no privilege), with the interpreter lock let go.
+
+    The kernel may run another thread the moment this one leaves the class, and a thread that lost its core
+    there with the lock in hand would keep the loop waiting: `os.sched_setscheduler` holds the lock, while
+    ctypes lets it go around a C call."""
+    call = _sched_setscheduler()
+    if call is None or call(0, os.SCHED_OTHER, ctypes.byref(ctypes.c_int(0))) != 0:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+@functools.cache
+def _sched_setscheduler() -> Callable[..., int] | None:
+    """The C library's call (ctypes lets the interpreter lock go around it), or None."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "sched_setscheduler", None)
+    except OSError:
+        return None
 
 
 def thread_niceness(tid: int | None = None) -> int:
