@@ -318,8 +318,8 @@ def test_beside_a_realtime_loop_decode_threads_are_lifted_only_where_children_de
             (answer,) = classify_now(core, [encode(chelsea)], model="tiny")
             assert answer.top_k
             pool = [t.native_id for t in core._pool._threads]
-            if processes:  # they only hand images to their children
-                assert [_policy(tid) for tid in pool] == [lifted, lifted]
+            if processes:  # they only hand images to their children, and never run inference
+                assert [_policy(tid) for tid in pool] == [lifted, lifted] and not core._run_here
                 assert core.decoders is not None and core.decoders.pids()
                 assert all(_policy(pid, pid) == ORDINARY for pid in core.decoders.pids())
             else:  # they decode: ordinary, lowered
@@ -332,6 +332,27 @@ def test_beside_a_realtime_loop_decode_threads_are_lifted_only_where_children_de
             from service import priority
 
             priority.configure(0)
+
+
+def test_a_lifted_decode_thread_never_runs_inference_even_with_the_work_at_the_loops_nice_value(
+    tiny_repo: Path,
+) -> None:
+    core = InferenceCore(
+        Settings(
+            repository=str(tiny_repo),
+            models=("tiny",),
+            worker_niceness=0,
+            decode_processes=True,
+            loop_realtime_priority=5,
+        )
+    )
+    try:
+        assert not core._run_here
+    finally:
+        core.close()
+        from service import priority
+
+        priority.configure(0)
 
 
 def test_a_served_worker_runs_its_event_loop_and_its_steps_only_in_the_realtime_class(
