@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import priority
 from service.batching import Batcher, Job
 from service.config import Settings
 from service.core import InferenceCore, NullObserver
@@ -165,8 +166,6 @@ def test_request_work_on_a_shared_pool_runs_at_the_work_niceness() -> None:
     value, not above inference."""
     import anyio
 
-    from service import priority
-
     mine = thread_niceness()
     priority.configure(mine + 4)
     try:
@@ -254,8 +253,6 @@ def test_without_the_privilege_the_thread_stays_ordinary_and_the_reason_says_wha
 def test_beside_a_realtime_loop_a_batchers_worker_is_lifted_and_its_runs_stay_lowered() -> None:
     """The worker's steps hold the interpreter lock: one priority below the loop, so that it never waits
     for a core with the lock in hand; the runs, which take the cores, stay ordinary and lowered."""
-    from service import priority
-
     allowed = _realtime_allowed()
     mine = thread_niceness()
     ran: list[tuple[str, tuple[int, int], int]] = []
@@ -282,8 +279,6 @@ def test_beside_a_realtime_loop_a_batchers_worker_is_lifted_and_its_runs_stay_lo
 
 
 def test_beside_a_realtime_loop_request_work_is_lifted_and_its_thread_ordinary_again() -> None:
-    from service import priority
-
     allowed = _realtime_allowed()
     mine = thread_niceness()
     seen: dict[str, object] = {}
@@ -329,8 +324,6 @@ def test_beside_a_realtime_loop_decode_threads_are_lifted_only_where_children_de
             assert _policy(threading.get_native_id()) == ORDINARY  # the caller is left as it was
         finally:
             core.close()
-            from service import priority
-
             priority.configure(0)
 
 
@@ -350,8 +343,6 @@ def test_a_lifted_decode_thread_never_runs_inference_even_with_the_work_at_the_l
         assert not core._run_here
     finally:
         core.close()
-        from service import priority
-
         priority.configure(0)
 
 
