@@ -207,7 +207,7 @@ class InferenceCore:
         )
         # A lone job runs on the pool thread that prepared it when another is left to decode meanwhile, and
         # only where that thread is lowered: inference runs below the loop, never on a lifted thread.
-        lifted = self.settings.decode_processes and self.settings.loop_realtime_priority > 0
+        lifted = self._pool.steps and self.settings.loop_realtime_priority > 0
         self._run_here = threads > 1 and pool_niceness == self.settings.worker_niceness and not lifted
         self.decoders = (
             DecodeProcesses(self.settings.worker_niceness, self.settings.memory_trim_idle_s)
