@@ -44,7 +44,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, InvalidArgument, Overloaded, ServiceError
 from service.fair import FairClock
-from service.priority import lift_steps, lower_this_thread
+from service.priority import lift_steps, lower_this_thread, run_ordinary
 
 log = logging.getLogger("service.batching")
 
@@ -445,14 +445,16 @@ class Batcher:
         thread. So only the run, which lets the lock go and takes the cores, is handed to a thread of its own
         at that nice value (ONNX Runtime's threads have it too); the worker waits for it with the lock
         released. Beside a real-time loop the worker, with its runs elsewhere, joins the loop's class one
-        priority below it (`service.priority.lift_steps`); the run thread it starts is ordinary."""
+        priority below it (`service.priority.lift_steps`), and so does the run thread between its runs: it
+        takes the lock on its way into and out of each run, and each run is ordinary and lowered
+        (`service.priority.run_ordinary`)."""
         compute = None
         if self.niceness > 0:
             lift_steps()
             compute = ThreadPoolExecutor(
                 1,
                 thread_name_prefix=f"{threading.current_thread().name}-run",
-                initializer=lower_this_thread,
+                initializer=_start_run_thread,
                 initargs=(self.niceness,),
             )
             self._local.compute = compute
@@ -501,7 +503,7 @@ class Batcher:
         compute: ThreadPoolExecutor | None = getattr(self._local, "compute", None)
         if compute is None:
             return self._run(key, chunk, alone)
-        return compute.submit(self._run, key, chunk, alone).result()
+        return compute.submit(run_ordinary, self._run, key, chunk, alone).result()
 
     def _execute(self, jobs: list[Job], alone: bool = False) -> None:
         key = jobs[0].key
@@ -531,6 +533,13 @@ class Batcher:
             n = job.views.shape[0]
             settle(job.future, out[start : start + n])
             start += n
+
+
+def _start_run_thread(niceness: int) -> None:
+    """A worker's run thread: its runs at the work's nice value, its steps between them lifted where the
+    worker is (`Batcher._loop`)."""
+    lower_this_thread(niceness)
+    lift_steps()
 
 
 EWMA_WEIGHT = 0.2  # of the newest measurement: about the last ten batches count

@@ -21,10 +21,12 @@ The loop then never waits for a core, but it still waits for the interpreter loc
 that takes the lock can lose its core with it in hand (to the loop waking on that core, or to the host) and
 keep the loop waiting until the scheduler runs it again. So beside a real-time loop, the threads that take
 the lock for short Python steps and leave the heavy work to others join the class one priority below it
-(`lift_steps`): the batcher's workers (their runs are on lowered threads), the decode threads that only hand
-images to child processes, and request work on shared pools (`as_work`: a body's estimate, a form's split, a
-gRPC message's decode), which there goes before inference, as the loop's own reading of bodies does.
-Inference, decoding and parsing in children stay ordinary and lowered.
+(`lift_steps`): the batcher's workers, the decode threads that only hand images to child processes, and
+request work on shared pools (`as_work`: a body's estimate, a form's split, a gRPC message's decode), which
+there goes before inference, as the loop's own reading of bodies does. The batcher's run threads are lifted
+too, and leave the class for each run (`run_ordinary`): their Python steps around a run (taking it, handing
+its outputs back) are short, while the run itself takes the cores. Inference, decoding and parsing in
+children stay ordinary and lowered.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def lower_this_thread(niceness: int) -> None:
 
 _work_niceness = 0  # what `as_work` lowers a pool's thread to: the core's `worker_niceness`
 _steps_priority = 0  # the real-time priority of threads that take short steps (`lift_steps`); 0: ordinary
+_thread = threading.local()  # `lifted`: the real-time priority `lift_steps` gave the calling thread, or 0
 
 
 def configure(niceness: int, loop_realtime_priority: int = 0) -> None:
@@ -73,9 +76,27 @@ def lift_steps() -> bool:
     if not _steps_priority:
         return False
     if make_realtime(_steps_priority) is None:
+        _thread.lifted = _steps_priority
         return True
     _steps_priority = 0
     return False
+
+
+def run_ordinary(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)`, native work that takes the cores (inference), run ordinary at the thread's nice value by a
+    thread lifted for its steps (`lift_steps`), which is lifted again afterwards; elsewhere just `fn(*args)`.
+
+    Both switches let the interpreter lock go or take it for one system call only: the thread holds the lock
+    as an ordinary thread for the Python steps into and out of `fn`, not for the steps between runs."""
+    lifted = getattr(_thread, "lifted", 0)
+    if not lifted:
+        return fn(*args)
+    leave_realtime()
+    try:
+        return fn(*args)
+    finally:
+        if make_realtime(lifted) is None:  # the privilege that lifted it holds: never refused in practice
+            _thread.lifted = lifted
 
 
 def as_work(fn: Callable[..., T]) -> Callable[..., T]:
@@ -100,6 +121,7 @@ def leave_realtime() -> None:
     The kernel may run another thread the moment this one leaves the class, and a thread that lost its core
     there with the lock in hand would keep the loop waiting: `os.sched_setscheduler` holds the lock, while
     ctypes lets it go around a C call."""
+    _thread.lifted = 0
     call = _sched_setscheduler()
     if call is None or call(0, os.SCHED_OTHER, ctypes.byref(ctypes.c_int(0))) != 0:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))

@@ -251,8 +251,9 @@ def test_without_the_privilege_the_thread_stays_ordinary_and_the_reason_says_wha
 
 
 def test_beside_a_realtime_loop_a_batchers_worker_is_lifted_and_its_runs_stay_lowered() -> None:
-    """The worker's steps hold the interpreter lock: one priority below the loop, so that it never waits
-    for a core with the lock in hand; the runs, which take the cores, stay ordinary and lowered."""
+    """The worker's steps, and its run thread's between runs, hold the interpreter lock: one priority below
+    the loop, so that they never wait for a core with the lock in hand; the runs, which take the cores, are
+    ordinary and lowered."""
     allowed = _realtime_allowed()
     mine = thread_niceness()
     ran: list[tuple[str, tuple[int, int], int]] = []
@@ -266,16 +267,49 @@ def test_beside_a_realtime_loop_a_batchers_worker_is_lifted_and_its_runs_stay_lo
         run, max_batch_size=4, max_wait_s=0.0, queue_size=8, observer=NullObserver(), niceness=mine + 7
     )
     try:
-        b.admit(1, preparing=False)
-        job = Job("m", np.full((1, 1, 2, 2), 3.0, np.float32), Future(), 1e12)
-        b.submit(job, from_preparing=False)
-        assert job.future.result(10).tolist() == [[6.0]]
-        assert ran == [("batcher-0-run_0", ORDINARY, mine + 7)]
+        for value in (3.0, 4.0):
+            b.admit(1, preparing=False)
+            job = Job("m", np.full((1, 1, 2, 2), value, np.float32), Future(), 1e12)
+            b.submit(job, from_preparing=False)
+            assert job.future.result(10).tolist() == [[2 * value]]
+        assert ran == [("batcher-0-run_0", ORDINARY, mine + 7)] * 2  # each run, the second as the first
+        lifted = (os.SCHED_FIFO, 4) if allowed else ORDINARY
         (worker,) = b._threads
-        assert _policy(worker.native_id) == ((os.SCHED_FIFO, 4) if allowed else ORDINARY)
+        (run_thread,) = [t for t in threading.enumerate() if t.name == "batcher-0-run_0"]
+        assert _policy(worker.native_id) == lifted
+        assert (_policy(run_thread.native_id), thread_niceness(run_thread.native_id)) == (lifted, mine + 7)
     finally:
         b.stop(5)
         priority.configure(0)
+
+
+def test_a_lifted_thread_runs_native_work_ordinary_and_is_lifted_again_even_when_it_fails() -> None:
+    allowed = _realtime_allowed()
+    mine = thread_niceness()
+    seen: list[object] = []
+
+    def fail() -> None:
+        raise RuntimeError("inference failed")
+
+    def lifted_thread() -> None:
+        tid = threading.get_native_id()
+        priority.lower_this_thread(mine + 3)
+        seen.append(priority.lift_steps())
+        seen.append(priority.run_ordinary(lambda: (_policy(tid), thread_niceness())))
+        seen.append(_policy(tid))
+        with pytest.raises(RuntimeError, match="inference failed"):
+            priority.run_ordinary(fail)
+        seen.append(_policy(tid))
+
+    priority.configure(mine + 3, loop_realtime_priority=5)
+    try:
+        thread = threading.Thread(target=lifted_thread)
+        thread.start()
+        thread.join()
+    finally:
+        priority.configure(0)
+    lifted = (os.SCHED_FIFO, 4) if allowed else ORDINARY
+    assert seen == [allowed, (ORDINARY, mine + 3), lifted, lifted]
 
 
 def test_beside_a_realtime_loop_request_work_is_lifted_and_its_thread_ordinary_again() -> None:
@@ -350,9 +384,9 @@ def test_a_served_worker_runs_its_event_loop_and_its_steps_only_in_the_realtime_
     tmp_path: Path, chelsea: Image.Image
 ) -> None:
     """With `loop_realtime_priority` the worker's loop thread (its main thread) is real-time where the
-    process may be, and one below it the threads of short steps (the batcher's worker, the two decode
-    threads that hand images to children), and nothing else: not inference, not its decoding children; it
-    serves."""
+    process may be, and one below it the threads of short steps (the batcher's worker and its run thread
+    between runs, the two decode threads that hand images to children), and nothing else: not ONNX Runtime's
+    threads, not its decoding children; it serves."""
     import httpx
 
     allowed = _realtime_allowed()
@@ -373,7 +407,7 @@ def test_a_served_worker_runs_its_event_loop_and_its_steps_only_in_the_realtime_
         if allowed:
             assert realtime.pop((worker.pid, worker.pid)) == (os.SCHED_FIFO, 3), realtime
             steps = {key: policy for key, policy in realtime.items() if key[0] == worker.pid}
-            assert sorted(steps.values()) == [(os.SCHED_FIFO, 2)] * 3 and steps == realtime, realtime
+            assert sorted(steps.values()) == [(os.SCHED_FIFO, 2)] * 4 and steps == realtime, realtime
             assert "the event loop runs at real-time priority 3" in log
         else:
             assert realtime == {}
