@@ -241,6 +241,7 @@ class InferenceCore:
 
         `before_ready` runs once everything is loaded and before the core says it is ready: work that would
         stall the process (a full garbage collection) is done before any traffic is sent to it."""
+        priority.leave_steps()  # on a shared thread that served request work: the warm-ups take the cores
         if self.decoders is not None:
             self.decoders.start(max(1, self.settings.decode_threads))
         self.model_set.start()

@@ -21,12 +21,13 @@ The loop then never waits for a core, but it still waits for the interpreter loc
 that takes the lock can lose its core with it in hand (to the loop waking on that core, or to the host) and
 keep the loop waiting until the scheduler runs it again. So beside a real-time loop, the threads that take
 the lock for short Python steps and leave the heavy work to others join the class one priority below it
-(`lift_steps`): the batcher's workers, the decode threads that only hand images to child processes, and
-request work on shared pools (`as_work`: a body's estimate, a form's split, a gRPC message's decode), which
-there goes before inference, as the loop's own reading of bodies does. The batcher's run threads are lifted
-too, and leave the class for each run (`run_ordinary`): their Python steps around a run (taking it, handing
-its outputs back) are short, while the run itself takes the cores. Inference, decoding and parsing in
-children stay ordinary and lowered.
+(`lift_steps`): the batcher's workers, the decode threads that only hand images to child processes, and the
+threads of shared pools that take request work (`as_work`: a body's estimate, a form's split, a gRPC
+message's decode, handing a large body to its parsing child), which there goes before inference, as the
+loop's own reading of bodies does. The batcher's run threads are lifted too, and leave the class for each
+run (`run_ordinary`): their Python steps around a run (taking it, handing its outputs back) are short,
+while the run itself takes the cores. Inference, decoding and parsing in children stay ordinary and
+lowered.
 """
 
 from __future__ import annotations
@@ -101,18 +102,26 @@ def run_ordinary(fn: Callable[..., T], *args: object) -> T:
 
 def as_work(fn: Callable[..., T]) -> Callable[..., T]:
     """`fn`, run at the nice value of request work on whatever pool thread runs it; beside a real-time loop,
-    in the class of short steps (`lift_steps`), the thread ordinary again afterwards."""
+    in the class of short steps (`lift_steps`), where the thread then stays.
+
+    The rest of such a thread's time is short steps as well (its pool taking work and handing results back
+    to the loop, BentoML's probes and metrics): made ordinary again after each piece, it held the lock in
+    those steps as an ordinary thread, and lost its core with it in hand. Work that takes the cores and may
+    land on a shared thread leaves the class first (`leave_steps`)."""
 
     def lowered(*args: object, **kwargs: object) -> T:
-        if not lift_steps():
+        if not getattr(_thread, "lifted", 0) and not lift_steps():
             lower_this_thread(_work_niceness)
-            return fn(*args, **kwargs)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            leave_realtime()
+        return fn(*args, **kwargs)
 
     return lowered
+
+
+def leave_steps() -> None:
+    """Make the calling thread ordinary again if `lift_steps` lifted it (a shared pool's thread that served
+    request work), before work that takes the cores (loading and warming up models)."""
+    if getattr(_thread, "lifted", 0):
+        leave_realtime()
 
 
 def leave_realtime() -> None:

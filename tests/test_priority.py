@@ -312,7 +312,9 @@ def test_a_lifted_thread_runs_native_work_ordinary_and_is_lifted_again_even_when
     assert seen == [allowed, (ORDINARY, mine + 3), lifted, lifted]
 
 
-def test_beside_a_realtime_loop_request_work_is_lifted_and_its_thread_ordinary_again() -> None:
+def test_beside_a_realtime_loop_a_pool_thread_that_takes_request_work_stays_lifted_until_it_loads() -> None:
+    """A shared pool's thread keeps the class between pieces of request work (its pool's own steps hold the
+    lock too); loading models, which takes the cores, leaves it first."""
     allowed = _realtime_allowed()
     mine = thread_niceness()
     seen: dict[str, object] = {}
@@ -321,6 +323,9 @@ def test_beside_a_realtime_loop_request_work_is_lifted_and_its_thread_ordinary_a
         tid = threading.get_native_id()
         seen["during"] = priority.as_work(lambda: (_policy(tid), thread_niceness()))()
         seen["after"] = (_policy(tid), thread_niceness())
+        seen["again"] = priority.as_work(lambda: _policy(tid))()
+        priority.leave_steps()
+        seen["left"] = (_policy(tid), thread_niceness())
 
     priority.configure(mine + 4, loop_realtime_priority=5)
     try:
@@ -330,9 +335,11 @@ def test_beside_a_realtime_loop_request_work_is_lifted_and_its_thread_ordinary_a
     finally:
         priority.configure(0)
     if allowed:
-        assert seen == {"during": ((os.SCHED_FIFO, 4), mine), "after": (ORDINARY, mine)}
+        lifted = ((os.SCHED_FIFO, 4), mine)
+        assert seen == {"during": lifted, "after": lifted, "again": lifted[0], "left": (ORDINARY, mine)}
     else:  # lowered, as without a real-time loop
-        assert seen == {"during": (ORDINARY, mine + 4), "after": (ORDINARY, mine + 4)}
+        lowered = (ORDINARY, mine + 4)
+        assert seen == {"during": lowered, "after": lowered, "again": ORDINARY, "left": lowered}
 
 
 def test_beside_a_realtime_loop_decode_threads_are_lifted_only_where_children_decode(
