@@ -16,16 +16,16 @@ never a client's bytes to unpickle.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
 import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import anyio
@@ -54,6 +54,7 @@ COUNT_SLICE = 1 << 20
 # Bodies from this size on are parsed in a child process: below it a parse holds the loop for milliseconds.
 PROCESS_BYTES = 128 * 1024
 PARSE_NICENESS = 10
+STOP_S = 5.0  # how long a parsing child may take to end once asked
 
 
 @dataclass(frozen=True)
@@ -146,15 +147,6 @@ def parse_then(data: bytes, json_end: int, what: str, then: Callable[[Any, memor
     return then(parse_json(bytes(view[:json_end]), what), view[json_end:])
 
 
-def _in_child(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a parsing process, whose heap is then given back to the system: a parse's millions of
-    objects are freed when it returns, and the C allocator would otherwise keep their pages."""
-    try:
-        return fn(*args)
-    finally:
-        return_memory()
-
-
 def _yield_the_cpu() -> None:
     """A parsing process runs at a lower priority than the worker: a burst of large bodies must not take the
     cores that the event loop and inference need."""
@@ -164,35 +156,155 @@ def _yield_the_cpu() -> None:
         pass
 
 
+def _serve_parses(conn: Connection) -> None:
+    """A parsing process: `(fn, args)` pickled, then the body's bytes as they are; answers `(True, value)` or
+    `(False, error)`. Its heap is given back to the system after each: a parse's millions of objects are freed
+    when it returns, and the C allocator would otherwise keep their pages."""
+    _yield_the_cpu()
+    while True:
+        try:
+            message = conn.recv()
+            if message is None:
+                return
+            fn, args = message
+            data = conn.recv_bytes()
+        except (EOFError, OSError):  # the worker is gone
+            return
+        try:
+            outcome: tuple[bool, Any] = (True, fn(data, *args))
+        except BaseException as e:  # noqa: BLE001 - the request's error, raised again in the worker
+            outcome = (False, e)
+        finally:
+            data = b""
+            return_memory()
+        try:
+            conn.send(outcome)
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # noqa: BLE001 - an error that does not pickle: its kind and text instead
+            conn.send((False, InvalidArgument(f"the body could not be parsed: {type(e).__name__}")))
+        del outcome
+
+
+class ParseProcess:
+    """One parsing child and the pipe to it, used by one thread at a time."""
+
+    def __init__(self) -> None:
+        # spawn: the worker holds threads (ONNX Runtime, gRPC) that a fork would copy in a broken state
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=_serve_parses, args=(child,), name="cnn-serve-parse", daemon=True
+        )
+        self.process.start()
+        child.close()
+
+    def call(self, fn: Callable[..., T], data: bytes, *args: Any) -> T:
+        """`fn(data, *args)` in the child. The body goes down the pipe from its own buffer (the system call
+        lets the interpreter lock go); what comes back is what our own code built there (`InferBody`,
+        arrays, bytes, typed errors), never a client's bytes to unpickle. A child that ends raises OSError
+        or EOFError."""
+        self._conn.send((fn, args))
+        self._conn.send_bytes(data)
+        ok, value = self._conn.recv()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(None)
+        self.process.join(STOP_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(1.0)
+        self._conn.close()
+
+
 class BodyParser:
-    """`processes` child processes that parse large JSON bodies; started at the first such body."""
+    """`processes` child processes that parse large JSON bodies, each started at the first body that finds
+    none free. The thread that hands a body over (request work, `off_loop`) waits on its pipe with the
+    interpreter lock let go: no thread of the worker pickles the body or reads the answer besides it."""
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
+        self._room = threading.Condition()
+        self._free: list[ParseProcess] = []
+        self._started = 0
+        self._closed = False
 
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn: the worker holds threads (ONNX Runtime, gRPC) that a fork would copy in a broken state.
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.processes, mp_context=context, initializer=_yield_the_cpu
-            )
-        return self._pool
+    async def run(self, fn: Callable[..., T], data: bytes, *args: Any) -> T:
+        """`fn(data, *args)` in a child; one that dies (the OOM killer, say) answers 503 and is replaced."""
+        return await off_loop(self._call, fn, data, *args)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
+    def _call(self, fn: Callable[..., T], data: bytes, *args: Any) -> T:
+        process = self._borrow()
         try:
-            return await loop.run_in_executor(self._executor(), functools.partial(_in_child, fn, *args))
-        except BrokenProcessPool:  # a child was killed (by the OOM killer, say): a fresh pool next time
-            log.error("a JSON parsing process died; starting new ones")
-            self.close()
+            return process.call(fn, data, *args)
+        except (EOFError, OSError):
+            process.process.join(0.5)
+            log.error(
+                "a JSON parsing process died (exit code %s); starting another", process.process.exitcode
+            )
+            self._give_back(process, broken=True)
+            process = None
             raise ModelUnavailable("the request's body could not be parsed now; retry") from None
+        finally:
+            if process is not None:
+                self._give_back(process, broken=False)
+
+    def _borrow(self) -> ParseProcess:
+        dead = None
+        with self._room:
+            while not self._free and self._started >= self.processes and not self._closed:
+                self._room.wait()
+            if self._closed:
+                raise ModelUnavailable("the service is shutting down")
+            if self._free:
+                process = self._free.pop()
+                if process.process.is_alive():
+                    return process
+                dead = process  # ended while idle (the OOM killer, say): the body goes to a new one
+            else:
+                self._started += 1
+        if dead is not None:
+            log.warning(
+                "a JSON parsing process ended while idle (exit code %s); starting another",
+                dead.process.exitcode,
+            )
+            dead.close()
+        try:
+            return ParseProcess()
+        except BaseException:
+            with self._room:
+                self._started -= 1
+                self._room.notify()
+            raise
+
+    def _give_back(self, process: ParseProcess, broken: bool) -> None:
+        with self._room:
+            keep = not broken and not self._closed
+            if keep:
+                self._free.append(process)
+            else:
+                self._started -= 1
+            self._room.notify()
+        if not keep:
+            process.close()
+
+    def pids(self) -> list[int]:
+        """The idle children's process ids."""
+        with self._room:
+            return [p.process.pid for p in self._free if p.process.pid is not None]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """End the idle children; one still parsing ends when its body is answered."""
+        with self._room:
+            self._closed = True
+            closing, self._free = self._free, []
+            self._room.notify_all()
+        for process in closing:
+            process.close()
 
 
 async def parse_json_body(
