@@ -199,17 +199,15 @@ class ParseProcess:
         self.process.start()
         child.close()
 
-    def call(self, fn: Callable[..., T], data: bytes, *args: Any) -> T:
-        """`fn(data, *args)` in the child. The body goes down the pipe from its own buffer (the system call
-        lets the interpreter lock go); what comes back is what our own code built there (`InferBody`,
-        arrays, bytes, typed errors), never a client's bytes to unpickle. A child that ends raises OSError
-        or EOFError."""
+    def call(self, fn: Callable[..., T], data: bytes, *args: Any) -> tuple[bool, Any]:
+        """`fn(data, *args)` in the child: `(True, value)` or `(False, error)`. The body goes down the pipe
+        from its own buffer (the system call lets the interpreter lock go); what comes back is what our own
+        code built there (`InferBody`, arrays, bytes, typed errors), never a client's bytes to unpickle. A
+        child that ended or broke the protocol raises."""
         self._conn.send((fn, args))
         self._conn.send_bytes(data)
         ok, value = self._conn.recv()
-        if not ok:
-            raise value
-        return value
+        return bool(ok), value
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -240,18 +238,23 @@ class BodyParser:
     def _call(self, fn: Callable[..., T], data: bytes, *args: Any) -> T:
         process = self._borrow()
         try:
-            return process.call(fn, data, *args)
-        except (EOFError, OSError):
+            ok, value = process.call(fn, data, *args)
+        except Exception as e:  # noqa: BLE001 - the pipe broke or the child ended: where it stood is unknown
             process.process.join(0.5)
             log.error(
-                "a JSON parsing process died (exit code %s); starting another", process.process.exitcode
+                "a JSON parsing process ended or broke its protocol (%s, exit code %s); starting another",
+                type(e).__name__,
+                process.process.exitcode,
             )
             self._give_back(process, broken=True)
-            process = None
             raise ModelUnavailable("the request's body could not be parsed now; retry") from None
-        finally:
-            if process is not None:
-                self._give_back(process, broken=False)
+        except BaseException:
+            self._give_back(process, broken=True)
+            raise
+        self._give_back(process, broken=False)
+        if not ok:
+            raise value
+        return value
 
     def _borrow(self) -> ParseProcess:
         dead = None
