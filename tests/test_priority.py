@@ -342,6 +342,41 @@ def test_beside_a_realtime_loop_a_pool_thread_that_takes_request_work_stays_lift
         assert seen == {"during": lowered, "after": lowered, "again": ORDINARY, "left": lowered}
 
 
+def test_a_core_loaded_on_a_thread_that_took_request_work_warms_up_out_of_the_realtime_class(
+    tiny_repo: Path,
+) -> None:
+    mine = thread_niceness()
+    seen: list[tuple[int, int]] = []
+
+    def pool_thread() -> None:
+        tid = threading.get_native_id()
+        priority.as_work(lambda: None)()  # a gRPC message's decode, say: the thread is lifted
+        seen.append(_policy(tid))
+        core = InferenceCore(
+            Settings(
+                repository=str(tiny_repo),
+                models=("tiny",),
+                worker_niceness=mine + 7,
+                loop_realtime_priority=5,
+            )
+        )
+        try:
+            core.load()
+            seen.append(_policy(tid))
+        finally:
+            core.close()
+
+    allowed = _realtime_allowed()
+    priority.configure(mine + 7, loop_realtime_priority=5)
+    try:
+        thread = threading.Thread(target=pool_thread)
+        thread.start()
+        thread.join()
+    finally:
+        priority.configure(0)
+    assert seen == [(os.SCHED_FIFO, 4) if allowed else ORDINARY, ORDINARY]
+
+
 def test_beside_a_realtime_loop_decode_threads_are_lifted_only_where_children_decode(
     tiny_repo: Path, chelsea: Image.Image
 ) -> None:
