@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import math
-import multiprocessing
 import pickle
 import signal
 import threading
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from service import errors
+from service.children import STOP_S, end_child, start_child
 from service.errors import DeadlineExceeded, ServiceError
 from service.memory import return_memory
 from service.pipeline import Pipeline
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 MAX_HEADER = 4096  # bytes of a child's JSON header; an error message is cut well before
 MAX_MESSAGE = 500  # characters of an error message a child sends
 MAX_KEYS = 64  # models' pipelines a child keeps; past it, the parent starts its list again
-STOP_S = 5.0  # how long a child may take to end once asked
 
 
 class _Overran(Exception):
@@ -130,14 +129,7 @@ class DecodeProcess:
     """One child and the pipe to it, used by one thread at a time (`DecodeProcesses.borrow`)."""
 
     def __init__(self, niceness: int, trim_idle_s: float) -> None:
-        # spawn: the worker holds threads (ONNX Runtime, gRPC) that a fork would copy in a broken state
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(
-            target=_serve, args=(child, niceness, trim_idle_s), name="cnn-serve-decode", daemon=True
-        )
-        self.process.start()
-        child.close()
+        self._conn, self.process = start_child(_serve, (niceness, trim_idle_s), "cnn-serve-decode")
         self._keys: set[Hashable] = set()
         self.broken = False
 
@@ -221,13 +213,7 @@ class DecodeProcess:
         return out
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._conn.send(None)
-        self.process.join(STOP_S)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(1.0)
-        self._conn.close()
+        end_child(self._conn, self.process)
 
 
 class DecodeProcesses:

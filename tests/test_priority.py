@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -283,6 +284,17 @@ def test_beside_a_realtime_loop_a_batchers_worker_is_lifted_and_its_runs_stay_lo
         priority.configure(0)
 
 
+def _on_a_thread_beside_a_realtime_loop(target: Callable[[], None], niceness: int) -> None:
+    """`target` on a thread of its own, request work at `niceness`, the loop at real-time priority 5."""
+    priority.configure(niceness, loop_realtime_priority=5)
+    try:
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    finally:
+        priority.configure(0)
+
+
 def test_a_lifted_thread_runs_native_work_ordinary_and_is_lifted_again_even_when_it_fails() -> None:
     allowed = _realtime_allowed()
     mine = thread_niceness()
@@ -301,13 +313,7 @@ def test_a_lifted_thread_runs_native_work_ordinary_and_is_lifted_again_even_when
             priority.run_ordinary(fail)
         seen.append(_policy(tid))
 
-    priority.configure(mine + 3, loop_realtime_priority=5)
-    try:
-        thread = threading.Thread(target=lifted_thread)
-        thread.start()
-        thread.join()
-    finally:
-        priority.configure(0)
+    _on_a_thread_beside_a_realtime_loop(lifted_thread, mine + 3)
     lifted = (os.SCHED_FIFO, 4) if allowed else ORDINARY
     assert seen == [allowed, (ORDINARY, mine + 3), lifted, lifted]
 
@@ -327,13 +333,7 @@ def test_beside_a_realtime_loop_a_pool_thread_that_takes_request_work_stays_lift
         priority.leave_steps()
         seen["left"] = (_policy(tid), thread_niceness())
 
-    priority.configure(mine + 4, loop_realtime_priority=5)
-    try:
-        thread = threading.Thread(target=pool_thread)
-        thread.start()
-        thread.join()
-    finally:
-        priority.configure(0)
+    _on_a_thread_beside_a_realtime_loop(pool_thread, mine + 4)
     if allowed:
         lifted = ((os.SCHED_FIFO, 4), mine)
         assert seen == {"during": lifted, "after": lifted, "again": lifted[0], "left": (ORDINARY, mine)}
@@ -367,13 +367,7 @@ def test_a_core_loaded_on_a_thread_that_took_request_work_warms_up_out_of_the_re
             core.close()
 
     allowed = _realtime_allowed()
-    priority.configure(mine + 7, loop_realtime_priority=5)
-    try:
-        thread = threading.Thread(target=pool_thread)
-        thread.start()
-        thread.join()
-    finally:
-        priority.configure(0)
+    _on_a_thread_beside_a_realtime_loop(pool_thread, mine + 7)
     assert seen == [(os.SCHED_FIFO, 4) if allowed else ORDINARY, ORDINARY]
 
 

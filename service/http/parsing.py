@@ -16,11 +16,9 @@ never a client's bytes to unpickle.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from typing import Any, TypeVar
 import anyio
 import numpy as np
 
+from service.children import end_child, start_child
 from service.errors import InvalidArgument, ModelUnavailable, RequestTooLarge
 from service.memory import MemoryBudget, return_memory
 from service.priority import as_work
@@ -54,7 +53,6 @@ COUNT_SLICE = 1 << 20
 # Bodies from this size on are parsed in a child process: below it a parse holds the loop for milliseconds.
 PROCESS_BYTES = 128 * 1024
 PARSE_NICENESS = 10
-STOP_S = 5.0  # how long a parsing child may take to end once asked
 
 
 @dataclass(frozen=True)
@@ -186,37 +184,31 @@ def _serve_parses(conn: Connection) -> None:
         del outcome
 
 
+class _EndedIdle(Exception):
+    """The child had ended before it had the body: another may take it."""
+
+
 class ParseProcess:
     """One parsing child and the pipe to it, used by one thread at a time."""
 
     def __init__(self) -> None:
-        # spawn: the worker holds threads (ONNX Runtime, gRPC) that a fork would copy in a broken state
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(
-            target=_serve_parses, args=(child,), name="cnn-serve-parse", daemon=True
-        )
-        self.process.start()
-        child.close()
+        self._conn, self.process = start_child(_serve_parses, (), "cnn-serve-parse")
 
     def call(self, fn: Callable[..., T], data: bytes, *args: Any) -> tuple[bool, Any]:
         """`fn(data, *args)` in the child: `(True, value)` or `(False, error)`. The body goes down the pipe
         from its own buffer (the system call lets the interpreter lock go); what comes back is what our own
         code built there (`InferBody`, arrays, bytes, typed errors), never a client's bytes to unpickle. A
         child that ended or broke the protocol raises."""
-        self._conn.send((fn, args))
-        self._conn.send_bytes(data)
+        try:
+            self._conn.send((fn, args))
+            self._conn.send_bytes(data)
+        except OSError as e:  # its end of the pipe is closed: it ended before it had the body
+            raise _EndedIdle from e
         ok, value = self._conn.recv()
         return bool(ok), value
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._conn.send(None)
-        self.process.join(STOP_S)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(1.0)
-        self._conn.close()
+        end_child(self._conn, self.process)
 
 
 class BodyParser:
@@ -236,9 +228,27 @@ class BodyParser:
         return await off_loop(self._call, fn, data, *args)
 
     def _call(self, fn: Callable[..., T], data: bytes, *args: Any) -> T:
-        process = self._borrow()
         try:
-            ok, value = process.call(fn, data, *args)
+            ok, value = self._exchange(self._borrow(), fn, data, *args)
+        except _EndedIdle:  # killed while idle (the OOM killer, say): the body goes to a new child
+            try:
+                ok, value = self._exchange(self._borrow(), fn, data, *args)
+            except _EndedIdle:
+                raise ModelUnavailable("the request's body could not be parsed now; retry") from None
+        if not ok:
+            raise value
+        return value
+
+    def _exchange(
+        self, process: ParseProcess, fn: Callable[..., T], data: bytes, *args: Any
+    ) -> tuple[bool, Any]:
+        """One body through `process`, which is then given back: kept, or closed where it ended or broke."""
+        try:
+            outcome = process.call(fn, data, *args)
+        except _EndedIdle:
+            log.warning("a JSON parsing process ended while idle; starting another")
+            self._give_back(process, broken=True)
+            raise
         except Exception as e:  # noqa: BLE001 - the pipe broke or the child ended: where it stood is unknown
             process.process.join(0.5)
             log.error(
@@ -252,9 +262,7 @@ class BodyParser:
             self._give_back(process, broken=True)
             raise
         self._give_back(process, broken=False)
-        if not ok:
-            raise value
-        return value
+        return outcome
 
     def _borrow(self) -> ParseProcess:
         dead = None
