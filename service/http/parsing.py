@@ -265,25 +265,16 @@ class BodyParser:
         return outcome
 
     def _borrow(self) -> ParseProcess:
-        dead = None
+        """An idle child, or a new one while fewer than `processes` run; one that ended while idle is found
+        when its body will not go down the pipe (`_call`)."""
         with self._room:
             while not self._free and self._started >= self.processes and not self._closed:
                 self._room.wait()
             if self._closed:
                 raise ModelUnavailable("the service is shutting down")
             if self._free:
-                process = self._free.pop()
-                if process.process.is_alive():
-                    return process
-                dead = process  # ended while idle (the OOM killer, say): the body goes to a new one
-            else:
-                self._started += 1
-        if dead is not None:
-            log.warning(
-                "a JSON parsing process ended while idle (exit code %s); starting another",
-                dead.process.exitcode,
-            )
-            dead.close()
+                return self._free.pop()
+            self._started += 1
         try:
             return ParseProcess()
         except BaseException:
